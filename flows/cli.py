@@ -1,0 +1,258 @@
+"""`twinhub`: sync, backfill, status, sql, serve and the demo. Output code only: the work lives
+in the flows and the store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from connectors.errors import TwinhubError
+from connectors.fhir_ndjson import FhirNdjsonSource
+from flows.config import Settings, StoreConfig, load_settings
+from twin_store import FLAT_TABLES, RunReport, connect
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class State:
+    config: Path | None = None
+
+
+@app.callback()
+def main_options(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="twinhub.toml (default: $TWINHUB_CONFIG or ./twinhub.toml)")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress")] = False,
+) -> None:
+    """twinhub: EHR, lab, genomic and wearable data in one queryable twin store."""
+    State.config = config
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+
+
+def settings() -> Settings:
+    return load_settings(State.config)
+
+
+@app.command()
+def sync(name: str) -> None:
+    """Land what is new in source NAME."""
+    from flows.sync import sync as sync_flow
+
+    _print_report(_with_progress(name, lambda: sync_flow(name, _config_arg())))
+
+
+@app.command()
+def backfill(
+    name: str,
+    since: Annotated[datetime, typer.Option(help="Start of the window (inclusive), e.g. 2019-01-01")],
+    until: Annotated[datetime, typer.Option(help="End of the window (exclusive)")],
+) -> None:
+    """Re-pull NAME and re-land what falls in the window, re-deriving unchanged resources."""
+    from flows.sync import backfill as backfill_flow
+
+    if since >= until:
+        raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
+    report = _with_progress(name, lambda: backfill_flow(name, _utc(since), _utc(until), _config_arg()))
+    _print_report(report)
+
+
+@app.command()
+def status() -> None:
+    """Sources, watermarks, last runs, table counts and quarantine."""
+    cfg = settings()
+    con = connect(cfg.store.path)
+    configured = {s.name: s for s in cfg.sources}
+    runs = con.sql(
+        """SELECT source, flow, status, started_at, round(epoch(finished_at - started_at), 1) AS secs,
+                  lines_read, inserted, updated, unchanged, quarantined, out_of_window, snapshot_id
+           FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= 3
+           ORDER BY source, started_at DESC"""
+    )
+    _show(runs, "Last runs per source (lines_read = inserted + updated + unchanged + quarantined + out_of_window)")
+    marks = con.execute(
+        "SELECT source, updated_at, watermark->>'$.files' FROM sync_state ORDER BY source"
+    ).fetchall()
+    table = Table(title="Sources and watermarks")
+    for col in ("source", "kind", "schedule", "watermark"):
+        table.add_column(col)
+    seen = set()
+    for source, updated_at, files in marks:
+        seen.add(source)
+        done = _files_summary(files)
+        cfg_source = configured.get(source)
+        table.add_row(source, cfg_source.kind if cfg_source else "(not in config)",
+                      (cfg_source.schedule or "-") if cfg_source else "-", f"{done} at {updated_at:%Y-%m-%d %H:%M:%S}")
+    for name, s in configured.items():
+        if name not in seen:
+            table.add_row(name, s.kind, s.schedule or "-", "never synced")
+    out.print(table)
+    tables = ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"]
+    counts = con.sql(" UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables))
+    _show(counts, "Rows per table")
+    _show(con.sql("SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL ORDER BY 3 DESC LIMIT 20"),
+          "Quarantine (bad lines, kept with their reason)")
+
+
+@app.command()
+def sql(
+    query: str,
+    format: Annotated[Format, typer.Option("--format", "-f", help="table, csv or json")] = Format.table,
+) -> None:
+    """Run QUERY against the store, read-only."""
+    con = connect(settings().store.path)
+    try:
+        rel = con.sql(query)
+    except Exception as e:  # DuckDB errors name the problem in the SQL; print them as one line
+        raise TwinhubError(f"query failed: {str(e).splitlines()[0]}") from None
+    if rel is None:
+        return
+    if format is Format.table:
+        _show(rel)
+    elif format is Format.csv:
+        sys.stdout.write(rel.pl().write_csv())
+    else:
+        sys.stdout.write(rel.pl().write_json() + "\n")
+
+
+@app.command()
+def serve() -> None:
+    """Serve one scheduled deployment per source with a `schedule` (stops on SIGTERM)."""
+    from flows.deployments import serve_sources
+
+    serve_sources(settings(), _config_arg())
+
+
+@app.command()
+def demo(
+    generate: Annotated[bool, typer.Option(help="Use generated sample data even if ../shared is there")] = False,
+    fresh: Annotated[bool, typer.Option(help="Start from an empty store")] = True,
+) -> None:
+    """The main job on embedded defaults: sync sample FHIR data, then query it."""
+    from flows.sample_export import write_sample_export
+    from flows.sync import sync as sync_flow
+
+    store = StoreConfig()
+    if fresh and store.path.exists():
+        shutil.rmtree(store.path)
+    if SHARED_SYNTHEA.is_dir() and not generate:
+        source = FhirNdjsonSource(name="synthea", kind="fhir-ndjson", path=SHARED_SYNTHEA)
+        out.print(f"Using the shared Synthea export in {SHARED_SYNTHEA}")
+    else:
+        folder = store.path / "sample-export"
+        written = write_sample_export(folder)
+        source = FhirNdjsonSource(name="sample", kind="fhir-ndjson", path=folder)
+        out.print(f"Generated a synthetic Bulk Data export: {sum(written.values()):,} resources in {folder}")
+    demo_config = store.path / "demo.toml"
+    store.path.mkdir(parents=True, exist_ok=True)
+    demo_config.write_text(
+        f'[store]\npath = "{store.path.resolve()}"\n\n[[sources]]\nname = "{source.name}"\n'
+        f'kind = "fhir-ndjson"\npath = "{source.path.resolve()}"\n'
+    )
+    State.config = demo_config
+    started = time.perf_counter()
+    report = _with_progress(source.name, lambda: sync_flow(source.name, str(demo_config)))
+    _print_report(report)
+    con = connect(store.path)
+    _show(con.sql(" UNION ALL ".join(
+        f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}"
+        for t in ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"])), "Rows per table")
+    example = (
+        "SELECT code_display, value_unit, count(*) AS n, round(avg(value_numeric), 1) AS mean\n"
+        "FROM observation WHERE category = 'laboratory'\nGROUP BY ALL ORDER BY n DESC LIMIT 5"
+    )
+    out.print(f"\nExample query (twinhub --config {demo_config} sql \"...\"):\n[cyan]{example}[/]")
+    _show(con.sql(example))
+    out.print(f"Done in {time.perf_counter() - started:.1f} s. The store is in {store.path}/ ; "
+              "try `twinhub status` and `twinhub sql`.")
+
+
+def _config_arg() -> str | None:
+    return str(State.config.resolve()) if State.config else None
+
+
+def _utc(when: datetime) -> datetime:
+    from datetime import UTC
+
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _with_progress(name: str, work: callable) -> RunReport:  # type: ignore[valid-type]
+    from flows.sync import on_batch
+
+    if not out.is_terminal:
+        return work()  # type: ignore[no-any-return]
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=out) as bar:
+        task = bar.add_task(f"{name}: starting", total=None)
+
+        def update(run: RunReport) -> None:
+            bar.update(task, description=f"{name}: {run.counts['lines_read']:,} lines landed")
+
+        token = on_batch.set(update)
+        try:
+            return work()  # type: ignore[no-any-return]
+        finally:
+            on_batch.reset(token)
+
+
+def _print_report(report: RunReport) -> None:
+    c = report.counts
+    out.print(
+        f"[bold]{report.flow} {report.source}[/] run {report.run_id}: {c['lines_read']:,} lines read -> "
+        f"{c['inserted']:,} new, {c['updated']:,} updated, {c['unchanged']:,} unchanged, "
+        f"{c['quarantined']:,} quarantined"
+        + (f", {c['out_of_window']:,} outside the window" if report.flow == "backfill" else "")
+        + f" in {report.seconds:.1f} s (snapshot {report.snapshot_id})"
+    )
+
+
+def _show(rel: object, title: str | None = None) -> None:
+    import duckdb
+
+    assert isinstance(rel, duckdb.DuckDBPyRelation)
+    table = Table(title=title)
+    for col in rel.columns:
+        table.add_column(col)
+    for row in rel.fetchall():
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+
+
+def _files_summary(files_json: str | None) -> str:
+    import orjson
+
+    files = orjson.loads(files_json) if files_json else {}
+    done = sum(1 for f in files.values() if f["complete"])
+    lines = sum(f["lines"] for f in files.values())
+    return f"{done}/{len(files)} files complete, {lines:,} lines"
+
+
+def main() -> None:
+    try:
+        app()
+    except TwinhubError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,111 @@
+"""Settings: `twinhub.toml` loaded once into a typed object; `TWINHUB_*` env vars override."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect.client.schemas.schedules import CronSchedule
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from connectors.errors import ConfigError
+from connectors.fhir_ndjson import FhirNdjsonSource
+
+DEFAULT_CONFIG = Path("twinhub.toml")
+SourceConfig = Annotated[FhirNdjsonSource, Field(discriminator="kind")]
+KINDS = ("fhir-ndjson",)
+
+
+class StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path = Path(".twinhub")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TWINHUB_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    store: StoreConfig = StoreConfig()
+    sources: list[SourceConfig] = []
+
+    @field_validator("sources")
+    @classmethod
+    def _check_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"source names must be unique; {', '.join(dupes)} appear twice")
+        for source in sources:
+            if source.schedule is not None:
+                try:
+                    CronSchedule(cron=source.schedule)
+                except ValidationError:
+                    raise ValueError(
+                        f"schedule {source.schedule!r} of source {source.name!r} is not a cron "
+                        "expression; use five fields, e.g. '0 2 * * *' for 02:00 daily"
+                    ) from None
+        return sources
+
+    def source(self, name: str) -> SourceConfig:
+        for source in self.sources:
+            if source.name == name:
+                return source
+        known = ", ".join(s.name for s in self.sources) or "none configured"
+        raise ConfigError(f"sources.{name}", f"no such source (known: {known}); add a "
+                          "[[sources]] table with that name to the config file")
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load `path` (or $TWINHUB_CONFIG, or ./twinhub.toml if present); relative paths in it are
+    relative to the file's folder."""
+    explicit = path or (Path(os.environ["TWINHUB_CONFIG"]) if "TWINHUB_CONFIG" in os.environ
+                        else None)
+    file = explicit or DEFAULT_CONFIG
+    if explicit and not file.is_file():
+        raise ConfigError("file", f"{str(file)!r} does not exist; pass --config PATH to a "
+                          "twinhub.toml (see the README for an example)")
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], **sources: PydanticBaseSettingsSource
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            toml = TomlConfigSettingsSource(settings_cls, toml_file=file if file.is_file() else None)
+            return sources["env_settings"], toml, sources["init_settings"]
+
+    try:
+        settings: Settings = FileSettings()
+    except ValidationError as e:
+        raise _config_error(file, e) from None
+    except ValueError as e:  # TOML syntax
+        raise ConfigError("file", f"{str(file)!r} is not valid TOML ({e}); fix the syntax") from None
+    return _resolve_paths(settings, file.resolve().parent)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    store = StoreConfig(path=base / settings.store.path)
+    sources = [s.model_copy(update={"path": base / s.path}) for s in settings.sources]
+    return Settings.model_construct(store=store, sources=sources)
+
+
+def _config_error(file: Path, error: ValidationError) -> ConfigError:
+    """The first problem as one line: which key, what is wrong, how to fix it."""
+    first: Any = error.errors()[0]
+    loc = [p for p in first["loc"] if p not in KINDS]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "file"
+    if first["type"] == "union_tag_invalid":
+        kind = first["ctx"]["tag"]
+        return ConfigError(key, f"unknown kind {kind!r}; use one of: {', '.join(KINDS)}")
+    if first["type"] == "missing":
+        return ConfigError(key, f"is required; add `{loc[-1]} = ...` there in {file}")
+    if first["type"] == "extra_forbidden":
+        return ConfigError(key, f"is not a known setting; remove it from {file} or check spelling")
+    return ConfigError(key, f"{first['msg'].removeprefix('Value error, ')} (in {file})")

@@ -1,0 +1,141 @@
+"""The sync and backfill flows: pull -> harmonize -> land, per source, then tell the world."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from connectors.base import Connector
+from connectors.fhir_ndjson import FhirNdjsonConnector
+from flows.config import SourceConfig, load_settings
+from harmonize.fhir_checks import check_resources
+from twin_store import RunReport, TwinStore, Window
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STORE_UPDATED = "twinhub.store.updated"
+on_batch: ContextVar[Callable[[RunReport], None] | None] = ContextVar("on_batch", default=None)
+"""Set by the CLI to draw progress; flows run the same without it."""
+
+
+def build_connector(source: SourceConfig) -> Connector:
+    return FhirNdjsonConnector(source)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def land_source(config: str | None, source_name: str, window: Window | None = None) -> RunReport:
+    """Pull, check and land every batch; each batch commits with its watermark, so a retry or
+    a rerun after a crash resumes after the last committed batch."""
+    settings = load_settings(Path(config) if config else None)
+    source = settings.source(source_name)
+    connector = build_connector(source)
+    started = time.perf_counter()
+    with TwinStore(settings.store.path) as store:
+        run = store.begin_run(source.name, "backfill" if window else "sync")
+        try:
+            since = None if window else store.watermark(source.name)
+            for batch in prefetch(connector.pull(since)):
+                checked = check_resources(batch.records)
+                store.land(
+                    run,
+                    checked,
+                    None if window else batch.watermark,
+                    lines_read=len(batch),
+                    window=window,
+                    rederive=window is not None,
+                )
+                log.info("%s: %s lines landed so far", source.name, run.counts["lines_read"])
+                if callback := on_batch.get():
+                    callback(run)
+        except BaseException as e:
+            store.finish_run(run, "failed", error=f"{type(e).__name__}: {e}")
+            raise
+        run.seconds = time.perf_counter() - started
+        return store.finish_run(run, "succeeded")
+
+
+@task(cache_policy=NO_CACHE)
+def emit_store_updated(report: RunReport) -> None:
+    """Announce what changed; the model-refresh automation subscribes to this event."""
+    emit_event(
+        event=STORE_UPDATED,
+        resource={
+            "prefect.resource.id": f"twinhub.source.{report.source}",
+            "prefect.resource.name": report.source,
+        },
+        payload=event_payload(report),
+    )
+
+
+def event_payload(report: RunReport) -> dict[str, Any]:
+    return {
+        "source": report.source,
+        "flow": report.flow,
+        "run_id": report.run_id,
+        "snapshot_id": report.snapshot_id,
+        "tables": dict(report.changed),
+        "counts": dict(report.counts),
+    }
+
+
+@flow(name="sync")
+def sync(source: str, config: str | None = None) -> RunReport:
+    """Land what is new in one source since its watermark."""
+    report = land_source(config, source)
+    emit_store_updated(report)
+    return report
+
+
+@flow(name="backfill")
+def backfill(source: str, since: datetime, until: datetime, config: str | None = None) -> RunReport:
+    """Re-pull a source and re-land what falls in [since, until), re-deriving even unchanged
+    resources (after a mapping change or an outage). Leaves the sync watermark alone."""
+    report = land_source(config, source, Window(since=since, until=until))
+    emit_store_updated(report)
+    return report
+
+
+def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Produce the next item in a thread while the caller works on this one."""
+    box: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                box.put((True, item))
+            box.put((False, None))
+        except BaseException as e:
+            box.put((False, e))
+
+    worker = threading.Thread(target=produce, daemon=True, name="prefetch")
+    worker.start()
+    try:
+        while True:
+            ok, item = box.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                box.get(timeout=0.1)
+            except queue.Empty:
+                pass

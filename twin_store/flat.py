@@ -1,0 +1,39 @@
+"""Flat analyst tables: one SQL projection per table over the raw resources of one type.
+
+Each `flat/<table>.sql` is a SELECT over a relation named `resources` (id, resource JSON) that
+holds only resources of the table's type. The SQL-on-FHIR work replaces these files with
+compiled ViewDefinitions; the store only needs the name, type, key and SQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources as package_files
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlatTable:
+    name: str
+    resource_type: str
+    key: str
+    sql: str
+
+
+def _sql(name: str) -> str:
+    return package_files.files(__package__).joinpath("flat", f"{name}.sql").read_text()
+
+
+MACROS_SQL = _sql("_macros")
+
+FLAT_TABLES = tuple(
+    FlatTable(name=name, resource_type=resource_type, key=f"{name}_id", sql=_sql(name))
+    for name, resource_type in [
+        ("patient", "Patient"),
+        ("encounter", "Encounter"),
+        ("condition", "Condition"),
+        ("observation", "Observation"),
+        ("medication_request", "MedicationRequest"),
+        ("procedure", "Procedure"),
+        ("immunization", "Immunization"),
+    ]
+)

@@ -1,0 +1,366 @@
+"""The twin store: DuckLake (SQLite catalog + Parquet files) under one folder.
+
+One writer at a time (a file lock), any number of read-only readers in other processes. Every
+batch lands in one transaction together with its quarantine rows, the source's watermark and
+the run's counts, so a crash leaves the store at the end of some batch and the rerun resumes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal, Self
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from connectors.base import Watermark
+from connectors.errors import StoreError
+from harmonize.fhir_checks import Checked
+from twin_store.extensions import load_extensions
+from twin_store.flat import FLAT_TABLES, MACROS_SQL, FlatTable
+
+log = logging.getLogger(__name__)
+
+CATALOG = "twin"
+RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
+FlowKind = Literal["sync", "backfill"]
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS fhir_resource (
+    resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
+    last_updated TIMESTAMPTZ, source VARCHAR, run_id VARCHAR, content_hash VARCHAR,
+    ingested_at TIMESTAMPTZ, resource JSON
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
+    raw VARCHAR, raw_hash VARCHAR, quarantined_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS sync_state (
+    source VARCHAR, watermark JSON, run_id VARCHAR, updated_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS ingest_run (
+    run_id VARCHAR, source VARCHAR, flow VARCHAR, started_at TIMESTAMPTZ,
+    finished_at TIMESTAMPTZ, status VARCHAR, lines_read BIGINT, inserted BIGINT,
+    updated BIGINT, unchanged BIGINT, quarantined BIGINT, out_of_window BIGINT,
+    snapshot_id BIGINT, error VARCHAR
+);
+"""
+COUNTS = ("lines_read", "inserted", "updated", "unchanged", "quarantined", "out_of_window")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Window:
+    """A backfill window on meta.lastUpdated, or the clinical date where that is absent."""
+
+    since: datetime
+    until: datetime
+
+
+@dataclass(kw_only=True)
+class RunReport:
+    """What one run did: counts, rows changed per table, and the snapshot it ended at."""
+
+    run_id: str
+    source: str
+    flow: FlowKind
+    status: RunStatus = "running"
+    counts: Counter[str] = field(default_factory=Counter)
+    changed: Counter[str] = field(default_factory=Counter)
+    snapshot_id: int | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def connect(root: Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the store attached as `twin` and selected (read-only default)."""
+    catalog = root / "catalog.sqlite"
+    if read_only and not catalog.exists():
+        raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
+    root.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    load_extensions(con)
+    con.execute("SET TimeZone = 'UTC'")
+    options = "READ_ONLY" if read_only else f"DATA_PATH '{root / 'data'}/'"
+    con.execute(f"ATTACH 'ducklake:sqlite:{catalog}' AS {CATALOG} ({options})")
+    con.execute(f"USE {CATALOG}")
+    return con
+
+
+class TwinStore:
+    """The writer's handle on the store. Use as a context manager; it holds the writer lock."""
+
+    def __init__(self, root: Path, *, lock_timeout: float = 300.0) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = _acquire_writer_lock(root / "writer.lock", lock_timeout)
+        self.con = connect(root, read_only=False)
+        self.con.execute(MACROS_SQL)
+        self.con.execute(SCHEMA_SQL)
+        self._ensure_flat_tables()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+        self._lock.close()
+
+    # -- runs and watermarks ------------------------------------------------------------------
+
+    def begin_run(self, source: str, flow: FlowKind) -> RunReport:
+        """Start a run; runs left 'running' by a crash are marked 'interrupted' first."""
+        run = RunReport(run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+                        source=source, flow=flow)
+        with self._transaction():
+            self.con.execute(
+                "UPDATE ingest_run SET status = 'interrupted', finished_at = now() "
+                "WHERE status = 'running'"
+            )
+            self.con.execute(
+                f"INSERT INTO ingest_run (run_id, source, flow, started_at, status, "
+                f"{', '.join(COUNTS)}) VALUES (?, ?, ?, now(), 'running', "
+                f"{', '.join('0' for _ in COUNTS)})",
+                [run.run_id, source, flow],
+            )
+        return run
+
+    def watermark(self, source: str) -> Watermark | None:
+        row = self.con.execute(
+            "SELECT watermark FROM sync_state WHERE source = ?", [source]
+        ).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def finish_run(self, run: RunReport, status: RunStatus, error: str | None = None) -> RunReport:
+        run.status, run.error = status, error
+        run.snapshot_id = self.snapshot_id()
+        with self._transaction():
+            self.con.execute(
+                "UPDATE ingest_run SET status = ?, finished_at = now(), snapshot_id = ?, error = ? "
+                "WHERE run_id = ?",
+                [status, run.snapshot_id, error, run.run_id],
+            )
+        return run
+
+    def snapshot_id(self) -> int:
+        row = self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{CATALOG}')").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # -- landing ------------------------------------------------------------------------------
+
+    def land(
+        self,
+        run: RunReport,
+        checked: Checked,
+        watermark: Watermark,
+        *,
+        lines_read: int,
+        window: Window | None = None,
+        rederive: bool = False,
+    ) -> None:
+        """Upsert one batch, its quarantine, the watermark and the run's counts atomically.
+
+        Unchanged content (same hash) writes nothing; with `rederive` the flat rows of every
+        resource in the batch are recomputed anyway (after a mapping change).
+        """
+        con = self.con
+        con.register("batch_resources", checked.resources)
+        con.register("batch_problems", checked.problems)
+        counts: Counter[str] = Counter(lines_read=lines_read)
+        changed: Counter[str] = Counter()
+        try:
+            with self._transaction():
+                in_window = (
+                    "window_time >= $since AND window_time < $until" if window else "true"
+                )
+                params = {"since": window.since, "until": window.until} if window else {}
+                con.execute(
+                    f"""CREATE OR REPLACE TEMP TABLE incoming AS
+                    SELECT file, line_no, resource_type, id, meta_version_id, last_updated,
+                           content_hash
+                    FROM batch_resources WHERE {in_window}
+                    QUALIFY row_number() OVER (PARTITION BY resource_type, id
+                        ORDER BY last_updated DESC NULLS LAST, file DESC, line_no DESC) = 1""",
+                    params,
+                )
+                con.execute(
+                    """CREATE OR REPLACE TEMP TABLE changes AS
+                    SELECT i.*, t.version_id AS prior_version
+                    FROM incoming i LEFT JOIN fhir_resource t
+                        ON t.resource_type = i.resource_type AND t.id = i.id
+                    WHERE t.content_hash IS DISTINCT FROM i.content_hash
+                      AND NOT coalesce(t.last_updated > i.last_updated, false)"""
+                )
+                n_in, = _one(con, "SELECT count(*) FROM incoming")
+                n_new, n_upd = _one(
+                    con,
+                    "SELECT count(*) FILTER (prior_version IS NULL), "
+                    "count(*) FILTER (prior_version IS NOT NULL) FROM changes",
+                )
+                counts.update(
+                    inserted=n_new,
+                    updated=n_upd,
+                    unchanged=checked.resources.num_rows - n_new - n_upd
+                    - (checked.resources.num_rows - n_in if window else 0),
+                    out_of_window=checked.resources.num_rows - n_in if window else 0,
+                    quarantined=checked.problems.num_rows,
+                )
+                if n_upd:
+                    con.execute(
+                        """DELETE FROM fhir_resource t USING changes c
+                        WHERE c.prior_version IS NOT NULL
+                          AND t.resource_type = c.resource_type AND t.id = c.id"""
+                    )
+                if n_new + n_upd:
+                    con.execute(
+                        """INSERT INTO fhir_resource
+                        SELECT c.resource_type, c.id, coalesce(c.prior_version + 1, 1),
+                               c.meta_version_id, c.last_updated, $source, $run_id,
+                               c.content_hash, now(), b.resource
+                        FROM changes c JOIN batch_resources b USING (file, line_no)""",
+                        {"source": run.source, "run_id": run.run_id},
+                    )
+                    changed["fhir_resource"] += n_new + n_upd
+                derive = "incoming" if rederive else "changes"
+                for table in FLAT_TABLES:
+                    changed[table.name] += self._derive(table, derive)
+                if checked.problems.num_rows:
+                    self._quarantine(run)
+                con.execute("DELETE FROM sync_state WHERE source = ?", [run.source])
+                con.execute(
+                    "INSERT INTO sync_state VALUES (?, ?, ?, now())",
+                    [run.source, orjson.dumps(watermark).decode(), run.run_id],
+                )
+                con.execute(
+                    f"UPDATE ingest_run SET {', '.join(f'{c} = {c} + ${c}' for c in COUNTS)} "
+                    "WHERE run_id = $run_id",
+                    {**{c: counts[c] for c in COUNTS}, "run_id": run.run_id},
+                )
+        finally:
+            con.unregister("batch_resources")
+            con.unregister("batch_problems")
+        run.counts.update(counts)
+        run.changed.update(changed)
+
+    def _derive(self, table: FlatTable, derive: str) -> int:
+        """Recompute the flat rows of the batch's resources of this table's type."""
+        con = self.con
+        ids = f"SELECT id FROM {derive} WHERE resource_type = '{table.resource_type}'"
+        n, = _one(con, f"SELECT count(*) FROM ({ids})")
+        if not n:
+            return 0
+        con.execute(f"DELETE FROM {table.name} WHERE {table.key} IN ({ids})")
+        con.execute(
+            f"""CREATE OR REPLACE TEMP VIEW resources AS
+            SELECT d.id, b.resource FROM {derive} d JOIN batch_resources b USING (file, line_no)
+            WHERE d.resource_type = '{table.resource_type}'"""
+        )
+        written, = _one(con, f"INSERT INTO {table.name} {table.sql}")
+        return int(written)
+
+    def _quarantine(self, run: RunReport) -> None:
+        """Quarantine problem lines; a line already quarantined with the same text is kept once."""
+        self.con.execute(
+            """INSERT INTO quarantine
+            SELECT $run_id, $source, p.file, p.line_no, p.reason, p.raw, md5(p.raw), now()
+            FROM batch_problems p
+            WHERE NOT EXISTS (
+                SELECT 1 FROM quarantine q
+                WHERE q.source = $source AND q.file = p.file AND q.line_no = p.line_no
+                  AND q.raw_hash = md5(p.raw))""",
+            {"run_id": run.run_id, "source": run.source},
+        )
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def _ensure_flat_tables(self) -> None:
+        """Create missing flat tables; rebuild one whose definition changed from the raw table."""
+        con = self.con
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW resources AS "
+            "SELECT NULL::VARCHAR AS id, NULL::VARCHAR AS resource WHERE false"
+        )
+        existing = {
+            name: columns
+            for name, columns in con.execute(
+                "SELECT table_name, list(column_name || ' ' || data_type ORDER BY column_index) "
+                "FROM duckdb_columns() WHERE database_name = ? GROUP BY 1",
+                [CATALOG],
+            ).fetchall()
+        }
+        for table in FLAT_TABLES:
+            wanted = [
+                f"{name} {dtype}"
+                for name, dtype, *_ in con.execute(f"DESCRIBE {table.sql}").fetchall()
+            ]
+            if existing.get(table.name) == wanted:
+                continue
+            with self._transaction():
+                if table.name in existing:
+                    log.info("flat table %s changed definition; rebuilding it", table.name)
+                    con.execute(f"DROP TABLE {table.name}")
+                con.execute(f"CREATE TABLE {table.name} AS {table.sql}")
+                con.execute(
+                    f"""CREATE OR REPLACE TEMP VIEW resources AS SELECT id, resource::VARCHAR
+                    AS resource FROM fhir_resource WHERE resource_type = '{table.resource_type}'"""
+                )
+                con.execute(f"INSERT INTO {table.name} {table.sql}")
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.con)
+
+
+class _Transaction:
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+
+    def __enter__(self) -> None:
+        self.con.execute("BEGIN")
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.con.execute("ROLLBACK" if et else "COMMIT")
+
+
+def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:
+    row = con.execute(sql).fetchone()
+    assert row is not None
+    return tuple(int(v) for v in row)
+
+
+def _acquire_writer_lock(path: Path, timeout: float) -> IO[str]:
+    """Serialize writers: DuckLake writers to one table conflict at commit."""
+    fh = path.open("a+")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            return fh
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                raise StoreError(
+                    f"another twinhub process is writing to {str(path.parent)!r}; wait for it "
+                    "to finish (readers like `twinhub sql` are never blocked)"
+                ) from None
+            time.sleep(0.2)
