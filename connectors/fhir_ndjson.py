@@ -80,7 +80,7 @@ class FhirNdjsonConnector:
             progress[str(path)] = {**fingerprint, "lines": done, "complete": False}
             changed = True
             with _open(path) as fh:
-                for first_line, lines in _line_chunks(fh, skip=done):
+                for first_line, lines in _line_chunks(fh, skip=done, hint=min(READ_HINT, limit)):
                     chunks.append(_records(str(path), first_line, lines))
                     size += sum(map(len, lines))
                     progress[str(path)]["lines"] = first_line - 1 + len(lines)
@@ -99,10 +99,10 @@ def _open(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if gzipped else path.open("rb")
 
 
-def _line_chunks(fh: IO[bytes], skip: int) -> Iterator[tuple[int, list[bytes]]]:
+def _line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, list[bytes]]]:
     """(1-based number of the first line, lines) in chunks of a few MB, after `skip` lines."""
     line_no = 1
-    while lines := fh.readlines(READ_HINT):
+    while lines := fh.readlines(hint):
         if line_no + len(lines) <= skip + 1:
             line_no += len(lines)
             continue

@@ -254,5 +254,5 @@ def main() -> None:
     try:
         app()
     except TwinhubError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)

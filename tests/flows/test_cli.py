@@ -1,0 +1,158 @@
+"""The `twinhub` CLI as a user runs it: real subprocesses, a real store, a real Prefect server."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from flows.sample_export import write_sample_export
+from tests.conftest import TWINHUB, run_cli, write_config, write_ndjson
+from twin_store import connect
+
+
+@pytest.fixture
+def api_env(prefect_api: str) -> dict[str, str]:
+    return {"PREFECT_API_URL": prefect_api}
+
+
+def store_contents(store: Path) -> dict[str, list[tuple[object, ...]]]:
+    con = connect(store)
+    return {
+        "fhir_resource": con.sql(
+            "SELECT resource_type, id, version_id, content_hash FROM fhir_resource ORDER BY ALL").fetchall(),
+        "observation": con.sql("SELECT * FROM observation ORDER BY ALL").fetchall(),
+        "patient": con.sql("SELECT * FROM patient ORDER BY ALL").fetchall(),
+        "quarantine": con.sql("SELECT file, line_no, reason FROM quarantine ORDER BY ALL").fetchall(),
+    }
+
+
+@pytest.mark.slow
+def test_sync_synthea_exactly_as_documented(synthea: Path, tmp_path: Path, api_env: dict[str, str]) -> None:
+    (tmp_path / "twinhub.toml").write_text(
+        f'[store]\npath = ".twinhub"\n[[sources]]\nname = "synthea"\nkind = "fhir-ndjson"\n'
+        f'path = "{synthea}"\nschedule = "0 2 * * *"\n'
+    )
+    os.chdir(tmp_path)
+    run_cli("--config", "twinhub.toml", "sync", "synthea", env=api_env)
+    result = run_cli("--config", "twinhub.toml", "sql",
+                     "select resource_type, count(*) as n from fhir_resource group by 1 order by 1",
+                     "--format", "csv", env=api_env)
+    expected = {f.name.split(".")[0]: sum(1 for _ in gzip.open(f)) for f in synthea.glob("*.ndjson.gz")}
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "resource_type,n"
+    assert {t: int(n) for t, n in (line.split(",") for line in lines[1:])} == expected
+    assert sum(expected.values()) == 189_111
+
+    before = store_contents(tmp_path / ".twinhub")
+    run_cli("--config", "twinhub.toml", "sync", "synthea", env=api_env)
+    assert store_contents(tmp_path / ".twinhub") == before
+    con = connect(tmp_path / ".twinhub")
+    first, second = con.sql("SELECT epoch(finished_at - started_at) FROM ingest_run ORDER BY started_at").fetchall()
+    assert second[0] * 5 <= first[0]
+    assert con.sql("SELECT count(*) - count(DISTINCT (resource_type, id)) FROM fhir_resource").fetchone() == (0,)
+
+
+@pytest.mark.slow
+def test_bad_lines_are_quarantined_and_accounted_for(tmp_path: Path, api_env: dict[str, str]) -> None:
+    good = [{"resourceType": "Patient", "id": f"p{i}", "gender": "female"} for i in range(50)]
+    lines: list[dict[str, object] | str] = [*good[:20], '{"resourceType": "Patient", "id": "x"',
+                                             {"resourceType": "Patient"},
+                                             {"resourceType": "Observation", "id": "o1"}, *good[20:]]
+    write_ndjson(tmp_path / "export" / "Patient.ndjson", lines)
+    config = write_config(tmp_path, tmp_path / "export")
+    run_cli("--config", str(config), "sync", "src", env=api_env)
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT count(*) FROM patient").fetchone() == (50,)
+    assert con.sql("SELECT line_no, reason FROM quarantine ORDER BY 1").fetchall() == [
+        (21, "invalid JSON"), (22, "missing id"),
+        (23, 'resourceType "Observation" does not match the file, which holds Patient')]
+    assert con.sql("SELECT lines_read, inserted + quarantined FROM ingest_run").fetchall() == [(53, 53)]
+    status = run_cli("--config", str(config), "status", env={**api_env, "COLUMNS": "250"}).stdout
+    assert "53" in status and "invalid JSON" in status and "1/1 files complete, 53 lines" in status
+
+
+def start_sync(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([TWINHUB, "--config", str(config), "sync", "src"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env})
+
+
+def wait_for_landed_lines(store: Path, proc: subprocess.Popen[str], minimum: int) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            row = connect(store).sql("SELECT coalesce(sum(lines_read), 0) FROM ingest_run").fetchone()
+            if row and row[0] >= minimum:
+                return int(row[0])
+        except Exception:
+            pass  # the store is not created yet
+        time.sleep(0.05)
+    raise AssertionError(f"sync ended or stalled before landing {minimum} lines: {proc.poll()}")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sync_then_rerun_equals_a_clean_run(tmp_path: Path, api_env: dict[str, str]) -> None:
+    write_sample_export(tmp_path / "export", patients=600)
+    (tmp_path / "export" / "Patient.ndjson.gz").write_bytes(gzip.compress(
+        gzip.decompress((tmp_path / "export" / "Patient.ndjson.gz").read_bytes()) + b"not json\n"))
+    clean = write_config(tmp_path / "clean", tmp_path / "export", batch_mb=1)
+    run_cli("--config", str(clean), "sync", "src", env=api_env)
+
+    crashed = write_config(tmp_path / "crashed", tmp_path / "export", batch_mb=1)
+    proc = start_sync(crashed, api_env)
+    landed = wait_for_landed_lines(tmp_path / "crashed" / "store", proc, minimum=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    total = store_contents(tmp_path / "clean" / "store")
+    assert 0 < landed < len(total["fhir_resource"]) + 1
+    run_cli("--config", str(crashed), "sync", "src", env=api_env)
+    assert store_contents(tmp_path / "crashed" / "store") == total
+    statuses = connect(tmp_path / "crashed" / "store").sql(
+        "SELECT status FROM ingest_run ORDER BY started_at").fetchall()
+    assert statuses == [("interrupted",), ("succeeded",)]
+
+
+@pytest.mark.slow
+def test_readers_never_block_and_see_only_committed_batches(tmp_path: Path, api_env: dict[str, str]) -> None:
+    write_sample_export(tmp_path / "export", patients=600)
+    config = write_config(tmp_path, tmp_path / "export", batch_mb=1)
+    store = tmp_path / "store"
+    proc = start_sync(config, api_env)
+    wait_for_landed_lines(store, proc, minimum=1)
+    seen = []
+    while proc.poll() is None:
+        # Data and bookkeeping commit together, so in any snapshot they agree.
+        landed, recorded = connect(store).sql(
+            "SELECT (SELECT count(*) FROM fhir_resource), (SELECT sum(inserted) FROM ingest_run)"
+        ).fetchone() or (None, None)
+        assert landed == recorded
+        seen.append(landed)
+        if len(seen) % 10 == 0:
+            out = run_cli("--config", str(config), "sql", "select count(*) as n from fhir_resource",
+                          "--format", "json", env=api_env).stdout
+            assert orjson.loads(out)[0]["n"] >= landed
+    assert proc.returncode == 0, proc.stderr
+    assert seen == sorted(seen) and len(set(seen)) > 1
+
+
+def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text('[[sources]]\nname = "s"\nkind = "nope"\npath = "x"\n')
+    for args, message in [
+        (["--config", str(tmp_path / "bad.toml"), "status"], "unknown kind 'nope'"),
+        (["--config", str(tmp_path / "missing.toml"), "status"], "does not exist"),
+    ]:
+        result = run_cli(*args, check=False)
+        assert result.returncode == 1
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+    config = write_config(tmp_path, tmp_path / "nowhere")
+    result = run_cli("--config", str(config), "sql", "select 1", check=False)
+    assert "no twin store at" in result.stderr and result.returncode == 1

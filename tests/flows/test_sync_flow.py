@@ -1,0 +1,78 @@
+"""The real `sync` flow under Prefect's test harness, and the event it emits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.sample_export import write_sample_export
+from flows.sync import STORE_UPDATED, backfill, sync
+from tests.conftest import write_config
+from twin_store import connect
+
+
+def read_store_events(source: str) -> list:  # type: ignore[type-arg]
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    event_filter = EventFilter(
+        event=EventNameFilter(name=[STORE_UPDATED]),
+        resource=EventResourceFilter(id=[f"twinhub.source.{source}"]),
+    )
+    with get_client(sync_client=True) as client:
+        return list(client.read_events(filter=event_filter, limit=50).events)
+
+
+def wait_for_events(source: str, n: int) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + 60
+    while (events := read_store_events(source)) and len(events) < n or not events:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return events
+
+
+@pytest.mark.slow
+def test_sync_flow_lands_and_emits_store_updated(prefect_api: str, tmp_path: Path) -> None:
+    written = write_sample_export(tmp_path / "export", patients=40)
+    config = write_config(tmp_path, tmp_path / "export", name="flowtest")
+    report = sync("flowtest", str(config))
+    assert report.status == "succeeded"
+    assert report.counts["inserted"] == sum(written.values())
+
+    [event] = wait_for_events("flowtest", 1)
+    assert event.payload["run_id"] == report.run_id
+    assert event.payload["snapshot_id"] == report.snapshot_id
+    assert event.payload["tables"]["fhir_resource"] == sum(written.values())
+    assert event.payload["tables"]["patient"] == 40
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT status, snapshot_id FROM ingest_run").fetchall() == [
+        ("succeeded", report.snapshot_id)]
+
+
+@pytest.mark.slow
+def test_backfill_flow_rederives_the_window(prefect_api: str, tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    write_sample_export(tmp_path / "export", patients=20)
+    config = write_config(tmp_path, tmp_path / "export", name="bftest")
+    sync("bftest", str(config))
+    report = backfill("bftest", datetime(2020, 1, 1, tzinfo=UTC), datetime(2021, 1, 1, tzinfo=UTC), str(config))
+    con = connect(tmp_path / "store")
+    in_window, = con.sql(
+        "SELECT count(*) FROM fhir_resource WHERE coalesce(last_updated, "
+        "TRY_CAST(coalesce(resource->>'$.effectiveDateTime', resource->>'$.period.start', "
+        "resource->>'$.performedPeriod.start', resource->>'$.occurrenceDateTime', "
+        "resource->>'$.onsetDateTime', resource->>'$.authoredOn') AS TIMESTAMPTZ)) "
+        ">= '2020-01-01' AND coalesce(last_updated, TRY_CAST(coalesce(resource->>'$.effectiveDateTime', "
+        "resource->>'$.period.start', resource->>'$.performedPeriod.start', "
+        "resource->>'$.occurrenceDateTime', resource->>'$.onsetDateTime', "
+        "resource->>'$.authoredOn') AS TIMESTAMPTZ)) < '2021-01-01'").fetchone()
+    assert in_window > 0
+    assert report.counts["unchanged"] == in_window
+    assert report.counts["inserted"] == report.counts["updated"] == 0
+    assert report.counts["lines_read"] == in_window + report.counts["out_of_window"]
+    assert report.changed["fhir_resource"] == 0 and sum(report.changed.values()) > 0
+    assert len(wait_for_events("bftest", 2)) == 2

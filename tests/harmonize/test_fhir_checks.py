@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import orjson
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.base import RECORD_SCHEMA
+from harmonize.fhir_checks import check_resources
+
+
+def records(lines: list[str], file: str = "/x/Observation.ndjson") -> pa.Table:
+    return pa.table(
+        {
+            "file": [file] * len(lines),
+            "line_no": list(range(1, len(lines) + 1)),
+            "raw": lines,
+            "bad_utf8": [False] * len(lines),
+        },
+        schema=RECORD_SCHEMA,
+    )
+
+
+def obs(**extra: object) -> str:
+    return orjson.dumps({"resourceType": "Observation", "id": "o1", **extra}).decode()
+
+
+def reasons(lines: list[str], file: str = "/x/Observation.ndjson") -> list[str | None]:
+    checked = check_resources(records(lines, file))
+    by_line = {r["line_no"]: r["reason"] for r in checked.problems.to_pylist()}
+    by_line |= {r["line_no"]: None for r in checked.resources.to_pylist()}
+    return [by_line[i] for i in range(1, len(lines) + 1)]
+
+
+def test_good_resources_pass_with_their_fields() -> None:
+    line = obs(meta={"lastUpdated": "2024-03-01T10:00:00+02:00", "versionId": "3"},
+               subject={"reference": "Patient/p-1"},
+               performer=[{"reference": "https://ehr.example/fhir/Practitioner/9/_history/2"}],
+               contained=[{"reference": "#c1"}], focus=[{"reference": "urn:uuid:0f0e0d0c-0b0a-4900-8f7e-6d5c4b3a2910"}])
+    [row] = check_resources(records([line])).resources.to_pylist()
+    assert (row["resource_type"], row["id"], row["meta_version_id"]) == ("Observation", "o1", "3")
+    assert row["last_updated"].isoformat() == "2024-03-01T08:00:00+00:00"
+    assert row["resource"] == line
+
+
+def test_each_kind_of_bad_line_gets_its_reason() -> None:
+    lines = [
+        '{"resourceType": "Observation", "id": ',
+        orjson.dumps({"resourceType": "Observation"}).decode(),
+        orjson.dumps({"resourceType": "Patient", "id": "p1"}).decode(),
+        obs(meta={"lastUpdated": "2024-02-30T00:00:00Z"}),
+        obs(meta={"lastUpdated": "yesterday"}),
+        obs(subject={"reference": "not a reference"}),
+        obs(id="has space"),
+        "",
+        "[1, 2]",
+        obs(),
+    ]
+    assert reasons(lines) == [
+        "invalid JSON",
+        "missing id",
+        'resourceType "Patient" does not match the file, which holds Observation',
+        'meta.lastUpdated "2024-02-30T00:00:00Z" is not a FHIR instant',
+        'meta.lastUpdated "yesterday" is not a FHIR instant',
+        'malformed reference "not a reference"',
+        'invalid id "has space" (FHIR ids are 1-64 of A-Z a-z 0-9 - .)',
+        "empty line",
+        "not a JSON object",
+        None,
+    ]
+
+
+def test_files_not_named_for_a_type_accept_any_type() -> None:
+    line = orjson.dumps({"resourceType": "Patient", "id": "p1"}).decode()
+    assert reasons([line, obs()], file="/x/export.ndjson") == [None, None]
+
+
+def test_window_time_falls_back_to_the_clinical_date() -> None:
+    [row] = check_resources(records([obs(effectiveDateTime="2019-05-01T12:00:00Z")])).resources.to_pylist()
+    assert row["last_updated"] is None
+    assert row["window_time"].isoformat() == "2019-05-01T12:00:00+00:00"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.text(), st.builds(obs, id=st.text(max_size=70))), max_size=20))
+def test_every_line_either_lands_or_is_quarantined(lines: list[str]) -> None:
+    lines = [line.replace("\n", " ").replace("\r", " ") for line in lines]
+    checked = check_resources(records(lines))
+    landed = {r["line_no"] for r in checked.resources.to_pylist()}
+    quarantined = {r["line_no"] for r in checked.problems.to_pylist()}
+    assert landed | quarantined == set(range(1, len(lines) + 1))
+    assert not landed & quarantined
+    assert all(r["reason"] for r in checked.problems.to_pylist())
