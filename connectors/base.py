@@ -30,7 +30,7 @@ class Batch:
     watermark: Watermark
 
     def __len__(self) -> int:
-        return self.records.num_rows
+        return int(self.records.num_rows)
 
 
 class Connector(Protocol):

@@ -44,15 +44,16 @@ class FhirNdjsonConnector:
         """The NDJSON files the configured path names, in a stable order."""
         path = self.source.path
         if glob.has_magic(str(path)):
-            found = [Path(p) for p in glob.glob(str(path), recursive=True)]
+            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
         elif path.is_dir():
             found = [*path.glob("*.ndjson"), *path.glob("*.ndjson.gz")]
         elif path.is_file():
             found = [path]
         else:
             raise SourceError(
-                self.name, f"path {str(path)!r} does not exist; point sources.path at an NDJSON "
-                "file, a folder of .ndjson/.ndjson.gz files or a glob"
+                self.name,
+                f"path {str(path)!r} does not exist; point sources.path at an NDJSON "
+                "file, a folder of .ndjson/.ndjson.gz files or a glob",
             )
         found = sorted(p for p in found if p.is_file())
         if not found:
@@ -96,7 +97,7 @@ class FhirNdjsonConnector:
 def _open(path: Path) -> IO[bytes]:
     with path.open("rb") as probe:
         gzipped = probe.read(2) == GZIP_MAGIC
-    return gzip.open(path, "rb") if gzipped else path.open("rb")
+    return gzip.GzipFile(path, "rb") if gzipped else path.open("rb")  # type: ignore[return-value]
 
 
 def _line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, list[bytes]]]:

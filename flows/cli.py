@@ -8,7 +8,8 @@ import os
 import shutil
 import sys
 import time
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -42,13 +43,17 @@ class State:
 @app.callback()
 def main_options(
     config: Annotated[
-        Path | None, typer.Option("--config", help="twinhub.toml (default: $TWINHUB_CONFIG or ./twinhub.toml)")
+        Path | None,
+        typer.Option("--config", help="twinhub.toml (default: $TWINHUB_CONFIG or ./twinhub.toml)"),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress")] = False,
 ) -> None:
     """twinhub: EHR, lab, genomic and wearable data in one queryable twin store."""
     State.config = config
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
@@ -92,7 +97,10 @@ def status() -> None:
            FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= 3
            ORDER BY source, started_at DESC"""
     )
-    _show(runs, "Last runs per source (lines_read = inserted + updated + unchanged + quarantined + out_of_window)")
+    _show(
+        runs,
+        "Last runs per source (lines_read = inserted + updated + unchanged + quarantined + out_of_window)",
+    )
     marks = con.execute(
         "SELECT source, updated_at, watermark->>'$.files' FROM sync_state ORDER BY source"
     ).fetchall()
@@ -104,17 +112,27 @@ def status() -> None:
         seen.add(source)
         done = _files_summary(files)
         cfg_source = configured.get(source)
-        table.add_row(source, cfg_source.kind if cfg_source else "(not in config)",
-                      (cfg_source.schedule or "-") if cfg_source else "-", f"{done} at {updated_at:%Y-%m-%d %H:%M:%S}")
+        table.add_row(
+            source,
+            cfg_source.kind if cfg_source else "(not in config)",
+            (cfg_source.schedule or "-") if cfg_source else "-",
+            f"{done} at {updated_at:%Y-%m-%d %H:%M:%S}",
+        )
     for name, s in configured.items():
         if name not in seen:
             table.add_row(name, s.kind, s.schedule or "-", "never synced")
     out.print(table)
     tables = ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"]
-    counts = con.sql(" UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables))
+    counts = con.sql(
+        " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
+    )
     _show(counts, "Rows per table")
-    _show(con.sql("SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL ORDER BY 3 DESC LIMIT 20"),
-          "Quarantine (bad lines, kept with their reason)")
+    _show(
+        con.sql(
+            "SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL ORDER BY 3 DESC LIMIT 20"
+        ),
+        "Quarantine (bad lines, kept with their reason)",
+    )
 
 
 @app.command()
@@ -148,7 +166,9 @@ def serve() -> None:
 
 @app.command()
 def demo(
-    generate: Annotated[bool, typer.Option(help="Use generated sample data even if ../shared is there")] = False,
+    generate: Annotated[
+        bool, typer.Option(help="Use generated sample data even if ../shared is there")
+    ] = False,
     fresh: Annotated[bool, typer.Option(help="Start from an empty store")] = True,
 ) -> None:
     """The main job on embedded defaults: sync sample FHIR data, then query it."""
@@ -177,17 +197,25 @@ def demo(
     report = _with_progress(source.name, lambda: sync_flow(source.name, str(demo_config)))
     _print_report(report)
     con = connect(store.path)
-    _show(con.sql(" UNION ALL ".join(
-        f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}"
-        for t in ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"])), "Rows per table")
+    _show(
+        con.sql(
+            " UNION ALL ".join(
+                f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}"
+                for t in ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"]
+            )
+        ),
+        "Rows per table",
+    )
     example = (
         "SELECT code_display, value_unit, count(*) AS n, round(avg(value_numeric), 1) AS mean\n"
         "FROM observation WHERE category = 'laboratory'\nGROUP BY ALL ORDER BY n DESC LIMIT 5"
     )
-    out.print(f"\nExample query (twinhub --config {demo_config} sql \"...\"):\n[cyan]{example}[/]")
+    out.print(f'\nExample query (twinhub --config {demo_config} sql "..."):\n[cyan]{example}[/]')
     _show(con.sql(example))
-    out.print(f"Done in {time.perf_counter() - started:.1f} s. The store is in {store.path}/ ; "
-              "try `twinhub status` and `twinhub sql`.")
+    out.print(
+        f"Done in {time.perf_counter() - started:.1f} s. The store is in {store.path}/ ; "
+        "try `twinhub status` and `twinhub sql`."
+    )
 
 
 def _config_arg() -> str | None:
@@ -195,16 +223,14 @@ def _config_arg() -> str | None:
 
 
 def _utc(when: datetime) -> datetime:
-    from datetime import UTC
-
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def _with_progress(name: str, work: callable) -> RunReport:  # type: ignore[valid-type]
+def _with_progress(name: str, work: Callable[[], RunReport]) -> RunReport:
     from flows.sync import on_batch
 
     if not out.is_terminal:
-        return work()  # type: ignore[no-any-return]
+        return work()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=out) as bar:
         task = bar.add_task(f"{name}: starting", total=None)
 
@@ -213,7 +239,7 @@ def _with_progress(name: str, work: callable) -> RunReport:  # type: ignore[vali
 
         token = on_batch.set(update)
         try:
-            return work()  # type: ignore[no-any-return]
+            return work()
         finally:
             on_batch.reset(token)
 

@@ -59,27 +59,36 @@ class Settings(BaseSettings):
             if source.name == name:
                 return source
         known = ", ".join(s.name for s in self.sources) or "none configured"
-        raise ConfigError(f"sources.{name}", f"no such source (known: {known}); add a "
-                          "[[sources]] table with that name to the config file")
+        raise ConfigError(
+            f"sources.{name}",
+            f"no such source (known: {known}); add a [[sources]] table with that name to the config file",
+        )
 
 
 def load_settings(path: Path | None = None) -> Settings:
     """Load `path` (or $TWINHUB_CONFIG, or ./twinhub.toml if present); relative paths in it are
     relative to the file's folder."""
-    explicit = path or (Path(os.environ["TWINHUB_CONFIG"]) if "TWINHUB_CONFIG" in os.environ
-                        else None)
+    explicit = path or (Path(os.environ["TWINHUB_CONFIG"]) if "TWINHUB_CONFIG" in os.environ else None)
     file = explicit or DEFAULT_CONFIG
     if explicit and not file.is_file():
-        raise ConfigError("file", f"{str(file)!r} does not exist; pass --config PATH to a "
-                          "twinhub.toml (see the README for an example)")
+        raise ConfigError(
+            "file",
+            f"{str(file)!r} does not exist; pass --config PATH to a "
+            "twinhub.toml (see the README for an example)",
+        )
 
     class FileSettings(Settings):
         @classmethod
         def settings_customise_sources(
-            cls, settings_cls: type[BaseSettings], **sources: PydanticBaseSettingsSource
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             toml = TomlConfigSettingsSource(settings_cls, toml_file=file if file.is_file() else None)
-            return sources["env_settings"], toml, sources["init_settings"]
+            return env_settings, toml, init_settings
 
     try:
         settings: Settings = FileSettings()

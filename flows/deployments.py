@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from types import FrameType
 
@@ -15,8 +16,10 @@ from flows.sync import sync
 def serve_sources(settings: Settings, config: str | None) -> None:
     scheduled = [s for s in settings.sources if s.schedule]
     if not scheduled:
-        raise ConfigError("sources.schedule", "no source has a schedule; add e.g. "
-                          "`schedule = \"0 2 * * *\"` to a [[sources]] table")
+        raise ConfigError(
+            "sources.schedule",
+            'no source has a schedule; add e.g. `schedule = "0 2 * * *"` to a [[sources]] table',
+        )
     deployments = [
         sync.to_deployment(
             name=f"sync-{s.name}",
@@ -31,7 +34,5 @@ def serve_sources(settings: Settings, config: str | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    try:
-        serve(*deployments)
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(*deployments)  # type: ignore[arg-type]

@@ -44,7 +44,10 @@ CONDITIONS = [
     ("195967001", "Asthma"),
     ("55822004", "Hyperlipidemia"),
 ]
-MEDICATIONS = [("314076", "lisinopril 10 MG Oral Tablet"), ("860975", "metformin 500 MG Oral Tablet")]
+MEDICATIONS = [
+    ("314076", "lisinopril 10 MG Oral Tablet"),
+    ("860975", "metformin 500 MG Oral Tablet"),
+]
 PROCEDURES = [("430193006", "Medication reconciliation"), ("171207006", "Depression screening")]
 VACCINES = [("140", "Influenza, seasonal, injectable, preservative free"), ("113", "Td (adult)")]
 
@@ -74,18 +77,34 @@ def _patient(rng: random.Random, out: dict[str, list[dict[str, Any]]]) -> None:
     pid = _id(rng)
     born = date(1940, 1, 1) + timedelta(days=rng.randrange(365 * 60))
     gender = rng.choice(["male", "female"])
-    out["Patient"].append({
-        "resourceType": "Patient", "id": pid,
-        "meta": {"lastUpdated": "2026-01-15T09:30:00Z"},
-        "identifier": [{
-            "type": _coding("http://terminology.hl7.org/CodeSystem/v2-0203", "MR", "Medical record number"),
-            "system": "urn:twinhub:sample:mrn", "value": f"MRN{rng.randrange(10**7):07d}",
-        }],
-        "name": [{"use": "official", "family": rng.choice(["Rivera", "Chen", "Okafor", "Novak", "Smith"]),
-                  "given": [rng.choice(["Alex", "Sam", "Maria", "Wei", "Amara", "Jonas"])]}],
-        "gender": gender, "birthDate": born.isoformat(),
-        "address": [{"city": "Springfield", "state": "MA", "postalCode": "01101", "country": "US"}],
-    })
+    out["Patient"].append(
+        {
+            "resourceType": "Patient",
+            "id": pid,
+            "meta": {"lastUpdated": "2026-01-15T09:30:00Z"},
+            "identifier": [
+                {
+                    "type": _coding(
+                        "http://terminology.hl7.org/CodeSystem/v2-0203",
+                        "MR",
+                        "Medical record number",
+                    ),
+                    "system": "urn:twinhub:sample:mrn",
+                    "value": f"MRN{rng.randrange(10**7):07d}",
+                }
+            ],
+            "name": [
+                {
+                    "use": "official",
+                    "family": rng.choice(["Rivera", "Chen", "Okafor", "Novak", "Smith"]),
+                    "given": [rng.choice(["Alex", "Sam", "Maria", "Wei", "Amara", "Jonas"])],
+                }
+            ],
+            "gender": gender,
+            "birthDate": born.isoformat(),
+            "address": [{"city": "Springfield", "state": "MA", "postalCode": "01101", "country": "US"}],
+        }
+    )
     subject = {"reference": f"Patient/{pid}"}
     problems = rng.sample(CONDITIONS, rng.randrange(0, 3))
     start = datetime(2018, 1, 1, tzinfo=UTC)
@@ -94,69 +113,163 @@ def _patient(rng: random.Random, out: dict[str, list[dict[str, Any]]]) -> None:
         eid = _id(rng)
         ref = {"reference": f"Encounter/{eid}"}
         stamp = when.isoformat(timespec="seconds")
-        out["Encounter"].append({
-            "resourceType": "Encounter", "id": eid, "status": "finished",
-            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-            "type": [_coding(SNOMED, "185349003", "Encounter for check up")],
-            "subject": subject,
-            "period": {"start": stamp, "end": (when + timedelta(minutes=30)).isoformat(timespec="seconds")},
-        })
+        out["Encounter"].append(
+            {
+                "resourceType": "Encounter",
+                "id": eid,
+                "status": "finished",
+                "class": {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                    "code": "AMB",
+                },
+                "type": [_coding(SNOMED, "185349003", "Encounter for check up")],
+                "subject": subject,
+                "period": {
+                    "start": stamp,
+                    "end": (when + timedelta(minutes=30)).isoformat(timespec="seconds"),
+                },
+            }
+        )
         for code, display, unit, mean, sd in VITALS:
-            out["Observation"].append(_observation(rng, "vital-signs", code, display, unit, mean, sd, subject, ref, stamp))
-        out["Observation"].append({
-            "resourceType": "Observation", "id": _id(rng), "status": "final",
-            "category": [_coding("http://terminology.hl7.org/CodeSystem/observation-category", "vital-signs", "Vital Signs")],
-            "code": _coding(LOINC, "85354-9", "Blood pressure panel"),
-            "subject": subject, "encounter": ref, "effectiveDateTime": stamp,
-            "component": [
-                {"code": _coding(LOINC, "8480-6", "Systolic blood pressure"),
-                 "valueQuantity": {"value": round(rng.gauss(124, 14)), "unit": "mm[Hg]", "system": UCUM, "code": "mm[Hg]"}},
-                {"code": _coding(LOINC, "8462-4", "Diastolic blood pressure"),
-                 "valueQuantity": {"value": round(rng.gauss(79, 9)), "unit": "mm[Hg]", "system": UCUM, "code": "mm[Hg]"}},
-            ],
-        })
+            out["Observation"].append(
+                _observation(rng, "vital-signs", code, display, unit, mean, sd, subject, ref, stamp)
+            )
+        out["Observation"].append(
+            {
+                "resourceType": "Observation",
+                "id": _id(rng),
+                "status": "final",
+                "category": [
+                    _coding(
+                        "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "vital-signs",
+                        "Vital Signs",
+                    )
+                ],
+                "code": _coding(LOINC, "85354-9", "Blood pressure panel"),
+                "subject": subject,
+                "encounter": ref,
+                "effectiveDateTime": stamp,
+                "component": [
+                    {
+                        "code": _coding(LOINC, "8480-6", "Systolic blood pressure"),
+                        "valueQuantity": {
+                            "value": round(rng.gauss(124, 14)),
+                            "unit": "mm[Hg]",
+                            "system": UCUM,
+                            "code": "mm[Hg]",
+                        },
+                    },
+                    {
+                        "code": _coding(LOINC, "8462-4", "Diastolic blood pressure"),
+                        "valueQuantity": {
+                            "value": round(rng.gauss(79, 9)),
+                            "unit": "mm[Hg]",
+                            "system": UCUM,
+                            "code": "mm[Hg]",
+                        },
+                    },
+                ],
+            }
+        )
         if visit % 2 == 0:
             for code, display, unit, mean, sd in LABS:
-                out["Observation"].append(_observation(rng, "laboratory", code, display, unit, mean, sd, subject, ref, stamp))
+                out["Observation"].append(
+                    _observation(rng, "laboratory", code, display, unit, mean, sd, subject, ref, stamp)
+                )
         if visit == 0:
             for code, display in problems:
-                out["Condition"].append({
-                    "resourceType": "Condition", "id": _id(rng),
-                    "clinicalStatus": _coding("http://terminology.hl7.org/CodeSystem/condition-clinical", "active", "Active"),
-                    "verificationStatus": _coding("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed", "Confirmed"),
-                    "code": _coding(SNOMED, code, display), "subject": subject, "encounter": ref,
-                    "onsetDateTime": stamp, "recordedDate": stamp,
-                })
+                out["Condition"].append(
+                    {
+                        "resourceType": "Condition",
+                        "id": _id(rng),
+                        "clinicalStatus": _coding(
+                            "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                            "active",
+                            "Active",
+                        ),
+                        "verificationStatus": _coding(
+                            "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                            "confirmed",
+                            "Confirmed",
+                        ),
+                        "code": _coding(SNOMED, code, display),
+                        "subject": subject,
+                        "encounter": ref,
+                        "onsetDateTime": stamp,
+                        "recordedDate": stamp,
+                    }
+                )
                 if code in ("38341003", "44054006"):
                     rx = MEDICATIONS[0] if code == "38341003" else MEDICATIONS[1]
-                    out["MedicationRequest"].append({
-                        "resourceType": "MedicationRequest", "id": _id(rng), "status": "active",
-                        "intent": "order", "medicationCodeableConcept": _coding(RXNORM, *rx),
-                        "subject": subject, "encounter": ref, "authoredOn": stamp,
-                    })
+                    out["MedicationRequest"].append(
+                        {
+                            "resourceType": "MedicationRequest",
+                            "id": _id(rng),
+                            "status": "active",
+                            "intent": "order",
+                            "medicationCodeableConcept": _coding(RXNORM, *rx),
+                            "subject": subject,
+                            "encounter": ref,
+                            "authoredOn": stamp,
+                        }
+                    )
         code, display = rng.choice(PROCEDURES)
-        out["Procedure"].append({
-            "resourceType": "Procedure", "id": _id(rng), "status": "completed",
-            "code": _coding(SNOMED, code, display), "subject": subject, "encounter": ref,
-            "performedPeriod": {"start": stamp, "end": stamp},
-        })
+        out["Procedure"].append(
+            {
+                "resourceType": "Procedure",
+                "id": _id(rng),
+                "status": "completed",
+                "code": _coding(SNOMED, code, display),
+                "subject": subject,
+                "encounter": ref,
+                "performedPeriod": {"start": stamp, "end": stamp},
+            }
+        )
         if rng.random() < 0.4:
             code, display = rng.choice(VACCINES)
-            out["Immunization"].append({
-                "resourceType": "Immunization", "id": _id(rng), "status": "completed",
-                "vaccineCode": _coding(CVX, code, display), "patient": subject, "encounter": ref,
-                "occurrenceDateTime": stamp, "primarySource": True,
-            })
+            out["Immunization"].append(
+                {
+                    "resourceType": "Immunization",
+                    "id": _id(rng),
+                    "status": "completed",
+                    "vaccineCode": _coding(CVX, code, display),
+                    "patient": subject,
+                    "encounter": ref,
+                    "occurrenceDateTime": stamp,
+                    "primarySource": True,
+                }
+            )
 
 
-def _observation(rng: random.Random, category: str, code: str, display: str, unit: str,
-                 mean: float, sd: float, subject: dict[str, str], encounter: dict[str, str],
-                 stamp: str) -> dict[str, Any]:
+def _observation(
+    rng: random.Random,
+    category: str,
+    code: str,
+    display: str,
+    unit: str,
+    mean: float,
+    sd: float,
+    subject: dict[str, str],
+    encounter: dict[str, str],
+    stamp: str,
+) -> dict[str, Any]:
     return {
-        "resourceType": "Observation", "id": _id(rng), "status": "final",
-        "category": [_coding("http://terminology.hl7.org/CodeSystem/observation-category", category, category)],
-        "code": _coding(LOINC, code, display), "subject": subject, "encounter": encounter,
-        "effectiveDateTime": stamp, "issued": stamp,
-        "valueQuantity": {"value": round(max(rng.gauss(mean, sd), 0.1), 2), "unit": unit,
-                          "system": UCUM, "code": unit},
+        "resourceType": "Observation",
+        "id": _id(rng),
+        "status": "final",
+        "category": [
+            _coding("http://terminology.hl7.org/CodeSystem/observation-category", category, category)
+        ],
+        "code": _coding(LOINC, code, display),
+        "subject": subject,
+        "encounter": encounter,
+        "effectiveDateTime": stamp,
+        "issued": stamp,
+        "valueQuantity": {
+            "value": round(max(rng.gauss(mean, sd), 0.1), 2),
+            "unit": unit,
+            "system": UCUM,
+            "code": unit,
+        },
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -16,7 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from connectors.base import Connector
+from connectors.base import Batch, Connector
 from connectors.fhir_ndjson import FhirNdjsonConnector
 from flows.config import SourceConfig, load_settings
 from harmonize.fhir_checks import check_resources
@@ -46,24 +47,31 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
         run = store.begin_run(source.name, "backfill" if window else "sync")
         try:
             since = None if window else store.watermark(source.name)
-            for batch in prefetch(connector.pull(since)):
-                checked = check_resources(batch.records)
-                store.land(
-                    run,
-                    checked,
-                    None if window else batch.watermark,
-                    lines_read=len(batch),
-                    window=window,
-                    rederive=window is not None,
-                )
-                log.info("%s: %s lines landed so far", source.name, run.counts["lines_read"])
-                if callback := on_batch.get():
-                    callback(run)
+            land_batches(store, run, connector.pull(since), window=window)
         except BaseException as e:
             store.finish_run(run, "failed", error=f"{type(e).__name__}: {e}")
             raise
         run.seconds = time.perf_counter() - started
         return store.finish_run(run, "succeeded")
+
+
+def land_batches(
+    store: TwinStore, run: RunReport, batches: Iterator[Batch], window: Window | None = None
+) -> None:
+    """Check batch N+1 in a thread while batch N lands: both mostly run in DuckDB, off the GIL."""
+    checked = ((batch, check_resources(batch.records)) for batch in batches)
+    for batch, result in prefetch(checked):
+        store.land(
+            run,
+            result,
+            None if window else batch.watermark,
+            lines_read=len(batch),
+            window=window,
+            rederive=window is not None,
+        )
+        log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
+        if callback := on_batch.get():
+            callback(run)
 
 
 @task(cache_policy=NO_CACHE)
@@ -135,7 +143,5 @@ def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     finally:
         stop.set()
         while worker.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 box.get(timeout=0.1)
-            except queue.Empty:
-                pass

@@ -47,7 +47,13 @@ CLINICAL_DATES = [
     "$.started",
     "$.birthDate",
 ]
-EXTRACT_PATHS = ["$.resourceType", "$.id", "$.meta.lastUpdated", "$.meta.versionId", *CLINICAL_DATES]
+EXTRACT_PATHS = [
+    "$.resourceType",
+    "$.id",
+    "$.meta.lastUpdated",
+    "$.meta.versionId",
+    *CLINICAL_DATES,
+]
 
 # Pass 1 reads each raw line once; everything after works on the small facts it leaves.
 FACTS_SQL = f"""

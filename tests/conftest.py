@@ -41,10 +41,7 @@ def write_ndjson(path: Path, lines: list[dict[str, object] | str]) -> Path:
     """One line per item: dicts as compact JSON, strings verbatim (for broken lines)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(
-        b"".join(
-            (item.encode() if isinstance(item, str) else orjson.dumps(item)) + b"\n"
-            for item in lines
-        )
+        b"".join((item.encode() if isinstance(item, str) else orjson.dumps(item)) + b"\n" for item in lines)
     )
     return path
 
@@ -60,10 +57,14 @@ def write_config(folder: Path, source_path: Path, name: str = "src", **extra: ob
     return config
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [TWINHUB, *args], capture_output=True, text=True, timeout=timeout,
+        [TWINHUB, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})},
     )
     if check and result.returncode != 0:

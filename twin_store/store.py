@@ -21,7 +21,6 @@ from typing import IO, Literal, Self
 
 import duckdb
 import orjson
-import pyarrow as pa
 
 from connectors.base import Watermark
 from connectors.errors import StoreError
@@ -124,12 +123,14 @@ class TwinStore:
 
     def begin_run(self, source: str, flow: FlowKind) -> RunReport:
         """Start a run; runs left 'running' by a crash are marked 'interrupted' first."""
-        run = RunReport(run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
-                        source=source, flow=flow)
+        run = RunReport(
+            run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+            source=source,
+            flow=flow,
+        )
         with self._transaction():
             self.con.execute(
-                "UPDATE ingest_run SET status = 'interrupted', finished_at = now() "
-                "WHERE status = 'running'"
+                "UPDATE ingest_run SET status = 'interrupted', finished_at = now() WHERE status = 'running'"
             )
             self.con.execute(
                 f"INSERT INTO ingest_run (run_id, source, flow, started_at, status, "
@@ -140,9 +141,7 @@ class TwinStore:
         return run
 
     def watermark(self, source: str) -> Watermark | None:
-        row = self.con.execute(
-            "SELECT watermark FROM sync_state WHERE source = ?", [source]
-        ).fetchone()
+        row = self.con.execute("SELECT watermark FROM sync_state WHERE source = ?", [source]).fetchone()
         return orjson.loads(row[0]) if row else None
 
     def finish_run(self, run: RunReport, status: RunStatus, error: str | None = None) -> RunReport:
@@ -167,7 +166,7 @@ class TwinStore:
         self,
         run: RunReport,
         checked: Checked,
-        watermark: Watermark,
+        watermark: Watermark | None,
         *,
         lines_read: int,
         window: Window | None = None,
@@ -176,7 +175,8 @@ class TwinStore:
         """Upsert one batch, its quarantine, the watermark and the run's counts atomically.
 
         Unchanged content (same hash) writes nothing; with `rederive` the flat rows of every
-        resource in the batch are recomputed anyway (after a mapping change).
+        resource in the batch are recomputed anyway (after a mapping change). A `None`
+        watermark (backfills) leaves the source's sync watermark as it was.
         """
         con = self.con
         con.register("batch_resources", checked.resources)
@@ -185,9 +185,7 @@ class TwinStore:
         changed: Counter[str] = Counter()
         try:
             with self._transaction():
-                in_window = (
-                    "window_time >= $since AND window_time < $until" if window else "true"
-                )
+                in_window = "window_time >= $since AND window_time < $until" if window else "true"
                 params = {"since": window.since, "until": window.until} if window else {}
                 con.execute(
                     f"""CREATE OR REPLACE TEMP TABLE incoming AS
@@ -206,7 +204,7 @@ class TwinStore:
                     WHERE t.content_hash IS DISTINCT FROM i.content_hash
                       AND NOT coalesce(t.last_updated > i.last_updated, false)"""
                 )
-                n_in, = _one(con, "SELECT count(*) FROM incoming")
+                (n_in,) = _one(con, "SELECT count(*) FROM incoming")
                 n_new, n_upd = _one(
                     con,
                     "SELECT count(*) FILTER (prior_version IS NULL), "
@@ -215,7 +213,9 @@ class TwinStore:
                 counts.update(
                     inserted=n_new,
                     updated=n_upd,
-                    unchanged=checked.resources.num_rows - n_new - n_upd
+                    unchanged=checked.resources.num_rows
+                    - n_new
+                    - n_upd
                     - (checked.resources.num_rows - n_in if window else 0),
                     out_of_window=checked.resources.num_rows - n_in if window else 0,
                     quarantined=checked.problems.num_rows,
@@ -241,11 +241,12 @@ class TwinStore:
                     changed[table.name] += self._derive(table, derive)
                 if checked.problems.num_rows:
                     self._quarantine(run)
-                con.execute("DELETE FROM sync_state WHERE source = ?", [run.source])
-                con.execute(
-                    "INSERT INTO sync_state VALUES (?, ?, ?, now())",
-                    [run.source, orjson.dumps(watermark).decode(), run.run_id],
-                )
+                if watermark is not None:
+                    con.execute("DELETE FROM sync_state WHERE source = ?", [run.source])
+                    con.execute(
+                        "INSERT INTO sync_state VALUES (?, ?, ?, now())",
+                        [run.source, orjson.dumps(watermark).decode(), run.run_id],
+                    )
                 con.execute(
                     f"UPDATE ingest_run SET {', '.join(f'{c} = {c} + ${c}' for c in COUNTS)} "
                     "WHERE run_id = $run_id",
@@ -261,7 +262,7 @@ class TwinStore:
         """Recompute the flat rows of the batch's resources of this table's type."""
         con = self.con
         ids = f"SELECT id FROM {derive} WHERE resource_type = '{table.resource_type}'"
-        n, = _one(con, f"SELECT count(*) FROM ({ids})")
+        (n,) = _one(con, f"SELECT count(*) FROM ({ids})")
         if not n:
             return 0
         con.execute(f"DELETE FROM {table.name} WHERE {table.key} IN ({ids})")
@@ -270,7 +271,7 @@ class TwinStore:
             SELECT d.id, b.resource FROM {derive} d JOIN batch_resources b USING (file, line_no)
             WHERE d.resource_type = '{table.resource_type}'"""
         )
-        written, = _one(con, f"INSERT INTO {table.name} {table.sql}")
+        (written,) = _one(con, f"INSERT INTO {table.name} {table.sql}")
         return int(written)
 
     def _quarantine(self, run: RunReport) -> None:
@@ -305,8 +306,7 @@ class TwinStore:
         }
         for table in FLAT_TABLES:
             wanted = [
-                f"{name} {dtype}"
-                for name, dtype, *_ in con.execute(f"DESCRIBE {table.sql}").fetchall()
+                f"{name} {dtype}" for name, dtype, *_ in con.execute(f"DESCRIBE {table.sql}").fetchall()
             ]
             if existing.get(table.name) == wanted:
                 continue

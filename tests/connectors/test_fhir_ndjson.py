@@ -11,9 +11,7 @@ from tests.conftest import write_ndjson
 
 
 def connector(path: Path, batch_mb: int = 32) -> FhirNdjsonConnector:
-    return FhirNdjsonConnector(
-        FhirNdjsonSource(name="t", kind="fhir-ndjson", path=path, batch_mb=batch_mb)
-    )
+    return FhirNdjsonConnector(FhirNdjsonSource(name="t", kind="fhir-ndjson", path=path, batch_mb=batch_mb))
 
 
 def patients(n: int, pad: int = 0) -> list[dict[str, object]]:
@@ -21,9 +19,7 @@ def patients(n: int, pad: int = 0) -> list[dict[str, object]]:
 
 
 def rows(batches: list) -> list[tuple[str, int]]:  # type: ignore[type-arg]
-    return [
-        (Path(r["file"]).name, r["line_no"]) for b in batches for r in b.records.to_pylist()
-    ]
+    return [(Path(r["file"]).name, r["line_no"]) for b in batches for r in b.records.to_pylist()]
 
 
 def test_reads_plain_and_gzip_with_line_numbers(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ def store_contents(store: Path) -> dict[str, list[tuple[object, ...]]]:
     con = connect(store)
     return {
         "fhir_resource": con.sql(
-            "SELECT resource_type, id, version_id, content_hash FROM fhir_resource ORDER BY ALL").fetchall(),
+            "SELECT resource_type, id, version_id, content_hash FROM fhir_resource ORDER BY ALL"
+        ).fetchall(),
         "observation": con.sql("SELECT * FROM observation ORDER BY ALL").fetchall(),
         "patient": con.sql("SELECT * FROM patient ORDER BY ALL").fetchall(),
         "quarantine": con.sql("SELECT file, line_no, reason FROM quarantine ORDER BY ALL").fetchall(),
@@ -41,10 +42,19 @@ def test_sync_synthea_exactly_as_documented(synthea: Path, tmp_path: Path, api_e
     )
     os.chdir(tmp_path)
     run_cli("--config", "twinhub.toml", "sync", "synthea", env=api_env)
-    result = run_cli("--config", "twinhub.toml", "sql",
-                     "select resource_type, count(*) as n from fhir_resource group by 1 order by 1",
-                     "--format", "csv", env=api_env)
-    expected = {f.name.split(".")[0]: sum(1 for _ in gzip.open(f)) for f in synthea.glob("*.ndjson.gz")}
+    result = run_cli(
+        "--config",
+        "twinhub.toml",
+        "sql",
+        "select resource_type, count(*) as n from fhir_resource group by 1 order by 1",
+        "--format",
+        "csv",
+        env=api_env,
+    )
+    expected = {
+        f.name.split(".")[0]: gzip.decompress(f.read_bytes()).count(b"\n")
+        for f in synthea.glob("*.ndjson.gz")
+    }
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "resource_type,n"
     assert {t: int(n) for t, n in (line.split(",") for line in lines[1:])} == expected
@@ -54,34 +64,48 @@ def test_sync_synthea_exactly_as_documented(synthea: Path, tmp_path: Path, api_e
     run_cli("--config", "twinhub.toml", "sync", "synthea", env=api_env)
     assert store_contents(tmp_path / ".twinhub") == before
     con = connect(tmp_path / ".twinhub")
-    first, second = con.sql("SELECT epoch(finished_at - started_at) FROM ingest_run ORDER BY started_at").fetchall()
+    first, second = con.sql(
+        "SELECT epoch(finished_at - started_at) FROM ingest_run ORDER BY started_at"
+    ).fetchall()
     assert second[0] * 5 <= first[0]
-    assert con.sql("SELECT count(*) - count(DISTINCT (resource_type, id)) FROM fhir_resource").fetchone() == (0,)
+    assert con.sql("SELECT count(*) - count(DISTINCT (resource_type, id)) FROM fhir_resource").fetchone() == (
+        0,
+    )
 
 
 @pytest.mark.slow
 def test_bad_lines_are_quarantined_and_accounted_for(tmp_path: Path, api_env: dict[str, str]) -> None:
     good = [{"resourceType": "Patient", "id": f"p{i}", "gender": "female"} for i in range(50)]
-    lines: list[dict[str, object] | str] = [*good[:20], '{"resourceType": "Patient", "id": "x"',
-                                             {"resourceType": "Patient"},
-                                             {"resourceType": "Observation", "id": "o1"}, *good[20:]]
+    lines: list[dict[str, object] | str] = [
+        *good[:20],
+        '{"resourceType": "Patient", "id": "x"',
+        {"resourceType": "Patient"},
+        {"resourceType": "Observation", "id": "o1"},
+        *good[20:],
+    ]
     write_ndjson(tmp_path / "export" / "Patient.ndjson", lines)
     config = write_config(tmp_path, tmp_path / "export")
     run_cli("--config", str(config), "sync", "src", env=api_env)
     con = connect(tmp_path / "store")
     assert con.sql("SELECT count(*) FROM patient").fetchone() == (50,)
     assert con.sql("SELECT line_no, reason FROM quarantine ORDER BY 1").fetchall() == [
-        (21, "invalid JSON"), (22, "missing id"),
-        (23, 'resourceType "Observation" does not match the file, which holds Patient')]
+        (21, "invalid JSON"),
+        (22, "missing id"),
+        (23, 'resourceType "Observation" does not match the file, which holds Patient'),
+    ]
     assert con.sql("SELECT lines_read, inserted + quarantined FROM ingest_run").fetchall() == [(53, 53)]
     status = run_cli("--config", str(config), "status", env={**api_env, "COLUMNS": "250"}).stdout
     assert "53" in status and "invalid JSON" in status and "1/1 files complete, 53 lines" in status
 
 
 def start_sync(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([TWINHUB, "--config", str(config), "sync", "src"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env})
+    return subprocess.Popen(
+        [TWINHUB, "--config", str(config), "sync", "src"],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env},
+    )
 
 
 def wait_for_landed_lines(store: Path, proc: subprocess.Popen[str], minimum: int) -> int:
@@ -100,8 +124,11 @@ def wait_for_landed_lines(store: Path, proc: subprocess.Popen[str], minimum: int
 @pytest.mark.slow
 def test_sigkill_mid_sync_then_rerun_equals_a_clean_run(tmp_path: Path, api_env: dict[str, str]) -> None:
     write_sample_export(tmp_path / "export", patients=600)
-    (tmp_path / "export" / "Patient.ndjson.gz").write_bytes(gzip.compress(
-        gzip.decompress((tmp_path / "export" / "Patient.ndjson.gz").read_bytes()) + b"not json\n"))
+    (tmp_path / "export" / "Patient.ndjson.gz").write_bytes(
+        gzip.compress(
+            gzip.decompress((tmp_path / "export" / "Patient.ndjson.gz").read_bytes()) + b"not json\n"
+        )
+    )
     clean = write_config(tmp_path / "clean", tmp_path / "export", batch_mb=1)
     run_cli("--config", str(clean), "sync", "src", env=api_env)
 
@@ -114,8 +141,11 @@ def test_sigkill_mid_sync_then_rerun_equals_a_clean_run(tmp_path: Path, api_env:
     assert 0 < landed < len(total["fhir_resource"]) + 1
     run_cli("--config", str(crashed), "sync", "src", env=api_env)
     assert store_contents(tmp_path / "crashed" / "store") == total
-    statuses = connect(tmp_path / "crashed" / "store").sql(
-        "SELECT status FROM ingest_run ORDER BY started_at").fetchall()
+    statuses = (
+        connect(tmp_path / "crashed" / "store")
+        .sql("SELECT status FROM ingest_run ORDER BY started_at")
+        .fetchall()
+    )
     assert statuses == [("interrupted",), ("succeeded",)]
 
 
@@ -135,8 +165,15 @@ def test_readers_never_block_and_see_only_committed_batches(tmp_path: Path, api_
         assert landed == recorded
         seen.append(landed)
         if len(seen) % 10 == 0:
-            out = run_cli("--config", str(config), "sql", "select count(*) as n from fhir_resource",
-                          "--format", "json", env=api_env).stdout
+            out = run_cli(
+                "--config",
+                str(config),
+                "sql",
+                "select count(*) as n from fhir_resource",
+                "--format",
+                "json",
+                env=api_env,
+            ).stdout
             assert orjson.loads(out)[0]["n"] >= landed
     assert proc.returncode == 0, proc.stderr
     assert seen == sorted(seen) and len(set(seen)) > 1

@@ -17,7 +17,9 @@ def load(tmp_path: Path, body: str):  # type: ignore[no-untyped-def]
 SOURCE = '[[sources]]\nname = "s"\nkind = "fhir-ndjson"\n'
 
 
-def test_paths_are_relative_to_the_file_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_paths_are_relative_to_the_file_and_env_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = load(tmp_path, f'{SOURCE}path = "data"\nschedule = "0 2 * * *"\n')
     assert settings.sources[0].path == tmp_path / "data"
     assert settings.store.path == tmp_path / ".twinhub"
@@ -28,12 +30,19 @@ def test_paths_are_relative_to_the_file_and_env_overrides(tmp_path: Path, monkey
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ('[[sources]]\nname = "s"\nkind = "hl7"\npath = "x"\n',
-         "config sources[0]: unknown kind 'hl7'; use one of: fhir-ndjson"),
+        (
+            '[[sources]]\nname = "s"\nkind = "hl7"\npath = "x"\n',
+            "config sources[0]: unknown kind 'hl7'; use one of: fhir-ndjson",
+        ),
         (SOURCE, "config sources[0].path: is required; add `path = ...`"),
-        (SOURCE + 'path = "x"\nschedule = "every day"\n',
-         "config sources: schedule 'every day' of source 's' is not a cron expression; use five fields"),
-        (SOURCE + 'path = "x"\ncolour = "red"\n', "config sources[0].colour: is not a known setting"),
+        (
+            SOURCE + 'path = "x"\nschedule = "every day"\n',
+            "config sources: schedule 'every day' of source 's' is not a cron expression; use five fields",
+        ),
+        (
+            SOURCE + 'path = "x"\ncolour = "red"\n',
+            "config sources[0].colour: is not a known setting",
+        ),
         ("[store\n", "is not valid TOML"),
     ],
 )

@@ -27,7 +27,7 @@ def read_store_events(source: str) -> list:  # type: ignore[type-arg]
 
 def wait_for_events(source: str, n: int) -> list:  # type: ignore[type-arg]
     deadline = time.monotonic() + 60
-    while (events := read_store_events(source)) and len(events) < n or not events:
+    while ((events := read_store_events(source)) and len(events) < n) or not events:
         if time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -49,7 +49,8 @@ def test_sync_flow_lands_and_emits_store_updated(prefect_api: str, tmp_path: Pat
     assert event.payload["tables"]["patient"] == 40
     con = connect(tmp_path / "store")
     assert con.sql("SELECT status, snapshot_id FROM ingest_run").fetchall() == [
-        ("succeeded", report.snapshot_id)]
+        ("succeeded", report.snapshot_id)
+    ]
 
 
 @pytest.mark.slow
@@ -59,9 +60,11 @@ def test_backfill_flow_rederives_the_window(prefect_api: str, tmp_path: Path) ->
     write_sample_export(tmp_path / "export", patients=20)
     config = write_config(tmp_path, tmp_path / "export", name="bftest")
     sync("bftest", str(config))
-    report = backfill("bftest", datetime(2020, 1, 1, tzinfo=UTC), datetime(2021, 1, 1, tzinfo=UTC), str(config))
+    report = backfill(
+        "bftest", datetime(2020, 1, 1, tzinfo=UTC), datetime(2021, 1, 1, tzinfo=UTC), str(config)
+    )
     con = connect(tmp_path / "store")
-    in_window, = con.sql(
+    (in_window,) = con.sql(
         "SELECT count(*) FROM fhir_resource WHERE coalesce(last_updated, "
         "TRY_CAST(coalesce(resource->>'$.effectiveDateTime', resource->>'$.period.start', "
         "resource->>'$.performedPeriod.start', resource->>'$.occurrenceDateTime', "
@@ -69,7 +72,8 @@ def test_backfill_flow_rederives_the_window(prefect_api: str, tmp_path: Path) ->
         ">= '2020-01-01' AND coalesce(last_updated, TRY_CAST(coalesce(resource->>'$.effectiveDateTime', "
         "resource->>'$.period.start', resource->>'$.performedPeriod.start', "
         "resource->>'$.occurrenceDateTime', resource->>'$.onsetDateTime', "
-        "resource->>'$.authoredOn') AS TIMESTAMPTZ)) < '2021-01-01'").fetchone()
+        "resource->>'$.authoredOn') AS TIMESTAMPTZ)) < '2021-01-01'"
+    ).fetchone()
     assert in_window > 0
     assert report.counts["unchanged"] == in_window
     assert report.counts["inserted"] == report.counts["updated"] == 0

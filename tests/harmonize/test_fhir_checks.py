@@ -33,10 +33,13 @@ def reasons(lines: list[str], file: str = "/x/Observation.ndjson") -> list[str |
 
 
 def test_good_resources_pass_with_their_fields() -> None:
-    line = obs(meta={"lastUpdated": "2024-03-01T10:00:00+02:00", "versionId": "3"},
-               subject={"reference": "Patient/p-1"},
-               performer=[{"reference": "https://ehr.example/fhir/Practitioner/9/_history/2"}],
-               contained=[{"reference": "#c1"}], focus=[{"reference": "urn:uuid:0f0e0d0c-0b0a-4900-8f7e-6d5c4b3a2910"}])
+    line = obs(
+        meta={"lastUpdated": "2024-03-01T10:00:00+02:00", "versionId": "3"},
+        subject={"reference": "Patient/p-1"},
+        performer=[{"reference": "https://ehr.example/fhir/Practitioner/9/_history/2"}],
+        contained=[{"reference": "#c1"}],
+        focus=[{"reference": "urn:uuid:0f0e0d0c-0b0a-4900-8f7e-6d5c4b3a2910"}],
+    )
     [row] = check_resources(records([line])).resources.to_pylist()
     assert (row["resource_type"], row["id"], row["meta_version_id"]) == ("Observation", "o1", "3")
     assert row["last_updated"].isoformat() == "2024-03-01T08:00:00+00:00"

@@ -16,17 +16,31 @@ def land_folder(store: TwinStore, folder: Path, *, window: Window | None = None)
     run = store.begin_run("src", "backfill" if window else "sync")
     since = None if window else store.watermark("src")
     for batch in FhirNdjsonConnector(source).pull(since):
-        store.land(run, check_resources(batch.records), None if window else batch.watermark,
-                   lines_read=len(batch), window=window, rederive=window is not None)
+        store.land(
+            run,
+            check_resources(batch.records),
+            None if window else batch.watermark,
+            lines_read=len(batch),
+            window=window,
+            rederive=window is not None,
+        )
     return store.finish_run(run, "succeeded")
 
 
 def obs(i: int, value: float, when: str = "2020-01-01T00:00:00Z") -> dict[str, object]:
     return {
-        "resourceType": "Observation", "id": f"o{i}", "status": "final",
+        "resourceType": "Observation",
+        "id": f"o{i}",
+        "status": "final",
         "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
-        "subject": {"reference": "Patient/p1"}, "effectiveDateTime": when,
-        "valueQuantity": {"value": value, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": when,
+        "valueQuantity": {
+            "value": value,
+            "unit": "/min",
+            "system": "http://unitsofmeasure.org",
+            "code": "/min",
+        },
     }
 
 
@@ -40,14 +54,28 @@ def test_upserts_are_idempotent_and_versioned(tmp_path: Path) -> None:
         changed = land_folder(store, data)
     assert (first.counts["inserted"], first.changed["observation"]) == (2, 2)
     assert again.counts["lines_read"] == 0 and again.changed == {}
-    assert (changed.counts["inserted"], changed.counts["updated"], changed.counts["unchanged"]) == (1, 1, 1)
+    assert (changed.counts["inserted"], changed.counts["updated"], changed.counts["unchanged"]) == (
+        1,
+        1,
+        1,
+    )
     con = connect(tmp_path / "store")
     assert con.sql("SELECT id, version_id FROM fhir_resource ORDER BY id").fetchall() == [
-        ("o1", 2), ("o2", 1), ("o3", 1)]
-    assert con.sql("SELECT observation_id, value_numeric, code, patient_id FROM observation ORDER BY 1").fetchall() == [
-        ("o1", 61.0, "8867-4", "p1"), ("o2", 70.0, "8867-4", "p1"), ("o3", 80.0, "8867-4", "p1")]
-    old = con.sql(f"SELECT value_numeric FROM observation AT (VERSION => {first.snapshot_id}) "
-                  "WHERE observation_id = 'o1'").fetchall()
+        ("o1", 2),
+        ("o2", 1),
+        ("o3", 1),
+    ]
+    assert con.sql(
+        "SELECT observation_id, value_numeric, code, patient_id FROM observation ORDER BY 1"
+    ).fetchall() == [
+        ("o1", 61.0, "8867-4", "p1"),
+        ("o2", 70.0, "8867-4", "p1"),
+        ("o3", 80.0, "8867-4", "p1"),
+    ]
+    old = con.sql(
+        f"SELECT value_numeric FROM observation AT (VERSION => {first.snapshot_id}) "
+        "WHERE observation_id = 'o1'"
+    ).fetchall()
     assert old == [(60.0,)]
 
 
@@ -56,26 +84,41 @@ def test_bad_lines_are_quarantined_once_with_reasons(tmp_path: Path) -> None:
     write_ndjson(data / "Observation.ndjson", [obs(1, 60), "{broken", {"resourceType": "Observation"}])
     with TwinStore(tmp_path / "store") as store:
         run = land_folder(store, data)
-        backfill = land_folder(store, data, window=Window(
-            since=datetime(2000, 1, 1, tzinfo=UTC), until=datetime(2030, 1, 1, tzinfo=UTC)))
+        backfill = land_folder(
+            store,
+            data,
+            window=Window(since=datetime(2000, 1, 1, tzinfo=UTC), until=datetime(2030, 1, 1, tzinfo=UTC)),
+        )
     assert run.counts["lines_read"] == run.counts["inserted"] + run.counts["quarantined"] == 3
     assert backfill.counts["quarantined"] == 2 and backfill.counts["unchanged"] == 1
-    rows = connect(tmp_path / "store").sql(
-        "SELECT line_no, reason, raw FROM quarantine ORDER BY line_no").fetchall()
-    assert rows == [(2, "invalid JSON", "{broken"),
-                    (3, "missing id", '{"resourceType":"Observation"}')]
+    rows = (
+        connect(tmp_path / "store")
+        .sql("SELECT line_no, reason, raw FROM quarantine ORDER BY line_no")
+        .fetchall()
+    )
+    assert rows == [
+        (2, "invalid JSON", "{broken"),
+        (3, "missing id", '{"resourceType":"Observation"}'),
+    ]
 
 
 def test_backfill_window_and_rederive(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    write_ndjson(data / "Observation.ndjson", [obs(1, 60, "2019-03-01T00:00:00Z"), obs(2, 70, "2021-03-01T00:00:00Z")])
+    write_ndjson(
+        data / "Observation.ndjson",
+        [obs(1, 60, "2019-03-01T00:00:00Z"), obs(2, 70, "2021-03-01T00:00:00Z")],
+    )
     window = Window(since=datetime(2019, 1, 1, tzinfo=UTC), until=datetime(2020, 1, 1, tzinfo=UTC))
     with TwinStore(tmp_path / "store") as store:
         report = land_folder(store, data, window=window)
         assert store.watermark("src") is None
         again = land_folder(store, data, window=window)
     assert (report.counts["inserted"], report.counts["out_of_window"]) == (1, 1)
-    assert (again.counts["unchanged"], again.changed["observation"], again.changed["fhir_resource"]) == (1, 1, 0)
+    assert (
+        again.counts["unchanged"],
+        again.changed["observation"],
+        again.changed["fhir_resource"],
+    ) == (1, 1, 0)
     ids = connect(tmp_path / "store").sql("SELECT id FROM fhir_resource").fetchall()
     assert ids == [("o1",)]
 
