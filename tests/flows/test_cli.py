@@ -193,3 +193,34 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
     config = write_config(tmp_path, tmp_path / "nowhere")
     result = run_cli("--config", str(config), "sql", "select 1", check=False)
     assert "no twin store at" in result.stderr and result.returncode == 1
+
+
+@pytest.mark.slow
+def test_serve_registers_a_scheduled_deployment_and_stops_on_sigterm(
+    tmp_path: Path, api_env: dict[str, str]
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    config = write_config(tmp_path, tmp_path / "export", name="served", schedule="0 2 * * *")
+    proc = subprocess.Popen(
+        [TWINHUB, "--config", str(config), "serve"],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **api_env},
+    )
+    deadline = time.monotonic() + 120
+    deployment = None
+    with get_client(sync_client=True) as client:
+        while deployment is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                deployment = client.read_deployment_by_name("sync/sync-served")
+            except Exception:
+                time.sleep(0.5)
+    try:
+        assert deployment is not None, proc.stdout.read() if proc.stdout else ""
+        assert deployment.parameters == {"source": "served", "config": str(config.resolve())}
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
