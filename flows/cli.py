@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import duckdb
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -122,11 +123,7 @@ def status() -> None:
         if name not in seen:
             table.add_row(name, s.kind, s.schedule or "-", "never synced")
     out.print(table)
-    tables = ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"]
-    counts = con.sql(
-        " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
-    )
-    _show(counts, "Rows per table")
+    _show(_table_counts(con), "Rows per table")
     _show(
         con.sql(
             "SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL ORDER BY 3 DESC LIMIT 20"
@@ -197,15 +194,7 @@ def demo(
     report = _with_progress(source.name, lambda: sync_flow(source.name, str(demo_config)))
     _print_report(report)
     con = connect(store.path)
-    _show(
-        con.sql(
-            " UNION ALL ".join(
-                f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}"
-                for t in ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"]
-            )
-        ),
-        "Rows per table",
-    )
+    _show(_table_counts(con), "Rows per table")
     example = (
         "SELECT code_display, value_unit, count(*) AS n, round(avg(value_numeric), 1) AS mean\n"
         "FROM observation WHERE category = 'laboratory'\nGROUP BY ALL ORDER BY n DESC LIMIT 5"
@@ -215,6 +204,13 @@ def demo(
     out.print(
         f"Done in {time.perf_counter() - started:.1f} s. The store is in {store.path}/ ; "
         "try `twinhub status` and `twinhub sql`."
+    )
+
+
+def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
+    tables = ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"]
+    return con.sql(
+        " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
     )
 
 
@@ -255,10 +251,7 @@ def _print_report(report: RunReport) -> None:
     )
 
 
-def _show(rel: object, title: str | None = None) -> None:
-    import duckdb
-
-    assert isinstance(rel, duckdb.DuckDBPyRelation)
+def _show(rel: duckdb.DuckDBPyRelation, title: str | None = None) -> None:
     table = Table(title=title)
     for col in rel.columns:
         table.add_column(col)

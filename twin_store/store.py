@@ -210,14 +210,14 @@ class TwinStore:
                     "SELECT count(*) FILTER (prior_version IS NULL), "
                     "count(*) FILTER (prior_version IS NOT NULL) FROM changes",
                 )
+                # Lines superseded by a later copy of the same resource in the batch count as
+                # unchanged (or out of window, in a backfill): accounted for, not dropped.
+                skipped = checked.resources.num_rows - n_in if window else 0
                 counts.update(
                     inserted=n_new,
                     updated=n_upd,
-                    unchanged=checked.resources.num_rows
-                    - n_new
-                    - n_upd
-                    - (checked.resources.num_rows - n_in if window else 0),
-                    out_of_window=checked.resources.num_rows - n_in if window else 0,
+                    unchanged=checked.resources.num_rows - n_new - n_upd - skipped,
+                    out_of_window=skipped,
                     quarantined=checked.problems.num_rows,
                 )
                 if n_upd:
