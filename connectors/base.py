@@ -38,6 +38,10 @@ class Connector(Protocol):
 
     name: str
 
+    def check(self) -> None:
+        """Fail fast with a `SourceError` naming the fix when the source cannot be read."""
+        ...
+
     def pull(self, since: Watermark | None) -> Iterator[Batch]:
         """Yield batches of records not yet landed after `since` (None: everything)."""
         ...

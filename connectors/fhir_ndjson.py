@@ -40,6 +40,9 @@ class FhirNdjsonConnector:
         self.name = source.name
         self.source = source
 
+    def check(self) -> None:
+        self.files()
+
     def files(self) -> list[Path]:
         """The NDJSON files the configured path names, in a stable order."""
         path = self.source.path

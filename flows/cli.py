@@ -17,6 +17,7 @@ from typing import Annotated
 import duckdb
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -68,6 +69,7 @@ def sync(name: str) -> None:
     """Land what is new in source NAME."""
     from flows.sync import sync as sync_flow
 
+    _preflight(name)
     _print_report(_with_progress(name, lambda: sync_flow(name, _config_arg())))
 
 
@@ -82,6 +84,7 @@ def backfill(
 
     if since >= until:
         raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
+    _preflight(name)
     report = _with_progress(name, lambda: backfill_flow(name, _utc(since), _utc(until), _config_arg()))
     _print_report(report)
 
@@ -214,6 +217,13 @@ def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
     )
 
 
+def _preflight(name: str) -> None:
+    """Catch a wrong source name or path here, as one line, before any flow starts."""
+    from flows.sync import build_connector
+
+    build_connector(settings().source(name)).check()
+
+
 def _config_arg() -> str | None:
     return str(State.config.resolve()) if State.config else None
 
@@ -273,5 +283,5 @@ def main() -> None:
     try:
         app()
     except TwinhubError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from prefect.client.schemas.schedules import CronSchedule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -43,6 +42,8 @@ class Settings(BaseSettings):
         names = [s.name for s in sources]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"source names must be unique; {', '.join(dupes)} appear twice")
+        from prefect.client.schemas.schedules import CronSchedule  # Prefect is slow to import
+
         for source in sources:
             if source.schedule is not None:
                 try:

@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 
 from connectors.base import Batch, Connector
+from connectors.errors import TransientError, TwinhubError
 from connectors.fhir_ndjson import FhirNdjsonConnector
 from flows.config import SourceConfig, load_settings
 from harmonize.fhir_checks import check_resources
@@ -35,7 +37,13 @@ def build_connector(source: SourceConfig) -> Connector:
     return FhirNdjsonConnector(source)
 
 
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def is_retryable(task: object, task_run: object, state: State[Any]) -> bool:
+    """Retry what may pass (timeouts, lock contention, unknown faults), never a user mistake."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, TwinhubError) or isinstance(error, TransientError)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
 def land_source(config: str | None, source_name: str, window: Window | None = None) -> RunReport:
     """Pull, check and land every batch; each batch commits with its watermark, so a retry or
     a rerun after a crash resumes after the last committed batch."""

@@ -191,8 +191,16 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
         assert len(result.stderr.strip().splitlines()) == 1
 
     config = write_config(tmp_path, tmp_path / "nowhere")
-    result = run_cli("--config", str(config), "sql", "select 1", check=False)
-    assert "no twin store at" in result.stderr and result.returncode == 1
+    for args, message in [
+        (["sql", "select 1"], "no twin store at"),
+        (["sync", "src"], "path '" + str(tmp_path / "nowhere") + "' does not exist; point sources.path"),
+        (["sync", "other"], "config sources.other: no such source (known: src); add a [[sources]] table"),
+        (["backfill", "src", "--since", "2020-01-01", "--until", "2019-01-01"], "must be before --until"),
+    ]:
+        result = run_cli("--config", str(config), *args, check=False)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: ")
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -80,3 +80,15 @@ def test_backfill_flow_rederives_the_window(prefect_api: str, tmp_path: Path) ->
     assert report.counts["lines_read"] == in_window + report.counts["out_of_window"]
     assert report.changed["fhir_resource"] == 0 and sum(report.changed.values()) > 0
     assert len(wait_for_events("bftest", 2)) == 2
+
+
+def test_only_transient_or_unknown_failures_are_retried() -> None:
+    from prefect.states import Failed
+
+    from connectors.errors import ConfigError, SourceError, TransientError
+    from flows.sync import is_retryable
+
+    assert not is_retryable(None, None, Failed(data=SourceError("s", "path missing")))
+    assert not is_retryable(None, None, Failed(data=ConfigError("sources.x", "no such source")))
+    assert is_retryable(None, None, Failed(data=TransientError("commit conflict")))
+    assert is_retryable(None, None, Failed(data=OSError("disk hiccup")))
