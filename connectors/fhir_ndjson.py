@@ -7,13 +7,13 @@ unchanged file is skipped and a file cut short by a crash resumes at its next li
 from __future__ import annotations
 
 import glob
-import gzip
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from isal import igzip  # zlib-compatible, about twice as fast as gzip
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import RECORD_SCHEMA, Batch, Watermark
@@ -21,6 +21,7 @@ from connectors.errors import SourceError
 
 GZIP_MAGIC = b"\x1f\x8b"
 READ_HINT = 4 << 20
+FIRST_BATCH = 4 << 20
 
 
 class FhirNdjsonSource(BaseModel):
@@ -69,7 +70,9 @@ class FhirNdjsonConnector:
         files = self.files()
         known: dict[str, Any] = dict((since or {}).get("files", {}))
         progress = {str(f): known[str(f)] for f in files if str(f) in known}
-        limit = self.source.batch_mb << 20
+        # Start small and double up to batch_mb, so the first rows land (and the pipeline fills)
+        # quickly; later batches are large so per-commit costs stay small.
+        limit = min(FIRST_BATCH, self.source.batch_mb << 20)
         chunks: list[pa.Table] = []
         size = 0
         changed = False
@@ -90,6 +93,7 @@ class FhirNdjsonConnector:
                     progress[str(path)]["lines"] = first_line - 1 + len(lines)
                     if size >= limit:
                         yield _batch(chunks, progress)
+                        limit = min(2 * limit, self.source.batch_mb << 20)
                         chunks, size, changed = [], 0, False
             progress[str(path)]["complete"] = True
             changed = True
@@ -100,7 +104,9 @@ class FhirNdjsonConnector:
 def _open(path: Path) -> IO[bytes]:
     with path.open("rb") as probe:
         gzipped = probe.read(2) == GZIP_MAGIC
-    return gzip.GzipFile(path, "rb") if gzipped else path.open("rb")  # type: ignore[return-value]
+    if gzipped:
+        return cast(IO[bytes], igzip.open(path, "rb"))  # type: ignore[no-untyped-call]
+    return path.open("rb")
 
 
 def _line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, list[bytes]]]:

@@ -22,8 +22,7 @@ from connectors.base import Batch, Connector
 from connectors.errors import TransientError, TwinhubError
 from connectors.fhir_ndjson import FhirNdjsonConnector
 from flows.config import SourceConfig, load_settings
-from harmonize.fhir_checks import check_resources
-from twin_store import RunReport, TwinStore, Window
+from twin_store import RunReport, TwinStore, Window, prepare
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,17 +65,9 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
 def land_batches(
     store: TwinStore, run: RunReport, batches: Iterator[Batch], window: Window | None = None
 ) -> None:
-    """Check batch N+1 in a thread while batch N lands: both mostly run in DuckDB, off the GIL."""
-    checked = ((batch, check_resources(batch.records)) for batch in batches)
-    for batch, result in prefetch(checked):
-        store.land(
-            run,
-            result,
-            None if window else batch.watermark,
-            lines_read=len(batch),
-            window=window,
-            rederive=window is not None,
-        )
+    """Prepare batch N+1 in a thread while batch N lands: both mostly run in DuckDB, off the GIL."""
+    for batch in prefetch(prepare(batch) for batch in batches):
+        store.land(run, batch, window=window)
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
         if callback := on_batch.get():
             callback(run)

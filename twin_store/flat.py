@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources as package_files
 
+import duckdb
+import pyarrow as pa
+
 
 @dataclass(frozen=True, kw_only=True)
 class FlatTable:
@@ -37,3 +40,23 @@ FLAT_TABLES = tuple(
         ("immunization", "Immunization"),
     ]
 )
+
+
+def derive_flat_rows(resources: pa.Table) -> dict[str, pa.Table]:
+    """The flat rows of every resource in `resources` (checked rows with `resource_type`, `id`
+    and `resource`), per flat table. Pure: an in-memory DuckDB on one thread, so it can run
+    beside the store's writer."""
+    types = set(resources["resource_type"].unique().to_pylist())
+    rows = {}
+    with duckdb.connect(config={"threads": 1}) as con:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(MACROS_SQL)
+        con.register("batch", resources)
+        for table in FLAT_TABLES:
+            if table.resource_type in types:
+                con.execute(
+                    "CREATE OR REPLACE TEMP VIEW resources AS SELECT id, resource FROM batch "
+                    f"WHERE resource_type = '{table.resource_type}'"
+                )
+                rows[table.name] = con.sql(table.sql).to_arrow_table()
+    return rows

@@ -7,6 +7,7 @@ the run's counts, so a crash leaves the store at the end of some batch and the r
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -21,12 +22,13 @@ from typing import IO, Literal, Self
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 from connectors.base import Watermark
 from connectors.errors import StoreError
-from harmonize.fhir_checks import Checked
 from twin_store.extensions import load_extensions
-from twin_store.flat import FLAT_TABLES, MACROS_SQL, FlatTable
+from twin_store.flat import FLAT_TABLES, MACROS_SQL
+from twin_store.prepare import PreparedBatch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
     last_updated TIMESTAMPTZ, source VARCHAR, run_id VARCHAR, content_hash VARCHAR,
-    ingested_at TIMESTAMPTZ, resource JSON
+    ingested_at TIMESTAMPTZ, resource VARCHAR
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
@@ -162,90 +164,79 @@ class TwinStore:
 
     # -- landing ------------------------------------------------------------------------------
 
-    def land(
-        self,
-        run: RunReport,
-        checked: Checked,
-        watermark: Watermark | None,
-        *,
-        lines_read: int,
-        window: Window | None = None,
-        rederive: bool = False,
-    ) -> None:
-        """Upsert one batch, its quarantine, the watermark and the run's counts atomically.
+    def land(self, run: RunReport, batch: PreparedBatch, *, window: Window | None = None) -> None:
+        """Upsert one batch, its flat rows, quarantine, watermark and run counts atomically.
 
-        Unchanged content (same hash) writes nothing; with `rederive` the flat rows of every
-        resource in the batch are recomputed anyway (after a mapping change). A `None`
-        watermark (backfills) leaves the source's sync watermark as it was.
+        Unchanged content (same hash) writes nothing. With a `window` (a backfill) only
+        resources in it land, the flat rows of all of them are rewritten even if unchanged
+        (after a mapping change), and the sync watermark is left alone.
         """
         con = self.con
-        con.register("batch_resources", checked.resources)
-        con.register("batch_problems", checked.problems)
-        counts: Counter[str] = Counter(lines_read=lines_read)
-        changed: Counter[str] = Counter()
+        resources, problems = batch.checked.resources, batch.checked.problems
+        con.register("batch", resources.append_column("pos", pa.array(range(len(resources)), pa.int64())))
+        con.register("batch_problems", problems)
+        counts: Counter[str] = Counter(lines_read=batch.lines_read)
         try:
             with self._transaction():
                 in_window = "window_time >= $since AND window_time < $until" if window else "true"
                 params = {"since": window.since, "until": window.until} if window else {}
                 con.execute(
                     f"""CREATE OR REPLACE TEMP TABLE incoming AS
-                    SELECT file, line_no, resource_type, id, meta_version_id, last_updated,
-                           content_hash
-                    FROM batch_resources WHERE {in_window}
+                    SELECT pos, resource_type, id, last_updated, content_hash
+                    FROM batch WHERE {in_window}
                     QUALIFY row_number() OVER (PARTITION BY resource_type, id
                         ORDER BY last_updated DESC NULLS LAST, file DESC, line_no DESC) = 1""",
                     params,
                 )
-                con.execute(
-                    """CREATE OR REPLACE TEMP TABLE changes AS
-                    SELECT i.*, t.version_id AS prior_version
+                incoming = con.sql("SELECT pos FROM incoming ORDER BY pos").to_arrow_table()["pos"]
+                # Only positions travel through DuckDB; Arrow's take() moves the JSON text.
+                changes = con.execute("""
+                    SELECT i.pos, t.version_id AS prior_version
                     FROM incoming i LEFT JOIN fhir_resource t
                         ON t.resource_type = i.resource_type AND t.id = i.id
                     WHERE t.content_hash IS DISTINCT FROM i.content_hash
-                      AND NOT coalesce(t.last_updated > i.last_updated, false)"""
+                      AND NOT coalesce(t.last_updated > i.last_updated, false)
+                    ORDER BY i.pos""").to_arrow_table()
+                changed = resources.take(changes["pos"]).append_column(
+                    "prior_version", changes["prior_version"]
                 )
-                (n_in,) = _one(con, "SELECT count(*) FROM incoming")
-                n_new, n_upd = _one(
-                    con,
-                    "SELECT count(*) FILTER (prior_version IS NULL), "
-                    "count(*) FILTER (prior_version IS NOT NULL) FROM changes",
-                )
+                n_upd = len(changed) - changed["prior_version"].null_count
                 # Lines superseded by a later copy of the same resource in the batch count as
                 # unchanged (or out of window, in a backfill): accounted for, not dropped.
-                skipped = checked.resources.num_rows - n_in if window else 0
+                skipped = len(resources) - len(incoming) if window else 0
                 counts.update(
-                    inserted=n_new,
+                    inserted=len(changed) - n_upd,
                     updated=n_upd,
-                    unchanged=checked.resources.num_rows - n_new - n_upd - skipped,
+                    unchanged=len(resources) - len(changed) - skipped,
                     out_of_window=skipped,
-                    quarantined=checked.problems.num_rows,
+                    quarantined=len(problems),
                 )
+                con.register("changed", changed)
                 if n_upd:
-                    con.execute(
-                        """DELETE FROM fhir_resource t USING changes c
+                    con.execute("""
+                        DELETE FROM fhir_resource t USING changed c
                         WHERE c.prior_version IS NOT NULL
-                          AND t.resource_type = c.resource_type AND t.id = c.id"""
-                    )
-                if n_new + n_upd:
+                          AND t.resource_type = c.resource_type AND t.id = c.id""")
+                if len(changed):
                     con.execute(
                         """INSERT INTO fhir_resource
-                        SELECT c.resource_type, c.id, coalesce(c.prior_version + 1, 1),
-                               c.meta_version_id, c.last_updated, $source, $run_id,
-                               c.content_hash, now(), b.resource
-                        FROM changes c JOIN batch_resources b USING (file, line_no)""",
+                        SELECT resource_type, id, coalesce(prior_version + 1, 1), meta_version_id,
+                               last_updated, $source, $run_id, content_hash, now(), resource
+                        FROM changed""",
                         {"source": run.source, "run_id": run.run_id},
                     )
-                    changed["fhir_resource"] += n_new + n_upd
-                derive = "incoming" if rederive else "changes"
-                for table in FLAT_TABLES:
-                    changed[table.name] += self._derive(table, derive)
-                if checked.problems.num_rows:
+                    run.changed["fhir_resource"] += len(changed)
+                if window:
+                    self._derive(run, batch.flat_rows, resources.take(incoming), replace_all=True)
+                else:
+                    self._derive(run, batch.flat_rows, changed, replace_all=False)
+                if len(problems):
                     self._quarantine(run)
-                if watermark is not None:
+                if not window:
                     con.execute("DELETE FROM sync_state WHERE source = ?", [run.source])
                     con.execute(
                         "INSERT INTO sync_state VALUES (?, ?, ?, now())",
-                        [run.source, orjson.dumps(watermark).decode(), run.run_id],
+                        [run.source, orjson.dumps(batch.watermark).decode(), run.run_id],
                     )
                 con.execute(
                     f"UPDATE ingest_run SET {', '.join(f'{c} = {c} + ${c}' for c in COUNTS)} "
@@ -253,26 +244,33 @@ class TwinStore:
                     {**{c: counts[c] for c in COUNTS}, "run_id": run.run_id},
                 )
         finally:
-            con.unregister("batch_resources")
-            con.unregister("batch_problems")
+            for name in ("batch", "batch_problems", "changed", "derived", "flat_rows"):
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister(name)
         run.counts.update(counts)
-        run.changed.update(changed)
 
-    def _derive(self, table: FlatTable, derive: str) -> int:
-        """Recompute the flat rows of the batch's resources of this table's type."""
+    def _derive(
+        self, run: RunReport, flat_rows: dict[str, pa.Table], derived: pa.Table, *, replace_all: bool
+    ) -> None:
+        """Write the flat rows of the `derived` resources. Old flat rows are deleted only where
+        they may exist: for updated resources, or for all of them with `replace_all`."""
         con = self.con
-        ids = f"SELECT id FROM {derive} WHERE resource_type = '{table.resource_type}'"
-        (n,) = _one(con, f"SELECT count(*) FROM ({ids})")
-        if not n:
-            return 0
-        con.execute(f"DELETE FROM {table.name} WHERE {table.key} IN ({ids})")
-        con.execute(
-            f"""CREATE OR REPLACE TEMP VIEW resources AS
-            SELECT d.id, b.resource FROM {derive} d JOIN batch_resources b USING (file, line_no)
-            WHERE d.resource_type = '{table.resource_type}'"""
-        )
-        (written,) = _one(con, f"INSERT INTO {table.name} {table.sql}")
-        return int(written)
+        con.register("derived", derived)
+        counted = [("id", "count")] + ([] if replace_all else [("prior_version", "count")])
+        stats = derived.group_by("resource_type").aggregate(counted).to_pylist()
+        per_type = {row["resource_type"]: row for row in stats}
+        for table in FLAT_TABLES:
+            row = per_type.get(table.resource_type)
+            if row is None:
+                continue
+            ids = f"SELECT id FROM derived WHERE resource_type = '{table.resource_type}'"
+            if replace_all or row["prior_version_count"]:
+                con.execute(f"DELETE FROM {table.name} WHERE {table.key} IN ({ids})")
+            con.register("flat_rows", flat_rows[table.name])
+            (written,) = _one(
+                con, f"INSERT INTO {table.name} SELECT * FROM flat_rows WHERE {table.key} IN ({ids})"
+            )
+            run.changed[table.name] += written
 
     def _quarantine(self, run: RunReport) -> None:
         """Quarantine problem lines; a line already quarantined with the same text is kept once."""

@@ -6,9 +6,8 @@ from pathlib import Path
 import orjson
 
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
-from harmonize.fhir_checks import check_resources
 from tests.conftest import write_ndjson
-from twin_store import RunReport, TwinStore, Window, connect
+from twin_store import RunReport, TwinStore, Window, connect, prepare
 
 
 def land_folder(store: TwinStore, folder: Path, *, window: Window | None = None) -> RunReport:
@@ -16,14 +15,7 @@ def land_folder(store: TwinStore, folder: Path, *, window: Window | None = None)
     run = store.begin_run("src", "backfill" if window else "sync")
     since = None if window else store.watermark("src")
     for batch in FhirNdjsonConnector(source).pull(since):
-        store.land(
-            run,
-            check_resources(batch.records),
-            None if window else batch.watermark,
-            lines_read=len(batch),
-            window=window,
-            rederive=window is not None,
-        )
+        store.land(run, prepare(batch), window=window)
     return store.finish_run(run, "succeeded")
 
 
