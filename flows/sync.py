@@ -66,7 +66,8 @@ def land_batches(
     store: TwinStore, run: RunReport, batches: Iterator[Batch], window: Window | None = None
 ) -> None:
     """Prepare batch N+1 in a thread while batch N lands: both mostly run in DuckDB, off the GIL."""
-    for batch in prefetch(prepare(batch) for batch in batches):
+    backfill = window is not None
+    for batch in prefetch(prepare(batch, backfill=backfill) for batch in batches):
         store.land(run, batch, window=window)
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
         if callback := on_batch.get():

@@ -54,27 +54,28 @@ CLINICAL_DATES = [
     "$.started",
     "$.birthDate",
 ]
-EXTRACT_PATHS = [
-    "$.resourceType",
-    "$.id",
-    "$.meta.lastUpdated",
-    "$.meta.versionId",
-    *CLINICAL_DATES,
-]
+FIELDS = ["$.resourceType", "$.id", "$.meta.lastUpdated", "$.meta.versionId"]
 
-# Pass 1 reads each raw line once; everything after works on the small facts it leaves.
-FACTS_SQL = f"""
-SELECT bad_utf8,
-       NOT regexp_matches(raw, '\\S') AS empty,  -- regexes here: trim() would copy each line
-       regexp_matches(raw, '^\\s*\\{{') AS is_object,
-       regexp_extract(file, '{FILE_TYPE}', 1) AS file_type,
-       try(json_extract_string(raw, {EXTRACT_PATHS!r})) AS f,
-       CASE WHEN regexp_matches(raw, '{UNUSUAL_REFERENCE}')
-            THEN list_filter(regexp_extract_all(raw, '{REFERENCE_VALUE}', 1),
-                             r -> NOT regexp_full_match(r, '{REFERENCE}'))
-            ELSE [] END AS bad_refs
-FROM records
-"""
+
+def _facts_sql(paths: list[str]) -> str:
+    """Pass 1 reads each raw line once; everything after works on the small facts it leaves.
+    Only a line starting with whitespace (rare) is scanned for its first non-blank character:
+    trim() would copy every line."""
+    return f"""
+    SELECT bad_utf8,
+           CASE WHEN left(raw, 1) IN ('', ' ', chr(9)) THEN NOT regexp_matches(raw, '\\S')
+                ELSE false END AS empty,
+           CASE WHEN left(raw, 1) IN (' ', chr(9)) THEN regexp_matches(raw, '^\\s*[{{]')
+                ELSE left(raw, 1) = '{{' END AS is_object,
+           regexp_extract(file, '{FILE_TYPE}', 1) AS file_type,
+           try(json_extract_string(raw, {paths!r})) AS f,
+           CASE WHEN regexp_matches(raw, '{UNUSUAL_REFERENCE}')
+                THEN list_filter(regexp_extract_all(raw, '{REFERENCE_VALUE}', 1),
+                                 r -> NOT regexp_full_match(r, '{REFERENCE}'))
+                ELSE [] END AS bad_refs
+    FROM records
+    """
+
 
 REASON_SQL = f"""
 WITH fields AS (
@@ -126,13 +127,18 @@ class Checked:
     problems: pa.Table
 
 
-def check_resources(records: pa.Table) -> Checked:
-    """Run the structural checks on raw records (see `connectors.base.RECORD_SCHEMA`)."""
+def check_resources(records: pa.Table, *, clinical_dates: bool = False) -> Checked:
+    """Run the structural checks on raw records (see `connectors.base.RECORD_SCHEMA`).
+
+    `window_time` is meta.lastUpdated; with `clinical_dates` (backfills, which filter on it)
+    a resource without one falls back to its main clinical date.
+    """
+    facts_sql = _facts_sql(FIELDS + (CLINICAL_DATES if clinical_dates else []))
     # One thread: checking batch N+1 runs beside the store landing batch N on the other core.
     with duckdb.connect(config={"threads": 1}) as con:
         con.execute("SET TimeZone = 'UTC'")
         con.register("records", records)
-        con.execute(f"CREATE TEMP TABLE facts AS {FACTS_SQL}")
+        con.execute(f"CREATE TEMP TABLE facts AS {facts_sql}")
         checked = con.sql(REASON_SQL).to_arrow_table()
     ok = pc.is_null(checked["reason"])
     resources = records.select(["file", "line_no"]).filter(ok)

@@ -22,8 +22,9 @@ class PreparedBatch:
     watermark: Watermark
 
 
-def prepare(batch: Batch) -> PreparedBatch:
-    checked = check_resources(batch.records)
+def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
+    """Check the batch and derive its flat rows; a backfill also needs clinical dates to window on."""
+    checked = check_resources(batch.records, clinical_dates=backfill)
     return PreparedBatch(
         checked=checked,
         flat_rows=derive_flat_rows(checked.resources),

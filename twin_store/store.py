@@ -1,8 +1,11 @@
 """The twin store: DuckLake (SQLite catalog + Parquet files) under one folder.
 
 One writer at a time (a file lock), any number of read-only readers in other processes. Every
-batch lands in one transaction together with its quarantine rows, the source's watermark and
-the run's counts, so a crash leaves the store at the end of some batch and the rerun resumes.
+batch lands in one transaction together with its quarantine rows and an `ingest_batch` row that
+holds the source's watermark and the batch's counts, so a crash leaves the store at the end of
+some batch and the rerun resumes. `sync_state` and `ingest_run` are views over those rows:
+appending is cheap in DuckLake, while every update or delete of a catalog-inlined table costs
+a round of catalog reads.
 """
 
 from __future__ import annotations
@@ -36,27 +39,37 @@ CATALOG = "twin"
 RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
 FlowKind = Literal["sync", "backfill"]
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS fhir_resource (
+COUNTS = ("lines_read", "inserted", "updated", "unchanged", "quarantined", "out_of_window")
+SCHEMA_SQL = f"""
+CREATE TABLE IF NOT EXISTS twin.fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
     last_updated TIMESTAMPTZ, source VARCHAR, run_id VARCHAR, content_hash VARCHAR,
     ingested_at TIMESTAMPTZ, resource VARCHAR
 );
-CREATE TABLE IF NOT EXISTS quarantine (
+CREATE TABLE IF NOT EXISTS twin.quarantine (
     run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
     raw VARCHAR, raw_hash VARCHAR, quarantined_at TIMESTAMPTZ
 );
-CREATE TABLE IF NOT EXISTS sync_state (
-    source VARCHAR, watermark JSON, run_id VARCHAR, updated_at TIMESTAMPTZ
-);
-CREATE TABLE IF NOT EXISTS ingest_run (
+CREATE TABLE IF NOT EXISTS twin.run_record (
     run_id VARCHAR, source VARCHAR, flow VARCHAR, started_at TIMESTAMPTZ,
-    finished_at TIMESTAMPTZ, status VARCHAR, lines_read BIGINT, inserted BIGINT,
-    updated BIGINT, unchanged BIGINT, quarantined BIGINT, out_of_window BIGINT,
-    snapshot_id BIGINT, error VARCHAR
+    finished_at TIMESTAMPTZ, status VARCHAR, snapshot_id BIGINT, error VARCHAR
 );
+CREATE TABLE IF NOT EXISTS twin.ingest_batch (
+    run_id VARCHAR, source VARCHAR, batch_no INTEGER, committed_at TIMESTAMPTZ, watermark VARCHAR,
+    {", ".join(f"{c} BIGINT" for c in COUNTS)}
+);
+CREATE VIEW IF NOT EXISTS twin.sync_state AS
+    SELECT source, arg_max(watermark, (committed_at, batch_no)) AS watermark,
+           arg_max(run_id, (committed_at, batch_no)) AS run_id, max(committed_at) AS updated_at
+    FROM ingest_batch WHERE watermark IS NOT NULL GROUP BY source;
+CREATE VIEW IF NOT EXISTS twin.ingest_run AS
+    SELECT r.run_id, r.source, r.flow, r.started_at, r.finished_at, r.status,
+           {", ".join(f"coalesce(b.{c}, 0)::BIGINT AS {c}" for c in COUNTS)},
+           r.snapshot_id, r.error
+    FROM run_record r LEFT JOIN (
+        SELECT run_id, {", ".join(f"sum({c}) AS {c}" for c in COUNTS)} FROM ingest_batch GROUP BY run_id
+    ) b USING (run_id);
 """
-COUNTS = ("lines_read", "inserted", "updated", "unchanged", "quarantined", "out_of_window")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +91,7 @@ class RunReport:
     counts: Counter[str] = field(default_factory=Counter)
     changed: Counter[str] = field(default_factory=Counter)
     snapshot_id: int | None = None
+    batches: int = 0
     seconds: float = 0.0
     error: str | None = None
 
@@ -105,6 +119,9 @@ class TwinStore:
         root.mkdir(parents=True, exist_ok=True)
         self._lock = _acquire_writer_lock(root / "writer.lock", lock_timeout)
         self.con = connect(root, read_only=False)
+        # Work from the in-memory catalog and name store tables `twin.x`: binding a name that
+        # is not in the default catalog would otherwise cost a DuckLake catalog read each time.
+        self.con.execute("USE memory")
         self.con.execute(MACROS_SQL)
         self.con.execute(SCHEMA_SQL)
         self._ensure_flat_tables()
@@ -132,18 +149,18 @@ class TwinStore:
         )
         with self._transaction():
             self.con.execute(
-                "UPDATE ingest_run SET status = 'interrupted', finished_at = now() WHERE status = 'running'"
+                "UPDATE twin.run_record SET status = 'interrupted', finished_at = now() "
+                "WHERE status = 'running'"
             )
             self.con.execute(
-                f"INSERT INTO ingest_run (run_id, source, flow, started_at, status, "
-                f"{', '.join(COUNTS)}) VALUES (?, ?, ?, now(), 'running', "
-                f"{', '.join('0' for _ in COUNTS)})",
+                "INSERT INTO twin.run_record (run_id, source, flow, started_at, status) "
+                "VALUES (?, ?, ?, now(), 'running')",
                 [run.run_id, source, flow],
             )
         return run
 
     def watermark(self, source: str) -> Watermark | None:
-        row = self.con.execute("SELECT watermark FROM sync_state WHERE source = ?", [source]).fetchone()
+        row = self.con.execute("SELECT watermark FROM twin.sync_state WHERE source = ?", [source]).fetchone()
         return orjson.loads(row[0]) if row else None
 
     def finish_run(self, run: RunReport, status: RunStatus, error: str | None = None) -> RunReport:
@@ -151,7 +168,7 @@ class TwinStore:
         run.snapshot_id = self.snapshot_id()
         with self._transaction():
             self.con.execute(
-                "UPDATE ingest_run SET status = ?, finished_at = now(), snapshot_id = ?, error = ? "
+                "UPDATE twin.run_record SET status = ?, finished_at = now(), snapshot_id = ?, error = ? "
                 "WHERE run_id = ?",
                 [status, run.snapshot_id, error, run.run_id],
             )
@@ -180,23 +197,22 @@ class TwinStore:
             with self._transaction():
                 in_window = "window_time >= $since AND window_time < $until" if window else "true"
                 params = {"since": window.since, "until": window.until} if window else {}
-                con.execute(
-                    f"""CREATE OR REPLACE TEMP TABLE incoming AS
-                    SELECT pos, resource_type, id, last_updated, content_hash
-                    FROM batch WHERE {in_window}
-                    QUALIFY row_number() OVER (PARTITION BY resource_type, id
-                        ORDER BY last_updated DESC NULLS LAST, file DESC, line_no DESC) = 1""",
-                    params,
-                )
-                incoming = con.sql("SELECT pos FROM incoming ORDER BY pos").to_arrow_table()["pos"]
                 # Only positions travel through DuckDB; Arrow's take() moves the JSON text.
-                changes = con.execute("""
-                    SELECT i.pos, t.version_id AS prior_version
-                    FROM incoming i LEFT JOIN fhir_resource t
+                incoming = con.execute(
+                    f"""WITH incoming AS (
+                        SELECT pos, resource_type, id, last_updated, content_hash
+                        FROM batch WHERE {in_window}
+                        QUALIFY row_number() OVER (PARTITION BY resource_type, id
+                            ORDER BY last_updated DESC NULLS LAST, file DESC, line_no DESC) = 1)
+                    SELECT i.pos, t.version_id AS prior_version,
+                           t.content_hash IS DISTINCT FROM i.content_hash
+                           AND NOT coalesce(t.last_updated > i.last_updated, false) AS is_change
+                    FROM incoming i LEFT JOIN twin.fhir_resource t
                         ON t.resource_type = i.resource_type AND t.id = i.id
-                    WHERE t.content_hash IS DISTINCT FROM i.content_hash
-                      AND NOT coalesce(t.last_updated > i.last_updated, false)
-                    ORDER BY i.pos""").to_arrow_table()
+                    ORDER BY i.pos""",
+                    params,
+                ).to_arrow_table()
+                changes = incoming.filter(incoming["is_change"])
                 changed = resources.take(changes["pos"]).append_column(
                     "prior_version", changes["prior_version"]
                 )
@@ -214,12 +230,12 @@ class TwinStore:
                 con.register("changed", changed)
                 if n_upd:
                     con.execute("""
-                        DELETE FROM fhir_resource t USING changed c
+                        DELETE FROM twin.fhir_resource t USING changed c
                         WHERE c.prior_version IS NOT NULL
                           AND t.resource_type = c.resource_type AND t.id = c.id""")
                 if len(changed):
                     con.execute(
-                        """INSERT INTO fhir_resource
+                        """INSERT INTO twin.fhir_resource
                         SELECT resource_type, id, coalesce(prior_version + 1, 1), meta_version_id,
                                last_updated, $source, $run_id, content_hash, now(), resource
                         FROM changed""",
@@ -227,21 +243,21 @@ class TwinStore:
                     )
                     run.changed["fhir_resource"] += len(changed)
                 if window:
-                    self._derive(run, batch.flat_rows, resources.take(incoming), replace_all=True)
+                    self._derive(run, batch.flat_rows, resources.take(incoming["pos"]), replace_all=True)
                 else:
                     self._derive(run, batch.flat_rows, changed, replace_all=False)
                 if len(problems):
                     self._quarantine(run)
-                if not window:
-                    con.execute("DELETE FROM sync_state WHERE source = ?", [run.source])
-                    con.execute(
-                        "INSERT INTO sync_state VALUES (?, ?, ?, now())",
-                        [run.source, orjson.dumps(batch.watermark).decode(), run.run_id],
-                    )
+                run.batches += 1
                 con.execute(
-                    f"UPDATE ingest_run SET {', '.join(f'{c} = {c} + ${c}' for c in COUNTS)} "
-                    "WHERE run_id = $run_id",
-                    {**{c: counts[c] for c in COUNTS}, "run_id": run.run_id},
+                    f"INSERT INTO twin.ingest_batch VALUES (?, ?, ?, now(), ?{', ?' * len(COUNTS)})",
+                    [
+                        run.run_id,
+                        run.source,
+                        run.batches,
+                        None if window else orjson.dumps(batch.watermark).decode(),
+                        *(counts[c] for c in COUNTS),
+                    ],
                 )
         finally:
             for name in ("batch", "batch_problems", "changed", "derived", "flat_rows"):
@@ -265,21 +281,21 @@ class TwinStore:
                 continue
             ids = f"SELECT id FROM derived WHERE resource_type = '{table.resource_type}'"
             if replace_all or row["prior_version_count"]:
-                con.execute(f"DELETE FROM {table.name} WHERE {table.key} IN ({ids})")
+                con.execute(f"DELETE FROM twin.{table.name} WHERE {table.key} IN ({ids})")
             con.register("flat_rows", flat_rows[table.name])
             (written,) = _one(
-                con, f"INSERT INTO {table.name} SELECT * FROM flat_rows WHERE {table.key} IN ({ids})"
+                con, f"INSERT INTO twin.{table.name} SELECT * FROM flat_rows WHERE {table.key} IN ({ids})"
             )
             run.changed[table.name] += written
 
     def _quarantine(self, run: RunReport) -> None:
         """Quarantine problem lines; a line already quarantined with the same text is kept once."""
         self.con.execute(
-            """INSERT INTO quarantine
+            """INSERT INTO twin.quarantine
             SELECT $run_id, $source, p.file, p.line_no, p.reason, p.raw, md5(p.raw), now()
             FROM batch_problems p
             WHERE NOT EXISTS (
-                SELECT 1 FROM quarantine q
+                SELECT 1 FROM twin.quarantine q
                 WHERE q.source = $source AND q.file = p.file AND q.line_no = p.line_no
                   AND q.raw_hash = md5(p.raw))""",
             {"run_id": run.run_id, "source": run.source},
@@ -311,13 +327,13 @@ class TwinStore:
             with self._transaction():
                 if table.name in existing:
                     log.info("flat table %s changed definition; rebuilding it", table.name)
-                    con.execute(f"DROP TABLE {table.name}")
-                con.execute(f"CREATE TABLE {table.name} AS {table.sql}")
+                    con.execute(f"DROP TABLE twin.{table.name}")
+                con.execute(f"CREATE TABLE twin.{table.name} AS {table.sql}")
                 con.execute(
-                    f"""CREATE OR REPLACE TEMP VIEW resources AS SELECT id, resource::VARCHAR
-                    AS resource FROM fhir_resource WHERE resource_type = '{table.resource_type}'"""
+                    f"""CREATE OR REPLACE TEMP VIEW resources AS SELECT id, resource FROM
+                    twin.fhir_resource WHERE resource_type = '{table.resource_type}'"""
                 )
-                con.execute(f"INSERT INTO {table.name} {table.sql}")
+                con.execute(f"INSERT INTO twin.{table.name} {table.sql}")
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.con)

@@ -57,6 +57,8 @@ def test_each_kind_of_bad_line_gets_its_reason() -> None:
         obs(id="has space"),
         "",
         "[1, 2]",
+        "   ",
+        "  " + obs(),
         obs(),
     ]
     assert reasons(lines) == [
@@ -69,6 +71,8 @@ def test_each_kind_of_bad_line_gets_its_reason() -> None:
         'invalid id "has space" (FHIR ids are 1-64 of A-Z a-z 0-9 - .)',
         "empty line",
         "not a JSON object",
+        "empty line",
+        None,
         None,
     ]
 
@@ -79,9 +83,12 @@ def test_files_not_named_for_a_type_accept_any_type() -> None:
 
 
 def test_window_time_falls_back_to_the_clinical_date() -> None:
-    [row] = check_resources(records([obs(effectiveDateTime="2019-05-01T12:00:00Z")])).resources.to_pylist()
+    line = obs(effectiveDateTime="2019-05-01T12:00:00Z")
+    [row] = check_resources(records([line]), clinical_dates=True).resources.to_pylist()
     assert row["last_updated"] is None
     assert row["window_time"].isoformat() == "2019-05-01T12:00:00+00:00"
+    [row] = check_resources(records([line])).resources.to_pylist()
+    assert row["window_time"] is None
 
 
 @settings(max_examples=60, deadline=None)

@@ -15,7 +15,7 @@ def land_folder(store: TwinStore, folder: Path, *, window: Window | None = None)
     run = store.begin_run("src", "backfill" if window else "sync")
     since = None if window else store.watermark("src")
     for batch in FhirNdjsonConnector(source).pull(since):
-        store.land(run, prepare(batch), window=window)
+        store.land(run, prepare(batch, backfill=window is not None), window=window)
     return store.finish_run(run, "succeeded")
 
 
