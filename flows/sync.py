@@ -22,7 +22,7 @@ from connectors.base import Batch, Connector
 from connectors.errors import TransientError, TwinhubError
 from connectors.fhir_ndjson import FhirNdjsonConnector
 from flows.config import SourceConfig, load_settings
-from twin_store import RunReport, TwinStore, Window, prepare
+from twin_store import RunReport, TwinStore, Window, check_batch, derive_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,9 +65,11 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
 def land_batches(
     store: TwinStore, run: RunReport, batches: Iterator[Batch], window: Window | None = None
 ) -> None:
-    """Prepare batch N+1 in a thread while batch N lands: both mostly run in DuckDB, off the GIL."""
+    """Check batch N+2 and derive the flat rows of N+1 in threads while N lands; all three
+    mostly run in DuckDB, off the GIL, so the two cores stay busy."""
     backfill = window is not None
-    for batch in prefetch(prepare(batch, backfill=backfill) for batch in batches):
+    checked = prefetch(check_batch(batch, backfill=backfill) for batch in batches)
+    for batch in prefetch(map(derive_batch, checked)):
         store.land(run, batch, window=window)
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
         if callback := on_batch.get():

@@ -1,7 +1,17 @@
 """The twin store: raw FHIR, flat analyst tables, quarantine and run bookkeeping in DuckLake."""
 
 from twin_store.flat import FLAT_TABLES
-from twin_store.prepare import PreparedBatch, prepare
+from twin_store.prepare import PreparedBatch, check_batch, derive_batch, prepare
 from twin_store.store import RunReport, TwinStore, Window, connect
 
-__all__ = ["FLAT_TABLES", "PreparedBatch", "RunReport", "TwinStore", "Window", "connect", "prepare"]
+__all__ = [
+    "FLAT_TABLES",
+    "PreparedBatch",
+    "RunReport",
+    "TwinStore",
+    "Window",
+    "check_batch",
+    "connect",
+    "derive_batch",
+    "prepare",
+]

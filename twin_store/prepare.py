@@ -1,9 +1,9 @@
-"""What can be computed about a batch before the writer takes it. Pure, so it runs in a worker
-thread while the previous batch lands."""
+"""What can be computed about a batch before the writer takes it, in two pure steps, so each
+can run in its own worker thread while the writer lands the batch before."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
@@ -14,20 +14,24 @@ from twin_store.flat import derive_flat_rows
 
 @dataclass(frozen=True, kw_only=True)
 class PreparedBatch:
-    """A checked batch with the flat rows of every resource in it, ready to land."""
+    """A checked batch and, once derived, the flat rows of every resource in it."""
 
     checked: Checked
-    flat_rows: dict[str, pa.Table]
+    flat_rows: dict[str, pa.Table] = field(default_factory=dict)
     lines_read: int
     watermark: Watermark
 
 
-def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
-    """Check the batch and derive its flat rows; a backfill also needs clinical dates to window on."""
+def check_batch(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
+    """Step 1: structural checks (a backfill also needs clinical dates to window on)."""
     checked = check_resources(batch.records, clinical_dates=backfill)
-    return PreparedBatch(
-        checked=checked,
-        flat_rows=derive_flat_rows(checked.resources),
-        lines_read=len(batch),
-        watermark=batch.watermark,
-    )
+    return PreparedBatch(checked=checked, lines_read=len(batch), watermark=batch.watermark)
+
+
+def derive_batch(batch: PreparedBatch) -> PreparedBatch:
+    """Step 2: the flat rows of every resource that passed."""
+    return replace(batch, flat_rows=derive_flat_rows(batch.checked.resources))
+
+
+def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
+    return derive_batch(check_batch(batch, backfill=backfill))
