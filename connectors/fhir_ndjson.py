@@ -130,7 +130,7 @@ def _records(file: str, first_line: int, lines: list[bytes]) -> pa.Table:
         [
             pa.array([file] * n, pa.string()),
             pa.array(range(first_line, first_line + n), pa.int64()),
-            pc.utf8_rtrim(raw, characters="\r\n"),
+            pc.ascii_rtrim(raw, characters="\r\n"),
             bad,
         ],
         schema=RECORD_SCHEMA,

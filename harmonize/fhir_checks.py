@@ -8,11 +8,12 @@ problems out; the in-memory engine does no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from xxhash import xxh3_128_hexdigest
+from xxhash import xxh3_64_intdigest
 
 # FHIR R4 datatype regexes (http://hl7.org/fhir/R4/datatypes.html), anchored by the functions.
 ID = r"[A-Za-z0-9\-\.]{1,64}"
@@ -119,6 +120,16 @@ FROM fields
 """
 
 
+def _hashes(text: pa.ChunkedArray) -> pa.Array:
+    """xxh3-64 of each UTF-8 text, read from Arrow's buffers without making Python strings."""
+    hashes: list[int] = []
+    for chunk in text.chunks:
+        offsets = memoryview(chunk.buffers()[1]).cast("i")[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = memoryview(chunk.buffers()[2])
+        hashes.extend(xxh3_64_intdigest(data[a:b]) for a, b in pairwise(offsets))
+    return pa.array(hashes, pa.uint64())
+
+
 @dataclass(frozen=True, kw_only=True)
 class Checked:
     """Records split into resources that pass and problems that go to quarantine."""
@@ -141,15 +152,18 @@ def check_resources(records: pa.Table, *, clinical_dates: bool = False) -> Check
         con.execute(f"CREATE TEMP TABLE facts AS {facts_sql}")
         checked = con.sql(REASON_SQL).to_arrow_table()
     ok = pc.is_null(checked["reason"])
-    resources = records.select(["file", "line_no"]).filter(ok)
-    for name in checked.column_names[1:]:
-        resources = resources.append_column(name, checked[name].filter(ok))
-    text = records["raw"].filter(ok)
-    hashes = [xxh3_128_hexdigest(resource) for resource in text.to_pylist()]
-    resources = resources.append_column("content_hash", pa.array(hashes, pa.string()))
-    resources = resources.append_column("resource", text)
-    bad = pc.invert(ok)
-    problems = records.select(["file", "line_no"]).filter(bad)
-    problems = problems.append_column("reason", checked["reason"].filter(bad))
-    problems = problems.append_column("raw", records["raw"].filter(bad))
+    resources = pa.Table.from_arrays(
+        [records["file"], records["line_no"], *checked.columns[1:]],
+        names=["file", "line_no", *checked.column_names[1:]],
+    )
+    resources = resources.append_column("content_hash", _hashes(records["raw"]))
+    resources = resources.append_column("resource", records["raw"])
+    problems = pa.Table.from_arrays(
+        [records["file"], records["line_no"], checked["reason"], records["raw"]],
+        names=["file", "line_no", "reason", "raw"],
+    )
+    if checked["reason"].null_count < len(checked):  # keep the common all-good batch copy-free
+        resources, problems = resources.filter(ok), problems.filter(pc.invert(ok))
+    else:
+        problems = problems.slice(0, 0)
     return Checked(resources=resources, problems=problems)

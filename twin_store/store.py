@@ -43,7 +43,7 @@ COUNTS = ("lines_read", "inserted", "updated", "unchanged", "quarantined", "out_
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS twin.fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
-    last_updated TIMESTAMPTZ, source VARCHAR, run_id VARCHAR, content_hash VARCHAR,
+    last_updated TIMESTAMPTZ, source VARCHAR, run_id VARCHAR, content_hash UBIGINT,
     ingested_at TIMESTAMPTZ, resource VARCHAR
 );
 CREATE TABLE IF NOT EXISTS twin.quarantine (
@@ -213,7 +213,9 @@ class TwinStore:
                     params,
                 ).to_arrow_table()
                 changes = incoming.filter(incoming["is_change"])
-                changed = resources.take(changes["pos"]).append_column(
+                # Every row changed (a first landing): keep the batch's buffers, copy nothing.
+                everything = len(changes) == len(resources)
+                changed = (resources if everything else resources.take(changes["pos"])).append_column(
                     "prior_version", changes["prior_version"]
                 )
                 n_upd = len(changed) - changed["prior_version"].null_count

@@ -26,36 +26,48 @@ WITH r AS (
     }') AS o
     FROM resources
 ), vals AS (
-    SELECT id, o, unnest(
-        [{'i': NULL::INTEGER, 'code': o.code, 'q': o.valueQuantity, 'cc': o.valueCodeableConcept,
-          's': coalesce(o.valueString, o.valueBoolean::VARCHAR, o.valueInteger::VARCHAR),
-          'n': o.valueInteger::DOUBLE}]
-        || list_transform(coalesce(o.component, []), (c, i) -> {
-            'i': i::INTEGER, 'code': c.code, 'q': c.valueQuantity, 'cc': c.valueCodeableConcept,
-            's': c.valueString, 'n': NULL::DOUBLE})
-    ) AS v
+    SELECT
+        id,
+        ref_id(o.subject.reference, 'Patient') AS patient_id,
+        ref_id(o.encounter.reference, 'Encounter') AS encounter_id,
+        o.status,
+        o.category[1].coding[1].code AS category,
+        fhir_time(coalesce(o.effectiveDateTime, o.effectivePeriod.start, o.effectiveInstant))
+            AS effective_at,
+        fhir_time(o.issued) AS issued_at,
+        o.interpretation[1].coding[1].code AS interpretation,
+        len(coalesce(o.component, [])) AS components,
+        unnest(
+            [{'i': NULL::INTEGER, 'code': o.code, 'q': o.valueQuantity, 'cc': o.valueCodeableConcept,
+              's': coalesce(o.valueString, o.valueBoolean::VARCHAR, o.valueInteger::VARCHAR),
+              'n': o.valueInteger::DOUBLE}]
+            || list_transform(coalesce(o.component, []), (c, i) -> {
+                'i': i::INTEGER, 'code': c.code, 'q': c.valueQuantity, 'cc': c.valueCodeableConcept,
+                's': c.valueString, 'n': NULL::DOUBLE})
+        ) AS v
     FROM r
+), coded AS (
+    SELECT *, pick_coding(v.code.coding, 'http://loinc.org') AS coding FROM vals
+    WHERE v.i IS NOT NULL OR v.q IS NOT NULL OR v.cc IS NOT NULL OR v.s IS NOT NULL
+        OR components = 0
 )
 SELECT
     id AS observation_id,
     v.i AS component_index,
-    ref_id(o.subject.reference, 'Patient') AS patient_id,
-    ref_id(o.encounter.reference, 'Encounter') AS encounter_id,
-    o.status,
-    o.category[1].coding[1].code AS category,
-    pick_coding(v.code.coding, 'http://loinc.org').system AS code_system,
-    pick_coding(v.code.coding, 'http://loinc.org').code AS code,
-    coalesce(pick_coding(v.code.coding, 'http://loinc.org').display, v.code.text) AS code_display,
-    fhir_time(coalesce(o.effectiveDateTime, o.effectivePeriod.start, o.effectiveInstant))
-        AS effective_at,
-    fhir_time(o.issued) AS issued_at,
+    patient_id,
+    encounter_id,
+    status,
+    category,
+    coding.system AS code_system,
+    coding.code AS code,
+    coalesce(coding.display, v.code.text) AS code_display,
+    effective_at,
+    issued_at,
     coalesce(v.q.value, v.n) AS value_numeric,
     v.q.unit AS value_unit,
     v.q.code AS value_ucum,
     v.cc.coding[1].system AS value_code_system,
     v.cc.coding[1].code AS value_code,
     coalesce(v.cc.coding[1].display, v.cc.text, v.s) AS value_text,
-    o.interpretation[1].coding[1].code AS interpretation
-FROM vals
-WHERE v.i IS NOT NULL OR v.q IS NOT NULL OR v.cc IS NOT NULL OR v.s IS NOT NULL
-    OR len(coalesce(o.component, [])) = 0
+    interpretation
+FROM coded
