@@ -97,13 +97,15 @@ def status() -> None:
     configured = {s.name: s for s in cfg.sources}
     runs = con.sql(
         """SELECT source, flow, status, started_at, round(epoch(finished_at - started_at), 1) AS secs,
-                  lines_read, inserted, updated, unchanged, quarantined, out_of_window, snapshot_id
+                  lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window,
+                  snapshot_id
            FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= 3
            ORDER BY source, started_at DESC"""
     )
     _show(
         runs,
-        "Last runs per source (lines_read = inserted + updated + unchanged + quarantined + out_of_window)",
+        "Last runs per source (lines_read = inserted + updated + unchanged + superseded"
+        " + quarantined + out_of_window)",
     )
     marks = con.execute(
         "SELECT source, updated_at, watermark->>'$.files' FROM sync_state ORDER BY source"
@@ -252,12 +254,15 @@ def _with_progress(name: str, work: Callable[[], RunReport]) -> RunReport:
 
 def _print_report(report: RunReport) -> None:
     c = report.counts
+    parts = [f"{c['inserted']:,} new", f"{c['updated']:,} updated", f"{c['unchanged']:,} unchanged"]
+    if c["superseded"]:
+        parts.append(f"{c['superseded']:,} superseded by a newer copy")
+    parts.append(f"{c['quarantined']:,} quarantined")
+    if report.flow == "backfill":
+        parts.append(f"{c['out_of_window']:,} outside the window")
     out.print(
         f"[bold]{report.flow} {report.source}[/] run {report.run_id}: {c['lines_read']:,} lines read -> "
-        f"{c['inserted']:,} new, {c['updated']:,} updated, {c['unchanged']:,} unchanged, "
-        f"{c['quarantined']:,} quarantined"
-        + (f", {c['out_of_window']:,} outside the window" if report.flow == "backfill" else "")
-        + f" in {report.seconds:.1f} s (snapshot {report.snapshot_id})"
+        f"{', '.join(parts)} in {report.seconds:.1f} s (snapshot {report.snapshot_id})"
     )
 
 

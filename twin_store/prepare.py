@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.base import Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
@@ -19,13 +21,21 @@ class PreparedBatch:
     checked: Checked
     flat_rows: dict[str, pa.Table] = field(default_factory=dict)
     lines_read: int
+    superseded: int
     watermark: Watermark
 
 
 def check_batch(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
-    """Step 1: structural checks (a backfill also needs clinical dates to window on)."""
+    """Step 1: structural checks (a backfill also needs clinical dates to window on), and of
+    several copies of one resource in the batch only the newest is kept."""
     checked = check_resources(batch.records, clinical_dates=backfill)
-    return PreparedBatch(checked=checked, lines_read=len(batch), watermark=batch.watermark)
+    latest = _latest_copies(checked.resources)
+    return PreparedBatch(
+        checked=replace(checked, resources=latest),
+        lines_read=len(batch),
+        superseded=len(checked.resources) - len(latest),
+        watermark=batch.watermark,
+    )
 
 
 def derive_batch(batch: PreparedBatch) -> PreparedBatch:
@@ -35,3 +45,18 @@ def derive_batch(batch: PreparedBatch) -> PreparedBatch:
 
 def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
     return derive_batch(check_batch(batch, backfill=backfill))
+
+
+def _latest_copies(resources: pa.Table) -> pa.Table:
+    """Newest copy per (resource_type, id): latest meta.lastUpdated, then the last line."""
+    if pc.count_distinct(resources["id"]).as_py() == len(resources):
+        return resources  # the usual case, no sort needed
+    with duckdb.connect(config={"threads": 1}) as con:
+        con.register("resources", resources.append_column("pos", pa.array(range(len(resources)))))
+        keep = con.sql(
+            """SELECT pos FROM resources
+            QUALIFY row_number() OVER (PARTITION BY resource_type, id
+                ORDER BY last_updated DESC NULLS LAST, file DESC, line_no DESC) = 1
+            ORDER BY pos"""
+        ).to_arrow_table()
+    return resources.take(keep["pos"])

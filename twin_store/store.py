@@ -39,7 +39,7 @@ CATALOG = "twin"
 RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
 FlowKind = Literal["sync", "backfill"]
 
-COUNTS = ("lines_read", "inserted", "updated", "unchanged", "quarantined", "out_of_window")
+COUNTS = ("lines_read", "inserted", "updated", "unchanged", "superseded", "quarantined", "out_of_window")
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS twin.fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
@@ -201,9 +201,7 @@ class TwinStore:
                 incoming = con.execute(
                     f"""WITH incoming AS (
                         SELECT pos, resource_type, id, last_updated, content_hash
-                        FROM batch WHERE {in_window}
-                        QUALIFY row_number() OVER (PARTITION BY resource_type, id
-                            ORDER BY last_updated DESC NULLS LAST, file DESC, line_no DESC) = 1)
+                        FROM batch WHERE {in_window})
                     SELECT i.pos, t.version_id AS prior_version,
                            t.content_hash IS DISTINCT FROM i.content_hash
                            AND NOT coalesce(t.last_updated > i.last_updated, false) AS is_change
@@ -219,13 +217,12 @@ class TwinStore:
                     "prior_version", changes["prior_version"]
                 )
                 n_upd = len(changed) - changed["prior_version"].null_count
-                # Lines superseded by a later copy of the same resource in the batch count as
-                # unchanged (or out of window, in a backfill): accounted for, not dropped.
-                skipped = len(resources) - len(incoming) if window else 0
+                skipped = len(resources) - len(incoming)
                 counts.update(
                     inserted=len(changed) - n_upd,
                     updated=n_upd,
-                    unchanged=len(resources) - len(changed) - skipped,
+                    unchanged=len(incoming) - len(changed),
+                    superseded=batch.superseded,
                     out_of_window=skipped,
                     quarantined=len(problems),
                 )

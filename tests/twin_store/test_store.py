@@ -125,3 +125,18 @@ def test_a_stale_copy_never_replaces_a_newer_resource(tmp_path: Path) -> None:
         land_folder(store, tmp_path / "b")
     [(resource,)] = connect(tmp_path / "store").sql("SELECT resource FROM fhir_resource").fetchall()
     assert orjson.loads(resource)["valueQuantity"]["value"] == 61
+
+
+def test_of_two_copies_in_one_batch_the_newest_lands(tmp_path: Path) -> None:
+    newer = {**obs(1, 61), "meta": {"lastUpdated": "2024-02-01T00:00:00Z"}}
+    older = {**obs(1, 60), "meta": {"lastUpdated": "2024-01-01T00:00:00Z"}}
+    write_ndjson(tmp_path / "data" / "Observation.ndjson", [newer, older, obs(2, 70), obs(2, 71)])
+    with TwinStore(tmp_path / "store") as store:
+        report = land_folder(store, tmp_path / "data")
+    assert (report.counts["inserted"], report.counts["superseded"], report.counts["lines_read"]) == (2, 2, 4)
+    rows = (
+        connect(tmp_path / "store")
+        .sql("SELECT observation_id, value_numeric FROM observation ORDER BY 1")
+        .fetchall()
+    )
+    assert rows == [("o1", 61.0), ("o2", 71.0)]
