@@ -65,10 +65,11 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
 def land_batches(
     store: TwinStore, run: RunReport, batches: Iterator[Batch], window: Window | None = None
 ) -> None:
-    """Check batch N+2 and derive the flat rows of N+1 in threads while N lands; all three
-    mostly run in DuckDB, off the GIL, so the two cores stay busy."""
+    """A four-stage pipeline, one thread each: read batch N+3, check N+2, derive the flat rows
+    of N+1 and land N. The stages mostly run in C (gunzip, DuckDB) off the GIL, so the two
+    cores stay busy and each batch still lands in order, in its own transaction."""
     backfill = window is not None
-    checked = prefetch(check_batch(batch, backfill=backfill) for batch in batches)
+    checked = prefetch(check_batch(batch, backfill=backfill) for batch in prefetch(batches))
     for batch in prefetch(map(derive_batch, checked)):
         store.land(run, batch, window=window)
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
