@@ -92,3 +92,40 @@ def test_only_transient_or_unknown_failures_are_retried() -> None:
     assert not is_retryable(None, None, Failed(data=ConfigError("sources.x", "no such source")))
     assert is_retryable(None, None, Failed(data=TransientError("commit conflict")))
     assert is_retryable(None, None, Failed(data=OSError("disk hiccup")))
+
+
+def test_pipeline_surfaces_a_failure_and_stops_its_threads() -> None:
+    import threading
+
+    from flows.sync import prefetch
+
+    def items():  # type: ignore[no-untyped-def]
+        yield 1
+        raise OSError("disk went away")
+
+    before = threading.active_count()
+    seen = []
+    with pytest.raises(OSError, match="disk went away"):
+        for item in prefetch(map(lambda x: x * 2, prefetch(prefetch(items())))):
+            seen.append(item)
+    assert seen == [2]
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_pipeline_stops_its_threads_when_the_consumer_fails() -> None:
+    import itertools
+    import threading
+
+    from flows.sync import prefetch
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError):
+        for _ in prefetch(prefetch(itertools.count())):
+            raise RuntimeError("landing failed")
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
