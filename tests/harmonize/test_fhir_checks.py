@@ -101,3 +101,27 @@ def test_every_line_either_lands_or_is_quarantined(lines: list[str]) -> None:
     assert landed | quarantined == set(range(1, len(lines) + 1))
     assert not landed & quarantined
     assert all(r["reason"] for r in checked.problems.to_pylist())
+
+
+def test_references_off_the_fast_path_get_the_exact_check() -> None:
+    def ref(value: str) -> str:
+        return obs(subject={"reference": value})
+
+    lines = [
+        ref("Patient"),
+        ref("Patient/"),
+        ref("Patient/" + "a" * 65),
+        ref("P/1"),
+        ref("Patient/a b"),
+        ref("Patient/1/_history/2"),
+        ref("http://x.org/fhir/Patient/1"),
+    ]
+    assert reasons(lines) == [
+        'malformed reference "Patient"',
+        'malformed reference "Patient/"',
+        f'malformed reference "Patient/{"a" * 65}"',
+        'malformed reference "P/1"',
+        'malformed reference "Patient/a b"',
+        None,
+        None,
+    ]
