@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -21,6 +23,27 @@ RECORD_SCHEMA = pa.schema(
 )
 """Raw records as pulled: where each came from (file, 1-based line) and its text."""
 
+DELETION_SCHEMA = pa.schema(
+    [
+        pa.field("resource_type", pa.string(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("deleted_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("origin", pa.string(), nullable=False),
+    ]
+)
+"""Resources the source reports deleted, when, and where it said so (a history URL, a file)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Window:
+    """A backfill window on meta.lastUpdated (or the clinical date where that is absent).
+
+    `step` splits it for sources that query by time (FHIR search walks one step at a time)."""
+
+    since: datetime
+    until: datetime
+    step: timedelta | None = None
+
 
 @dataclass(frozen=True, kw_only=True)
 class Batch:
@@ -28,6 +51,7 @@ class Batch:
 
     records: pa.Table
     watermark: Watermark
+    deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
 
     def __len__(self) -> int:
         return int(self.records.num_rows)
@@ -37,11 +61,16 @@ class Connector(Protocol):
     """A source of raw records. Flows know nothing else about a connector."""
 
     name: str
+    stats: Counter[str]
+    """What the connector did, for the run's summary: files, pages, retries, exports."""
 
     def check(self) -> None:
         """Fail fast with a `SourceError` naming the fix when the source cannot be read."""
         ...
 
-    def pull(self, since: Watermark | None) -> Iterator[Batch]:
-        """Yield batches of records not yet landed after `since` (None: everything)."""
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        """Yield batches of records not yet landed after `since` (None: everything).
+
+        With a `window` (a backfill) a source that can ask for a time range does; the store
+        keeps only what falls in the window either way."""
         ...

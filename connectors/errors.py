@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 
 class TwinhubError(Exception):
     """Root of every error twinhub raises on purpose; the CLI prints these as one line."""
@@ -29,3 +31,11 @@ class TransientError(TwinhubError):
 
 class StoreError(TwinhubError):
     """The twin store cannot be opened or written as asked."""
+
+
+def safe_url(url: object) -> str:
+    """A URL fit for logs and errors: no credentials, no query (it may hold search terms or a
+    signed-URL token)."""
+    parts = urlsplit(str(url))
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}" + ("?…" if parts.query else "")

@@ -7,6 +7,7 @@ unchanged file is skipped and a file cut short by a crash resumes at its next li
 from __future__ import annotations
 
 import glob
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal, cast
@@ -16,7 +17,7 @@ import pyarrow.compute as pc
 from isal import igzip  # zlib-compatible, about twice as fast as gzip
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.base import RECORD_SCHEMA, Batch, Watermark
+from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -40,6 +41,7 @@ class FhirNdjsonConnector:
     def __init__(self, source: FhirNdjsonSource) -> None:
         self.name = source.name
         self.source = source
+        self.stats: Counter[str] = Counter()
 
     def check(self) -> None:
         self.files()
@@ -66,7 +68,8 @@ class FhirNdjsonConnector:
             )
         return found
 
-    def pull(self, since: Watermark | None) -> Iterator[Batch]:
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        """Files are read whole whatever the window; the store keeps what falls in it."""
         files = self.files()
         known: dict[str, Any] = dict((since or {}).get("files", {}))
         progress = {str(f): known[str(f)] for f in files if str(f) in known}
@@ -86,9 +89,10 @@ class FhirNdjsonConnector:
             done = seen["lines"] if same_file and seen is not None else 0
             progress[str(path)] = {**fingerprint, "lines": done, "complete": False}
             changed = True
-            with _open(path) as fh:
-                for first_line, lines in _line_chunks(fh, skip=done, hint=min(READ_HINT, limit)):
-                    chunks.append(_records(str(path), first_line, lines))
+            self.stats["files"] += 1
+            with open_ndjson(path) as fh:
+                for first_line, lines in line_chunks(fh, skip=done, hint=min(READ_HINT, limit)):
+                    chunks.append(records_table(str(path), first_line, lines))
                     size += sum(map(len, lines))
                     progress[str(path)]["lines"] = first_line - 1 + len(lines)
                     if size >= limit:
@@ -101,7 +105,7 @@ class FhirNdjsonConnector:
             yield _batch(chunks, progress)
 
 
-def _open(path: Path) -> IO[bytes]:
+def open_ndjson(path: Path) -> IO[bytes]:
     with path.open("rb") as probe:
         gzipped = probe.read(2) == GZIP_MAGIC
     if gzipped:
@@ -109,7 +113,7 @@ def _open(path: Path) -> IO[bytes]:
     return path.open("rb")
 
 
-def _line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, list[bytes]]]:
+def line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, list[bytes]]]:
     """(1-based number of the first line, lines) in chunks of a few MB, after `skip` lines."""
     line_no = 1
     while lines := fh.readlines(hint):
@@ -123,7 +127,8 @@ def _line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, lis
         line_no += len(lines)
 
 
-def _records(file: str, first_line: int, lines: list[bytes]) -> pa.Table:
+def records_table(file: str, first_line: int, lines: list[bytes]) -> pa.Table:
+    """Lines as records, numbered from `first_line`; trailing CR/LF trimmed."""
     n = len(lines)
     raw, bad = _decode(lines)
     return pa.table(

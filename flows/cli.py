@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -78,14 +78,21 @@ def backfill(
     name: str,
     since: Annotated[datetime, typer.Option(help="Start of the window (inclusive), e.g. 2019-01-01")],
     until: Annotated[datetime, typer.Option(help="End of the window (exclusive)")],
+    window: Annotated[
+        str | None,
+        typer.Option(help="FHIR search sources: query this much at a time, e.g. 30d, 12h, 2w"),
+    ] = None,
 ) -> None:
     """Re-pull NAME and re-land what falls in the window, re-deriving unchanged resources."""
     from flows.sync import backfill as backfill_flow
 
     if since >= until:
         raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
+    step = _duration(window) if window else None
     _preflight(name)
-    report = _with_progress(name, lambda: backfill_flow(name, _utc(since), _utc(until), _config_arg()))
+    report = _with_progress(
+        name, lambda: backfill_flow(name, _utc(since), _utc(until), _config_arg(), step=step)
+    )
     _print_report(report)
 
 
@@ -97,7 +104,7 @@ def status() -> None:
     configured = {s.name: s for s in cfg.sources}
     runs = con.sql(
         """SELECT source, flow, status, started_at, round(epoch(finished_at - started_at), 1) AS secs,
-                  lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window,
+                  lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window, deleted,
                   snapshot_id
            FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= 3
            ORDER BY source, started_at DESC"""
@@ -107,16 +114,14 @@ def status() -> None:
         "Last runs per source (lines_read = inserted + updated + unchanged + superseded"
         " + quarantined + out_of_window)",
     )
-    marks = con.execute(
-        "SELECT source, updated_at, watermark->>'$.files' FROM sync_state ORDER BY source"
-    ).fetchall()
+    marks = con.execute("SELECT source, updated_at, watermark FROM sync_state ORDER BY source").fetchall()
     table = Table(title="Sources and watermarks")
     for col in ("source", "kind", "schedule", "watermark"):
         table.add_column(col)
     seen = set()
-    for source, updated_at, files in marks:
+    for source, updated_at, watermark in marks:
         seen.add(source)
-        done = _files_summary(files)
+        done = _watermark_summary(watermark)
         cfg_source = configured.get(source)
         table.add_row(
             source,
@@ -223,11 +228,20 @@ def _preflight(name: str) -> None:
     """Catch a wrong source name or path here, as one line, before any flow starts."""
     from flows.sync import build_connector
 
-    build_connector(settings().source(name)).check()
+    cfg = settings()
+    build_connector(cfg, cfg.source(name)).check()
 
 
 def _config_arg() -> str | None:
     return str(State.config.resolve()) if State.config else None
+
+
+def _duration(text: str) -> timedelta:
+    units = {"h": "hours", "d": "days", "w": "weeks"}
+    number, unit = text[:-1], text[-1:]
+    if not number.isdigit() or unit not in units or int(number) == 0:
+        raise TwinhubError(f"--window {text!r} is not a duration; use a number and h, d or w, e.g. 30d")
+    return timedelta(**{units[unit]: int(number)})
 
 
 def _utc(when: datetime) -> datetime:
@@ -235,21 +249,28 @@ def _utc(when: datetime) -> datetime:
 
 
 def _with_progress(name: str, work: Callable[[], RunReport]) -> RunReport:
-    from flows.sync import on_batch
+    from flows.sync import on_batch, on_progress
 
     if not out.is_terminal:
         return work()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=out) as bar:
         task = bar.add_task(f"{name}: starting", total=None)
+        landed = ""
 
         def update(run: RunReport) -> None:
-            bar.update(task, description=f"{name}: {run.counts['lines_read']:,} lines landed")
+            nonlocal landed
+            landed = f"{run.counts['lines_read']:,} lines landed"
+            bar.update(task, description=f"{name}: {landed}")
 
-        token = on_batch.set(update)
+        def news(message: str) -> None:
+            bar.update(task, description=escape(f"{name}: {message}" + (f" ({landed})" if landed else "")))
+
+        tokens = on_batch.set(update), on_progress.set(news)
         try:
             return work()
         finally:
-            on_batch.reset(token)
+            on_batch.reset(tokens[0])
+            on_progress.reset(tokens[1])
 
 
 def _print_report(report: RunReport) -> None:
@@ -260,10 +281,16 @@ def _print_report(report: RunReport) -> None:
     parts.append(f"{c['quarantined']:,} quarantined")
     if report.flow == "backfill":
         parts.append(f"{c['out_of_window']:,} outside the window")
+    if c["deleted"]:
+        parts.append(f"{c['deleted']:,} deleted")
     out.print(
         f"[bold]{report.flow} {report.source}[/] run {report.run_id}: {c['lines_read']:,} lines read -> "
         f"{', '.join(parts)} in {report.seconds:.1f} s (snapshot {report.snapshot_id})"
     )
+    if report.by_type:
+        out.print("  by type: " + ", ".join(f"{t} {n:,}" for t, n in sorted(report.by_type.items())))
+    if stats := {k: v for k, v in report.stats.items() if v}:
+        out.print("  " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats.items())))
 
 
 def _show(rel: duckdb.DuckDBPyRelation, title: str | None = None) -> None:
@@ -275,13 +302,30 @@ def _show(rel: duckdb.DuckDBPyRelation, title: str | None = None) -> None:
     out.print(table)
 
 
-def _files_summary(files_json: str | None) -> str:
+def _watermark_summary(watermark_json: str) -> str:
+    """How far a source got, in words: files read, types walked, or an export job."""
     import orjson
 
-    files = orjson.loads(files_json) if files_json else {}
-    done = sum(1 for f in files.values() if f["complete"])
-    lines = sum(f["lines"] for f in files.values())
-    return f"{done}/{len(files)} files complete, {lines:,} lines"
+    mark = orjson.loads(watermark_json)
+    if "files" in mark:
+        files = mark["files"]
+        done = sum(1 for f in files.values() if f["complete"])
+        lines = sum(f["lines"] for f in files.values())
+        return f"{done}/{len(files)} files complete, {lines:,} lines"
+    if "types" in mark:
+        return "; ".join(
+            f"{t} walking (page {st['walk']['page']})"
+            if "walk" in st
+            else f"{t} up to {st.get('since', '?')}"
+            for t, st in mark["types"].items()
+        )
+    text = f"exported up to {mark['since']}" if mark.get("since") else "no export finished yet"
+    if job := mark.get("job"):
+        files = job["files"].values()
+        text += (
+            f"; export job {job['status_url']} in progress, {sum(f['complete'] for f in files)} files landed"
+        )
+    return text
 
 
 def main() -> None:

@@ -15,11 +15,14 @@ from pydantic_settings import (
 )
 
 from connectors.errors import ConfigError
+from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
+from connectors.fhir_search import FhirSearchSource
 
 DEFAULT_CONFIG = Path("twinhub.toml")
-SourceConfig = Annotated[FhirNdjsonSource, Field(discriminator="kind")]
-KINDS = ("fhir-ndjson",)
+SourceConfig = Annotated[FhirNdjsonSource | FhirSearchSource | FhirBulkSource, Field(discriminator="kind")]
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk")
+AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 
 class StoreConfig(BaseModel):
@@ -101,19 +104,29 @@ def load_settings(path: Path | None = None) -> Settings:
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Every path in the file (data, key and token files) is relative to the file's folder."""
     store = StoreConfig(path=base / settings.store.path)
-    sources = [s.model_copy(update={"path": base / s.path}) for s in settings.sources]
-    return Settings.model_construct(store=store, sources=sources)
+    return Settings.model_construct(store=store, sources=[_rebase(s, base) for s in settings.sources])
+
+
+def _rebase(model: Any, base: Path) -> Any:
+    update = {
+        name: base / value if isinstance(value, Path) else _rebase(value, base)
+        for name, value in model
+        if isinstance(value, Path | BaseModel)
+    }
+    return model.model_copy(update=update) if update else model
 
 
 def _config_error(file: Path, error: ValidationError) -> ConfigError:
     """The first problem as one line: which key, what is wrong, how to fix it."""
     first: Any = error.errors()[0]
-    loc = [p for p in first["loc"] if p not in KINDS]
+    loc = [p for p in first["loc"] if p not in KINDS + AUTH_TYPES]
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "file"
     if first["type"] == "union_tag_invalid":
-        kind = first["ctx"]["tag"]
-        return ConfigError(key, f"unknown kind {kind!r}; use one of: {', '.join(KINDS)}")
+        tag, field = first["ctx"]["tag"], first["ctx"]["discriminator"].strip("'")
+        known = AUTH_TYPES if field == "type" else KINDS
+        return ConfigError(key, f"unknown {field} {tag!r}; use one of: {', '.join(known)}")
     if first["type"] == "missing":
         return ConfigError(key, f"is required; add `{loc[-1]} = ...` there in {file}")
     if first["type"] == "extra_forbidden":

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,8 +20,10 @@ from prefect.events import emit_event
 
 from connectors.base import Batch, Connector
 from connectors.errors import TransientError, TwinhubError
-from connectors.fhir_ndjson import FhirNdjsonConnector
-from flows.config import SourceConfig, load_settings
+from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
+from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.fhir_search import FhirSearchConnector
+from flows.config import Settings, SourceConfig, load_settings
 from twin_store import RunReport, TwinStore, Window, check_batch, derive_batch
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,18 @@ T = TypeVar("T")
 
 STORE_UPDATED = "twinhub.store.updated"
 on_batch: ContextVar[Callable[[RunReport], None] | None] = ContextVar("on_batch", default=None)
-"""Set by the CLI to draw progress; flows run the same without it."""
+on_progress: ContextVar[Callable[[str], None] | None] = ContextVar("on_progress", default=None)
+"""Set by the CLI to draw progress (batches landed; a connector's own news, like an export's
+X-Progress); flows run the same without them."""
 
 
-def build_connector(source: SourceConfig) -> Connector:
-    return FhirNdjsonConnector(source)
+def build_connector(settings: Settings, source: SourceConfig) -> Connector:
+    if isinstance(source, FhirNdjsonSource):
+        return FhirNdjsonConnector(source)
+    if isinstance(source, FhirBulkSource):
+        landing = settings.store.path / "landing" / source.name
+        return FhirBulkConnector(source, landing=landing, on_progress=on_progress.get())
+    return FhirSearchConnector(source, on_progress=on_progress.get())
 
 
 def is_retryable(task: object, task_run: object, state: State[Any]) -> bool:
@@ -48,16 +57,18 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
     a rerun after a crash resumes after the last committed batch."""
     settings = load_settings(Path(config) if config else None)
     source = settings.source(source_name)
-    connector = build_connector(source)
+    connector = build_connector(settings, source)
     started = time.perf_counter()
     with TwinStore(settings.store.path) as store:
         run = store.begin_run(source.name, "backfill" if window else "sync")
         try:
             since = None if window else store.watermark(source.name)
-            land_batches(store, run, connector.pull(since), window=window)
+            land_batches(store, run, connector.pull(since, window), window=window)
         except BaseException as e:
             store.finish_run(run, "failed", error=f"{type(e).__name__}: {e}")
             raise
+        finally:
+            run.stats.update(connector.stats)
         run.seconds = time.perf_counter() - started
         return store.finish_run(run, "succeeded")
 
@@ -98,6 +109,7 @@ def event_payload(report: RunReport) -> dict[str, Any]:
         "snapshot_id": report.snapshot_id,
         "tables": dict(report.changed),
         "counts": dict(report.counts),
+        "resource_types": dict(report.by_type),
     }
 
 
@@ -110,10 +122,13 @@ def sync(source: str, config: str | None = None) -> RunReport:
 
 
 @flow(name="backfill")
-def backfill(source: str, since: datetime, until: datetime, config: str | None = None) -> RunReport:
+def backfill(
+    source: str, since: datetime, until: datetime, config: str | None = None, step: timedelta | None = None
+) -> RunReport:
     """Re-pull a source and re-land what falls in [since, until), re-deriving even unchanged
-    resources (after a mapping change or an outage). Leaves the sync watermark alone."""
-    report = land_source(config, source, Window(since=since, until=until))
+    resources (after a mapping change or an outage). Leaves the sync watermark alone. Sources
+    that query by time ask for one `step` of the window at a time."""
+    report = land_source(config, source, Window(since=since, until=until, step=step))
     emit_store_updated(report)
     return report
 

@@ -70,6 +70,10 @@ def _facts_sql(paths: list[str]) -> str:
                 ELSE left(raw, 1) = '{{' END AS is_object,
            regexp_extract(file, '{FILE_TYPE}', 1) AS file_type,
            try(json_extract_string(raw, {paths!r})) AS f,
+           CASE WHEN f[1] = 'OperationOutcome' THEN coalesce(
+                json_extract_string(raw, '$.issue[0].diagnostics'),
+                json_extract_string(raw, '$.issue[0].details.text'),
+                json_extract_string(raw, '$.issue[0].code'), 'no details') END AS outcome,
            CASE WHEN regexp_matches(raw, '{UNUSUAL_REFERENCE}')
                 THEN list_filter(regexp_extract_all(raw, '{REFERENCE_VALUE}', 1),
                                  r -> NOT regexp_full_match(r, '{REFERENCE}'))
@@ -91,6 +95,7 @@ SELECT
         WHEN empty THEN 'empty line'
         WHEN f IS NULL THEN 'invalid JSON'
         WHEN NOT is_object THEN 'not a JSON object'
+        WHEN outcome IS NOT NULL THEN 'the server reported an error (OperationOutcome): ' || outcome
         ELSE nullif(concat_ws('; ',
             CASE WHEN resource_type IS NULL THEN 'missing resourceType'
                  WHEN NOT regexp_full_match(resource_type, '{TYPE}')

@@ -9,7 +9,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.base import Batch, Watermark
+from connectors.base import DELETION_SCHEMA, Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
 from twin_store.flat import derive_flat_rows
 
@@ -20,6 +20,7 @@ class PreparedBatch:
 
     checked: Checked
     flat_rows: dict[str, pa.Table] = field(default_factory=dict)
+    deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     lines_read: int
     superseded: int
     watermark: Watermark
@@ -34,6 +35,7 @@ def check_batch(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         checked=replace(checked, resources=latest),
         lines_read=len(batch),
         superseded=len(checked.resources) - len(latest),
+        deletions=batch.deletions,
         watermark=batch.watermark,
     )
 

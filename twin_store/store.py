@@ -26,8 +26,9 @@ from typing import IO, Literal, Self
 import duckdb
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from connectors.base import Watermark
+from connectors.base import Watermark, Window
 from connectors.errors import StoreError
 from twin_store.extensions import load_extensions
 from twin_store.flat import FLAT_TABLES, MACROS_SQL
@@ -39,12 +40,20 @@ CATALOG = "twin"
 RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
 FlowKind = Literal["sync", "backfill"]
 
-COUNTS = ("lines_read", "inserted", "updated", "unchanged", "superseded", "quarantined", "out_of_window")
+COUNTS = (
+    "lines_read", "inserted", "updated", "unchanged", "superseded", "quarantined", "out_of_window", "deleted",
+)  # fmt: skip
+"""Per batch and run. Every line read is counted once in the first seven; `deleted` counts
+resources the source reported deleted that were removed from the store."""
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS twin.fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
     last_updated TIMESTAMPTZ, source VARCHAR, run_id VARCHAR, content_hash UBIGINT,
     ingested_at TIMESTAMPTZ, resource VARCHAR
+);
+CREATE TABLE IF NOT EXISTS twin.fhir_deletion (
+    resource_type VARCHAR, id VARCHAR, deleted_at TIMESTAMPTZ, source VARCHAR, run_id VARCHAR,
+    origin VARCHAR, recorded_at TIMESTAMPTZ
 );
 CREATE TABLE IF NOT EXISTS twin.quarantine (
     run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
@@ -72,14 +81,6 @@ CREATE VIEW IF NOT EXISTS twin.ingest_run AS
 """
 
 
-@dataclass(frozen=True, kw_only=True)
-class Window:
-    """A backfill window on meta.lastUpdated, or the clinical date where that is absent."""
-
-    since: datetime
-    until: datetime
-
-
 @dataclass(kw_only=True)
 class RunReport:
     """What one run did: counts, rows changed per table, and the snapshot it ended at."""
@@ -90,6 +91,10 @@ class RunReport:
     status: RunStatus = "running"
     counts: Counter[str] = field(default_factory=Counter)
     changed: Counter[str] = field(default_factory=Counter)
+    by_type: Counter[str] = field(default_factory=Counter)
+    """Resources received per type (that passed the checks)."""
+    stats: Counter[str] = field(default_factory=Counter)
+    """What the connector reports: pages, files, retries, exports."""
     snapshot_id: int | None = None
     batches: int = 0
     seconds: float = 0.0
@@ -124,7 +129,9 @@ class TwinStore:
         self.con.execute("USE memory")
         self.con.execute(MACROS_SQL)
         self.con.execute(SCHEMA_SQL)
+        self._migrate()
         self._ensure_flat_tables()
+        (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
 
     def __enter__(self) -> Self:
         return self
@@ -195,19 +202,33 @@ class TwinStore:
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         try:
             with self._transaction():
+                if len(batch.deletions) and not window:
+                    counts["deleted"] = self._delete(run, batch.deletions)
                 in_window = "window_time >= $since AND window_time < $until" if window else "true"
                 params = {"since": window.since, "until": window.until} if window else {}
+                # A copy no newer than a deletion the source reported stays deleted.
+                tombstones = (
+                    """LEFT JOIN (SELECT resource_type, id, max(deleted_at) AS deleted_at
+                                  FROM twin.fhir_deletion GROUP BY ALL) d
+                           ON d.resource_type = i.resource_type AND d.id = i.id"""
+                    if self._has_tombstones
+                    else "LEFT JOIN (SELECT NULL::TIMESTAMPTZ AS deleted_at) d ON false"
+                )
                 # Only positions travel through DuckDB; Arrow's take() moves the JSON text.
                 incoming = con.execute(
                     f"""WITH incoming AS (
                         SELECT pos, resource_type, id, last_updated, content_hash
-                        FROM batch WHERE {in_window})
-                    SELECT i.pos, t.version_id AS prior_version,
-                           t.content_hash IS DISTINCT FROM i.content_hash
-                           AND NOT coalesce(t.last_updated > i.last_updated, false) AS is_change
-                    FROM incoming i LEFT JOIN twin.fhir_resource t
-                        ON t.resource_type = i.resource_type AND t.id = i.id
-                    ORDER BY i.pos""",
+                        FROM batch WHERE {in_window}),
+                    judged AS (
+                        SELECT i.pos, t.version_id AS prior_version,
+                               coalesce(d.deleted_at >= i.last_updated, false) AS was_deleted,
+                               t.content_hash IS DISTINCT FROM i.content_hash
+                               AND NOT coalesce(t.last_updated > i.last_updated, false) AS newer
+                        FROM incoming i LEFT JOIN twin.fhir_resource t
+                            ON t.resource_type = i.resource_type AND t.id = i.id
+                        {tombstones})
+                    SELECT pos, prior_version, was_deleted, newer AND NOT was_deleted AS is_change
+                    FROM judged ORDER BY pos""",
                     params,
                 ).to_arrow_table()
                 changes = incoming.filter(incoming["is_change"])
@@ -217,13 +238,13 @@ class TwinStore:
                     "prior_version", changes["prior_version"]
                 )
                 n_upd = len(changed) - changed["prior_version"].null_count
-                skipped = len(resources) - len(incoming)
+                n_gone = pc.sum(incoming["was_deleted"]).as_py() or 0
                 counts.update(
                     inserted=len(changed) - n_upd,
                     updated=n_upd,
-                    unchanged=len(incoming) - len(changed),
-                    superseded=batch.superseded,
-                    out_of_window=skipped,
+                    unchanged=len(incoming) - len(changed) - n_gone,
+                    superseded=batch.superseded + n_gone,
+                    out_of_window=len(resources) - len(incoming),
                     quarantined=len(problems),
                 )
                 con.register("changed", changed)
@@ -263,6 +284,47 @@ class TwinStore:
                 with contextlib.suppress(duckdb.Error):
                     con.unregister(name)
         run.counts.update(counts)
+        run.by_type.update(dict(zip(*_value_counts(resources["resource_type"]), strict=True)))
+
+    def _delete(self, run: RunReport, deletions: pa.Table) -> int:
+        """Record what the source reports deleted and remove the stored copies (and their flat
+        rows) that are no newer than the deletion. Returns how many were removed."""
+        con = self.con
+        con.register("gone", deletions)
+        try:
+            con.execute(
+                """INSERT INTO twin.fhir_deletion
+                SELECT DISTINCT g.resource_type, g.id, g.deleted_at, $source, $run_id, g.origin, now()
+                FROM gone g WHERE NOT EXISTS (
+                    SELECT 1 FROM twin.fhir_deletion d
+                    WHERE (d.resource_type, d.id, d.deleted_at) = (g.resource_type, g.id, g.deleted_at))""",
+                {"source": run.source, "run_id": run.run_id},
+            )
+            self._has_tombstones = True
+            removed = con.execute(
+                """SELECT DISTINCT t.resource_type, t.id FROM twin.fhir_resource t
+                JOIN gone g ON t.resource_type = g.resource_type AND t.id = g.id
+                WHERE coalesce(t.last_updated <= g.deleted_at, true)"""
+            ).to_arrow_table()
+            if not len(removed):
+                return 0
+            con.register("removed", removed)
+            con.execute(
+                """DELETE FROM twin.fhir_resource t USING removed r
+                WHERE t.resource_type = r.resource_type AND t.id = r.id"""
+            )
+            run.changed["fhir_resource"] += len(removed)
+            for table in FLAT_TABLES:
+                ids = f"SELECT id FROM removed WHERE resource_type = '{table.resource_type}'"
+                (n,) = _one(con, f"SELECT count(*) FROM ({ids})")
+                if n:
+                    con.execute(f"DELETE FROM twin.{table.name} WHERE {table.key} IN ({ids})")
+                    run.changed[table.name] += n
+            return len(removed)
+        finally:
+            for name in ("gone", "removed"):
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister(name)
 
     def _derive(
         self, run: RunReport, flat_rows: dict[str, pa.Table], derived: pa.Table, *, replace_all: bool
@@ -301,6 +363,22 @@ class TwinStore:
         )
 
     # -- schema -------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Bring a store written by an earlier twinhub up to this schema."""
+        columns = {
+            (table, column)
+            for table, column in self.con.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [CATALOG]
+            ).fetchall()
+        }
+        if ("ingest_run", "deleted") in columns:
+            return
+        with self._transaction():
+            if ("ingest_batch", "deleted") not in columns:
+                self.con.execute("ALTER TABLE twin.ingest_batch ADD COLUMN deleted BIGINT DEFAULT 0")
+            self.con.execute("DROP VIEW twin.ingest_run")
+            self.con.execute(SCHEMA_SQL)
 
     def _ensure_flat_tables(self) -> None:
         """Create missing flat tables; rebuild one whose definition changed from the raw table."""
@@ -349,6 +427,11 @@ class _Transaction:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.con.execute("ROLLBACK" if et else "COMMIT")
+
+
+def _value_counts(values: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counted = pc.value_counts(values)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:

@@ -1,0 +1,264 @@
+"""How a source proves who it is to a FHIR server: SMART Backend Services, a static bearer
+token, HTTP basic, or nothing.
+
+Secrets come from files or environment variables named in the config, never from the config
+itself, and live only in memory: no log line, error or store row holds one.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+import uuid
+from collections.abc import Generator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+import orjson
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet, RSAKey, import_key
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from connectors.errors import SourceError, TransientError, safe_url
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+REFRESH_MARGIN = 60.0
+SECRET_KEYS = ("token", "password", "private_key", "client_secret", "access_token", "key")
+
+
+class _AuthBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in SECRET_KEYS:
+                if key in data:
+                    raise ValueError(
+                        f"secrets never go in the config file: remove `{key}` and put it in a file "
+                        f"(`{key}_file = ...`) or an environment variable (`{key}_env = ...`)"
+                    )
+        return data
+
+
+class NoAuth(_AuthBase):
+    type: Literal["none"] = "none"
+
+
+class BearerAuth(_AuthBase):
+    """A static bearer token, e.g. one issued by an API gateway."""
+
+    type: Literal["bearer"]
+    token_file: Path | None = None
+    token_env: str | None = None
+
+
+class BasicAuth(_AuthBase):
+    type: Literal["basic"]
+    username: str
+    password_file: Path | None = None
+    password_env: str | None = None
+
+
+class SmartAuth(_AuthBase):
+    """SMART Backend Services: client_credentials with a signed JWT assertion (or, where the
+    server allows it, a client secret)."""
+
+    type: Literal["smart"]
+    client_id: str
+    private_key_file: Path | None = None
+    """A PEM private key, or a JWK / JWKS (JSON) holding private keys; `kid` picks one."""
+    private_key_env: str | None = None
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    kid: str | None = None
+    alg: Literal["RS384", "ES384"] = "RS384"
+    scope: str = "system/*.rs"
+    token_url: str | None = None
+    """Discovered from [base]/.well-known/smart-configuration when not set."""
+    jku: str | None = None
+
+
+AuthConfig = Annotated[NoAuth | BearerAuth | BasicAuth | SmartAuth, Field(discriminator="type")]
+
+
+def build_auth(source: str, config: AuthConfig, base_url: str) -> httpx.Auth | None:
+    """The httpx auth for a source; reads its secret now, so a missing one fails before any I/O."""
+    if isinstance(config, BearerAuth):
+        token = read_secret(source, "token", config.token_file, config.token_env)
+        return _HeaderAuth(f"Bearer {token}")
+    if isinstance(config, BasicAuth):
+        password = read_secret(source, "password", config.password_file, config.password_env)
+        pair = base64.b64encode(f"{config.username}:{password}".encode()).decode()
+        return _HeaderAuth(f"Basic {pair}")
+    if isinstance(config, SmartAuth):
+        return SmartBackendAuth(source, config, base_url)
+    return None
+
+
+def read_secret(source: str, what: str, file: Path | None, env: str | None) -> str:
+    """A secret from exactly one of a file (first line) or an environment variable."""
+    if (file is None) == (env is None):
+        raise SourceError(source, f"set exactly one of auth.{what}_file or auth.{what}_env")
+    if env is not None:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            raise SourceError(source, f"environment variable {env} (auth.{what}_env) is not set or empty")
+        return value
+    assert file is not None
+    try:
+        value = file.read_text().strip()
+    except OSError as e:
+        raise SourceError(
+            source, f"cannot read auth.{what}_file {str(file)!r} ({e.strerror}); check the path"
+        ) from None
+    if not value:
+        raise SourceError(source, f"auth.{what}_file {str(file)!r} is empty")
+    return value
+
+
+class _HeaderAuth(httpx.Auth):
+    def __init__(self, header: str) -> None:
+        self._header = header
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._header
+        yield request
+
+
+class SmartBackendAuth(httpx.Auth):
+    """Gets an access token with a signed client assertion, caches it, refreshes it a minute
+    before it expires and once more when the server answers 401."""
+
+    requires_response_body = True
+
+    def __init__(self, source: str, config: SmartAuth, base_url: str) -> None:
+        self.source = source
+        self.config = config
+        self.base_url = base_url
+        symmetric = config.client_secret_file or config.client_secret_env
+        self._key = None if symmetric else _signing_key(source, config)
+        self._secret = (
+            read_secret(source, "client_secret", config.client_secret_file, config.client_secret_env)
+            if self._key is None
+            else None
+        )
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lock = threading.Lock()
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self._token is None or time.time() > self._expires - REFRESH_MARGIN:
+            yield from self._refresh()
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        response = yield request
+        if response.status_code == 401:
+            yield from self._refresh()
+            request.headers["Authorization"] = f"Bearer {self._token}"
+            yield request
+
+    def _refresh(self) -> Generator[httpx.Request, httpx.Response, None]:
+        token_url = self.config.token_url
+        if token_url is None:
+            discovery = yield httpx.Request(
+                "GET",
+                f"{self.base_url}/.well-known/smart-configuration",
+                headers={"Accept": "application/json"},
+            )
+            token_url = self._token_endpoint(discovery)
+        form = {"grant_type": "client_credentials", "scope": self.config.scope}
+        headers = {"Accept": "application/json"}
+        if self._key is not None:
+            form |= {"client_assertion_type": ASSERTION_TYPE, "client_assertion": self._assertion(token_url)}
+        else:
+            pair = f"{self.config.client_id}:{self._secret}".encode()
+            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
+        response = yield httpx.Request("POST", token_url, data=form, headers=headers)
+        response.read()
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientError(f"source {self.source!r}: token endpoint answered {response.status_code}")
+        body = _json(response)
+        if not response.is_success or not isinstance(body.get("access_token"), str):
+            reason = f"{body.get('error', response.status_code)}: {body.get('error_description', '')}"
+            raise SourceError(
+                self.source,
+                f"SMART token request to {safe_url(token_url)} was refused ({reason.rstrip(': ')}); "
+                f"check auth.client_id {self.config.client_id!r}, the key and kid, and that the server "
+                "holds the matching public key",
+            )
+        with self._lock:
+            self._token = body["access_token"]
+            self._expires = time.time() + float(body.get("expires_in", 300))
+
+    def _token_endpoint(self, response: httpx.Response) -> str:
+        response.read()
+        endpoint = _json(response).get("token_endpoint") if response.is_success else None
+        if not isinstance(endpoint, str):
+            raise SourceError(
+                self.source,
+                f"{safe_url(self.base_url)}/.well-known/smart-configuration gave no token_endpoint "
+                f"({response.status_code}); set auth.token_url",
+            )
+        return endpoint
+
+    def _assertion(self, token_url: str) -> str:
+        now = int(time.time())
+        kid = self.config.kid or getattr(self._key, "kid", None)
+        header = {"alg": self.config.alg, "typ": "JWT", "kid": kid}
+        if self.config.jku:
+            header["jku"] = self.config.jku
+        claims = {
+            "iss": self.config.client_id,
+            "sub": self.config.client_id,
+            "aud": token_url,
+            "exp": now + 290,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+        }
+        assert self._key is not None
+        return jwt.encode(header, claims, self._key, algorithms=[self.config.alg])
+
+
+def _signing_key(source: str, config: SmartAuth) -> RSAKey | ECKey:
+    """The private key named by the config, checked against `alg` and `kid` before any request."""
+    text = read_secret(source, "private_key", config.private_key_file, config.private_key_env)
+    kty = "RSA" if config.alg.startswith("RS") else "EC"
+    try:
+        if text.startswith("{"):
+            data = orjson.loads(text)
+            keys = KeySet.import_key_set(data if "keys" in data else {"keys": [data]})
+            candidates = [k for k in keys if config.kid is None or k.kid == config.kid]
+            if not candidates:
+                known = ", ".join(repr(k.kid) for k in keys) or "none"
+                raise SourceError(
+                    source, f"auth.kid {config.kid!r} is not in the key set (it holds {known}); fix auth.kid"
+                )
+            if len(candidates) > 1:
+                raise SourceError(source, "the key set holds several keys; set auth.kid to pick one")
+            key = candidates[0]
+        else:
+            key = import_key(text, "RSA") if kty == "RSA" else import_key(text, "EC")
+    except (JoseError, ValueError, TypeError) as e:
+        raise SourceError(
+            source, f"the private key (auth.private_key_*) cannot be read as PEM or JWK ({type(e).__name__})"
+        ) from None
+    if key.key_type != kty or (kty == "EC" and getattr(key, "curve_name", "P-384") != "P-384"):
+        raise SourceError(source, f"auth.alg {config.alg} needs a {kty} key of the right size; this is not")
+    if not key.is_private:
+        raise SourceError(source, "auth.private_key_* holds a public key; give the private key")
+    if config.kid is None and key.kid is None:
+        raise SourceError(source, "set auth.kid to the key id registered with the server")
+    return key  # type: ignore[return-value]
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}

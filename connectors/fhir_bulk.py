@@ -1,0 +1,297 @@
+"""FHIR Bulk Data `$export`: kick off, poll, download every file, land it, clean up.
+
+The job lives in the watermark from the moment the server accepts it, so a sync killed while
+the server works, while a file downloads or while it lands re-polls the same job and skips the
+lines already landed. A job the server has forgotten is started again with the same `_since`.
+Once everything landed, the manifest's `transactionTime` becomes the next `_since`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import pyarrow as pa
+from pydantic import Field, model_validator
+from xxhash import xxh3_64_hexdigest
+
+from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
+from connectors.errors import SourceError, safe_url
+from connectors.fhir_history import history_deletions, iso
+from connectors.fhir_http import FhirClient, FhirServerSource, outcome_text, retry_after
+from connectors.fhir_ndjson import line_chunks, open_ndjson, records_table
+
+log = logging.getLogger(__name__)
+
+EXPIRED = frozenset({404, 410})
+READ_HINT = 4 << 20
+
+
+class FhirBulkSource(FhirServerSource):
+    """Config of a `fhir-bulk` source."""
+
+    kind: Literal["fhir-bulk"]
+    level: Literal["system", "patient", "group"] = "system"
+    group_id: str | None = None
+    type_filters: list[str] = Field(default_factory=list)
+    """Sent as `_typeFilter`, e.g. "Observation?category=laboratory"."""
+    since: datetime | None = None
+    """`_since` of the first export (default: everything)."""
+    poll_seconds: float = Field(default=5.0, gt=0)
+    """Wait between status polls when the server sends no Retry-After."""
+    max_poll_seconds: float = Field(default=120.0, gt=0)
+    max_wait_minutes: float = Field(default=360.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> FhirBulkSource:
+        if (self.level == "group") != (self.group_id is not None):
+            raise ValueError("group_id is required with level = 'group', and only then")
+        return self
+
+
+class FhirBulkConnector:
+    def __init__(
+        self,
+        source: FhirBulkSource,
+        *,
+        landing: Path,
+        on_progress: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.name = source.name
+        self.source = source
+        self.landing = landing
+        self.stats: Counter[str] = Counter()
+        self._progress = on_progress or (lambda message: log.info("%s: %s", self.name, message))
+        self._sleep = sleep
+
+    def check(self) -> None:
+        with closing(FhirClient(self.source)) as client:
+            client.get_json(f"{self.source.base_url}/metadata")
+
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        state = dict(since or {})
+        with closing(FhirClient(self.source, sleep=self._sleep)) as client:
+            try:
+                yield from self._export(client, state, window)
+            finally:
+                self.stats.update(client.stats)
+
+    def _export(self, client: FhirClient, state: dict[str, Any], window: Window | None) -> Iterator[Batch]:
+        export_since = window.since if window else _since(state.get("since")) or self.source.since
+        job = None if window else state.get("job")
+        if job is not None:
+            log.info("%s: resuming export job %s", self.name, safe_url(job["status_url"]))
+            self._progress(f"resuming export job {safe_url(job['status_url'])}")
+            self.stats["resumed"] += 1
+        manifest = None
+        while manifest is None:
+            if job is None:
+                job = self._kickoff(client, export_since)
+                yield self._checkpoint(state, job)  # saved before the long wait
+            manifest = self._poll(client, job)
+            if manifest is None:
+                log.warning(
+                    "%s: the server no longer knows export job %s; starting a new one",
+                    self.name,
+                    safe_url(job["status_url"]),
+                )
+                job = None
+                export_since = _since(state.get("since")) if not window else export_since
+        assert job is not None
+        if isinstance(manifest, str):  # "failed"
+            yield self._checkpoint(state, None)
+            raise SourceError(
+                self.name,
+                f"export job {safe_url(job['status_url'])} failed (see above); "
+                "the next sync starts a new export",
+            )
+        folder = self.landing / xxh3_64_hexdigest(job["status_url"])
+        folder.mkdir(parents=True, exist_ok=True)
+        with_token = bool(manifest.get("requiresAccessToken", True))
+        files = [(f"out{i}", entry) for i, entry in enumerate(manifest.get("output", []))]
+        files += [(f"err{i}", entry) for i, entry in enumerate(manifest.get("error", []))]
+        for key, entry in files:
+            yield from self._land_file(client, state, job, folder, key, entry, with_token)
+        deletions = None if window else self._deletions(client, manifest, export_since, folder, with_token)
+        state.pop("job", None)
+        if not window:
+            state["since"] = manifest["transactionTime"]
+        yield Batch(
+            records=RECORD_SCHEMA.empty_table(),
+            deletions=deletions if deletions is not None else DELETION_SCHEMA.empty_table(),
+            watermark=dict(state),
+        )
+        self._finish(client, job, folder)
+
+    def _kickoff(self, client: FhirClient, since: datetime | None) -> dict[str, Any]:
+        base = self.source.base_url
+        url = {"system": f"{base}/$export", "patient": f"{base}/Patient/$export"}.get(
+            self.source.level, f"{base}/Group/{self.source.group_id}/$export"
+        )
+        params = {}
+        if self.source.resource_types:
+            params["_type"] = ",".join(self.source.resource_types)
+        if since:
+            params["_since"] = iso(since)
+        if self.source.type_filters:
+            params["_typeFilter"] = ",".join(self.source.type_filters)
+        response = client.request(
+            "GET", url, params=params, headers={"Prefer": "respond-async", "Accept": "application/fhir+json"}
+        )
+        client.raise_for_status(response)
+        status_url = response.headers.get("content-location")
+        if response.status_code != 202 or not status_url:
+            raise SourceError(
+                self.name,
+                f"{safe_url(url)} answered {response.status_code} without a Content-Location to poll; "
+                "is Bulk Data $export enabled for this client (and level)?",
+            )
+        log.info("%s: export job started at %s", self.name, safe_url(status_url))
+        self.stats["exports"] += 1
+        return {"status_url": status_url, "since": iso(since) if since else None, "files": {}}
+
+    def _poll(self, client: FhirClient, job: dict[str, Any]) -> dict[str, Any] | Literal["failed"] | None:
+        """The manifest; None when the job has expired; "failed" when the server says it failed."""
+        deadline = time.monotonic() + self.source.max_wait_minutes * 60
+        wait = self.source.poll_seconds
+        while True:
+            response = client.request("GET", job["status_url"])
+            if response.status_code in EXPIRED:
+                return None
+            if response.status_code == 200:
+                return client.json(response)
+            if response.status_code != 202:
+                log.error("%s: export job failed: %s", self.name, outcome_text(response))
+                return "failed"
+            progress = response.headers.get("x-progress", "in progress")
+            self._progress(f"export {progress}")
+            if time.monotonic() > deadline:
+                raise SourceError(
+                    self.name,
+                    f"the export is still running after {self.source.max_wait_minutes:g} minutes; run the "
+                    "sync again to keep waiting for the same job, or raise max_wait_minutes",
+                )
+            after = retry_after(response)
+            self._sleep(min(after if after is not None else wait, self.source.max_poll_seconds))
+            wait = min(wait * 1.5, self.source.max_poll_seconds)
+
+    def _land_file(
+        self,
+        client: FhirClient,
+        state: dict[str, Any],
+        job: dict[str, Any],
+        folder: Path,
+        key: str,
+        entry: dict[str, Any],
+        with_token: bool,
+    ) -> Iterator[Batch]:
+        """Download one manifest file (unless it is on disk from an earlier try) and land its
+        lines after those already landed, in batches of about batch_mb."""
+        done = job["files"].get(key, {"lines": 0, "complete": False})
+        if done["complete"]:
+            return
+        name = f"{key}-{entry.get('type', 'OperationOutcome')}.ndjson"
+        path = next((p for p in (folder / name, folder / f"{name}.gz") if p.exists()), None)
+        if path is None:
+            self._progress(f"downloading {entry.get('type')} ({entry.get('count', '?')} resources)")
+            count = entry.get("count")
+            client.download(entry["url"], folder / name, with_token=with_token, expected_lines=count)
+            path = next(p for p in (folder / name, folder / f"{name}.gz") if p.exists())
+        label = f"{safe_url(entry['url'])}"
+        limit = self.source.batch_mb << 20
+        chunks: list[pa.Table] = []
+        size = 0
+        with open_ndjson(path) as fh:
+            for first_line, lines in line_chunks(fh, skip=done["lines"], hint=min(READ_HINT, limit)):
+                chunks.append(records_table(label, first_line, lines))
+                size += sum(map(len, lines))
+                done = {"lines": first_line - 1 + len(lines), "complete": False}
+                if size >= limit:
+                    job["files"][key] = done
+                    yield self._batch(state, job, chunks)
+                    chunks, size = [], 0
+        job["files"][key] = {"lines": done["lines"], "complete": True}
+        yield self._batch(state, job, chunks)
+
+    def _deletions(
+        self,
+        client: FhirClient,
+        manifest: dict[str, Any],
+        since: datetime | None,
+        folder: Path,
+        with_token: bool,
+    ) -> pa.Table | None:
+        """What was deleted since `since`: the manifest's `deleted` list where the server gives
+        one, else each type's `_history` (when track_deletes)."""
+        if since is None or not self.source.track_deletes:
+            return None
+        if "deleted" in manifest:
+            return self._manifest_deletions(client, manifest, folder, with_token)
+        types: list[str | None] = [*self.source.resource_types] or [None]
+        overlap = timedelta(seconds=self.source.overlap_seconds)
+        found = [history_deletions(client, rtype, since - overlap) for rtype in types]
+        tables = [table for table, _ in filter(None, found)]
+        return pa.concat_tables(tables) if tables else None
+
+    def _manifest_deletions(
+        self, client: FhirClient, manifest: dict[str, Any], folder: Path, with_token: bool
+    ) -> pa.Table:
+        """Bulk Data `deleted` files: Bundles whose DELETE entries name what went away."""
+        when = datetime.fromisoformat(manifest["transactionTime"])
+        rows = []
+        for i, entry in enumerate(manifest["deleted"]):
+            path = folder / f"deleted{i}.ndjson"
+            client.download(entry["url"], path, with_token=with_token, expected_lines=entry.get("count"))
+            path = next(p for p in (path, path.with_name(path.name + ".gz")) if p.exists())
+            with open_ndjson(path) as fh:
+                for line in fh:
+                    bundle = orjson.loads(line) if line.strip() else {}
+                    for e in bundle.get("entry", []):
+                        rtype, _, rid = str((e.get("request") or {}).get("url", "")).partition("/")
+                        if rid:
+                            rows.append(
+                                {
+                                    "resource_type": rtype,
+                                    "id": rid.split("/")[0],
+                                    "deleted_at": when,
+                                    "origin": safe_url(entry["url"]),
+                                }
+                            )
+        return pa.Table.from_pylist(rows, schema=DELETION_SCHEMA)
+
+    def _finish(self, client: FhirClient, job: dict[str, Any], folder: Path) -> None:
+        """Tell the server it may drop the files, and drop our copies (all landed)."""
+        try:
+            client.request("DELETE", job["status_url"])
+        except Exception as e:  # the job expires on its own; never fail a landed sync over it
+            log.warning("%s: could not delete export job (%s); it will expire", self.name, type(e).__name__)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def _checkpoint(self, state: dict[str, Any], job: dict[str, Any] | None) -> Batch:
+        if job is None:
+            state.pop("job", None)
+        else:
+            state["job"] = job
+        return Batch(records=RECORD_SCHEMA.empty_table(), watermark=_snapshot(state))
+
+    def _batch(self, state: dict[str, Any], job: dict[str, Any], chunks: list[pa.Table]) -> Batch:
+        state["job"] = job
+        records = pa.concat_tables(chunks) if chunks else RECORD_SCHEMA.empty_table()
+        return Batch(records=records, watermark=_snapshot(state))
+
+
+def _since(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _snapshot(state: dict[str, Any]) -> Watermark:
+    return orjson.loads(orjson.dumps(state))  # type: ignore[no-any-return]

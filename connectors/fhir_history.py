@@ -1,0 +1,68 @@
+"""Deletions a FHIR server reports in `[type]/_history`, for sources whose reads cannot see them
+(a search never returns a deleted resource; a Bulk export without a `deleted` manifest list)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import pyarrow as pa
+
+from connectors.base import DELETION_SCHEMA
+from connectors.errors import safe_url
+from connectors.fhir_http import FhirClient, next_link, server_time
+
+log = logging.getLogger(__name__)
+
+NOT_OFFERED = frozenset({400, 403, 404, 405, 501})
+
+
+def history_deletions(
+    client: FhirClient, rtype: str | None, since: datetime
+) -> tuple[pa.Table, datetime] | None:
+    """Resources of `rtype` (None: of any type) deleted since `since`, and the server's time
+    when the walk began; None (with a warning) where the server does not offer that history."""
+    path = f"{rtype}/_history" if rtype else "_history"
+    url: str | None = f"{client.source.base_url}/{path}"
+    params: dict[str, str] | None = {"_since": iso(since), "_count": "1000"}
+    rows: list[tuple[str, str, datetime, str]] = []
+    started: datetime | None = None
+    while url:
+        response = client.request("GET", url, params=params)
+        if started is None:
+            if response.status_code in NOT_OFFERED:
+                log.warning(
+                    "%s: %s answered %s, so deletions of %s are not tracked (the server offers no "
+                    "such history); set track_deletes = false to silence this",
+                    client.name,
+                    safe_url(response.request.url),
+                    response.status_code,
+                    rtype or "resources",
+                )
+                return None
+            started = server_time(response)
+        client.raise_for_status(response)
+        client.stats["pages"] += 1
+        bundle = client.json(response)
+        for entry in bundle.get("entry", []):
+            request = entry.get("request") or {}
+            if request.get("method") != "DELETE":
+                continue
+            parts = str(request.get("url") or entry.get("fullUrl", "")).split("?")[0].strip("/").split("/")
+            if "_history" in parts:
+                parts = parts[: parts.index("_history")]
+            if len(parts) < 2 or (rtype and parts[-2] != rtype):
+                continue
+            modified = (entry.get("response") or {}).get("lastModified")
+            when = datetime.fromisoformat(modified) if modified else started
+            rows.append((parts[-2], parts[-1], when, safe_url(f"{client.source.base_url}/{path}")))
+        url, params = next_link(bundle), None
+    assert started is not None
+    return pa.Table.from_pylist(
+        [dict(zip(DELETION_SCHEMA.names, row, strict=True)) for row in rows], schema=DELETION_SCHEMA
+    ), started
+
+
+def iso(when: datetime) -> str:
+    """A FHIR instant in UTC with milliseconds."""
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")

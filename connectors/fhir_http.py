@@ -1,0 +1,301 @@
+"""One HTTP client per FHIR server source: timeouts, connection limits, retries with backoff and
+jitter, and errors that name the source, the URL and the server's own words, never a secret.
+
+Retried: connection errors, timeouts, 429 and 5xx (after `Retry-After` when the server sends
+one). Not retried: any other 4xx, which a retry cannot fix (a 401 is retried once by the
+SMART auth with a fresh token).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from connectors.errors import SourceError, TransientError, safe_url
+from connectors.fhir_auth import AuthConfig, NoAuth, build_auth
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+FHIR_JSON = "application/fhir+json"
+MAX_RETRY_AFTER = 600.0
+
+
+class FhirServerSource(BaseModel):
+    """What every source that talks to a FHIR server shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    base_url: str
+    resource_types: list[str] = Field(default_factory=list)
+    auth: AuthConfig = NoAuth()
+    schedule: str | None = None
+    batch_mb: int = Field(default=32, ge=1, le=1024)
+    timeout_seconds: float = Field(default=60, gt=0)
+    max_connections: int = Field(default=4, ge=1, le=64)
+    retries: int = Field(default=5, ge=0, le=20)
+    backoff_seconds: float = Field(default=1.0, ge=0)
+    overlap_seconds: int = Field(default=60, ge=0)
+    track_deletes: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"{url!r} is not an http(s) URL; use the server's FHIR base, e.g. https://ehr/fhir"
+            )
+        if parts.username or parts.password or parts.query:
+            raise ValueError("base_url must not hold credentials or a query; put credentials under [auth]")
+        return url.rstrip("/")
+
+    @field_validator("resource_types")
+    @classmethod
+    def _check_types(cls, types: list[str]) -> list[str]:
+        bad = [t for t in types if not t[:1].isupper() or not t.isalpha()]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))} are not FHIR resource types (e.g. 'Observation')")
+        return types
+
+
+class FhirClient:
+    """The source's HTTP client. Not shared between threads."""
+
+    def __init__(self, source: FhirServerSource, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.source = source
+        self.name = source.name
+        self.stats: Counter[str] = Counter()
+        self._sleep = sleep
+        self.http = httpx.Client(
+            auth=build_auth(source.name, source.auth, source.base_url),
+            timeout=httpx.Timeout(source.timeout_seconds, connect=min(10.0, source.timeout_seconds)),
+            limits=httpx.Limits(
+                max_connections=source.max_connections, max_keepalive_connections=source.max_connections
+            ),
+            headers={"Accept": FHIR_JSON, "User-Agent": "twinhub"},
+            follow_redirects=True,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def get_json(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        response = self.request("GET", url, params=params)
+        self.raise_for_status(response)
+        return self.json(response)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: httpx.QueryParams | dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send, retrying what may pass; returns the response of any other status unread-checked."""
+        for attempt in self._attempts(method, url):
+            with attempt:
+                response = self.http.request(method, url, params=params, headers=headers)
+                attempt.check(response)
+                return response
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def download(self, url: str, dest: Path, *, with_token: bool, expected_lines: int | None) -> int:
+        """Stream `url` into `dest` (kept gzip-encoded when the server sends gzip), in bounded
+        memory. A body cut short is retried from the start; returns the bytes written."""
+        part = dest.with_name(dest.name + ".part")
+        headers = {"Accept": "application/fhir+ndjson", "Accept-Encoding": "gzip"}
+        auth: Any = httpx.USE_CLIENT_DEFAULT if with_token else None
+        for attempt in self._attempts("GET", url):
+            with attempt, self.http.stream("GET", url, headers=headers, auth=auth) as response:
+                attempt.check(response)
+                self.raise_for_status(response)
+                gzipped = response.headers.get("content-encoding", "").lower() == "gzip"
+                size, newlines, last = 0, 0, b"\n"
+                with part.open("wb") as fh:
+                    for chunk in response.iter_raw(1 << 20):
+                        fh.write(chunk)
+                        size += len(chunk)
+                        newlines += chunk.count(b"\n")
+                        last = chunk[-1:] or last
+                lines = newlines + (last != b"\n")
+                if not gzipped and expected_lines is not None and size and lines < expected_lines:
+                    raise TransientError(
+                        f"source {self.name!r}: {safe_url(url)} ended after {lines:,} of "
+                        f"{expected_lines:,} lines"
+                    )
+                final = dest.with_name(dest.name + ".gz") if gzipped else dest
+                part.rename(final)
+                self.stats["files"] += 1
+                self.stats["bytes"] += size
+                return size
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def raise_for_status(self, response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        if response.is_stream_consumed is False:
+            response.read()
+        request = response.request
+        hint = {
+            401: "; check the source's [auth] settings and credentials",
+            403: "; the credentials lack a scope or permission for this request",
+            404: "; check base_url and resource_types",
+        }.get(response.status_code, "")
+        raise SourceError(
+            self.name,
+            f"{request.method} {safe_url(request.url)} answered {response.status_code} "
+            f"{response.reason_phrase}: {outcome_text(response)}{hint}",
+        )
+
+    def json(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            raise SourceError(
+                self.name, f"{safe_url(response.request.url)} did not answer with a JSON object"
+            )
+        return body
+
+    def _attempts(self, method: str, url: str) -> Iterator[_Attempt]:
+        """Attempts at one request; each one that fails transiently waits, then yields the next."""
+        for n in range(self.source.retries + 1):
+            attempt = _Attempt(
+                last=n == self.source.retries, what=f"source {self.name!r}: {method} {safe_url(url)}"
+            )
+            yield attempt
+            if not attempt.failure:
+                return
+            wait = attempt.retry_after
+            if wait is None:
+                wait = _backoff(self.source.backoff_seconds, n)
+            self.stats["retries"] += 1
+            log.warning(
+                "%s: %s %s %s; retry %d of %d in %.1f s",
+                self.name,
+                method,
+                safe_url(url),
+                attempt.failure,
+                n + 1,
+                self.source.retries,
+                wait,
+            )
+            self._sleep(wait)
+
+
+class _Attempt:
+    """Context of one try: turns transient failures into a wait, or, on the last try, an error."""
+
+    def __init__(self, *, last: bool, what: str) -> None:
+        self.last = last
+        self.what = what
+        self.failure = ""
+        self.retry_after: float | None = None
+
+    def check(self, response: httpx.Response) -> None:
+        if response.status_code in RETRY_STATUS:
+            if isinstance(response.stream, httpx.SyncByteStream):
+                response.read()
+            raise _RetryableError(response)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> bool:
+        if isinstance(e, _RetryableError):
+            response = e.response
+            status = f"{response.status_code} {response.reason_phrase}"
+            self.failure = f"answered {status}: {outcome_text(response)}"
+            self.retry_after = retry_after(response)
+        elif isinstance(e, TransientError):
+            self.failure = str(e)
+        elif isinstance(e, httpx.TransportError):
+            self.failure = f"failed ({type(e).__name__})"  # its text may repeat the URL's query
+        else:
+            return False
+        if self.last:
+            raise TransientError(f"{self.what}: gave up after retries; the last try {self.failure}") from None
+        return True
+
+
+class _RetryableError(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+
+def _backoff(base: float, attempt: int) -> float:
+    """Exponential backoff with full jitter, capped at a minute."""
+    return random.uniform(0, min(60.0, base * 2**attempt))
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds the server asked us to wait (delta-seconds or an HTTP date), capped."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def outcome_text(response: httpx.Response) -> str:
+    """The server's explanation: OperationOutcome issues, an OAuth error, or the start of the body."""
+    try:
+        body = orjson.loads(response.content)
+    except (orjson.JSONDecodeError, httpx.ResponseNotRead):
+        body = None
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        issues = [
+            f"{i.get('severity', 'error')}: "
+            + (i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code", "?"))
+            for i in body.get("issue", [])
+        ]
+        return "; ".join(issues) or "an empty OperationOutcome"
+    if isinstance(body, dict) and "error" in body:
+        return f"{body['error']}: {body.get('error_description', '')}".rstrip(": ")
+    try:
+        text = " ".join(response.text.split())
+    except httpx.ResponseNotRead:
+        return "no details"
+    return text[:200] or "no details"
+
+
+def server_time(response: httpx.Response) -> datetime:
+    """The server's clock from its Date header (our own clock when it sends none)."""
+    value = response.headers.get("date")
+    if value:
+        try:
+            return email.utils.parsedate_to_datetime(value).astimezone(UTC)
+        except (TypeError, ValueError):
+            pass
+    return datetime.now(UTC)
+
+
+def next_link(bundle: dict[str, Any]) -> str | None:
+    """Bundle.link[relation=next], exactly as the server gave it."""
+    for link in bundle.get("link", []):
+        if link.get("relation") == "next":
+            return str(link["url"])
+    return None

@@ -1,0 +1,193 @@
+"""FHIR REST search: each resource type paged by the server's own `next` links.
+
+Incremental by `_lastUpdated=ge(watermark - overlap)`. The watermark is the server's clock (its
+Date header) when the last complete walk of a type began, so a resource written during a walk
+is fetched again next time; the overlap covers clock skew and replicas that lag, and resources
+seen twice land once (the store compares content hashes). A walk cut short resumes from the
+saved `next` link, or starts over when the server has expired it. Deletions come from
+`[type]/_history` where the server offers it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from datetime import datetime, timedelta
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+import httpx
+import orjson
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
+from connectors.errors import SourceError
+from connectors.fhir_history import history_deletions, iso
+from connectors.fhir_http import FhirClient, FhirServerSource, next_link, server_time
+from connectors.fhir_ndjson import records_table
+
+log = logging.getLogger(__name__)
+
+RESERVED = ("_lastUpdated", "_count")
+
+
+class FhirSearchSource(FhirServerSource):
+    """Config of a `fhir-search` source."""
+
+    kind: Literal["fhir-search"]
+    page_size: int = Field(default=500, ge=1, le=10_000)
+    """Sent as `_count`; servers may cap it (Epic and Oracle Health do, see the presets)."""
+    search_params: dict[str, str] = Field(default_factory=dict)
+    """Extra search parameters per type, as a query string: {Observation = "category=laboratory"}."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FhirSearchSource:
+        if not self.resource_types:
+            raise ValueError("resource_types is required for a fhir-search source, e.g. ['Patient']")
+        if extra := sorted(set(self.search_params) - set(self.resource_types)):
+            raise ValueError(f"search_params names types not in resource_types: {', '.join(extra)}")
+        return self
+
+    @field_validator("search_params")
+    @classmethod
+    def _check_params(cls, params: dict[str, str]) -> dict[str, str]:
+        for rtype, query in params.items():
+            names = {name for name, _ in parse_qsl(query.lstrip("?"), keep_blank_values=True)}
+            if not names:
+                raise ValueError(f"search_params.{rtype} {query!r} is not a query string like 'status=final'")
+            if used := sorted(names & set(RESERVED)):
+                raise ValueError(f"search_params.{rtype} sets {', '.join(used)}; twinhub sets those itself")
+        return params
+
+
+class FhirSearchConnector:
+    def __init__(self, source: FhirSearchSource, *, on_progress: Callable[[str], None] | None = None) -> None:
+        self.name = source.name
+        self.source = source
+        self.stats: Counter[str] = Counter()
+        self._progress = on_progress or (lambda message: log.info("%s: %s", self.name, message))
+
+    def check(self) -> None:
+        with closing(FhirClient(self.source)) as client:
+            client.get_json(f"{self.source.base_url}/metadata")
+
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        state: dict[str, dict[str, Any]] = {t: dict(s) for t, s in (since or {}).get("types", {}).items()}
+        with closing(FhirClient(self.source)) as client:
+            try:
+                for rtype in self.source.resource_types:
+                    if window is None:
+                        yield from self._sync(client, rtype, state)
+                    else:
+                        yield from self._backfill(client, rtype, window)
+            finally:
+                self.stats.update(client.stats)
+
+    def _sync(self, client: FhirClient, rtype: str, state: dict[str, dict[str, Any]]) -> Iterator[Batch]:
+        """One type since its watermark: deletions first, then the walk (resumed if cut short)."""
+        st = state.setdefault(rtype, {})
+        overlap = timedelta(seconds=self.source.overlap_seconds)
+        deletions = DELETION_SCHEMA.empty_table()
+        if self.source.track_deletes and "deletes_since" in st and "walk" not in st:
+            found = history_deletions(client, rtype, datetime.fromisoformat(st["deletes_since"]) - overlap)
+            if found is not None:
+                deletions, checked_at = found
+                st["deletes_since"] = checked_at.isoformat()
+        walk = st.get("walk")
+        lower = datetime.fromisoformat(st["since"]) - overlap if "since" in st else None
+        for records, next_url, started, page in self._walk(client, rtype, lower, walk):
+            if next_url:
+                st["walk"] = {"next": next_url, "started": started, "page": page}
+            else:
+                st.pop("walk", None)
+                st["since"] = started
+                st.setdefault("deletes_since", started)
+            yield Batch(records=records, deletions=deletions, watermark={"types": _copy(state)})
+            deletions = DELETION_SCHEMA.empty_table()
+
+    def _backfill(self, client: FhirClient, rtype: str, window: Window) -> Iterator[Batch]:
+        """One type, one `_lastUpdated` step of the window at a time; no watermark."""
+        step = window.step or (window.until - window.since)
+        start = window.since
+        while start < window.until:
+            end = min(start + step, window.until)
+            self._progress(f"{rtype} updated {start:%Y-%m-%d} to {end:%Y-%m-%d}")
+            for records, *_ in self._walk(client, rtype, start, None, until=end):
+                yield Batch(records=records, watermark={})
+            start = end
+
+    def _walk(
+        self,
+        client: FhirClient,
+        rtype: str,
+        lower: datetime | None,
+        resume: dict[str, Any] | None,
+        until: datetime | None = None,
+    ) -> Iterator[tuple[pa.Table, str | None, str, int]]:
+        """Pages of one search, gathered into batches of about batch_mb: (records, the next
+        link, the server time the walk began, pages so far)."""
+        first_params = httpx.QueryParams(
+            [
+                *parse_qsl(self.source.search_params.get(rtype, "").lstrip("?")),
+                ("_count", str(self.source.page_size)),
+                *([("_lastUpdated", f"ge{iso(lower)}")] if lower else []),
+                *([("_lastUpdated", f"lt{iso(until)}")] if until else []),
+            ]
+        )
+        url: str | None = resume["next"] if resume else f"{self.source.base_url}/{rtype}"
+        params: httpx.QueryParams | None = None if resume else first_params
+        started: str | None = resume["started"] if resume else None
+        page = resume["page"] if resume else 0
+        chunks: list[pa.Table] = []
+        size, limit = 0, self.source.batch_mb << 20
+        resuming = resume is not None
+        while url:
+            response = client.request("GET", url, params=params)
+            if resuming and response.status_code in (404, 410):
+                log.warning("%s: the saved %s page link has expired; walking again", self.name, rtype)
+                url, params, started, page = f"{self.source.base_url}/{rtype}", first_params, None, 0
+                resuming = False
+                continue
+            resuming = False
+            client.raise_for_status(response)
+            started = started or server_time(response).isoformat()
+            bundle = client.json(response)
+            page += 1
+            client.stats["pages"] += 1
+            records = self._records(bundle, f"{self.source.base_url}/{rtype} search page {page}")
+            chunks.append(records)
+            size += records["raw"].nbytes
+            url, params = next_link(bundle), None
+            self._progress(f"{rtype}: page {page}, {bundle.get('total', '?')} matching")
+            if size >= limit or not url:
+                yield pa.concat_tables(chunks), url, started, page
+                chunks, size = [], 0
+
+    def _records(self, bundle: dict[str, Any], label: str) -> pa.Table:
+        if bundle.get("resourceType") != "Bundle":
+            raise SourceError(self.name, f"{label} did not answer with a Bundle")
+        lines = []
+        for entry in bundle.get("entry", []):
+            resource = entry.get("resource")
+            if resource is None:
+                continue
+            if (entry.get("search") or {}).get("mode") == "outcome":
+                self._outcome(resource)
+                continue
+            lines.append(orjson.dumps(resource))
+        return records_table(label, 1, lines) if lines else RECORD_SCHEMA.empty_table()
+
+    def _outcome(self, outcome: dict[str, Any]) -> None:
+        """The server's notes on a search: errors stop the sync, warnings are logged."""
+        issues = outcome.get("issue", [])
+        text = "; ".join(str(i.get("diagnostics") or i.get("code")) for i in issues)
+        if any(i.get("severity") in ("error", "fatal") for i in issues):
+            raise SourceError(self.name, f"the server rejected the search: {text}")
+        log.warning("%s: the server notes on a search: %s", self.name, text)
+
+
+def _copy(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {rtype: dict(st) for rtype, st in state.items()}
