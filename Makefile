@@ -2,14 +2,25 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# The FHIR server the connector tests talk to, in its own virtualenv (its pins must not meet ours).
+SEKMET_VERSION := 0.1.1
+SEKMET_VENV := .venv-sekmet
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean $(SEKMET_VENV)
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(SEKMET_VENV): $(SEKMET_VENV)/bin/.installed-$(SEKMET_VERSION)
+
+$(SEKMET_VENV)/bin/.installed-$(SEKMET_VERSION):
+	$(PYTHON) -m venv $(SEKMET_VENV)
+	$(SEKMET_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SEKMET_VENV)/bin/python -m pip install --quiet sekmet-fhir==$(SEKMET_VERSION)
 	touch $@
 
 demo: $(BIN)/.installed
@@ -20,11 +31,11 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/pytest
+test: lint $(SEKMET_VENV)
+	TWINHUB_REQUIRE_SEKMET=1 $(BIN)/pytest
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/land_bulk.py
 
 clean:
-	rm -rf $(VENV) .twinhub .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SEKMET_VENV) .twinhub .pytest_cache .mypy_cache .ruff_cache

@@ -242,7 +242,7 @@ def _signing_key(source: str, config: SmartAuth) -> RSAKey | ECKey:
                 raise SourceError(source, "the key set holds several keys; set auth.kid to pick one")
             key = candidates[0]
         else:
-            key = import_key(text, "RSA") if kty == "RSA" else import_key(text, "EC")
+            key = _import_pem(text)
     except (JoseError, ValueError, TypeError) as e:
         raise SourceError(
             source, f"the private key (auth.private_key_*) cannot be read as PEM or JWK ({type(e).__name__})"
@@ -254,6 +254,13 @@ def _signing_key(source: str, config: SmartAuth) -> RSAKey | ECKey:
     if config.kid is None and key.kid is None:
         raise SourceError(source, "set auth.kid to the key id registered with the server")
     return key  # type: ignore[return-value]
+
+
+def _import_pem(text: str) -> RSAKey | ECKey:
+    try:
+        return import_key(text, "RSA")
+    except (JoseError, ValueError, TypeError):
+        return import_key(text, "EC")
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+pytest_plugins = ["tests.fhir_server"]  # a real FHIR server (sekmet) for the EHR connector tests
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SYNTHEA = SHARED / "fhir" / "bulk-ndjson" / "synthea-r4-617-bundles-derived"

@@ -56,3 +56,60 @@ def test_bad_config_is_one_line_naming_key_and_fix(tmp_path: Path, body: str, me
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist; pass --config"):
         load_settings(tmp_path / "none.toml")
+
+
+EHR = '[[sources]]\nname = "ehr"\nkind = "fhir-search"\nbase_url = "https://ehr.example/fhir/"\n'
+
+
+def test_server_sources_resolve_key_files_relative_to_the_config(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        EHR + 'resource_types = ["Patient"]\n[sources.auth]\ntype = "smart"\nclient_id = "c"\n'
+        'private_key_file = "keys/ehr.pem"\nkid = "k1"\n',
+    )
+    source = settings.sources[0]
+    assert source.base_url == "https://ehr.example/fhir"
+    assert source.auth.private_key_file == tmp_path / "keys" / "ehr.pem"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (EHR, "resource_types is required for a fhir-search source"),
+        (
+            EHR + 'resource_types = ["Patient"]\n[sources.auth]\ntype = "bearer"\ntoken = "s3cr3t-value"\n',
+            "secrets never go in the config file: remove `token`",
+        ),
+        (
+            EHR + 'resource_types = ["Patient"]\n[sources.auth]\ntype = "oauth"\n',
+            "config sources[0].auth: unknown type 'oauth'; use one of: none, bearer, basic, smart",
+        ),
+        (
+            EHR.replace("https://ehr.example/fhir/", "ehr.example") + 'resource_types = ["Patient"]\n',
+            "config sources[0].base_url: 'ehr.example' is not an http(s) URL",
+        ),
+        (
+            EHR + 'resource_types = ["Patient"]\nsearch_params = {Patient = "_count=5"}\n',
+            "search_params.Patient sets _count; twinhub sets those itself",
+        ),
+        (
+            EHR.replace("fhir-search", "fhir-bulk") + 'level = "group"\n',
+            "group_id is required with level = 'group'",
+        ),
+    ],
+)
+def test_bad_server_source_config_is_one_line(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, body)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert "s3cr3t-value" not in str(caught.value)
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[2] / "examples").glob("*.toml")))
+def test_vendor_presets_are_valid_configs(preset: Path) -> None:
+    settings = load_settings(preset)
+    assert settings.sources
+    for source in settings.sources:
+        assert source.kind in ("fhir-bulk", "fhir-search")
+        assert source.auth.type == "smart"  # type: ignore[union-attr]

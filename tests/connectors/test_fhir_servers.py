@@ -1,0 +1,175 @@
+"""The fhir-search and fhir-bulk sources against a real FHIR server (sekmet) on 127.0.0.1, with a
+fault-injecting proxy in between where the test says so. Each sync runs the real pipeline into a
+real store on disk (the Prefect task's function, without the Prefect server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from xxhash import xxh3_64_intdigest
+
+from flows.sync import land_source
+from tests.fault_proxy import FaultProxy
+from tests.fhir_server import ADMIN_TOKEN, FhirServer, SekmetTemplate
+from twin_store import RunReport, connect
+
+TYPES = ["Condition", "Encounter", "Immunization", "MedicationRequest", "Observation", "Patient", "Procedure"]
+Key = tuple[str, str]
+
+
+def write_source(folder: Path, base_url: str, kind: str, **options: Any) -> Path:
+    """A twinhub.toml with one source `ehr` of `kind` on `base_url` (admin token from a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    token = folder / "token"
+    token.write_text(ADMIN_TOKEN + "\n")
+    auth = options.pop("auth", {"type": "bearer", "token_file": str(token)})
+    options = {"resource_types": TYPES, "backoff_seconds": 0.05, **options}
+    if kind == "fhir-bulk":
+        options.setdefault("poll_seconds", 0.2)
+        options.pop("page_size", None)
+    lines = [f"{k} = {orjson.dumps(v).decode()}" for k, v in options.items()]
+    auth_lines = [f"{k} = {orjson.dumps(v).decode()}" for k, v in auth.items()]
+    config = folder / "twinhub.toml"
+    config.write_text(
+        f'[store]\npath = "store"\n\n[[sources]]\nname = "ehr"\nkind = "{kind}"\nbase_url = "{base_url}"\n'
+        + "\n".join(lines)
+        + "\n\n[sources.auth]\n"
+        + "\n".join(auth_lines)
+        + "\n"
+    )
+    return config
+
+
+def sync(config: Path) -> RunReport:
+    return land_source.fn(str(config), "ehr")
+
+
+def stored(config: Path) -> dict[Key, int]:
+    """(type, id) -> content hash of every resource in the store."""
+    con = connect(config.parent / "store")
+    rows = con.sql("SELECT resource_type, id, content_hash FROM fhir_resource").fetchall()
+    return {(t, i): h for t, i, h in rows}
+
+
+def search_dump(server: FhirServer) -> dict[Key, int]:
+    """The server's resources as a client reading them by search sees them, hashed as stored."""
+    return {key: xxh3_64_intdigest(orjson.dumps(r)) for key, r in server.dump(TYPES).items()}
+
+
+def bulk_dump(base_url: str) -> dict[Key, int]:
+    """A plain $export and download loop with httpx: the server's NDJSON lines, hashed."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(headers=headers, timeout=60) as http:
+        kickoff = http.get(
+            f"{base_url}/$export", params={"_type": ",".join(TYPES)}, headers={"Prefer": "respond-async"}
+        )
+        status = kickoff.headers["content-location"]
+        while (poll := http.get(status)).status_code == 202:
+            pass
+        out = {}
+        for entry in poll.json()["output"]:
+            for line in http.get(entry["url"]).content.splitlines():
+                resource = orjson.loads(line)
+                out[(resource["resourceType"], resource["id"])] = xxh3_64_intdigest(line)
+        http.delete(status)
+    return out
+
+
+def per_type(keys: dict[Key, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rtype, _ in keys:
+        counts[rtype] = counts.get(rtype, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+@pytest.mark.parametrize("kind", ["fhir-search", "fhir-bulk"])
+def test_full_sync_holds_exactly_the_servers_resources(
+    fhir_server: FhirServer, sekmet_template: SekmetTemplate, tmp_path: Path, kind: str
+) -> None:
+    config = write_source(tmp_path, fhir_server.base_url, kind, page_size=250)
+    report = sync(config)
+    expected = search_dump(fhir_server) if kind == "fhir-search" else bulk_dump(fhir_server.base_url)
+    assert per_type(expected) == sekmet_template.counts
+    assert stored(config) == expected  # same keys, same content hashes
+    assert report.counts["inserted"] == len(expected)
+    assert report.counts["quarantined"] == 0
+    assert dict(report.by_type) == sekmet_template.counts
+    if kind == "fhir-search":
+        assert report.stats["pages"] >= len(expected) // 250
+    else:
+        assert report.stats["files"] == len(TYPES) and report.stats["exports"] == 1
+    again = sync(config)
+    assert again.counts["inserted"] == again.counts["updated"] == again.counts["deleted"] == 0
+
+
+def test_incremental_syncs_carry_exactly_the_changes(fhir_server: FhirServer, tmp_path: Path) -> None:
+    configs = {
+        kind: write_source(tmp_path / kind, fhir_server.base_url, kind, page_size=500)
+        for kind in ("fhir-search", "fhir-bulk")
+    }
+    first = {kind: sync(config) for kind, config in configs.items()}
+    before = {kind: _rows(config) for kind, config in configs.items()}
+
+    current = fhir_server.dump(["Patient", "Observation", "Encounter"])
+    patients = sorted(k for k in current if k[0] == "Patient")[:2]
+    observations = sorted(k for k in current if k[0] == "Observation")[:3]
+    encounters = sorted(k for k in current if k[0] == "Encounter")[:2]
+    for key in patients + observations:
+        fhir_server.put({**current[key], "language": "de"})
+    for rtype, rid in encounters:
+        fhir_server.delete(rtype, rid)
+    subject = {"reference": f"Patient/{patients[0][1]}"}
+    fhir_server.put({"resourceType": "Condition", "id": "new-condition-1", "subject": subject})
+    changed = set(patients + observations)
+
+    expected = search_dump(fhir_server)
+    for kind, config in configs.items():
+        report = sync(config)
+        counts = report.counts
+        assert (counts["inserted"], counts["updated"], counts["deleted"]) == (1, 5, 2), kind
+        assert set(stored(config)) == set(expected), kind
+        after = _rows(config)
+        for key, (version, run_id) in before[kind].items():
+            if key in changed:
+                assert after[key] == (2, report.run_id), (kind, key)
+            elif key not in encounters:
+                assert after[key] == (version, run_id) == (1, first[kind].run_id), (kind, key)
+        con = connect(config.parent / "store")
+        gone = con.sql(
+            "SELECT count(*) FROM encounter WHERE encounter_id IN "
+            f"({', '.join(repr(i) for _, i in encounters)})"
+        ).fetchone()
+        assert gone == (0,), "flat rows of deleted resources are removed too"
+
+
+def _rows(config: Path) -> dict[Key, tuple[int, str]]:
+    con = connect(config.parent / "store")
+    rows = con.sql("SELECT resource_type, id, version_id, run_id FROM fhir_resource").fetchall()
+    return {(t, i): (v, r) for t, i, v, r in rows}
+
+
+@pytest.mark.parametrize("kind", ["fhir-search", "fhir-bulk"])
+def test_faults_leave_the_result_identical(
+    fhir_server: FhirServer, fault_proxy: FaultProxy, tmp_path: Path, kind: str
+) -> None:
+    clean = write_source(tmp_path / "clean", fhir_server.base_url, kind, page_size=400)
+    sync(clean)
+    faulty = write_source(
+        tmp_path / "faulty", fault_proxy.base_url, kind, page_size=400, timeout_seconds=3, retries=4
+    )
+    data = "bulk-files" if kind == "fhir-bulk" else "Observation"
+    fault_proxy.add_fault("429", match=data, retry_after=1)
+    fault_proxy.add_fault("503", match="Patient")
+    fault_proxy.add_fault("drop", match=data)
+    fault_proxy.add_fault("slow", match="Encounter", delay=4)  # longer than the timeout
+    fault_proxy.add_fault("reset", match="Procedure")
+    if kind == "fhir-bulk":
+        fault_proxy.add_fault("503", match="bulk-status")
+    report = sync(faulty)
+    assert stored(faulty) == stored(clean)
+    assert set(fault_proxy.injected) == {"429", "503", "drop", "slow", "reset"}
+    assert report.stats["retries"] == sum(fault_proxy.injected.values())
