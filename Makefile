@@ -34,8 +34,9 @@ lint: $(BIN)/.installed
 test: lint $(SEKMET_VENV)
 	TWINHUB_REQUIRE_SEKMET=1 $(BIN)/pytest
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed $(SEKMET_VENV)
 	$(BIN)/python bench/land_bulk.py
+	$(BIN)/python bench/ehr_bulk.py
 
 clean:
 	rm -rf $(VENV) $(SEKMET_VENV) .twinhub .pytest_cache .mypy_cache .ruff_cache

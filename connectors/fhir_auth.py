@@ -27,6 +27,7 @@ from connectors.errors import SourceError, TransientError, safe_url
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 REFRESH_MARGIN = 60.0
+"""Refresh a token this long before it expires (or a quarter of its life, if shorter)."""
 SECRET_KEYS = ("token", "password", "private_key", "client_secret", "access_token", "key")
 
 
@@ -87,7 +88,7 @@ class SmartAuth(_AuthBase):
 AuthConfig = Annotated[NoAuth | BearerAuth | BasicAuth | SmartAuth, Field(discriminator="type")]
 
 
-def build_auth(source: str, config: AuthConfig, base_url: str) -> httpx.Auth | None:
+def build_auth(source: str, config: AuthConfig, base_url: str, *, timeout: float = 30.0) -> httpx.Auth | None:
     """The httpx auth for a source; reads its secret now, so a missing one fails before any I/O."""
     if isinstance(config, BearerAuth):
         token = read_secret(source, "token", config.token_file, config.token_env)
@@ -97,7 +98,7 @@ def build_auth(source: str, config: AuthConfig, base_url: str) -> httpx.Auth | N
         pair = base64.b64encode(f"{config.username}:{password}".encode()).decode()
         return _HeaderAuth(f"Basic {pair}")
     if isinstance(config, SmartAuth):
-        return SmartBackendAuth(source, config, base_url)
+        return SmartBackendAuth(source, config, base_url, timeout=timeout)
     return None
 
 
@@ -132,12 +133,11 @@ class _HeaderAuth(httpx.Auth):
 
 
 class SmartBackendAuth(httpx.Auth):
-    """Gets an access token with a signed client assertion, caches it, refreshes it a minute
-    before it expires and once more when the server answers 401."""
+    """Gets an access token with a signed client assertion, caches it, refreshes it shortly
+    before it expires and once more when the server answers 401. Token requests go through
+    a client of their own, so the data requests this guards can stream."""
 
-    requires_response_body = True
-
-    def __init__(self, source: str, config: SmartAuth, base_url: str) -> None:
+    def __init__(self, source: str, config: SmartAuth, base_url: str, *, timeout: float = 30.0) -> None:
         self.source = source
         self.config = config
         self.base_url = base_url
@@ -151,37 +151,34 @@ class SmartBackendAuth(httpx.Auth):
         self._token: str | None = None
         self._expires = 0.0
         self._lock = threading.Lock()
+        self._timeout = timeout
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if self._token is None or time.time() > self._expires - REFRESH_MARGIN:
-            yield from self._refresh()
-        request.headers["Authorization"] = f"Bearer {self._token}"
+        request.headers["Authorization"] = f"Bearer {self._access_token()}"
         response = yield request
         if response.status_code == 401:
-            yield from self._refresh()
-            request.headers["Authorization"] = f"Bearer {self._token}"
+            request.headers["Authorization"] = f"Bearer {self._access_token(refresh=True)}"
             yield request
 
-    def _refresh(self) -> Generator[httpx.Request, httpx.Response, None]:
-        token_url = self.config.token_url
-        if token_url is None:
-            discovery = yield httpx.Request(
-                "GET",
-                f"{self.base_url}/.well-known/smart-configuration",
-                headers={"Accept": "application/json"},
-            )
-            token_url = self._token_endpoint(discovery)
+    def _access_token(self, *, refresh: bool = False) -> str:
+        with self._lock:
+            if refresh or self._token is None or time.time() > self._expires:
+                with httpx.Client(timeout=self._timeout, headers={"Accept": "application/json"}) as http:
+                    self._token, lifetime = self._request_token(http)
+                self._expires = time.time() + lifetime - min(REFRESH_MARGIN, lifetime / 4)
+            return self._token
+
+    def _request_token(self, http: httpx.Client) -> tuple[str, float]:
+        token_url = self.config.token_url or self._token_endpoint(http)
         form = {"grant_type": "client_credentials", "scope": self.config.scope}
-        headers = {"Accept": "application/json"}
+        auth = httpx.Auth()  # none
         if self._key is not None:
             form |= {"client_assertion_type": ASSERTION_TYPE, "client_assertion": self._assertion(token_url)}
         else:
-            pair = f"{self.config.client_id}:{self._secret}".encode()
-            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
-        response = yield httpx.Request("POST", token_url, data=form, headers=headers)
-        response.read()
+            auth = httpx.BasicAuth(self.config.client_id, self._secret or "")
+        response = http.post(token_url, data=form, auth=auth)
         if response.status_code == 429 or response.status_code >= 500:
-            raise TransientError(f"source {self.source!r}: token endpoint answered {response.status_code}")
+            raise TransientError(f"got {response.status_code} from the SMART token endpoint")
         body = _json(response)
         if not response.is_success or not isinstance(body.get("access_token"), str):
             reason = f"{body.get('error', response.status_code)}: {body.get('error_description', '')}"
@@ -191,18 +188,18 @@ class SmartBackendAuth(httpx.Auth):
                 f"check auth.client_id {self.config.client_id!r}, the key and kid, and that the server "
                 "holds the matching public key",
             )
-        with self._lock:
-            self._token = body["access_token"]
-            self._expires = time.time() + float(body.get("expires_in", 300))
+        return body["access_token"], float(body.get("expires_in", 300))
 
-    def _token_endpoint(self, response: httpx.Response) -> str:
-        response.read()
+    def _token_endpoint(self, http: httpx.Client) -> str:
+        url = f"{self.base_url}/.well-known/smart-configuration"
+        response = http.get(url)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientError(f"got {response.status_code} from {safe_url(url)}")
         endpoint = _json(response).get("token_endpoint") if response.is_success else None
         if not isinstance(endpoint, str):
             raise SourceError(
                 self.source,
-                f"{safe_url(self.base_url)}/.well-known/smart-configuration gave no token_endpoint "
-                f"({response.status_code}); set auth.token_url",
+                f"{safe_url(url)} gave no token_endpoint ({response.status_code}); set auth.token_url",
             )
         return endpoint
 

@@ -89,7 +89,6 @@ class FhirBulkConnector:
         export_since = window.since if window else _since(state.get("since")) or self.source.since
         job = None if window else state.get("job")
         if job is not None:
-            log.info("%s: resuming export job %s", self.name, safe_url(job["status_url"]))
             self._progress(f"resuming export job {safe_url(job['status_url'])}")
             self.stats["resumed"] += 1
         manifest = None

@@ -81,7 +81,7 @@ class FhirClient:
         self.stats: Counter[str] = Counter()
         self._sleep = sleep
         self.http = httpx.Client(
-            auth=build_auth(source.name, source.auth, source.base_url),
+            auth=build_auth(source.name, source.auth, source.base_url, timeout=source.timeout_seconds),
             timeout=httpx.Timeout(source.timeout_seconds, connect=min(10.0, source.timeout_seconds)),
             limits=httpx.Limits(
                 max_connections=source.max_connections, max_keepalive_connections=source.max_connections

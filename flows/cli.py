@@ -40,6 +40,7 @@ class Format(StrEnum):
 
 class State:
     config: Path | None = None
+    verbose: bool = False
 
 
 @app.callback()
@@ -52,10 +53,13 @@ def main_options(
 ) -> None:
     """twinhub: EHR, lab, genomic and wearable data in one queryable twin store."""
     State.config = config
+    State.verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every URL with its query (search terms, signed file URLs): ours are redacted.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
@@ -251,6 +255,10 @@ def _utc(when: datetime) -> datetime:
 def _with_progress(name: str, work: Callable[[], RunReport]) -> RunReport:
     from flows.sync import on_batch, on_progress
 
+    if not State.verbose:
+        # A failed run ends in one error line from main(); Prefect would add its tracebacks.
+        for logger in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(logger).setLevel(logging.CRITICAL)
     if not out.is_terminal:
         return work()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=out) as bar:

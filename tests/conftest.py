@@ -39,6 +39,12 @@ def prefect_api() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def api_env(prefect_api: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: use the test Prefect server, not a temporary one each."""
+    return {"PREFECT_API_URL": prefect_api}
+
+
 def write_ndjson(path: Path, lines: list[dict[str, object] | str]) -> Path:
     """One line per item: dicts as compact JSON, strings verbatim (for broken lines)."""
     path.parent.mkdir(parents=True, exist_ok=True)

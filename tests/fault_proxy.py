@@ -104,6 +104,8 @@ class FaultProxy:
         self.upstream = f"{parts.scheme}://{parts.netloc}"
         self.requests: list[ProxyRequest] = []
         self.injected: Counter[str] = Counter()
+        self.credentials: set[str] = set()
+        """Every token or basic pair sent in an Authorization header: secrets a test can hunt for."""
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -204,6 +206,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._read_body()
+        if credentials := self.headers.get("Authorization"):
+            with self.proxy._lock:
+                self.proxy.credentials.add(credentials.partition(" ")[2])
         fault = self.proxy._take_fault(self.path)
         kind = fault.kind if fault else None
         if fault is not None and kind == "reset":

@@ -17,11 +17,6 @@ from tests.conftest import TWINHUB, run_cli, write_config, write_ndjson
 from twin_store import connect
 
 
-@pytest.fixture
-def api_env(prefect_api: str) -> dict[str, str]:
-    return {"PREFECT_API_URL": prefect_api}
-
-
 def store_contents(store: Path) -> dict[str, list[tuple[object, ...]]]:
     con = connect(store)
     return {

@@ -125,3 +125,15 @@ def test_references_off_the_fast_path_get_the_exact_check() -> None:
         None,
         None,
     ]
+
+
+def test_operation_outcomes_are_quarantined_with_the_servers_words() -> None:
+    outcome = orjson.dumps(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "diagnostics": "Patient/9 is gone"}],
+        }
+    ).decode()
+    assert reasons([outcome], file="https://ehr/bulk/errors.ndjson") == [
+        "the server reported an error (OperationOutcome): Patient/9 is gone"
+    ]
