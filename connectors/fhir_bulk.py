@@ -12,7 +12,8 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 EXPIRED = frozenset({404, 410})
 READ_HINT = 4 << 20
+FIRST_BATCH = 4 << 20
+DOWNLOADS_AHEAD = 2
 
 
 class FhirBulkSource(FhirServerSource):
@@ -118,16 +121,15 @@ class FhirBulkConnector:
         with_token = bool(manifest.get("requiresAccessToken", True))
         files = [(f"out{i}", entry) for i, entry in enumerate(manifest.get("output", []))]
         files += [(f"err{i}", entry) for i, entry in enumerate(manifest.get("error", []))]
-        for key, entry in files:
-            yield from self._land_file(client, state, job, folder, key, entry, with_token)
+        rest = yield from self._land_files(client, state, job, folder, files, with_token)
         deletions = None if window else self._deletions(client, manifest, export_since, folder, with_token)
         state.pop("job", None)
         if not window:
             state["since"] = manifest["transactionTime"]
         yield Batch(
-            records=RECORD_SCHEMA.empty_table(),
+            records=pa.concat_tables(rest) if rest else RECORD_SCHEMA.empty_table(),
             deletions=deletions if deletions is not None else DELETION_SCHEMA.empty_table(),
-            watermark=dict(state),
+            watermark=_snapshot(state),
         )
         self._finish(client, job, folder)
 
@@ -183,43 +185,63 @@ class FhirBulkConnector:
             self._sleep(min(after if after is not None else wait, self.source.max_poll_seconds))
             wait = min(wait * 1.5, self.source.max_poll_seconds)
 
-    def _land_file(
+    def _land_files(
         self,
         client: FhirClient,
         state: dict[str, Any],
         job: dict[str, Any],
         folder: Path,
-        key: str,
-        entry: dict[str, Any],
+        files: list[tuple[str, dict[str, Any]]],
         with_token: bool,
-    ) -> Iterator[Batch]:
-        """Download one manifest file (unless it is on disk from an earlier try) and land its
-        lines after those already landed, in batches of about batch_mb."""
-        done = job["files"].get(key, {"lines": 0, "complete": False})
-        if done["complete"]:
-            return
-        name = f"{key}-{entry.get('type', 'OperationOutcome')}.ndjson"
-        path = next((p for p in (folder / name, folder / f"{name}.gz") if p.exists()), None)
-        if path is None:
-            self._progress(f"downloading {entry.get('type')} ({entry.get('count', '?')} resources)")
-            count = entry.get("count")
-            client.download(entry["url"], folder / name, with_token=with_token, expected_lines=count)
-            path = next(p for p in (folder / name, folder / f"{name}.gz") if p.exists())
-        label = f"{safe_url(entry['url'])}"
-        limit = self.source.batch_mb << 20
+    ) -> Generator[Batch, None, list[pa.Table]]:
+        """Download the files a few ahead while landing them in order. Batches span files (few
+        commits for many small files), and what is pending lands before waiting on a download,
+        so a kill loses little. Returns the records left for the final batch."""
+        todo = [(key, entry) for key, entry in files if not job["files"].get(key, {}).get("complete")]
+        pool = ThreadPoolExecutor(max_workers=min(DOWNLOADS_AHEAD, self.source.max_connections))
+        paths = [pool.submit(self._fetch, client, folder, key, entry, with_token) for key, entry in todo]
+        limit = min(FIRST_BATCH, self.source.batch_mb << 20)
         chunks: list[pa.Table] = []
         size = 0
-        with open_ndjson(path) as fh:
-            for first_line, lines in line_chunks(fh, skip=done["lines"], hint=min(READ_HINT, limit)):
-                chunks.append(records_table(label, first_line, lines))
-                size += sum(map(len, lines))
-                done = {"lines": first_line - 1 + len(lines), "complete": False}
-                if size >= limit:
-                    job["files"][key] = done
+        try:
+            for (key, entry), path in zip(todo, paths, strict=True):
+                if chunks and not path.done():
                     yield self._batch(state, job, chunks)
                     chunks, size = [], 0
-        job["files"][key] = {"lines": done["lines"], "complete": True}
-        yield self._batch(state, job, chunks)
+                for chunk in self._file_chunks(job, key, entry, path.result()):
+                    chunks.append(chunk)
+                    size += chunk["raw"].nbytes
+                    if size >= limit:
+                        yield self._batch(state, job, chunks)
+                        chunks, size = [], 0
+                        limit = min(2 * limit, self.source.batch_mb << 20)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return chunks
+
+    def _fetch(
+        self, client: FhirClient, folder: Path, key: str, entry: dict[str, Any], with_token: bool
+    ) -> Path:
+        """The file on disk: kept from an earlier try, or downloaded now."""
+        name = f"{key}-{entry.get('type', 'OperationOutcome')}.ndjson"
+        for path in (folder / name, folder / f"{name}.gz"):
+            if path.exists():
+                return path
+        self._progress(f"downloading {entry.get('type')} ({entry.get('count', '?')} resources)")
+        client.download(entry["url"], folder / name, with_token=with_token, expected_lines=entry.get("count"))
+        return next(p for p in (folder / name, folder / f"{name}.gz") if p.exists())
+
+    def _file_chunks(
+        self, job: dict[str, Any], key: str, entry: dict[str, Any], path: Path
+    ) -> Iterator[pa.Table]:
+        """The file's lines after those already landed; `job` notes how far each chunk reaches."""
+        skip = job["files"].get(key, {"lines": 0})["lines"]
+        label = safe_url(entry["url"])
+        with open_ndjson(path) as fh:
+            for first_line, lines in line_chunks(fh, skip=skip, hint=READ_HINT):
+                job["files"][key] = {"lines": first_line - 1 + len(lines), "complete": False}
+                yield records_table(label, first_line, lines)
+        job["files"][key] = {"lines": job["files"].get(key, {"lines": skip})["lines"], "complete": True}
 
     def _deletions(
         self,

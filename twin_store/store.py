@@ -128,7 +128,8 @@ class TwinStore:
         # is not in the default catalog would otherwise cost a DuckLake catalog read each time.
         self.con.execute("USE memory")
         self.con.execute(MACROS_SQL)
-        self.con.execute(SCHEMA_SQL)
+        with self._transaction():  # one DuckLake commit, not one per statement
+            self.con.execute(SCHEMA_SQL)
         self._migrate()
         self._ensure_flat_tables()
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
@@ -395,22 +396,27 @@ class TwinStore:
                 [CATALOG],
             ).fetchall()
         }
-        for table in FLAT_TABLES:
-            wanted = [
-                f"{name} {dtype}" for name, dtype, *_ in con.execute(f"DESCRIBE {table.sql}").fetchall()
-            ]
-            if existing.get(table.name) == wanted:
-                continue
-            with self._transaction():
+        stale = [
+            table
+            for table in FLAT_TABLES
+            if existing.get(table.name)
+            != [f"{name} {dtype}" for name, dtype, *_ in con.execute(f"DESCRIBE {table.sql}").fetchall()]
+        ]
+        if not stale:
+            return
+        (has_resources,) = _one(con, "SELECT count(*) > 0 FROM twin.fhir_resource")
+        with self._transaction():
+            for table in stale:
                 if table.name in existing:
                     log.info("flat table %s changed definition; rebuilding it", table.name)
                     con.execute(f"DROP TABLE twin.{table.name}")
-                con.execute(f"CREATE TABLE twin.{table.name} AS {table.sql}")
-                con.execute(
-                    f"""CREATE OR REPLACE TEMP VIEW resources AS SELECT id, resource FROM
-                    twin.fhir_resource WHERE resource_type = '{table.resource_type}'"""
-                )
-                con.execute(f"INSERT INTO twin.{table.name} {table.sql}")
+                con.execute(f"CREATE TABLE twin.{table.name} AS FROM ({table.sql}) LIMIT 0")
+                if has_resources:
+                    con.execute(
+                        f"""CREATE OR REPLACE TEMP VIEW resources AS SELECT id, resource FROM
+                        twin.fhir_resource WHERE resource_type = '{table.resource_type}'"""
+                    )
+                    con.execute(f"INSERT INTO twin.{table.name} {table.sql}")
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.con)

@@ -140,3 +140,23 @@ def test_of_two_copies_in_one_batch_the_newest_lands(tmp_path: Path) -> None:
         .fetchall()
     )
     assert rows == [("o1", 61.0), ("o2", 71.0)]
+
+
+def test_flat_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp_path: Path) -> None:
+    from flows.sample_export import write_sample_export
+
+    write_sample_export(tmp_path / "export", patients=5)
+    with TwinStore(tmp_path / "store") as store:
+        land_folder(store, tmp_path / "export")
+    con = connect(tmp_path / "store")
+    before = {t: con.sql(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("patient", "observation")}
+    con.close()
+    with TwinStore(tmp_path / "store") as store:  # as if two definitions had changed since
+        store.con.execute("ALTER TABLE twin.patient ADD COLUMN stale INTEGER")
+        store.con.execute("ALTER TABLE twin.observation ADD COLUMN stale INTEGER")
+    with TwinStore(tmp_path / "store"):
+        pass
+    con = connect(tmp_path / "store")
+    after = {t: con.sql(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("patient", "observation")}
+    assert after == before
+    assert len(before["patient"]) == 5
