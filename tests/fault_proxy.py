@@ -9,6 +9,7 @@ $export status and file URLs) keep going through the proxy.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import re
 import socket
 import struct
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-FAULT_KINDS = frozenset({"429", "503", "drop", "slow", "reset"})
+FAULT_KINDS = frozenset({"429", "503", "drop", "slow", "reset", "gzip"})
 # Per-connection headers (RFC 9110 7.6.1) are not relayed; Host and the body framing are set anew.
 HOP_BY_HOP = frozenset(
     {
@@ -95,7 +96,8 @@ class FaultProxy:
     - "drop": forwards, sends the headers with the full Content-Length but only part of the body
       (opts: after_bytes, default half), then closes the connection;
     - "slow": waits (opts: delay=2 seconds) before forwarding;
-    - "reset": resets the connection without any response.
+    - "reset": resets the connection without any response;
+    - "gzip": not a fault: the body goes gzip-encoded when the client accepts gzip.
     `match` is a substring of the path+query, or a compiled regex; "" matches every request.
     """
 
@@ -233,6 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in upstream.headers.multi_items()
             if k.lower() not in RESPONSE_SKIP
         ]
+        if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
+            content = gzip.compress(content)
+            headers.append(("Content-Encoding", "gzip"))
         if fault is not None and kind == "drop":
             self.proxy._record(self.command, self.path, "drop")
             cut = int(fault.opts.get("after_bytes", len(content) // 2))

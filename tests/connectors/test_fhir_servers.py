@@ -173,3 +173,16 @@ def test_faults_leave_the_result_identical(
     assert stored(faulty) == stored(clean)
     assert set(fault_proxy.injected) == {"429", "503", "drop", "slow", "reset"}
     assert report.stats["retries"] == sum(fault_proxy.injected.values())
+
+
+def test_bulk_files_sent_gzip_encoded_are_kept_compressed_and_land_the_same(
+    fhir_server: FhirServer, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    plain = write_source(tmp_path / "plain", fhir_server.base_url, "fhir-bulk")
+    plain_report = sync(plain)
+    gzipped = write_source(tmp_path / "gzip", fault_proxy.base_url, "fhir-bulk")
+    fault_proxy.add_fault("gzip", match="bulk-files", times=len(TYPES))
+    report = sync(gzipped)
+    assert fault_proxy.injected["gzip"] == len(TYPES)
+    assert stored(gzipped) == stored(plain)
+    assert report.stats["bytes"] < plain_report.stats["bytes"] / 4  # written to disk as received
