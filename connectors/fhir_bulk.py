@@ -13,12 +13,13 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import orjson
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -26,7 +27,7 @@ from xxhash import xxh3_64_hexdigest
 
 from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError, safe_url
-from connectors.fhir_history import history_deletions, iso
+from connectors.fhir_history import Deletion, deleted_entry, deletions_table, history_deletions, iso
 from connectors.fhir_http import FhirClient, FhirServerSource, outcome_text, retry_after
 from connectors.fhir_ndjson import line_chunks, open_ndjson, records_table
 
@@ -89,11 +90,13 @@ class FhirBulkConnector:
                 self.stats.update(client.stats)
 
     def _export(self, client: FhirClient, state: dict[str, Any], window: Window | None) -> Iterator[Batch]:
+        if finished := state.pop("finished_job", None):
+            self._delete_job(client, finished)
         export_since = window.since if window else _since(state.get("since")) or self.source.since
         job = None if window else state.get("job")
         if job is not None:
             self._progress(f"resuming export job {safe_url(job['status_url'])}")
-            self.stats["resumed"] += 1
+            client.count("resumed")
         manifest = None
         while manifest is None:
             if job is None:
@@ -126,12 +129,16 @@ class FhirBulkConnector:
         state.pop("job", None)
         if not window:
             state["since"] = manifest["transactionTime"]
+            # The server's copy is deleted by the next sync, once this last batch surely landed.
+            state["finished_job"] = job["status_url"]
         yield Batch(
             records=pa.concat_tables(rest) if rest else RECORD_SCHEMA.empty_table(),
             deletions=deletions if deletions is not None else DELETION_SCHEMA.empty_table(),
             watermark=_snapshot(state),
         )
-        self._finish(client, job, folder)
+        shutil.rmtree(folder, ignore_errors=True)  # every record is in the batches already
+        if window:
+            self._delete_job(client, job["status_url"])
 
     def _kickoff(self, client: FhirClient, since: datetime | None) -> dict[str, Any]:
         base = self.source.base_url
@@ -146,7 +153,11 @@ class FhirBulkConnector:
         if self.source.type_filters:
             params["_typeFilter"] = ",".join(self.source.type_filters)
         response = client.request(
-            "GET", url, params=params, headers={"Prefer": "respond-async", "Accept": "application/fhir+json"}
+            "GET",
+            url,
+            params=params,
+            headers={"Prefer": "respond-async", "Accept": "application/fhir+json"},
+            idempotent=False,  # a retried kick-off could start a second export
         )
         client.raise_for_status(response)
         status_url = response.headers.get("content-location")
@@ -157,7 +168,7 @@ class FhirBulkConnector:
                 "is Bulk Data $export enabled for this client (and level)?",
             )
         log.info("%s: export job started at %s", self.name, safe_url(status_url))
-        self.stats["exports"] += 1
+        client.count("exports")
         return {"status_url": status_url, "since": iso(since) if since else None, "files": {}}
 
     def _poll(self, client: FhirClient, job: dict[str, Any]) -> dict[str, Any] | Literal["failed"] | None:
@@ -165,16 +176,20 @@ class FhirBulkConnector:
         deadline = time.monotonic() + self.source.max_wait_minutes * 60
         wait = self.source.poll_seconds
         while True:
-            response = client.request("GET", job["status_url"])
+            # A 5xx here may say the job failed: retried only when the server says it is passing.
+            response = client.request("GET", job["status_url"], retry_on=frozenset({408, 429}))
             if response.status_code in EXPIRED:
                 return None
             if response.status_code == 200:
-                return client.json(response)
-            if response.status_code != 202:
+                return _checked_manifest(self.name, client.json(response))
+            if response.status_code >= 500 and _passing(response):
+                client.count("retries")
+                log.warning("%s: polling the export: %s", self.name, outcome_text(response))
+            elif response.status_code != 202:
                 log.error("%s: export job failed: %s", self.name, outcome_text(response))
                 return "failed"
-            progress = response.headers.get("x-progress", "in progress")
-            self._progress(f"export {progress}")
+            else:
+                self._progress(f"export {response.headers.get('x-progress', 'in progress')}")
             if time.monotonic() > deadline:
                 raise SourceError(
                     self.name,
@@ -199,12 +214,21 @@ class FhirBulkConnector:
         so a kill loses little. Returns the records left for the final batch."""
         todo = [(key, entry) for key, entry in files if not job["files"].get(key, {}).get("complete")]
         pool = ThreadPoolExecutor(max_workers=min(DOWNLOADS_AHEAD, self.source.max_connections))
-        paths = [pool.submit(self._fetch, client, folder, key, entry, with_token) for key, entry in todo]
+        ahead: dict[int, Future[Path]] = {}
+
+        def fetch(i: int) -> None:
+            if i < len(todo):
+                ahead[i] = pool.submit(self._fetch, client, folder, *todo[i], with_token)
+
+        for i in range(DOWNLOADS_AHEAD):
+            fetch(i)
         limit = min(FIRST_BATCH, self.source.batch_mb << 20)
         chunks: list[pa.Table] = []
         size = 0
         try:
-            for (key, entry), path in zip(todo, paths, strict=True):
+            for i, (key, entry) in enumerate(todo):
+                path = ahead.pop(i)
+                fetch(i + DOWNLOADS_AHEAD)
                 if chunks and not path.done():
                     yield self._batch(state, job, chunks)
                     chunks, size = [], 0
@@ -256,7 +280,7 @@ class FhirBulkConnector:
         if since is None or not self.source.track_deletes:
             return None
         if "deleted" in manifest:
-            return self._manifest_deletions(client, manifest, folder, with_token)
+            return self._manifest_deletions(client, manifest, since, folder, with_token)
         types: list[str | None] = [*self.source.resource_types] or [None]
         overlap = timedelta(seconds=self.source.overlap_seconds)
         found = [history_deletions(client, rtype, since - overlap) for rtype in types]
@@ -264,38 +288,31 @@ class FhirBulkConnector:
         return pa.concat_tables(tables) if tables else None
 
     def _manifest_deletions(
-        self, client: FhirClient, manifest: dict[str, Any], folder: Path, with_token: bool
+        self, client: FhirClient, manifest: dict[str, Any], since: datetime, folder: Path, with_token: bool
     ) -> pa.Table:
-        """Bulk Data `deleted` files: Bundles whose DELETE entries name what went away."""
-        when = datetime.fromisoformat(manifest["transactionTime"])
-        rows = []
+        """Bulk Data `deleted` files: Bundles whose DELETE entries name what went away since
+        `since`."""
+        rows: list[Deletion] = []
         for i, entry in enumerate(manifest["deleted"]):
-            path = folder / f"deleted{i}.ndjson"
-            client.download(entry["url"], path, with_token=with_token, expected_lines=entry.get("count"))
-            path = next(p for p in (path, path.with_name(path.name + ".gz")) if p.exists())
+            path = self._fetch(client, folder, f"deleted{i}", {**entry, "type": "Bundle"}, with_token)
             with open_ndjson(path) as fh:
-                for line in fh:
-                    bundle = orjson.loads(line) if line.strip() else {}
-                    for e in bundle.get("entry", []):
-                        rtype, _, rid = str((e.get("request") or {}).get("url", "")).partition("/")
-                        if rid:
-                            rows.append(
-                                {
-                                    "resource_type": rtype,
-                                    "id": rid.split("/")[0],
-                                    "deleted_at": when,
-                                    "origin": safe_url(entry["url"]),
-                                }
-                            )
-        return pa.Table.from_pylist(rows, schema=DELETION_SCHEMA)
+                for line_no, line in enumerate(fh, 1):
+                    try:
+                        bundle = orjson.loads(line) if line.strip() else {}
+                    except orjson.JSONDecodeError:
+                        raise SourceError(
+                            self.name, f"line {line_no} of {safe_url(entry['url'])} (deleted) is not JSON"
+                        ) from None
+                    origin = safe_url(entry["url"])
+                    rows += filter(None, (deleted_entry(e, since, origin) for e in bundle.get("entry", [])))
+        return deletions_table(rows)
 
-    def _finish(self, client: FhirClient, job: dict[str, Any], folder: Path) -> None:
-        """Tell the server it may drop the files, and drop our copies (all landed)."""
+    def _delete_job(self, client: FhirClient, status_url: str) -> None:
+        """Tell the server it may drop a landed export's files."""
         try:
-            client.request("DELETE", job["status_url"])
-        except Exception as e:  # the job expires on its own; never fail a landed sync over it
+            client.request("DELETE", status_url)
+        except Exception as e:  # the job expires on its own; never fail a sync over it
             log.warning("%s: could not delete export job (%s); it will expire", self.name, type(e).__name__)
-        shutil.rmtree(folder, ignore_errors=True)
 
     def _checkpoint(self, state: dict[str, Any], job: dict[str, Any] | None) -> Batch:
         if job is None:
@@ -308,6 +325,30 @@ class FhirBulkConnector:
         state["job"] = job
         records = pa.concat_tables(chunks) if chunks else RECORD_SCHEMA.empty_table()
         return Batch(records=records, watermark=_snapshot(state))
+
+
+def _passing(response: httpx.Response) -> bool:
+    """A status-poll error the server marks as passing: Retry-After, or a transient issue code
+    (Bulk Data 2.0); anything else means the job failed."""
+    if response.headers.get("retry-after"):
+        return True
+    try:
+        outcome = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return False
+    codes = {i.get("code") for i in outcome.get("issue", [])} if isinstance(outcome, dict) else set()
+    return bool(codes & {"transient", "throttled", "timeout", "lock-error"})
+
+
+def _checked_manifest(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest, once it has what a sync needs (else one line saying what is missing)."""
+    files = [*manifest.get("output", []), *manifest.get("error", []), *manifest.get("deleted", [])]
+    if not isinstance(manifest.get("transactionTime"), str) or any("url" not in f for f in files):
+        raise SourceError(
+            source,
+            "the export manifest lacks transactionTime or a file url; the server's answer is malformed",
+        )
+    return manifest
 
 
 def _since(value: str | None) -> datetime | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 import pyarrow as pa
 
@@ -15,6 +16,7 @@ from connectors.fhir_http import FhirClient, next_link, server_time
 log = logging.getLogger(__name__)
 
 NOT_OFFERED = frozenset({400, 403, 404, 405, 501})
+Deletion = tuple[str, str, datetime, str]
 
 
 def history_deletions(
@@ -25,7 +27,7 @@ def history_deletions(
     path = f"{rtype}/_history" if rtype else "_history"
     url: str | None = f"{client.source.base_url}/{path}"
     params: dict[str, str] | None = {"_since": iso(since), "_count": "1000"}
-    rows: list[tuple[str, str, datetime, str]] = []
+    rows: list[Deletion] = []
     started: datetime | None = None
     while url:
         response = client.request("GET", url, params=params)
@@ -42,25 +44,40 @@ def history_deletions(
                 return None
             started = server_time(response)
         client.raise_for_status(response)
-        client.stats["pages"] += 1
+        client.count("pages")
         bundle = client.json(response)
-        for entry in bundle.get("entry", []):
-            request = entry.get("request") or {}
-            if request.get("method") != "DELETE":
-                continue
-            parts = str(request.get("url") or entry.get("fullUrl", "")).split("?")[0].strip("/").split("/")
-            if "_history" in parts:
-                parts = parts[: parts.index("_history")]
-            if len(parts) < 2 or (rtype and parts[-2] != rtype):
-                continue
-            modified = (entry.get("response") or {}).get("lastModified")
-            when = datetime.fromisoformat(modified) if modified else started
-            rows.append((parts[-2], parts[-1], when, safe_url(f"{client.source.base_url}/{path}")))
+        origin = safe_url(f"{client.source.base_url}/{path}")
+        rows += [
+            deletion
+            for entry in bundle.get("entry", [])
+            if (deletion := deleted_entry(entry, since, origin)) and (not rtype or deletion[0] == rtype)
+        ]
         url, params = next_link(bundle), None
     assert started is not None
+    return deletions_table(rows), started
+
+
+def deleted_entry(entry: dict[str, Any], since: datetime, origin: str) -> Deletion | None:
+    """(type, id, when, origin) of a Bundle entry that records a DELETE; None for any other.
+
+    Without `response.lastModified` the deletion is dated `since`, the earliest it can have
+    happened: a later date could remove a copy re-created after the deletion."""
+    request = entry.get("request") or {}
+    if request.get("method") != "DELETE":
+        return None
+    parts = str(request.get("url") or entry.get("fullUrl", "")).split("?")[0].strip("/").split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) < 2 or not parts[-2][:1].isupper() or not parts[-1]:
+        return None
+    modified = (entry.get("response") or {}).get("lastModified")
+    return parts[-2], parts[-1], datetime.fromisoformat(modified) if modified else since, origin
+
+
+def deletions_table(rows: list[Deletion]) -> pa.Table:
     return pa.Table.from_pylist(
         [dict(zip(DELETION_SCHEMA.names, row, strict=True)) for row in rows], schema=DELETION_SCHEMA
-    ), started
+    )
 
 
 def iso(when: datetime) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -73,12 +75,13 @@ class FhirServerSource(BaseModel):
 
 
 class FhirClient:
-    """The source's HTTP client. Not shared between threads."""
+    """The source's HTTP client; safe to share between the download threads (httpx is)."""
 
     def __init__(self, source: FhirServerSource, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.source = source
         self.name = source.name
         self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
         self._sleep = sleep
         self.http = httpx.Client(
             auth=build_auth(source.name, source.auth, source.base_url, timeout=source.timeout_seconds),
@@ -105,14 +108,26 @@ class FhirClient:
         *,
         params: httpx.QueryParams | dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        retry_on: frozenset[int] = RETRY_STATUS,
+        idempotent: bool = True,
     ) -> httpx.Response:
-        """Send, retrying what may pass; returns the response of any other status unread-checked."""
-        for attempt in self._attempts(method, url):
+        """Send, retrying what may pass; returns the response of any other status unchecked.
+
+        A request that is not idempotent (a kick-off) is retried only where the server surely
+        did not act on it: it was never connected, or it answered 429 or 503."""
+        if not idempotent:
+            retry_on = retry_on & {429, 503}
+        for attempt in self._attempts(method, url, idempotent=idempotent):
             with attempt:
                 response = self.http.request(method, url, params=params, headers=headers)
-                attempt.check(response)
+                attempt.check(response, retry_on)
                 return response
         raise AssertionError("unreachable: the last attempt raises")
+
+    def count(self, what: str, n: int = 1) -> None:
+        """Add to the stats; download threads share them."""
+        with self._stats_lock:
+            self.stats[what] += n
 
     def download(self, url: str, dest: Path, *, with_token: bool, expected_lines: int | None) -> int:
         """Stream `url` into `dest` (kept gzip-encoded when the server sends gzip), in bounded
@@ -122,26 +137,23 @@ class FhirClient:
         auth: Any = httpx.USE_CLIENT_DEFAULT if with_token else None
         for attempt in self._attempts("GET", url):
             with attempt, self.http.stream("GET", url, headers=headers, auth=auth) as response:
-                attempt.check(response)
+                attempt.check(response, RETRY_STATUS)
                 self.raise_for_status(response)
                 gzipped = response.headers.get("content-encoding", "").lower() == "gzip"
-                size, newlines, last = 0, 0, b"\n"
+                lines = _LineCount(gzipped)
+                size = 0
                 with part.open("wb") as fh:
                     for chunk in response.iter_raw(1 << 20):
                         fh.write(chunk)
                         size += len(chunk)
-                        newlines += chunk.count(b"\n")
-                        last = chunk[-1:] or last
-                lines = newlines + (last != b"\n")
-                if not gzipped and expected_lines is not None and size and lines < expected_lines:
+                        lines.feed(chunk)
+                if not lines.complete or (expected_lines is not None and lines.total < expected_lines):
                     raise TransientError(
-                        f"source {self.name!r}: {safe_url(url)} ended after {lines:,} of "
-                        f"{expected_lines:,} lines"
+                        f"{safe_url(url)} ended after {lines.total:,} of {expected_lines or '?'} lines"
                     )
-                final = dest.with_name(dest.name + ".gz") if gzipped else dest
-                part.rename(final)
-                self.stats["files"] += 1
-                self.stats["bytes"] += size
+                part.rename(dest.with_name(dest.name + ".gz") if gzipped else dest)
+                self.count("files")
+                self.count("bytes", size)
                 return size
         raise AssertionError("unreachable: the last attempt raises")
 
@@ -173,11 +185,13 @@ class FhirClient:
             )
         return body
 
-    def _attempts(self, method: str, url: str) -> Iterator[_Attempt]:
+    def _attempts(self, method: str, url: str, *, idempotent: bool = True) -> Iterator[_Attempt]:
         """Attempts at one request; each one that fails transiently waits, then yields the next."""
         for n in range(self.source.retries + 1):
             attempt = _Attempt(
-                last=n == self.source.retries, what=f"source {self.name!r}: {method} {safe_url(url)}"
+                last=n == self.source.retries,
+                what=f"source {self.name!r}: {method} {safe_url(url)}",
+                idempotent=idempotent,
             )
             yield attempt
             if not attempt.failure:
@@ -185,7 +199,7 @@ class FhirClient:
             wait = attempt.retry_after
             if wait is None:
                 wait = _backoff(self.source.backoff_seconds, n)
-            self.stats["retries"] += 1
+            self.count("retries")
             log.warning(
                 "%s: %s %s %s; retry %d of %d in %.1f s",
                 self.name,
@@ -202,14 +216,15 @@ class FhirClient:
 class _Attempt:
     """Context of one try: turns transient failures into a wait, or, on the last try, an error."""
 
-    def __init__(self, *, last: bool, what: str) -> None:
+    def __init__(self, *, last: bool, what: str, idempotent: bool) -> None:
         self.last = last
         self.what = what
+        self.idempotent = idempotent
         self.failure = ""
         self.retry_after: float | None = None
 
-    def check(self, response: httpx.Response) -> None:
-        if response.status_code in RETRY_STATUS:
+    def check(self, response: httpx.Response, retry_on: frozenset[int]) -> None:
+        if response.status_code in retry_on:
             if isinstance(response.stream, httpx.SyncByteStream):
                 response.read()
             raise _RetryableError(response)
@@ -227,11 +242,41 @@ class _Attempt:
             self.failure = str(e)
         elif isinstance(e, httpx.TransportError):
             self.failure = f"failed ({type(e).__name__})"  # its text may repeat the URL's query
+            if not self.idempotent and not isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+                raise TransientError(
+                    f"{self.what} {self.failure}; not retried, as the server may have acted on it"
+                )
         else:
             return False
         if self.last:
             raise TransientError(f"{self.what}: gave up after retries; the last try {self.failure}") from None
         return True
+
+
+class _LineCount:
+    """Counts the lines of a download as it streams (decompressing a gzip body to count, and
+    to prove it complete), so a body cut short is never taken for the whole file."""
+
+    def __init__(self, gzipped: bool) -> None:
+        self._inflate = zlib.decompressobj(wbits=31) if gzipped else None
+        self._newlines = 0
+        self._last = b"\n"
+
+    def feed(self, raw: bytes) -> None:
+        try:
+            data = self._inflate.decompress(raw) if self._inflate else raw
+        except zlib.error:
+            raise TransientError("the gzip-encoded body is corrupt") from None
+        self._newlines += data.count(b"\n")
+        self._last = data[-1:] or self._last
+
+    @property
+    def complete(self) -> bool:
+        return self._inflate is None or self._inflate.eof
+
+    @property
+    def total(self) -> int:
+        return self._newlines + (self._last != b"\n")
 
 
 class _RetryableError(Exception):

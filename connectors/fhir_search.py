@@ -96,15 +96,25 @@ class FhirSearchConnector:
             if found is not None:
                 deletions, checked_at = found
                 st["deletes_since"] = checked_at.isoformat()
-        walk = st.get("walk")
         lower = datetime.fromisoformat(st["since"]) - overlap if "since" in st else None
-        for records, next_url, started, page in self._walk(client, rtype, lower, walk):
-            if next_url:
-                st["walk"] = {"next": next_url, "started": started, "page": page}
+        walk = st.get("walk") or {}
+        for records in self._walk(client, rtype, lower, walk):
+            if walk["next"]:
+                st["walk"] = dict(walk)
             else:
                 st.pop("walk", None)
-                st["since"] = started
-                st.setdefault("deletes_since", started)
+                if _whole(walk):
+                    st["since"] = walk["started"]
+                else:  # keep the old watermark: the next sync asks again for what was skipped
+                    log.warning(
+                        "%s: %s changed during the search (%s of %s matches unchanged); a server that "
+                        "pages by offset may have skipped some, so the next sync asks again",
+                        self.name,
+                        rtype,
+                        walk["unchanged"],
+                        walk["total"],
+                    )
+                st.setdefault("deletes_since", walk["started"])
             yield Batch(records=records, deletions=deletions, watermark={"types": _copy(state)})
             deletions = DELETION_SCHEMA.empty_table()
 
@@ -115,7 +125,7 @@ class FhirSearchConnector:
         while start < window.until:
             end = min(start + step, window.until)
             self._progress(f"{rtype} updated {start:%Y-%m-%d} to {end:%Y-%m-%d}")
-            for records, *_ in self._walk(client, rtype, start, None, until=end):
+            for records in self._walk(client, rtype, start, {}, until=end):
                 yield Batch(records=records, watermark={})
             start = end
 
@@ -124,11 +134,12 @@ class FhirSearchConnector:
         client: FhirClient,
         rtype: str,
         lower: datetime | None,
-        resume: dict[str, Any] | None,
+        walk: dict[str, Any],
         until: datetime | None = None,
-    ) -> Iterator[tuple[pa.Table, str | None, str, int]]:
-        """Pages of one search, gathered into batches of about batch_mb: (records, the next
-        link, the server time the walk began, pages so far)."""
+    ) -> Iterator[pa.Table]:
+        """Pages of one search, gathered into batches of about batch_mb. `walk` (empty, or
+        saved from a walk cut short) is kept up to date as each batch is yielded: the next
+        link, the server time the walk began, pages so far, matches received and announced."""
         first_params = httpx.QueryParams(
             [
                 *parse_qsl(self.source.search_params.get(rtype, "").lstrip("?")),
@@ -137,48 +148,64 @@ class FhirSearchConnector:
                 *([("_lastUpdated", f"lt{iso(until)}")] if until else []),
             ]
         )
-        url: str | None = resume["next"] if resume else f"{self.source.base_url}/{rtype}"
-        params: httpx.QueryParams | None = None if resume else first_params
-        started: str | None = resume["started"] if resume else None
-        page = resume["page"] if resume else 0
+        fresh: dict[str, Any] = {
+            "next": f"{self.source.base_url}/{rtype}",
+            "started": None,
+            "page": 0,
+            "unchanged": 0,  # matches not updated since the walk began
+            "total": None,
+        }
+        resuming = bool(walk)
+        walk.update({**fresh, **walk})
+        params: httpx.QueryParams | None = None if resuming else first_params
         chunks: list[pa.Table] = []
         size, limit = 0, self.source.batch_mb << 20
-        resuming = resume is not None
-        while url:
-            response = client.request("GET", url, params=params)
+        while walk["next"]:
+            response = client.request("GET", walk["next"], params=params)
             if resuming and response.status_code in (404, 410):
                 log.warning("%s: the saved %s page link has expired; walking again", self.name, rtype)
-                url, params, started, page = f"{self.source.base_url}/{rtype}", first_params, None, 0
-                resuming = False
+                walk.update(fresh)
+                params, resuming = first_params, False
                 continue
             resuming = False
             client.raise_for_status(response)
-            started = started or server_time(response).isoformat()
             bundle = client.json(response)
-            page += 1
-            client.stats["pages"] += 1
-            records = self._records(bundle, f"{self.source.base_url}/{rtype} search page {page}")
+            walk["started"] = walk["started"] or server_time(response).isoformat()
+            walk["page"] += 1
+            if walk["total"] is None and isinstance(bundle.get("total"), int):
+                walk["total"] = bundle["total"]
+            client.count("pages")
+            label = f"{self.source.base_url}/{rtype} search page {walk['page']}"
+            records, unchanged = self._records(bundle, label, datetime.fromisoformat(walk["started"]))
+            walk["unchanged"] += unchanged
             chunks.append(records)
             size += records["raw"].nbytes
-            url, params = next_link(bundle), None
-            self._progress(f"{rtype}: page {page}, {bundle.get('total', '?')} matching")
-            if size >= limit or not url:
-                yield pa.concat_tables(chunks), url, started, page
+            walk["next"], params = next_link(bundle), None
+            self._progress(f"{rtype}: page {walk['page']}, {walk['total'] or '?'} matching")
+            if size >= limit or not walk["next"]:
+                yield pa.concat_tables(chunks)
                 chunks, size = [], 0
 
-    def _records(self, bundle: dict[str, Any], label: str) -> pa.Table:
+    def _records(self, bundle: dict[str, Any], label: str, started: datetime) -> tuple[pa.Table, int]:
+        """The page's resources (matches and includes) as records, and how many matches were
+        not updated since the walk began (see `_whole`)."""
         if bundle.get("resourceType") != "Bundle":
             raise SourceError(self.name, f"{label} did not answer with a Bundle")
         lines = []
+        unchanged = 0
         for entry in bundle.get("entry", []):
             resource = entry.get("resource")
+            mode = (entry.get("search") or {}).get("mode", "match")
             if resource is None:
                 continue
-            if (entry.get("search") or {}).get("mode") == "outcome":
+            if mode == "outcome":
                 self._outcome(resource)
                 continue
+            if mode == "match":
+                updated = (resource.get("meta") or {}).get("lastUpdated")
+                unchanged += not updated or datetime.fromisoformat(updated) < started
             lines.append(orjson.dumps(resource))
-        return records_table(label, 1, lines) if lines else RECORD_SCHEMA.empty_table()
+        return records_table(label, 1, lines) if lines else RECORD_SCHEMA.empty_table(), unchanged
 
     def _outcome(self, outcome: dict[str, Any]) -> None:
         """The server's notes on a search: errors stop the sync, warnings are logged."""
@@ -187,6 +214,16 @@ class FhirSearchConnector:
         if any(i.get("severity") in ("error", "fatal") for i in issues):
             raise SourceError(self.name, f"the server rejected the search: {text}")
         log.warning("%s: the server notes on a search: %s", self.name, text)
+
+
+def _whole(walk: dict[str, Any]) -> bool:
+    """Did the walk surely see every match the server announced (when it announced a total)?
+
+    On a server that pages by offset, a resource updated mid-walk moves, the pages after it
+    shift and one resource is skipped; the moved one may come twice. Counting only matches not
+    updated since the walk began, each is seen at most once, so fewer than the total means
+    something was skipped (or changed meanwhile): the watermark then stays where it was."""
+    return walk["total"] is None or walk["unchanged"] >= walk["total"]
 
 
 def _copy(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from connectors.errors import TwinhubError
+from connectors.errors import TwinhubError, safe_url
 from connectors.fhir_ndjson import FhirNdjsonSource
 from flows.config import Settings, StoreConfig, load_settings
 from twin_store import FLAT_TABLES, RunReport, connect
@@ -331,7 +331,8 @@ def _watermark_summary(watermark_json: str) -> str:
     if job := mark.get("job"):
         files = job["files"].values()
         text += (
-            f"; export job {job['status_url']} in progress, {sum(f['complete'] for f in files)} files landed"
+            f"; export job {safe_url(job['status_url'])} in progress, "
+            f"{sum(f['complete'] for f in files)} files landed"
         )
     return text
 

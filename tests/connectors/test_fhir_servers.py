@@ -4,6 +4,8 @@ real store on disk (the Prefect task's function, without the Prefect server)."""
 
 from __future__ import annotations
 
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import orjson
 import pytest
 from xxhash import xxh3_64_intdigest
 
+from connectors.errors import SourceError
 from flows.sync import land_source
 from tests.fault_proxy import FaultProxy
 from tests.fhir_server import ADMIN_TOKEN, FhirServer, SekmetTemplate
@@ -165,8 +168,10 @@ def test_faults_leave_the_result_identical(
     fault_proxy.add_fault("429", match=data, retry_after=1)
     fault_proxy.add_fault("503", match="Patient")
     fault_proxy.add_fault("drop", match=data)
-    fault_proxy.add_fault("slow", match="Encounter", delay=4)  # longer than the timeout
-    fault_proxy.add_fault("reset", match="Procedure")
+    # Slow (longer than the timeout) and reset not on the kick-off, which is not retried once sent.
+    files = "bulk-files/.*" if kind == "fhir-bulk" else ""
+    fault_proxy.add_fault("slow", match=re.compile(files + "Encounter"), delay=4)
+    fault_proxy.add_fault("reset", match=re.compile(files + "Procedure"))
     if kind == "fhir-bulk":
         fault_proxy.add_fault("503", match="bulk-status")
     report = sync(faulty)
@@ -186,3 +191,39 @@ def test_bulk_files_sent_gzip_encoded_are_kept_compressed_and_land_the_same(
     assert fault_proxy.injected["gzip"] == len(TYPES)
     assert stored(gzipped) == stored(plain)
     assert report.stats["bytes"] < plain_report.stats["bytes"] / 4  # written to disk as received
+
+
+def test_a_search_walk_that_misses_matches_keeps_its_watermark(
+    fhir_server: FhirServer, fault_proxy: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sekmet pages by offset: a resource updated mid-walk moves to the end, so the next page
+    starts one too far and a resource is skipped. The walk notices and keeps the watermark."""
+    config = write_source(
+        tmp_path, fault_proxy.base_url, "fhir-search", page_size=200, resource_types=["Observation"]
+    )
+    with fhir_server.client() as http:
+        first = http.get("Observation", params={"_count": 200}).json()["entry"][0]["resource"]
+    fault_proxy.add_fault("slow", match="_offset=200", delay=2)  # page 2 waits while page 1 changes
+    mover = threading.Timer(1.0, fhir_server.put, args=({**first, "language": "fr"},))
+    mover.start()
+    sync(config)
+    mover.join()
+    assert "Observation changed during the search" in caplog.text
+    server = {k: v for k, v in search_dump(fhir_server).items() if k[0] == "Observation"}
+    assert set(stored(config)) != set(server)  # one resource was skipped ...
+    sync(config)
+    assert stored(config) == server  # ... and the next sync, asking again, has it
+
+
+def test_a_failed_export_job_is_dropped_and_the_next_sync_starts_anew(
+    fhir_server: FhirServer, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    config = write_source(tmp_path, fault_proxy.base_url, "fhir-bulk")
+    fault_proxy.add_fault("500", match="bulk-status")
+    with pytest.raises(
+        SourceError, match=r"export job .* failed \(see above\); the next sync starts a new export"
+    ):
+        sync(config)
+    sync(config)
+    assert sum("$export" in r.path for r in fault_proxy.requests) == 2
+    assert stored(config) == bulk_dump(fhir_server.base_url)
