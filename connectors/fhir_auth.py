@@ -163,8 +163,13 @@ class SmartBackendAuth(httpx.Auth):
     def _access_token(self, *, refresh: bool = False) -> str:
         with self._lock:
             if refresh or self._token is None or time.time() > self._expires:
-                with httpx.Client(timeout=self._timeout, headers={"Accept": "application/json"}) as http:
-                    self._token, lifetime = self._request_token(http)
+                try:
+                    with httpx.Client(timeout=self._timeout, headers={"Accept": "application/json"}) as http:
+                        self._token, lifetime = self._request_token(http)
+                except httpx.TransportError as e:
+                    raise TransientError(
+                        f"could not reach the SMART token endpoint ({type(e).__name__})"
+                    ) from None
                 self._expires = time.time() + lifetime - min(REFRESH_MARGIN, lifetime / 4)
             return self._token
 
