@@ -149,6 +149,7 @@ class SmartBackendAuth(httpx.Auth):
             else None
         )
         self._token: str | None = None
+        self._token_url = config.token_url  # else discovered once
         self._expires = 0.0
         self._lock = threading.Lock()
         self._timeout = timeout
@@ -174,7 +175,7 @@ class SmartBackendAuth(httpx.Auth):
             return self._token
 
     def _request_token(self, http: httpx.Client) -> tuple[str, float]:
-        token_url = self.config.token_url or self._token_endpoint(http)
+        token_url = self._token_url = self._token_url or self._token_endpoint(http)
         form = {"grant_type": "client_credentials", "scope": self.config.scope}
         auth = httpx.Auth()  # none
         if self._key is not None:

@@ -222,7 +222,7 @@ def demo(
 
 
 def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
-    tables = ["fhir_resource", *(t.name for t in FLAT_TABLES), "quarantine"]
+    tables = ["fhir_resource", *(t.name for t in FLAT_TABLES), "fhir_deletion", "quarantine"]
     return con.sql(
         " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
     )

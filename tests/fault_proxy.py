@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-FAULT_KINDS = frozenset({"429", "500", "503", "drop", "slow", "reset", "gzip"})
+FAULT_KINDS = frozenset({"401", "429", "500", "503", "drop", "slow", "reset", "gzip"})
 # Per-connection headers (RFC 9110 7.6.1) are not relayed; Host and the body framing are set anew.
 HOP_BY_HOP = frozenset(
     {
@@ -92,6 +92,7 @@ class FaultProxy:
 
     `add_fault(kind, match=..., times=...)` makes the next `times` requests whose path+query matches fail:
     - "429": answers 429 with Retry-After (opts: retry_after=1) without contacting upstream;
+    - "401": answers 401, as for an access token the server no longer accepts;
     - "500": answers 500 with an OperationOutcome saying the work failed (not transient);
     - "503": answers 503 (opts: retry_after adds a Retry-After header) without contacting upstream;
     - "drop": forwards, sends the headers with the full Content-Length but only part of the body
@@ -109,6 +110,8 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self.credentials: set[str] = set()
         """Every token or basic pair sent in an Authorization header: secrets a test can hunt for."""
+        self.authorized: list[str] = []
+        """Paths of the requests that carried an Authorization header."""
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -212,13 +215,14 @@ class _Handler(BaseHTTPRequestHandler):
         if credentials := self.headers.get("Authorization"):
             with self.proxy._lock:
                 self.proxy.credentials.add(credentials.partition(" ")[2])
+                self.proxy.authorized.append(self.path)
         fault = self.proxy._take_fault(self.path)
         kind = fault.kind if fault else None
         if fault is not None and kind == "reset":
             self.proxy._record(self.command, self.path, "reset")
             self._abort(reset=True)
             return
-        if fault is not None and kind in ("429", "500", "503"):
+        if fault is not None and kind in ("401", "429", "500", "503"):
             self.proxy._record(self.command, self.path, fault.kind)
             self._refuse(fault)
             return
@@ -258,6 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers.append(("Retry-After", str(fault.opts.get("retry_after", 1))))
         if fault.kind == "429":
             self._send(429, headers, _outcome("throttled", "Too many requests (injected by FaultProxy)"))
+        elif fault.kind == "401":
+            self._send(401, headers, _outcome("login", "Access token expired (injected by FaultProxy)"))
         elif fault.kind == "500":
             self._send(500, headers, _outcome("exception", "It failed for good (injected by FaultProxy)"))
         else:

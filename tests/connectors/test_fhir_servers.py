@@ -227,3 +227,20 @@ def test_a_failed_export_job_is_dropped_and_the_next_sync_starts_anew(
     sync(config)
     assert sum("$export" in r.path for r in fault_proxy.requests) == 2
     assert stored(config) == bulk_dump(fhir_server.base_url)
+
+
+def test_files_that_need_no_token_are_fetched_without_one(
+    sekmet_template: SekmetTemplate, tmp_path: Path
+) -> None:
+    server = sekmet_template.spawn(tmp_path / "sekmet", auth=False)  # manifest: requiresAccessToken false
+    try:
+        with FaultProxy(server.root_url) as proxy:
+            config = write_source(tmp_path, proxy.base_url, "fhir-bulk")
+            sync(config)
+            files = [p for p in (r.path for r in proxy.requests) if "bulk-files" in p]
+            assert len(files) == len(TYPES)
+            assert any("$export" in p for p in proxy.authorized)  # the token goes to the API ...
+            assert not any("bulk-files" in p for p in proxy.authorized)  # ... not to the file URLs
+            assert len(stored(config)) == sekmet_template.count
+    finally:
+        server.stop()

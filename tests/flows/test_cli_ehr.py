@@ -18,6 +18,7 @@ import pytest
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from connectors.errors import StoreError
+from flows.sync import land_source
 from tests.conftest import TWINHUB, run_cli
 from tests.connectors.test_fhir_servers import TYPES, bulk_dump, stored, write_source
 from tests.fault_proxy import FaultProxy, free_port
@@ -262,3 +263,16 @@ def test_backfill_walks_the_window_in_steps(
     first_pages = {p for p in (r.path for r in fault_proxy.requests) if "_lastUpdated=lt" in p}
     assert len({p for p in first_pages if "_offset" not in p}) == 3 * len(TYPES)  # 3 one-day steps a type
     assert len(stored(config)) == sekmet_template.count
+
+
+def test_a_401_gets_a_fresh_smart_token_and_the_request_again(
+    smart: SmartServer, sekmet_template: SekmetTemplate, tmp_path: Path
+) -> None:
+    config = smart_config(tmp_path, smart, tmp_path / "unused-token")
+    smart.proxy.add_fault("401", match="Observation")
+    report = land_source.fn(str(config), "ehr")
+    seen = smart.proxy.requests
+    refused = next(i for i, r in enumerate(seen) if r.outcome == "401")
+    assert seen[refused + 1].path.startswith("/auth/token")  # a fresh token at once ...
+    assert (seen[refused + 2].path, seen[refused + 2].outcome) == (seen[refused].path, 200)  # ... and again
+    assert report.counts["inserted"] == sekmet_template.count
