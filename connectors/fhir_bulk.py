@@ -109,8 +109,7 @@ class FhirBulkConnector:
                     self.name,
                     safe_url(job["status_url"]),
                 )
-                job = None
-                export_since = _since(state.get("since")) if not window else export_since
+                job = None  # and a new export with the same _since
         assert job is not None
         if isinstance(manifest, str):  # "failed"
             yield self._checkpoint(state, None)
