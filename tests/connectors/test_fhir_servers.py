@@ -14,7 +14,7 @@ import orjson
 import pytest
 from xxhash import xxh3_64_intdigest
 
-from connectors.errors import SourceError
+from connectors.errors import SourceError, TransientError
 from flows.sync import land_source
 from tests.fault_proxy import FaultProxy
 from tests.fhir_server import ADMIN_TOKEN, FhirServer, SekmetTemplate
@@ -244,3 +244,49 @@ def test_files_that_need_no_token_are_fetched_without_one(
             assert len(stored(config)) == sekmet_template.count
     finally:
         server.stop()
+
+
+def test_group_export_with_a_type_filter_holds_only_what_was_asked(
+    fhir_server: FhirServer, tmp_path: Path
+) -> None:
+    patients = sorted(i for t, i in fhir_server.dump(["Patient"]) if t == "Patient")[:5]
+    members = [{"entity": {"reference": f"Patient/{p}"}} for p in patients]
+    fhir_server.put(
+        {"resourceType": "Group", "id": "cohort", "type": "person", "actual": True, "member": members}
+    )
+    config = write_source(
+        tmp_path, fhir_server.base_url, "fhir-bulk", level="group", group_id="cohort",
+        resource_types=["Patient", "Observation"], type_filters=["Observation?code=8867-4"],
+    )  # fmt: skip
+    sync(config)
+    expected = {
+        (t, i)
+        for (t, i), r in fhir_server.dump(["Patient", "Observation"]).items()
+        if (t == "Patient" and i in patients)
+        or (
+            t == "Observation"
+            and r["subject"]["reference"].split("/")[-1] in patients
+            and any(c["code"] == "8867-4" for c in r["code"]["coding"])
+        )
+    }
+    assert {"Patient", "Observation"} == {t for t, _ in expected}
+    assert set(stored(config)) == expected
+
+
+@pytest.mark.slow
+def test_an_export_job_the_server_forgot_is_started_again_with_the_same_since(
+    fhir_server: FhirServer, fault_proxy: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_source(tmp_path, fault_proxy.base_url, "fhir-bulk")
+    sync(config)
+    fhir_server.put({**next(iter(fhir_server.dump(["Patient"]).values())), "language": "de"})
+    fault_proxy.add_fault("reset", match="bulk-files", times=10)  # every try of the first file fails
+    with pytest.raises(TransientError):
+        sync(config)
+    fhir_server.restart()  # sekmet keeps export jobs in memory: the saved job is gone
+    report = sync(config)
+    assert "no longer knows export job" in caplog.text
+    kickoffs = [r.path for r in fault_proxy.requests if "$export" in r.path]
+    assert len(kickoffs) == 3 and kickoffs[1] == kickoffs[2]  # the same _since again
+    assert (report.counts["updated"], report.counts["inserted"]) == (1, 0)
+    assert stored(config) == bulk_dump(fhir_server.base_url)
