@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,3 +79,20 @@ def run_cli(
     if check and result.returncode != 0:
         raise AssertionError(f"twinhub {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+CONFORMANCE: Counter[str] = Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the outcomes of the official SQL-on-FHIR v2 cases."""
+    if "test_official_suite" in report.nodeid and (report.when == "call" or report.outcome != "passed"):
+        CONFORMANCE[report.outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how much of the official suite passed (CI prints it)."""
+    if ran := CONFORMANCE["passed"] + CONFORMANCE["failed"]:
+        terminalreporter.write_line(
+            f"SQL-on-FHIR v2 conformance: {CONFORMANCE['passed']}/{ran} official cases passed"
+        )

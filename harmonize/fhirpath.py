@@ -1,0 +1,452 @@
+"""The FHIRPath subset SQL-on-FHIR v2 needs, parsed and compiled to DuckDB SQL.
+
+Every expression compiles to a DuckDB `JSON[]`: a FHIRPath collection of JSON values, so empty
+collections, repeats and nulls behave as FHIRPath says. The macros in `MACROS_SQL` are the
+small vocabulary the generated SQL uses. Pure: text in, SQL text out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from itertools import count
+from typing import Any
+
+MACROS_SQL = """
+CREATE OR REPLACE MACRO fp_items(j) AS
+    CASE WHEN j IS NULL OR json_type(j) = 'NULL' THEN []::JSON[]
+         WHEN json_type(j) = 'ARRAY' THEN CAST(j AS JSON[]) ELSE [j] END;
+CREATE OR REPLACE MACRO fp_child(c, k) AS flatten(list_transform(c, lambda x: fp_items(json_extract(x, k))));
+CREATE OR REPLACE MACRO fp_bool(c) AS
+    CASE WHEN len(c) = 0 THEN NULL::BOOLEAN
+         WHEN len(c) > 1 THEN error('a boolean was expected, several values were found')
+         WHEN json_type(c[1]) = 'BOOLEAN' THEN c[1]::BOOLEAN
+         ELSE true END;
+CREATE OR REPLACE MACRO fp_of_bool(b) AS CASE WHEN b IS NULL THEN []::JSON[] ELSE [to_json(b)] END;
+CREATE OR REPLACE MACRO fp_is_number(x) AS json_type(x) IN ('BIGINT', 'UBIGINT', 'DOUBLE');
+CREATE OR REPLACE MACRO fp_eq(x, y) AS
+    CASE WHEN fp_is_number(x) AND fp_is_number(y) THEN x::DOUBLE = y::DOUBLE
+         ELSE json_extract_string(x, '$') = json_extract_string(y, '$') END;
+CREATE OR REPLACE MACRO fp_cmp(x, y) AS
+    CASE WHEN fp_is_number(x) AND fp_is_number(y) THEN sign(x::DOUBLE - y::DOUBLE)
+         WHEN json_extract_string(x, '$') < json_extract_string(y, '$') THEN -1
+         WHEN json_extract_string(x, '$') > json_extract_string(y, '$') THEN 1 ELSE 0 END;
+CREATE OR REPLACE MACRO fp_equal(a, b) AS
+    CASE WHEN len(a) = 0 OR len(b) = 0 THEN NULL::BOOLEAN
+         WHEN len(a) <> len(b) THEN false
+         ELSE list_bool_and(list_transform(range(len(a)), lambda i: fp_eq(a[i + 1], b[i + 1]))) END;
+CREATE OR REPLACE MACRO fp_one(c) AS
+    CASE WHEN len(c) > 1 THEN error('a single value was expected, several were found') ELSE c[1] END;
+CREATE OR REPLACE MACRO fp_single(c, message) AS CASE WHEN len(c) > 1 THEN error(message) ELSE c[1] END;
+CREATE OR REPLACE MACRO fp_compare(a, b) AS
+    CASE WHEN len(a) = 0 OR len(b) = 0 THEN NULL ELSE fp_cmp(fp_one(a), fp_one(b)) END;
+CREATE OR REPLACE MACRO fp_int(x) AS json_type(x) IN ('BIGINT', 'UBIGINT');
+CREATE OR REPLACE MACRO fp_arith(a, b, op) AS
+    CASE WHEN len(a) = 0 OR len(b) = 0 THEN []::JSON[]
+         WHEN op = '/' THEN [to_json(fp_one(a)::DOUBLE / fp_one(b)::DOUBLE)]
+         WHEN fp_int(fp_one(a)) AND fp_int(fp_one(b)) THEN [to_json(CASE op
+             WHEN '+' THEN fp_one(a)::BIGINT + fp_one(b)::BIGINT
+             WHEN '-' THEN fp_one(a)::BIGINT - fp_one(b)::BIGINT
+             ELSE fp_one(a)::BIGINT * fp_one(b)::BIGINT END)]
+         ELSE [to_json(CASE op
+             WHEN '+' THEN fp_one(a)::DOUBLE + fp_one(b)::DOUBLE
+             WHEN '-' THEN fp_one(a)::DOUBLE - fp_one(b)::DOUBLE
+             ELSE fp_one(a)::DOUBLE * fp_one(b)::DOUBLE END)] END;
+CREATE OR REPLACE MACRO fp_join(c, sep) AS
+    CASE WHEN len(c) = 0 THEN []::JSON[]
+         ELSE [to_json(list_reduce(list_transform(c, lambda x: json_extract_string(x, '$')),
+                                   lambda x, y: x || sep || y))] END;
+CREATE OR REPLACE MACRO fp_where(c, message) AS
+    CASE WHEN len(c) = 0 THEN false
+         WHEN len(c) > 1 OR json_type(c[1]) <> 'BOOLEAN' THEN error(message)
+         ELSE c[1]::BOOLEAN END;
+CREATE OR REPLACE MACRO fp_low_date(s) AS
+    CASE length(s) WHEN 4 THEN s || '-01-01' WHEN 7 THEN s || '-01' ELSE s END;
+CREATE OR REPLACE MACRO fp_high_date(s) AS
+    CASE length(s) WHEN 4 THEN s || '-12-31'
+         WHEN 7 THEN strftime(last_day((s || '-01')::DATE), '%Y-%m-%d') ELSE s END;
+CREATE OR REPLACE MACRO fp_low_time(t) AS t || substr('00:00:00.000', length(t) + 1);
+CREATE OR REPLACE MACRO fp_high_time(t) AS t || substr('23:59:59.999', length(t) + 1);
+CREATE OR REPLACE MACRO fp_zone(s) AS regexp_extract(s, '(Z|[+-][0-9]{2}:[0-9]{2})$');
+CREATE OR REPLACE MACRO fp_clock(s) AS
+    regexp_replace(split_part(s, 'T', 2), '(Z|[+-][0-9]{2}:[0-9]{2})$', '');
+CREATE OR REPLACE MACRO fp_low_datetime(s) AS
+    fp_low_date(split_part(s, 'T', 1)) || 'T' || fp_low_time(fp_clock(s))
+    || CASE WHEN fp_zone(s) = '' THEN '+14:00' ELSE fp_zone(s) END;
+CREATE OR REPLACE MACRO fp_high_datetime(s) AS
+    fp_high_date(split_part(s, 'T', 1)) || 'T' || fp_high_time(fp_clock(s))
+    || CASE WHEN fp_zone(s) = '' THEN '-12:00' ELSE fp_zone(s) END;
+CREATE OR REPLACE MACRO fp_places(x) AS
+    CASE WHEN contains(x::VARCHAR, '.') THEN length(split_part(x::VARCHAR, '.', 2)) ELSE 0 END;
+CREATE OR REPLACE MACRO fp_boundary(x, kind, low) AS
+    CASE WHEN fp_is_number(x) THEN to_json(x::VARCHAR::DECIMAL(38, 12)
+              + (CASE WHEN low THEN -0.5 ELSE 0.5 END) * pow(10, -fp_places(x))::DECIMAL(38, 12))
+         WHEN json_type(x) <> 'VARCHAR' THEN NULL
+         WHEN kind = 'time' OR regexp_matches(x ->> '$', '^[0-9]{2}:') THEN
+              to_json(CASE WHEN low THEN fp_low_time(x ->> '$') ELSE fp_high_time(x ->> '$') END)
+         WHEN kind = 'date' THEN
+              to_json(CASE WHEN low THEN fp_low_date(x ->> '$') ELSE fp_high_date(x ->> '$') END)
+         ELSE to_json(CASE WHEN low THEN fp_low_datetime(x ->> '$') ELSE fp_high_datetime(x ->> '$') END) END;
+CREATE OR REPLACE MACRO fp_ref_key(x, t) AS
+    CASE WHEN regexp_matches(json_extract_string(x, '$.reference'),
+                             '(^|/)' || t || '/[^/]+(/_history/[^/]+)?$')
+         THEN to_json(regexp_extract(json_extract_string(x, '$.reference'),
+                                     '([A-Za-z]+)/([^/]+)(/_history/[^/]+)?$', 2)) END;
+"""
+
+FUNCTIONS = {
+    "where", "exists", "empty", "first", "last", "not", "count", "join", "extension", "ofType",
+    "getResourceKey", "getReferenceKey", "lowBoundary", "highBoundary", "toString", "single",
+}  # fmt: skip
+
+
+class FhirPathError(ValueError):
+    """An expression twinhub cannot compile; the message names the expression and the problem."""
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+TOKEN = re.compile(
+    r"""\s*(?:
+      (?P<string>'(?:[^'\\]|\\.)*')
+    | (?P<datetime>@T?[0-9][0-9:T.+\-Z]*)
+    | (?P<number>[0-9]+(?:\.[0-9]+)?)
+    | (?P<const>%(?:[A-Za-z_][A-Za-z0-9_]*|`[^`]*`))
+    | (?P<special>\$(?:this|index|total))
+    | (?P<ident>[A-Za-z_][A-Za-z0-9_]*|`[^`]*`)
+    | (?P<op><=|>=|!=|!~|[-+*/&|=<>~(),.\[\]{}])
+    )""",
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class Node:
+    kind: str
+    value: Any = None
+    args: tuple[Node, ...] = field(default_factory=tuple)
+
+
+def parse(text: str) -> Node:
+    tokens = _tokenize(text)
+    parser = _Parser(text, tokens)
+    node = parser.expression(0)
+    if parser.pos != len(tokens):
+        raise FhirPathError(f"unexpected {tokens[parser.pos][1]!r} in FHIRPath {text!r}")
+    return node
+
+
+def _tokenize(text: str) -> list[tuple[str, str]]:
+    tokens, pos = [], 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        match = TOKEN.match(text, pos)
+        if not match or match.end() == pos:
+            raise FhirPathError(f"cannot read FHIRPath {text!r} at {text[pos:]!r}")
+        kind = match.lastgroup
+        assert kind is not None
+        tokens.append((kind, match.group(kind)))
+        pos = match.end()
+    return tokens
+
+
+BINARY = {  # precedence, lowest first
+    "implies": 1, "or": 2, "xor": 2, "and": 3, "in": 4, "contains": 4,
+    "=": 5, "!=": 5, "~": 5, "!~": 5, "<": 6, ">": 6, "<=": 6, ">=": 6,
+    "|": 7, "is": 8, "as": 8, "+": 9, "-": 9, "&": 9, "*": 10, "/": 10, "div": 10, "mod": 10,
+}  # fmt: skip
+
+
+class _Parser:
+    def __init__(self, text: str, tokens: list[tuple[str, str]]) -> None:
+        self.text = text
+        self.tokens = tokens
+        self.pos = 0
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self, value: str | None = None) -> tuple[str, str]:
+        token = self.peek()
+        if token is None or (value is not None and token[1] != value):
+            found = token[1] if token else "the end"
+            raise FhirPathError(f"expected {value or 'more'} but found {found!r} in FHIRPath {self.text!r}")
+        self.pos += 1
+        return token
+
+    def expression(self, min_prec: int) -> Node:
+        left = self.unary()
+        while (token := self.peek()) and token[1] in BINARY and BINARY[token[1]] > min_prec:
+            op = self.take()[1]
+            right = self.expression(BINARY[op])
+            left = Node("binary", op, (left, right))
+        return left
+
+    def unary(self) -> Node:
+        token = self.peek()
+        if token and token[1] in ("-", "+") and token[0] == "op":
+            self.take()
+            return Node("negate" if token[1] == "-" else "plus", None, (self.unary(),))
+        return self.postfix(self.term())
+
+    def postfix(self, node: Node) -> Node:
+        while (token := self.peek()) and token[1] in (".", "["):
+            self.take()
+            if token[1] == "[":
+                index = self.expression(0)
+                self.take("]")
+                node = Node("index", None, (node, index))
+            else:
+                node = self.invocation(node)
+        return node
+
+    def invocation(self, base: Node | None) -> Node:
+        kind, name = self.take()
+        if kind != "ident":
+            raise FhirPathError(f"expected a name, found {name!r} in FHIRPath {self.text!r}")
+        name = name.strip("`")
+        if (token := self.peek()) and token[1] == "(":
+            self.take()
+            args: list[Node] = []
+            while (token := self.peek()) and token[1] != ")":
+                args.append(self.expression(0))
+                if (token := self.peek()) and token[1] == ",":
+                    self.take()
+            self.take(")")
+            return Node("call", name, (base or Node("this"), *args))
+        return Node("member", name, (base or Node("this"),))
+
+    def term(self) -> Node:
+        token = self.peek()
+        if token is None:
+            raise FhirPathError(f"FHIRPath {self.text!r} ends too early")
+        kind, value = token
+        if kind == "string":
+            self.take()
+            return Node("literal", _unescape(value[1:-1]))
+        if kind == "number":
+            self.take()
+            return Node("number", value)
+        if kind == "datetime":
+            self.take()
+            return Node("literal", value[1:])
+        if kind == "const":
+            self.take()
+            return Node("const", value[1:].strip("`"))
+        if kind == "special":
+            self.take()
+            return Node("this" if value == "$this" else "special", value)
+        if value == "(":
+            self.take()
+            node = self.expression(0)
+            self.take(")")
+            return node
+        if value == "{":
+            self.take()
+            self.take("}")
+            return Node("empty")
+        if kind == "ident" and value in ("true", "false"):
+            self.take()
+            return Node("boolean", value == "true")
+        return self.invocation(None)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), m.group(1)), text)
+
+
+# -- compiling --------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Scope:
+    """What an expression is evaluated against: the focus collection, the view's resource type,
+    its constants (as JSON SQL literals) and the current row index; `names` numbers lambda
+    variables so nested ones never clash."""
+
+    focus: str
+    resource_type: str
+    constants: dict[str, str]
+    row_index: str = "0"
+    names: count[int] = field(default_factory=count)
+
+    def with_focus(self, focus: str, row_index: str | None = None) -> Scope:
+        return replace(self, focus=focus, row_index=self.row_index if row_index is None else row_index)
+
+    def variable(self) -> str:
+        return f"v{next(self.names)}"
+
+
+def compile_path(text: str, scope: Scope) -> str:
+    """FHIRPath `text` as a DuckDB expression of type JSON[]."""
+    return _Compiler(text).sql(parse(text), scope)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _json_path(name: str) -> str:
+    return _quote('$."' + name.replace('"', '\\"') + '"')
+
+
+class _Compiler:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def error(self, message: str) -> FhirPathError:
+        return FhirPathError(f"{message} in FHIRPath {self.text!r}")
+
+    def sql(self, node: Node, scope: Scope) -> str:
+        kind = node.kind
+        if kind == "this":
+            return scope.focus
+        if kind == "literal":
+            return f"[to_json({_quote(node.value)})]"
+        if kind == "number":
+            return f"['{node.value}'::JSON]"
+        if kind == "boolean":
+            return f"['{str(node.value).lower()}'::JSON]"
+        if kind == "empty":
+            return "[]::JSON[]"
+        if kind == "const":
+            if node.value == "rowIndex":
+                return f"[to_json({scope.row_index})]"
+            if node.value not in scope.constants:
+                raise self.error(f"%{node.value} is not a constant of the view")
+            return f"fp_items({scope.constants[node.value]})"
+        if kind == "special":
+            raise self.error(f"{node.value} is not supported")
+        if kind == "member":
+            (base,) = node.args
+            if base.kind == "this" and node.value == scope.resource_type:
+                return scope.focus
+            return f"fp_child({self.sql(base, scope)}, {_json_path(node.value)})"
+        if kind == "index":
+            base, index = node.args
+            i = f"(fp_one({self.sql(index, scope.with_focus(scope.focus))})::INTEGER + 1)"
+            return f"list_slice({self.sql(base, scope)}, {i}, {i})"
+        if kind == "negate":
+            (inner,) = node.args
+            return f"list_transform({self.sql(inner, scope)}, lambda x: to_json(-(x::DOUBLE)))"
+        if kind == "plus":
+            return self.sql(node.args[0], scope)
+        if kind == "binary":
+            return self.binary(node, scope)
+        if kind == "call":
+            return self.call(node, scope)
+        raise self.error(f"unsupported expression {kind}")
+
+    def binary(self, node: Node, scope: Scope) -> str:
+        op = node.value
+        left, right = (self.sql(arg, scope) for arg in node.args)
+        if op in ("and", "or"):
+            return f"fp_of_bool(fp_bool({left}) {op.upper()} fp_bool({right}))"
+        if op == "xor":
+            return f"fp_of_bool(fp_bool({left}) <> fp_bool({right}))"
+        if op == "implies":
+            return f"fp_of_bool(NOT fp_bool({left}) OR fp_bool({right}))"
+        if op == "=":
+            return f"fp_of_bool(fp_equal({left}, {right}))"
+        if op == "!=":
+            return f"fp_of_bool(NOT fp_equal({left}, {right}))"
+        if op in ("<", ">", "<=", ">="):
+            return f"fp_of_bool(fp_compare({left}, {right}) {op} 0)"
+        if op in ("+", "-", "*", "/"):
+            return f"fp_arith({left}, {right}, '{op}')"
+        if op == "&":
+            return (
+                f"[to_json(coalesce(json_extract_string(fp_one({left}), '$'), '') "
+                f"|| coalesce(json_extract_string(fp_one({right}), '$'), ''))]"
+            )
+        if op == "|":
+            return f"list_concat({left}, {right})"
+        raise self.error(f"operator {op!r} is not supported")
+
+    def call(self, node: Node, scope: Scope) -> str:
+        name = node.value
+        base_node, *args = node.args
+        if name not in FUNCTIONS:
+            raise self.error(f"function {name}() is not supported")
+        if name == "ofType":
+            if len(args) != 1 or args[0].kind != "member":
+                raise self.error("ofType() takes a type name")
+            type_name = args[0].value
+            if base_node.kind == "member":  # a choice element: value.ofType(Quantity) is valueQuantity
+                (parent,) = base_node.args
+                element = base_node.value + type_name[:1].upper() + type_name[1:]
+                return f"fp_child({self.sql(parent, scope)}, {_json_path(element)})"
+            is_type = f"json_extract_string(x, '$.resourceType') = {_quote(type_name)}"
+            return f"list_filter({self.sql(base_node, scope)}, lambda x: {is_type})"
+        base = self.sql(base_node, scope)
+        if name == "where":
+            if len(args) != 1:
+                raise self.error("where() takes one criterion")
+            v = scope.variable()
+            criterion = self.sql(args[0], scope.with_focus(f"[{v}]"))
+            return f"list_filter({base}, lambda {v}: coalesce(fp_bool({criterion}), false))"
+        if name == "exists":
+            if args:
+                v = scope.variable()
+                criterion = self.sql(args[0], scope.with_focus(f"[{v}]"))
+                base = f"list_filter({base}, lambda {v}: coalesce(fp_bool({criterion}), false))"
+            return f"[to_json(len({base}) > 0)]"
+        if name == "empty":
+            return f"[to_json(len({base}) = 0)]"
+        if name == "first":
+            return f"list_slice({base}, 1, 1)"
+        if name == "last":
+            return f"list_slice({base}, -1, -1)"
+        if name == "single":
+            return f"list_slice(fp_items(fp_one({base})), 1, 1)"
+        if name == "count":
+            return f"[to_json(len({base}))]"
+        if name == "not":
+            return f"fp_of_bool(NOT fp_bool({base}))"
+        if name == "toString":
+            return f"list_transform({base}, lambda x: to_json(json_extract_string(x, '$')))"
+        if name == "join":
+            separator = "''" if not args else f"json_extract_string(fp_one({self.sql(args[0], scope)}), '$')"
+            return f"fp_join({base}, {separator})"
+        if name == "extension":
+            if len(args) != 1:
+                raise self.error("extension() takes a url")
+            url = f"json_extract_string(fp_one({self.sql(args[0], scope)}), '$')"
+            matches = f"json_extract_string(x, '$.url') = {url}"
+            return f"list_filter(fp_child({base}, '$.extension'), lambda x: {matches})"
+        if name in ("lowBoundary", "highBoundary"):
+            kind = _temporal_kind(base_node)
+            low = "true" if name == "lowBoundary" else "false"
+            return (
+                f"list_filter(list_transform({base}, lambda x: fp_boundary(x, '{kind}', {low})), "
+                "lambda b: b IS NOT NULL)"
+            )
+        if name == "getResourceKey":
+            return f"fp_child({base}, '$.id')"
+        if name == "getReferenceKey":
+            resource_type = "[A-Za-z]+"
+            if args:
+                if args[0].kind != "member":
+                    raise self.error("getReferenceKey() takes a resource type")
+                resource_type = args[0].value
+            return (
+                f"list_filter(list_transform({base}, lambda x: fp_ref_key(x, {_quote(resource_type)})), "
+                "lambda k: k IS NOT NULL)"
+            )
+        raise self.error(f"function {name}() is not supported yet")
+
+
+def _temporal_kind(node: Node) -> str:
+    """What a boundary is of, from the element's name: FHIR names a choice by its type
+    (valueDateTime) and most dates by their role (birthDate); the value's shape decides the rest."""
+    name = node.value if node.kind == "member" else ""
+    if node.kind == "call" and node.value == "ofType" and node.args[1].kind == "member":
+        name = node.args[1].value
+    if name.lower().endswith(("datetime", "instant")):
+        return "dateTime"
+    if name.lower().endswith("date"):
+        return "date"
+    if name.lower().endswith("time"):
+        return "time"
+    return "any"

@@ -1,0 +1,208 @@
+"""SQL-on-FHIR v2 ViewDefinitions compiled to one DuckDB query.
+
+Each `select` compiles to an expression of type JSON[]: the rows it yields, one JSON object per
+row, for one focus. `forEach` maps over a collection, `unionAll` concatenates, sibling parts
+multiply; the query unnests the rows of every resource and reads the columns out. Pure: a view
+in, SQL text out. The query reads a relation `resources(resource_type, resource JSON)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from harmonize.fhirpath import FhirPathError, Scope, compile_path
+
+REPEAT_DEPTH = 8
+"""How deep `repeat` follows its paths (FHIR Questionnaire items rarely nest past 4)."""
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class ViewError(ValueError):
+    """A ViewDefinition that cannot be compiled; the message names the element and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Column:
+    name: str
+    type: str | None
+    collection: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompiledView:
+    name: str
+    resource: str
+    columns: list[Column]
+    sql: str
+
+
+def compile_view(view: dict[str, Any]) -> CompiledView:
+    """The query for `view`; raises ViewError naming what is wrong."""
+    resource = view.get("resource")
+    if not isinstance(resource, str) or not resource:
+        raise ViewError("the view has no `resource`; name the FHIR resource type it reads, e.g. Patient")
+    if not view.get("select"):
+        raise ViewError("the view has no `select`; give it at least one column")
+    _check_shape(view, "view")
+    constants = {c["name"]: _constant(c) for c in view.get("constant", [])}
+    scope = Scope(focus="[resource]", resource_type=resource, constants=constants)
+    try:
+        columns = _columns(view)
+        rows = _rows(view, scope)
+        where = [_where(w["path"], scope) for w in view.get("where", [])]
+    except FhirPathError as e:
+        raise ViewError(str(e)) from None
+    reads = ", ".join(
+        f"json_extract(row, {_quote('$.' + _ident(c.name))}) AS {_ident(c.name)}" for c in columns
+    )
+    filters = " AND ".join([f"resource_type = {_quote(resource)}", *where])
+    sql = f"SELECT {reads} FROM (SELECT unnest({rows}) AS row FROM resources WHERE {filters})"
+    return CompiledView(name=view.get("name", resource.lower()), resource=resource, columns=columns, sql=sql)
+
+
+def _check_shape(select: dict[str, Any], at: str) -> None:
+    """Types the compiler relies on, each failure naming the element, e.g. select[0].forEach."""
+    for key in ("forEach", "forEachOrNull"):
+        if key in select and not isinstance(select[key], str):
+            raise ViewError(f"{at}.{key} must be a FHIRPath string, not {select[key]!r}")
+    if "repeat" in select and not (
+        isinstance(select["repeat"], list)
+        and select["repeat"]
+        and all(isinstance(p, str) for p in select["repeat"])
+    ):
+        raise ViewError(f"{at}.repeat must be a list of FHIRPath strings")
+    for i, column in enumerate(select.get("column", [])):
+        if not isinstance(column, dict) or not isinstance(column.get("path"), str):
+            raise ViewError(f"{at}.column[{i}] needs a `path` (a FHIRPath string) and a `name`")
+    for i, where in enumerate(select.get("where", []) if at == "view" else []):
+        if not isinstance(where, dict) or not isinstance(where.get("path"), str):
+            raise ViewError(f"view.where[{i}] needs a `path` (a FHIRPath string)")
+    for key in ("select", "unionAll"):
+        for i, nested in enumerate(select.get(key, [])):
+            if not isinstance(nested, dict):
+                raise ViewError(f"{at}.{key}[{i}] must be an object")
+            _check_shape(nested, f"{at}.{key}[{i}]")
+
+
+def _where(path: str, scope: Scope) -> str:
+    message = f"where path {path!r} gave something other than true or false"
+    return f"fp_where({compile_path(path, scope)}, {_quote(message)})"
+
+
+def _constant(constant: dict[str, Any]) -> str:
+    values = [(k, v) for k, v in constant.items() if k.startswith("value")]
+    if len(values) != 1:
+        raise ViewError(f"constant {constant.get('name')!r} needs exactly one value[x]")
+    return f"{_quote(_json(values[0][1]))}::JSON"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _columns(select: dict[str, Any]) -> list[Column]:
+    """The view's columns in order: a select's own, then its nested selects', then its unionAll's
+    (whose branches must agree)."""
+    out = []
+    for column in select.get("column", []):
+        name = column.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ViewError(
+                f"column name {name!r} must start with a letter and hold only letters, digits and _"
+            )
+        out.append(Column(name=name, type=column.get("type"), collection=bool(column.get("collection"))))
+    for nested in select.get("select", []):
+        out += _columns(nested)
+    if branches := select.get("unionAll"):
+        first = [c.name for c in _columns(branches[0])]
+        for branch in branches[1:]:
+            if [c.name for c in _columns(branch)] != first:
+                raise ViewError(
+                    f"unionAll branches must have the same columns in the same order; {first} differ"
+                )
+        out += _columns(branches[0])
+    names = [c.name for c in out]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ViewError(f"column names must be unique; {', '.join(dupes)} appear twice")
+    return out
+
+
+def _rows(select: dict[str, Any], scope: Scope) -> str:
+    """The rows of one select for the focus in `scope`, as JSON[] of row objects."""
+    iterators = [k for k in ("forEach", "forEachOrNull", "repeat") if k in select]
+    if len(iterators) > 1:
+        raise ViewError(
+            f"a select may have only one of forEach, forEachOrNull and repeat; it has {iterators}"
+        )
+    if not iterators:
+        return _product(select, scope)
+    kind = iterators[0]
+    items = (
+        _repeat(select["repeat"], scope, REPEAT_DEPTH)
+        if kind == "repeat"
+        else compile_path(select[kind], scope)
+    )
+    v, i = scope.variable(), scope.variable()
+    each = _product(select, scope.with_focus(f"[{v}]", row_index=f"({i} - 1)"))
+    rows = f"flatten(list_transform({items}, lambda {v}, {i}: {each}))"
+    if kind == "forEachOrNull":  # no items: the select's rows for an empty focus, or one empty row
+        empty = _product(select, scope.with_focus("[]::JSON[]", row_index="0"))
+        return (
+            f"CASE WHEN len({items}) > 0 THEN {rows} WHEN len({empty}) > 0 THEN {empty} "
+            "ELSE ['{}'::JSON] END"
+        )
+    return rows
+
+
+def _product(select: dict[str, Any], scope: Scope) -> str:
+    """A select's parts for one focus: its columns (one row), each nested select, its unionAll;
+    every combination of their rows is a row."""
+    parts = []
+    if columns := select.get("column"):
+        pairs = ", ".join(f"{_quote(c['name'])}, {_value(c, scope)}" for c in columns)
+        parts.append(f"[json_object({pairs})]")
+    parts += [_rows(nested, scope) for nested in select.get("select", [])]
+    if branches := select.get("unionAll"):
+        parts.append(
+            f"list_concat({', '.join(_rows(b, scope) for b in branches)})"
+            if len(branches) > 1
+            else _rows(branches[0], scope)
+        )
+    if not parts:
+        return "['{}'::JSON]"
+    product = parts[0]
+    for part in parts[1:]:
+        a, b = scope.variable(), scope.variable()
+        pairs = f"list_transform({part}, lambda {b}: json_merge_patch({a}, {b}))"
+        product = f"flatten(list_transform({product}, lambda {a}: {pairs}))"
+    return product
+
+
+def _value(column: dict[str, Any], scope: Scope) -> str:
+    values = compile_path(column["path"], scope)
+    if column.get("collection"):
+        return f"to_json({values})"
+    message = f"column {column['name']}: several values; set collection = true or pick one, e.g. first()"
+    return f"fp_single({values}, {_quote(message)})"
+
+
+def _repeat(paths: list[str], scope: Scope, depth: int) -> str:
+    """Every node reachable through `paths`, depth first: each child, then its descendants."""
+    if depth == 0:
+        return "[]::JSON[]"
+    v = scope.variable()
+    children = [compile_path(p, scope) for p in paths]
+    below = _repeat(paths, scope.with_focus(f"[{v}]"), depth - 1)
+    level = children[0] if len(children) == 1 else f"list_concat({', '.join(children)})"
+    return f"flatten(list_transform({level}, lambda {v}: list_concat([{v}], {below})))"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
