@@ -13,35 +13,35 @@ from itertools import count
 from typing import Any
 
 MACROS_SQL = """
-CREATE OR REPLACE MACRO fp_items(j) AS
+CREATE OR REPLACE TEMP MACRO fp_items(j) AS
     CASE WHEN j IS NULL OR json_type(j) = 'NULL' THEN []::JSON[]
          WHEN json_type(j) = 'ARRAY' THEN CAST(j AS JSON[]) ELSE [j] END;
-CREATE OR REPLACE MACRO fp_child(c, k) AS flatten(list_transform(c, lambda x: fp_items(json_extract(x, k))));
-CREATE OR REPLACE MACRO fp_bool(c) AS
+CREATE OR REPLACE TEMP MACRO fp_child(c, k) AS flatten(list_transform(c, lambda x: fp_items(json_extract(x, k))));
+CREATE OR REPLACE TEMP MACRO fp_bool(c) AS
     CASE WHEN len(c) = 0 THEN NULL::BOOLEAN
          WHEN len(c) > 1 THEN error('a boolean was expected, several values were found')
          WHEN json_type(c[1]) = 'BOOLEAN' THEN c[1]::BOOLEAN
          ELSE true END;
-CREATE OR REPLACE MACRO fp_of_bool(b) AS CASE WHEN b IS NULL THEN []::JSON[] ELSE [to_json(b)] END;
-CREATE OR REPLACE MACRO fp_is_number(x) AS json_type(x) IN ('BIGINT', 'UBIGINT', 'DOUBLE');
-CREATE OR REPLACE MACRO fp_eq(x, y) AS
+CREATE OR REPLACE TEMP MACRO fp_of_bool(b) AS CASE WHEN b IS NULL THEN []::JSON[] ELSE [to_json(b)] END;
+CREATE OR REPLACE TEMP MACRO fp_is_number(x) AS json_type(x) IN ('BIGINT', 'UBIGINT', 'DOUBLE');
+CREATE OR REPLACE TEMP MACRO fp_eq(x, y) AS
     CASE WHEN fp_is_number(x) AND fp_is_number(y) THEN x::DOUBLE = y::DOUBLE
          ELSE json_extract_string(x, '$') = json_extract_string(y, '$') END;
-CREATE OR REPLACE MACRO fp_cmp(x, y) AS
+CREATE OR REPLACE TEMP MACRO fp_cmp(x, y) AS
     CASE WHEN fp_is_number(x) AND fp_is_number(y) THEN sign(x::DOUBLE - y::DOUBLE)
          WHEN json_extract_string(x, '$') < json_extract_string(y, '$') THEN -1
          WHEN json_extract_string(x, '$') > json_extract_string(y, '$') THEN 1 ELSE 0 END;
-CREATE OR REPLACE MACRO fp_equal(a, b) AS
+CREATE OR REPLACE TEMP MACRO fp_equal(a, b) AS
     CASE WHEN len(a) = 0 OR len(b) = 0 THEN NULL::BOOLEAN
          WHEN len(a) <> len(b) THEN false
          ELSE list_bool_and(list_transform(range(len(a)), lambda i: fp_eq(a[i + 1], b[i + 1]))) END;
-CREATE OR REPLACE MACRO fp_one(c) AS
+CREATE OR REPLACE TEMP MACRO fp_one(c) AS
     CASE WHEN len(c) > 1 THEN error('a single value was expected, several were found') ELSE c[1] END;
-CREATE OR REPLACE MACRO fp_single(c, message) AS CASE WHEN len(c) > 1 THEN error(message) ELSE c[1] END;
-CREATE OR REPLACE MACRO fp_compare(a, b) AS
+CREATE OR REPLACE TEMP MACRO fp_single(c, message) AS CASE WHEN len(c) > 1 THEN error(message) ELSE c[1] END;
+CREATE OR REPLACE TEMP MACRO fp_compare(a, b) AS
     CASE WHEN len(a) = 0 OR len(b) = 0 THEN NULL ELSE fp_cmp(fp_one(a), fp_one(b)) END;
-CREATE OR REPLACE MACRO fp_int(x) AS json_type(x) IN ('BIGINT', 'UBIGINT');
-CREATE OR REPLACE MACRO fp_arith(a, b, op) AS
+CREATE OR REPLACE TEMP MACRO fp_int(x) AS json_type(x) IN ('BIGINT', 'UBIGINT');
+CREATE OR REPLACE TEMP MACRO fp_arith(a, b, op) AS
     CASE WHEN len(a) = 0 OR len(b) = 0 THEN []::JSON[]
          WHEN op = '/' THEN [to_json(fp_one(a)::DOUBLE / fp_one(b)::DOUBLE)]
          WHEN fp_int(fp_one(a)) AND fp_int(fp_one(b)) THEN [to_json(CASE op
@@ -52,33 +52,33 @@ CREATE OR REPLACE MACRO fp_arith(a, b, op) AS
              WHEN '+' THEN fp_one(a)::DOUBLE + fp_one(b)::DOUBLE
              WHEN '-' THEN fp_one(a)::DOUBLE - fp_one(b)::DOUBLE
              ELSE fp_one(a)::DOUBLE * fp_one(b)::DOUBLE END)] END;
-CREATE OR REPLACE MACRO fp_join(c, sep) AS
+CREATE OR REPLACE TEMP MACRO fp_join(c, sep) AS
     CASE WHEN len(c) = 0 THEN []::JSON[]
          ELSE [to_json(list_reduce(list_transform(c, lambda x: json_extract_string(x, '$')),
                                    lambda x, y: x || sep || y))] END;
-CREATE OR REPLACE MACRO fp_where(c, message) AS
+CREATE OR REPLACE TEMP MACRO fp_where(c, message) AS
     CASE WHEN len(c) = 0 THEN false
          WHEN len(c) > 1 OR json_type(c[1]) <> 'BOOLEAN' THEN error(message)
          ELSE c[1]::BOOLEAN END;
-CREATE OR REPLACE MACRO fp_low_date(s) AS
+CREATE OR REPLACE TEMP MACRO fp_low_date(s) AS
     CASE length(s) WHEN 4 THEN s || '-01-01' WHEN 7 THEN s || '-01' ELSE s END;
-CREATE OR REPLACE MACRO fp_high_date(s) AS
+CREATE OR REPLACE TEMP MACRO fp_high_date(s) AS
     CASE length(s) WHEN 4 THEN s || '-12-31'
          WHEN 7 THEN strftime(last_day((s || '-01')::DATE), '%Y-%m-%d') ELSE s END;
-CREATE OR REPLACE MACRO fp_low_time(t) AS t || substr('00:00:00.000', length(t) + 1);
-CREATE OR REPLACE MACRO fp_high_time(t) AS t || substr('23:59:59.999', length(t) + 1);
-CREATE OR REPLACE MACRO fp_zone(s) AS regexp_extract(s, '(Z|[+-][0-9]{2}:[0-9]{2})$');
-CREATE OR REPLACE MACRO fp_clock(s) AS
+CREATE OR REPLACE TEMP MACRO fp_low_time(t) AS t || substr('00:00:00.000', length(t) + 1);
+CREATE OR REPLACE TEMP MACRO fp_high_time(t) AS t || substr('23:59:59.999', length(t) + 1);
+CREATE OR REPLACE TEMP MACRO fp_zone(s) AS regexp_extract(s, '(Z|[+-][0-9]{2}:[0-9]{2})$');
+CREATE OR REPLACE TEMP MACRO fp_clock(s) AS
     regexp_replace(split_part(s, 'T', 2), '(Z|[+-][0-9]{2}:[0-9]{2})$', '');
-CREATE OR REPLACE MACRO fp_low_datetime(s) AS
+CREATE OR REPLACE TEMP MACRO fp_low_datetime(s) AS
     fp_low_date(split_part(s, 'T', 1)) || 'T' || fp_low_time(fp_clock(s))
     || CASE WHEN fp_zone(s) = '' THEN '+14:00' ELSE fp_zone(s) END;
-CREATE OR REPLACE MACRO fp_high_datetime(s) AS
+CREATE OR REPLACE TEMP MACRO fp_high_datetime(s) AS
     fp_high_date(split_part(s, 'T', 1)) || 'T' || fp_high_time(fp_clock(s))
     || CASE WHEN fp_zone(s) = '' THEN '-12:00' ELSE fp_zone(s) END;
-CREATE OR REPLACE MACRO fp_places(x) AS
+CREATE OR REPLACE TEMP MACRO fp_places(x) AS
     CASE WHEN contains(x::VARCHAR, '.') THEN length(split_part(x::VARCHAR, '.', 2)) ELSE 0 END;
-CREATE OR REPLACE MACRO fp_boundary(x, kind, low) AS
+CREATE OR REPLACE TEMP MACRO fp_boundary(x, kind, low) AS
     CASE WHEN fp_is_number(x) THEN to_json(x::VARCHAR::DECIMAL(38, 12)
               + (CASE WHEN low THEN -0.5 ELSE 0.5 END) * pow(10, -fp_places(x))::DECIMAL(38, 12))
          WHEN json_type(x) <> 'VARCHAR' THEN NULL
@@ -87,7 +87,7 @@ CREATE OR REPLACE MACRO fp_boundary(x, kind, low) AS
          WHEN kind = 'date' THEN
               to_json(CASE WHEN low THEN fp_low_date(x ->> '$') ELSE fp_high_date(x ->> '$') END)
          ELSE to_json(CASE WHEN low THEN fp_low_datetime(x ->> '$') ELSE fp_high_datetime(x ->> '$') END) END;
-CREATE OR REPLACE MACRO fp_ref_key(x, t) AS
+CREATE OR REPLACE TEMP MACRO fp_ref_key(x, t) AS
     CASE WHEN regexp_matches(json_extract_string(x, '$.reference'),
                              '(^|/)' || t || '/[^/]+(/_history/[^/]+)?$')
          THEN to_json(regexp_extract(json_extract_string(x, '$.reference'),
