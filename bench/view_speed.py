@@ -92,13 +92,11 @@ def main() -> None:
     total = len(data)
     for name, runs in times.items():
         median = statistics.median(runs)
-        print(
-            f"{name:9} median {median:.3f} s = {total / median:,.0f} resources/s  rows/non-null {counts[name]}"
-            f"  (runs: {', '.join(f'{t:.3f}' for t in runs)})"
-        )
-    print(
-        f"ratio twinhub/baseline speed: {statistics.median(times['baseline']) / statistics.median(times['twinhub']):.2f}"
-    )
+        runs_text = ", ".join(f"{t:.3f}" for t in runs)
+        print(f"{name:9} median {median:.3f} s = {total / median:,.0f} resources/s", end="")
+        print(f"  rows/non-null {counts[name]}  (runs: {runs_text})")
+    ratio = statistics.median(times["baseline"]) / statistics.median(times["twinhub"])
+    print(f"ratio twinhub/baseline speed: {ratio:.2f}")
 
 
 if __name__ == "__main__":

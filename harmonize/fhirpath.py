@@ -16,7 +16,8 @@ MACROS_SQL = """
 CREATE OR REPLACE TEMP MACRO fp_items(j) AS
     CASE WHEN j IS NULL OR json_type(j) = 'NULL' THEN []::JSON[]
          WHEN json_type(j) = 'ARRAY' THEN CAST(j AS JSON[]) ELSE [j] END;
-CREATE OR REPLACE TEMP MACRO fp_child(c, k) AS flatten(list_transform(c, lambda x: fp_items(json_extract(x, k))));
+CREATE OR REPLACE TEMP MACRO fp_child(c, k) AS
+    flatten(list_transform(c, lambda x: fp_items(json_extract(x, k))));
 CREATE OR REPLACE TEMP MACRO fp_bool(c) AS
     CASE WHEN len(c) = 0 THEN NULL::BOOLEAN
          WHEN len(c) > 1 THEN error('a boolean was expected, several values were found')
