@@ -167,6 +167,71 @@ def sql(
         sys.stdout.write(rel.pl().write_json() + "\n")
 
 
+views_app = typer.Typer(no_args_is_help=True, help="SQL-on-FHIR v2 ViewDefinitions over the store.")
+app.add_typer(views_app, name="views")
+
+
+class ViewFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    parquet = "parquet"
+    json = "json"
+
+
+@views_app.command("show")
+def views_show(file: Path) -> None:
+    """Print the DuckDB SQL the ViewDefinition in FILE compiles to."""
+    from harmonize.view_definition import compile_view
+
+    sys.stdout.write(compile_view(_read_view(file)).typed_sql + "\n")
+
+
+@views_app.command("run")
+def views_run(
+    file: Path,
+    format: Annotated[ViewFormat, typer.Option("--format", "-f", help="table, csv, parquet or json")] = (
+        ViewFormat.table
+    ),
+    output: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout")
+    ] = None,
+) -> None:
+    """Run the ViewDefinition in FILE over the store, read-only."""
+    from twin_store import view_relation
+
+    if format is ViewFormat.parquet and output is None:
+        raise TwinhubError("--format parquet needs --out FILE.parquet")
+    rel = view_relation(connect(settings().store.path), _read_view(file))
+    try:
+        if output is None and format is ViewFormat.table:
+            _show(rel)
+        elif output is None:
+            frame = rel.pl()
+            sys.stdout.write(frame.write_csv() if format is ViewFormat.csv else frame.write_json() + "\n")
+        elif format is ViewFormat.parquet:
+            rel.write_parquet(str(output))
+        elif format is ViewFormat.json:
+            rel.pl().write_json(output)
+        else:
+            rel.write_csv(str(output))
+    except duckdb.Error as e:  # data-dependent errors, e.g. several values in a single column
+        raise TwinhubError(f"view {str(file)!r} failed: {str(e).splitlines()[0]}") from None
+
+
+def _read_view(file: Path) -> dict[str, object]:
+    import orjson
+
+    try:
+        view = orjson.loads(file.read_bytes())
+    except OSError as e:
+        raise TwinhubError(f"cannot read view {str(file)!r} ({e.strerror}); check the path") from None
+    except orjson.JSONDecodeError as e:
+        raise TwinhubError(f"view {str(file)!r} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(view, dict):
+        raise TwinhubError(f"view {str(file)!r} must hold one ViewDefinition object")
+    return view
+
+
 @app.command()
 def serve() -> None:
     """Serve one scheduled deployment per source with a `schedule` (stops on SIGTERM)."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Any
 
+from connectors.errors import TwinhubError
+
 MACROS_SQL = """
 CREATE OR REPLACE TEMP MACRO fp_items(j) AS
     CASE WHEN j IS NULL OR json_type(j) = 'NULL' THEN []::JSON[]
@@ -101,7 +103,7 @@ FUNCTIONS = {
 }  # fmt: skip
 
 
-class FhirPathError(ValueError):
+class FhirPathError(TwinhubError):
     """An expression twinhub cannot compile; the message names the expression and the problem."""
 
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from connectors.errors import TwinhubError
 from harmonize.fhirpath import FhirPathError, Scope, compile_path
 
 REPEAT_DEPTH = 8
@@ -20,7 +21,7 @@ REPEAT_DEPTH = 8
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-class ViewError(ValueError):
+class ViewError(TwinhubError):
     """A ViewDefinition that cannot be compiled; the message names the element and the fix."""
 
 
@@ -31,12 +32,35 @@ class Column:
     collection: bool
 
 
+INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class CompiledView:
+    """`sql` yields every column as JSON (exact, for comparing); `typed_sql` casts each to the
+    column's `type` (strings as VARCHAR, collections stay JSON arrays) for analysts and files."""
+
     name: str
     resource: str
     columns: list[Column]
     sql: str
+
+    @property
+    def typed_sql(self) -> str:
+        return f"SELECT {', '.join(_typed(c) for c in self.columns)} FROM ({self.sql})"
+
+
+def _typed(column: Column) -> str:
+    name = _ident(column.name)
+    if column.collection:
+        return name
+    if column.type == "boolean":
+        return f"{name}::BOOLEAN AS {name}"
+    if column.type in INTEGER_TYPES:
+        return f"{name}::BIGINT AS {name}"
+    if column.type == "decimal":
+        return f"{name}::DOUBLE AS {name}"
+    return f"json_extract_string({name}, '$') AS {name}"
 
 
 def compile_view(view: dict[str, Any]) -> CompiledView:

@@ -4,6 +4,7 @@ from connectors.base import Window
 from twin_store.flat import FLAT_TABLES
 from twin_store.prepare import PreparedBatch, check_batch, derive_batch, prepare
 from twin_store.store import RunReport, TwinStore, connect
+from twin_store.views import view_relation
 
 __all__ = [
     "FLAT_TABLES",
@@ -15,4 +16,5 @@ __all__ = [
     "connect",
     "derive_batch",
     "prepare",
+    "view_relation",
 ]
