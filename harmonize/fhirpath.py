@@ -7,7 +7,10 @@ small vocabulary the generated SQL uses. Pure: text in, SQL text out.
 
 from __future__ import annotations
 
+import functools
 import re
+import types
+import typing
 from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Any
@@ -25,6 +28,7 @@ CREATE OR REPLACE TEMP MACRO fp_bool(c) AS
          WHEN len(c) > 1 THEN error('a boolean was expected, several values were found')
          WHEN json_type(c[1]) = 'BOOLEAN' THEN c[1]::BOOLEAN
          ELSE true END;
+CREATE OR REPLACE TEMP MACRO fp_of_single(s) AS CASE WHEN s IS NULL THEN []::JSON[] ELSE [s] END;
 CREATE OR REPLACE TEMP MACRO fp_of_bool(b) AS CASE WHEN b IS NULL THEN []::JSON[] ELSE [to_json(b)] END;
 CREATE OR REPLACE TEMP MACRO fp_is_number(x) AS json_type(x) IN ('BIGINT', 'UBIGINT', 'DOUBLE');
 CREATE OR REPLACE TEMP MACRO fp_eq(x, y) AS
@@ -273,9 +277,22 @@ class Scope:
     constants: dict[str, str]
     row_index: str = "0"
     names: count[int] = field(default_factory=count)
+    single: str | None = None
+    """The focus as one JSON value, when it is one element (the resource, a forEach item)."""
+    model: Any = None
+    """The focus's FHIR model class (fhir.resources R4B), when known: it says which elements
+    repeat, so single-valued paths compile to plain JSON extraction."""
 
-    def with_focus(self, focus: str, row_index: str | None = None) -> Scope:
-        return replace(self, focus=focus, row_index=self.row_index if row_index is None else row_index)
+    def with_focus(
+        self, focus: str, row_index: str | None = None, *, single: str | None = None, model: Any = None
+    ) -> Scope:
+        return replace(
+            self,
+            focus=focus,
+            row_index=self.row_index if row_index is None else row_index,
+            single=single,
+            model=model,
+        )
 
     def variable(self) -> str:
         return f"v{next(self.names)}"
@@ -284,6 +301,70 @@ class Scope:
 def compile_path(text: str, scope: Scope) -> str:
     """FHIRPath `text` as a DuckDB expression of type JSON[]."""
     return _Compiler(text).sql(parse(text), scope)
+
+
+def compile_single(text: str, scope: Scope) -> str | None:
+    """FHIRPath `text` as one JSON value (NULL when empty), when the schema proves it can never
+    hold more than one; else None. Plain JSON extraction: the fast path for columns."""
+    single = _Compiler(text).single(parse(text), scope)
+    return single.sql if single else None
+
+
+def element_model(text: str, scope: Scope) -> Any:
+    """The FHIR model class of the elements `text` yields (None when unknown)."""
+    return _Compiler(text).model(parse(text), scope)
+
+
+@dataclass(frozen=True)
+class _Single:
+    """A singleton: `json_extract(root, path)` (kept apart so steps merge into one path)."""
+
+    root: str
+    path: str
+    model: Any
+
+    @property
+    def sql(self) -> str:
+        return self.root if self.path == "$" else f"json_extract({self.root}, {_quote(self.path)})"
+
+    def child(self, name: str, model: Any) -> _Single:
+        return _Single(self.root, f'{self.path}."{name}"', model)
+
+
+def _field(model: Any, name: str) -> tuple[bool, Any] | None:
+    """(repeats, element model) of `name` in `model` (fhir.resources), None when unknown."""
+    if model is None:
+        return None
+    info = _fields(model).get(name)
+    if info is None:
+        return None
+    annotation = info.annotation
+    repeats = False
+    for _ in range(4):  # unwrap Optional[List[Annotated[...]]]
+        origin = typing.get_origin(annotation)
+        if origin is list:
+            repeats = True
+        if origin in (list, typing.Union, types.UnionType, typing.Annotated):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = args[0]
+    klass = getattr(annotation, "get_model_klass", None)
+    return repeats, klass() if klass else None
+
+
+@functools.cache
+def _fields(model: Any) -> dict[str, Any]:
+    return {(info.alias or name): info for name, info in model.model_fields.items()}
+
+
+@functools.cache
+def resource_model(resource_type: str) -> Any:
+    """The fhir.resources R4B model of a resource type, None for an unknown one."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    try:
+        return get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, ImportError):
+        return None
 
 
 def _quote(text: str) -> str:
@@ -301,10 +382,81 @@ class _Compiler:
     def error(self, message: str) -> FhirPathError:
         return FhirPathError(f"{message} in FHIRPath {self.text!r}")
 
+    def single(self, node: Node, scope: Scope) -> _Single | None:
+        """`node` as a singleton, where the schema proves it is one (see `compile_single`)."""
+        if node.kind == "literal":
+            return _Single(f"to_json({_quote(node.value)})", "$", None)
+        if node.kind in ("number", "boolean"):
+            return _Single(f"'{str(node.value).lower()}'::JSON", "$", None)
+        if node.kind == "this":
+            return _Single(scope.single, "$", scope.model) if scope.single else None
+        if node.kind == "member":
+            (base,) = node.args
+            if base.kind == "this" and node.value == scope.resource_type:
+                return self.single(base, scope)
+            parent = self.single(base, scope)
+            found = _field(parent.model, node.value) if parent else None
+            if parent is None or found is None or found[0]:
+                return None
+            return parent.child(node.value, found[1])
+        if node.kind == "call":
+            base, *args = node.args
+            if node.value == "ofType" and base.kind == "member" and args and args[0].kind == "member":
+                type_name = args[0].value
+                choice = Node("member", base.value + type_name[:1].upper() + type_name[1:], base.args)
+                return self.single(choice, scope)
+            if node.value == "first" and not args:
+                parent = self.single(base, scope)
+                if parent is not None:
+                    return parent
+                model = self.model(base, scope)
+                return _Single(f"{self.sql(base, scope)}[1]", "$", model)
+            if node.value == "getReferenceKey" and (parent := self.single(base, scope)):
+                resource_type = args[0].value if args and args[0].kind == "member" else "[A-Za-z]+"
+                return _Single(f"fp_ref_key({parent.sql}, {_quote(resource_type)})", "$", None)
+            if node.value == "getResourceKey" and not args and (parent := self.single(base, scope)):
+                return parent.child("id", None)
+        return None
+
+    def boolean(self, node: Node, scope: Scope) -> str:
+        """`node` as an SQL BOOLEAN (NULL for empty): comparisons of singletons and logic on
+        them skip the collection form; anything else goes through it."""
+        if node.kind == "binary" and node.value in ("and", "or"):
+            a, b = (self.boolean(arg, scope) for arg in node.args)
+            return f"({a} {node.value.upper()} {b})"
+        if node.kind == "binary" and node.value in ("=", "!="):
+            left, right = (self.single(arg, scope) for arg in node.args)
+            if left and right:
+                equal = f"fp_eq({left.sql}, {right.sql})"
+                return equal if node.value == "=" else f"(NOT {equal})"
+        return f"fp_bool({self.sql(node, scope)})"
+
+    def model(self, node: Node, scope: Scope) -> Any:
+        """The model class of the elements `node` yields, when member steps make it known."""
+        if node.kind == "this":
+            return scope.model
+        if node.kind == "member":
+            (base,) = node.args
+            if base.kind == "this" and node.value == scope.resource_type:
+                return scope.model
+            found = _field(self.model(base, scope), node.value)
+            return found[1] if found else None
+        if node.kind == "call" and node.value in ("where", "first", "last", "single") and node.args:
+            return self.model(node.args[0], scope)
+        if node.kind == "call" and node.value == "ofType" and node.args[0].kind == "member":
+            base, type_node = node.args[0], node.args[1]
+            choice = base.value + type_node.value[:1].upper() + type_node.value[1:]
+            return self.model(Node("member", choice, base.args), scope)
+        if node.kind == "index":
+            return self.model(node.args[0], scope)
+        return None
+
     def sql(self, node: Node, scope: Scope) -> str:
         kind = node.kind
         if kind == "this":
             return scope.focus
+        if kind in ("member", "call") and (single := self.single(node, scope)) is not None:
+            return f"fp_of_single({single.sql})"
         if kind == "literal":
             return f"[to_json({_quote(node.value)})]"
         if kind == "number":
@@ -325,6 +477,8 @@ class _Compiler:
             (base,) = node.args
             if base.kind == "this" and node.value == scope.resource_type:
                 return scope.focus
+            if parent := self.single(base, scope):  # a repeating element of a single one
+                return f"fp_items(json_extract({parent.sql}, {_json_path(node.value)}))"
             return f"fp_child({self.sql(base, scope)}, {_json_path(node.value)})"
         if kind == "index":
             base, index = node.args
@@ -387,8 +541,8 @@ class _Compiler:
             if len(args) != 1:
                 raise self.error("where() takes one criterion")
             v = scope.variable()
-            criterion = self.sql(args[0], scope.with_focus(f"[{v}]"))
-            return f"list_filter({base}, lambda {v}: coalesce(fp_bool({criterion}), false))"
+            item = scope.with_focus(f"[{v}]", single=v, model=self.model(base_node, scope))
+            return f"list_filter({base}, lambda {v}: coalesce({self.boolean(args[0], item)}, false))"
         if name == "exists":
             if args:
                 v = scope.variable()

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors.errors import TwinhubError
-from harmonize.fhirpath import FhirPathError, Scope, compile_path
+from harmonize.fhirpath import (
+    FhirPathError,
+    Scope,
+    compile_path,
+    compile_single,
+    element_model,
+    resource_model,
+)
 
 REPEAT_DEPTH = 8
 """How deep `repeat` follows its paths (FHIR Questionnaire items rarely nest past 4)."""
@@ -72,18 +79,25 @@ def compile_view(view: dict[str, Any]) -> CompiledView:
         raise ViewError("the view has no `select`; give it at least one column")
     _check_shape(view, "view")
     constants = {c["name"]: _constant(c) for c in view.get("constant", [])}
-    scope = Scope(focus="[resource]", resource_type=resource, constants=constants)
+    model = resource_model(resource)
+    scope = Scope(
+        focus="[resource]", resource_type=resource, constants=constants, single="resource", model=model
+    )
     try:
         columns = _columns(view)
-        rows = _rows(view, scope)
         where = [_where(w["path"], scope) for w in view.get("where", [])]
+        filters = " AND ".join([f"resource_type = {_quote(resource)}", *where])
+        if _one_row_each(view):  # no iteration anywhere: the columns straight from the resource
+            values = ", ".join(f"{_value(c, scope)} AS {_ident(c['name'])}" for c in _all_columns(view))
+            sql = f"SELECT {values} FROM resources WHERE {filters}"
+        else:
+            rows = _rows(view, scope)
+            reads = ", ".join(
+                f"json_extract(row, {_quote('$.' + c.name)}) AS {_ident(c.name)}" for c in columns
+            )
+            sql = f"SELECT {reads} FROM (SELECT unnest({rows}) AS row FROM resources WHERE {filters})"
     except FhirPathError as e:
         raise ViewError(str(e)) from None
-    reads = ", ".join(
-        f"json_extract(row, {_quote('$.' + _ident(c.name))}) AS {_ident(c.name)}" for c in columns
-    )
-    filters = " AND ".join([f"resource_type = {_quote(resource)}", *where])
-    sql = f"SELECT {reads} FROM (SELECT unnest({rows}) AS row FROM resources WHERE {filters})"
     return CompiledView(name=view.get("name", resource.lower()), resource=resource, columns=columns, sql=sql)
 
 
@@ -170,7 +184,8 @@ def _rows(select: dict[str, Any], scope: Scope) -> str:
         else compile_path(select[kind], scope)
     )
     v, i = scope.variable(), scope.variable()
-    each = _product(select, scope.with_focus(f"[{v}]", row_index=f"({i} - 1)"))
+    model = None if kind == "repeat" else element_model(select[kind], scope)
+    each = _product(select, scope.with_focus(f"[{v}]", row_index=f"({i} - 1)", single=v, model=model))
     rows = f"flatten(list_transform({items}, lambda {v}, {i}: {each}))"
     if kind == "forEachOrNull":  # no items: the select's rows for an empty focus, or one empty row
         empty = _product(select, scope.with_focus("[]::JSON[]", row_index="0"))
@@ -205,7 +220,23 @@ def _product(select: dict[str, Any], scope: Scope) -> str:
     return product
 
 
+def _one_row_each(select: dict[str, Any]) -> bool:
+    """Does the view yield exactly one row per resource (no forEach, repeat or unionAll)?"""
+    if any(k in select for k in ("forEach", "forEachOrNull", "repeat", "unionAll")):
+        return False
+    return all(_one_row_each(nested) for nested in select.get("select", []))
+
+
+def _all_columns(select: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        *select.get("column", []),
+        *(c for nested in select.get("select", []) for c in _all_columns(nested)),
+    ]
+
+
 def _value(column: dict[str, Any], scope: Scope) -> str:
+    if not column.get("collection") and (single := compile_single(column["path"], scope)):
+        return single
     values = compile_path(column["path"], scope)
     if column.get("collection"):
         return f"to_json({values})"
