@@ -178,17 +178,34 @@ class ViewFormat(StrEnum):
     json = "json"
 
 
-@views_app.command("show")
-def views_show(file: Path) -> None:
-    """Print the DuckDB SQL the ViewDefinition in FILE compiles to."""
-    from harmonize.view_definition import compile_view
+@views_app.command("list")
+def views_list() -> None:
+    """The standard views and those in the config's views folder."""
+    from twin_store.views import load_view, view_files
 
-    sys.stdout.write(compile_view(_read_view(file)).typed_sql + "\n")
+    table = Table(title="Views (run one: twinhub views run NAME)")
+    for col in ("name", "resource", "title", "file"):
+        table.add_column(col)
+    for name, path in view_files(settings().views.path).items():
+        view = load_view(str(path))
+        table.add_row(name, str(view.get("resource", "")), str(view.get("title", "")), str(path))
+    out.print(table)
+
+
+@views_app.command("show")
+def views_show(
+    view: Annotated[str, typer.Argument(help="A view name (see views list) or a JSON file")],
+) -> None:
+    """Print the DuckDB SQL a ViewDefinition compiles to."""
+    from harmonize.view_definition import compile_view
+    from twin_store.views import load_view
+
+    sys.stdout.write(compile_view(load_view(view, settings().views.path)).typed_sql + "\n")
 
 
 @views_app.command("run")
 def views_run(
-    file: Path,
+    view: Annotated[str, typer.Argument(help="A view name (see views list) or a JSON file")],
     format: Annotated[ViewFormat, typer.Option("--format", "-f", help="table, csv, parquet or json")] = (
         ViewFormat.table
     ),
@@ -196,12 +213,13 @@ def views_run(
         Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout")
     ] = None,
 ) -> None:
-    """Run the ViewDefinition in FILE over the store, read-only."""
-    from twin_store import view_relation
+    """Run a ViewDefinition over the store, read-only."""
+    from twin_store.views import load_view, view_relation
 
     if format is ViewFormat.parquet and output is None:
         raise TwinhubError("--format parquet needs --out FILE.parquet")
-    rel = view_relation(connect(settings().store.path), _read_view(file))
+    cfg = settings()
+    rel = view_relation(connect(cfg.store.path), load_view(view, cfg.views.path))
     try:
         if output is None and format is ViewFormat.table:
             _show(rel)
@@ -215,21 +233,15 @@ def views_run(
         else:
             rel.write_csv(str(output))
     except duckdb.Error as e:  # data-dependent errors, e.g. several values in a single column
-        raise TwinhubError(f"view {str(file)!r} failed: {str(e).splitlines()[0]}") from None
+        raise TwinhubError(f"view {view!r} failed: {str(e).splitlines()[0]}") from None
 
 
-def _read_view(file: Path) -> dict[str, object]:
-    import orjson
+@views_app.command("doc")
+def views_doc() -> None:
+    """Print the schema doc of every view (markdown, one line per column)."""
+    from twin_store.views import schema_doc
 
-    try:
-        view = orjson.loads(file.read_bytes())
-    except OSError as e:
-        raise TwinhubError(f"cannot read view {str(file)!r} ({e.strerror}); check the path") from None
-    except orjson.JSONDecodeError as e:
-        raise TwinhubError(f"view {str(file)!r} is not valid JSON ({e}); fix the file") from None
-    if not isinstance(view, dict):
-        raise TwinhubError(f"view {str(file)!r} must hold one ViewDefinition object")
-    return view
+    sys.stdout.write(schema_doc(settings().views.path))
 
 
 @app.command()

@@ -31,12 +31,20 @@ class StoreConfig(BaseModel):
     path: Path = Path(".twinhub")
 
 
+class ViewsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path | None = None
+    """A folder of the user's own ViewDefinitions (*.json), beside the standard library."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TWINHUB_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
     store: StoreConfig = StoreConfig()
+    views: ViewsConfig = ViewsConfig()
     sources: list[SourceConfig] = []
 
     @field_validator("sources")
@@ -106,7 +114,9 @@ def load_settings(path: Path | None = None) -> Settings:
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     """Every path in the file (data, key and token files) is relative to the file's folder."""
     store = StoreConfig(path=base / settings.store.path)
-    return Settings.model_construct(store=store, sources=[_rebase(s, base) for s in settings.sources])
+    views = ViewsConfig(path=base / settings.views.path if settings.views.path else None)
+    sources = [_rebase(s, base) for s in settings.sources]
+    return Settings.model_construct(store=store, views=views, sources=sources)
 
 
 def _rebase(model: Any, base: Path) -> Any:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -14,7 +15,8 @@ import pytest
 
 from flows.sample_export import write_sample_export
 from tests.conftest import TWINHUB, run_cli, write_config, write_ndjson
-from twin_store import connect
+from twin_store import connect, view_relation
+from twin_store.views import load_view, view_files
 
 
 def store_contents(store: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -66,6 +68,25 @@ def test_sync_synthea_exactly_as_documented(synthea: Path, tmp_path: Path, api_e
     assert con.sql("SELECT count(*) - count(DISTINCT (resource_type, id)) FROM fhir_resource").fetchone() == (
         0,
     )
+    # The standard views give what an analyst expects: one observation row per Observation, and
+    # the category views plus the other categories make up the whole.
+    rows = {name: view_relation(con, load_view(name)).count("*").fetchone()[0] for name in view_files()}
+    assert rows["observation"] == expected["Observation"]
+    assert rows["patient"] == expected["Patient"] and rows["encounter"] == expected["Encounter"]
+    (others,) = (
+        view_relation(con, load_view("observation"))
+        .filter("category NOT IN ('laboratory', 'vital-signs') OR category IS NULL")
+        .count("*")
+        .fetchone()
+    )
+    assert rows["lab_result"] + rows["vital_sign"] + others == rows["observation"]
+    categories = Counter(
+        coding.get("code")
+        for line in gzip.decompress((synthea / "Observation.ndjson.gz").read_bytes()).splitlines()
+        for category in orjson.loads(line).get("category", [])
+        for coding in category.get("coding", [])
+    )
+    assert (rows["lab_result"], rows["vital_sign"]) == (categories["laboratory"], categories["vital-signs"])
 
 
 @pytest.mark.slow

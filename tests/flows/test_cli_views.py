@@ -77,3 +77,19 @@ def test_views_errors_are_one_line(tmp_path: Path, api_env: dict[str, str]) -> N
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 1 and len(lines) == 1, (name, result.stderr)
         assert message in lines[0], (name, lines[0])
+
+
+def test_the_standard_views_are_listed_shown_and_documented(tmp_path: Path) -> None:
+    from twin_store.views import schema_doc, view_files
+
+    names = set(view_files())
+    assert names == {
+        "patient", "encounter", "condition", "observation", "lab_result", "vital_sign",
+        "medication_request", "procedure", "immunization", "diagnostic_report", "allergy_intolerance",
+    }  # fmt: skip
+    listed = run_cli("views", "list", env={"COLUMNS": "250"}).stdout
+    assert all(name in listed for name in names)
+    shown = run_cli("views", "show", "lab_result").stdout
+    assert "resource_type = 'Observation'" in shown and "laboratory" in shown
+    committed = (Path(__file__).parents[2] / "docs" / "views.md").read_text()
+    assert committed == schema_doc(), "docs/views.md is stale: run `twinhub views doc > docs/views.md`"
