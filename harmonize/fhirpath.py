@@ -310,6 +310,13 @@ def compile_single(text: str, scope: Scope) -> str | None:
     return single.sql if single else None
 
 
+def single_path(text: str, scope: Scope) -> str | None:
+    """The JSONPath into the focus (e.g. `$."valueQuantity"."value"`) when `text` is a single
+    value extracted straight from it: such columns share one parse of the resource."""
+    single = _Compiler(text).single(parse(text), scope)
+    return single.path if single and single.root == scope.single and single.path != "$" else None
+
+
 def element_model(text: str, scope: Scope) -> Any:
     """The FHIR model class of the elements `text` yields (None when unknown)."""
     return _Compiler(text).model(parse(text), scope)
@@ -329,6 +336,20 @@ class _Single:
 
     def child(self, name: str, model: Any) -> _Single:
         return _Single(self.root, f'{self.path}."{name}"', model)
+
+
+@dataclass(frozen=True)
+class _Many:
+    """A collection reached by member steps the schema knows: one `json_extract` with `[*]` at
+    each repeating step, which yields exactly the FHIRPath collection (missing values skipped)."""
+
+    root: str
+    path: str
+    model: Any
+
+    @property
+    def sql(self) -> str:
+        return f"json_extract({self.root}, {_quote(self.path)})"
 
 
 def _field(model: Any, name: str) -> tuple[bool, Any] | None:
@@ -409,6 +430,10 @@ class _Compiler:
                 parent = self.single(base, scope)
                 if parent is not None:
                     return parent
+                if base.kind == "member" and (owner := self.single(base.args[0], scope)):
+                    found = _field(owner.model, base.value)
+                    if found:  # a repeating element of a single one: its first is index 0
+                        return _Single(owner.root, f'{owner.path}."{base.value}"[0]', found[1])
                 model = self.model(base, scope)
                 return _Single(f"{self.sql(base, scope)}[1]", "$", model)
             if node.value == "getReferenceKey" and (parent := self.single(base, scope)):
@@ -416,6 +441,26 @@ class _Compiler:
                 return _Single(f"fp_ref_key({parent.sql}, {_quote(resource_type)})", "$", None)
             if node.value == "getResourceKey" and not args and (parent := self.single(base, scope)):
                 return parent.child("id", None)
+        return None
+
+    def many(self, node: Node, scope: Scope) -> _Many | None:
+        """`node` as one wildcard extraction, where every member step is known to the schema."""
+        if node.kind == "member":
+            (base,) = node.args
+            if base.kind == "this" and node.value == scope.resource_type:
+                return None
+            start = self.single(base, scope) or self.many(base, scope)
+            found = _field(start.model, node.value) if start else None
+            if start is None or found is None or (isinstance(start, _Single) and not found[0]):
+                return None
+            return _Many(start.root, f'{start.path}."{node.value}"' + ("[*]" if found[0] else ""), found[1])
+        if node.kind == "call" and node.value == "ofType":
+            base, *args = node.args
+            if base.kind == "member" and args and args[0].kind == "member":
+                type_name = args[0].value
+                return self.many(
+                    Node("member", base.value + type_name[:1].upper() + type_name[1:], base.args), scope
+                )
         return None
 
     def boolean(self, node: Node, scope: Scope) -> str:
@@ -457,6 +502,8 @@ class _Compiler:
             return scope.focus
         if kind in ("member", "call") and (single := self.single(node, scope)) is not None:
             return f"fp_of_single({single.sql})"
+        if kind in ("member", "call") and (many := self.many(node, scope)) is not None:
+            return many.sql
         if kind == "literal":
             return f"[to_json({_quote(node.value)})]"
         if kind == "number":

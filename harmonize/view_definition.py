@@ -21,6 +21,7 @@ from harmonize.fhirpath import (
     compile_single,
     element_model,
     resource_model,
+    single_path,
 )
 
 REPEAT_DEPTH = 8
@@ -88,8 +89,7 @@ def compile_view(view: dict[str, Any]) -> CompiledView:
         where = [_where(w["path"], scope) for w in view.get("where", [])]
         filters = " AND ".join([f"resource_type = {_quote(resource)}", *where])
         if _one_row_each(view):  # no iteration anywhere: the columns straight from the resource
-            values = ", ".join(f"{_value(c, scope)} AS {_ident(c['name'])}" for c in _all_columns(view))
-            sql = f"SELECT {values} FROM resources WHERE {filters}"
+            sql = _projection(_all_columns(view), scope, filters)
         else:
             rows = _rows(view, scope)
             reads = ", ".join(
@@ -218,6 +218,20 @@ def _product(select: dict[str, Any], scope: Scope) -> str:
         pairs = f"list_transform({part}, lambda {b}: json_merge_patch({a}, {b}))"
         product = f"flatten(list_transform({product}, lambda {a}: {pairs}))"
     return product
+
+
+def _projection(columns: list[dict[str, Any]], scope: Scope, filters: str) -> str:
+    """One row per resource. Columns that are plain paths into the resource are read with one
+    multi-path `json_extract` (one parse of the resource for all of them)."""
+    paths = [None if c.get("collection") else single_path(c["path"], scope) for c in columns]
+    shared = [p for p in paths if p]
+    values, k = [], 0
+    for column, path in zip(columns, paths, strict=True):
+        if path:
+            k += 1
+        values.append(f"{f'_e[{k}]' if path else _value(column, scope)} AS {_ident(column['name'])}")
+    extract = f", json_extract(resource, [{', '.join(map(_quote, shared))}]) AS _e" if shared else ""
+    return f"SELECT {', '.join(values)} FROM (SELECT resource{extract} FROM resources WHERE {filters})"
 
 
 def _one_row_each(select: dict[str, Any]) -> bool:
