@@ -310,6 +310,17 @@ def compile_single(text: str, scope: Scope) -> str | None:
     return single.sql if single else None
 
 
+def compile_boolean(text: str, scope: Scope) -> str | None:
+    """FHIRPath `text` as an SQL BOOLEAN when its form is boolean by construction (a comparison,
+    `exists()`, `and`/`or` of those); else None (evaluate it as a collection)."""
+    node = parse(text)
+    if (node.kind == "binary" and node.value in ("=", "!=", "and", "or")) or (
+        node.kind == "call" and node.value == "exists"
+    ):
+        return _Compiler(text).boolean(node, scope)
+    return None
+
+
 def single_path(text: str, scope: Scope) -> str | None:
     """The JSONPath into the focus (e.g. `$."valueQuantity"."value"`) when `text` is a single
     value extracted straight from it: such columns share one parse of the resource."""
@@ -469,12 +480,36 @@ class _Compiler:
         if node.kind == "binary" and node.value in ("and", "or"):
             a, b = (self.boolean(arg, scope) for arg in node.args)
             return f"({a} {node.value.upper()} {b})"
+        if node.kind == "call" and node.value == "exists" and (found := self.contains(node, scope)):
+            return found
         if node.kind == "binary" and node.value in ("=", "!="):
             left, right = (self.single(arg, scope) for arg in node.args)
             if left and right:
                 equal = f"fp_eq({left.sql}, {right.sql})"
                 return equal if node.value == "=" else f"(NOT {equal})"
         return f"fp_bool({self.sql(node, scope)})"
+
+    def contains(self, node: Node, scope: Scope) -> str | None:
+        """`X.where(F = 'text').exists()` (or `X.exists(F = 'text')`) over a chain the schema
+        knows, as one `list_contains` on a wildcard extraction: the usual category filter."""
+        base, *args = node.args
+        if args:
+            collection, criterion = base, args[0]
+        elif base.kind == "call" and base.value == "where" and len(base.args) == 2:
+            collection, criterion = base.args
+        else:
+            return None
+        if criterion.kind != "binary" or criterion.value != "=":
+            return None
+        field, literal = criterion.args
+        if field.kind != "member" or field.args[0].kind != "this" or literal.kind != "literal":
+            return None
+        many = self.many(Node("member", field.value, (collection,)), scope)
+        if many is None:
+            return None
+        return (
+            f"list_contains(json_extract_string({many.root}, {_quote(many.path)}), {_quote(literal.value)})"
+        )
 
     def model(self, node: Node, scope: Scope) -> Any:
         """The model class of the elements `node` yields, when member steps make it known."""

@@ -17,6 +17,7 @@ from connectors.errors import TwinhubError
 from harmonize.fhirpath import (
     FhirPathError,
     Scope,
+    compile_boolean,
     compile_path,
     compile_single,
     element_model,
@@ -126,6 +127,8 @@ def _check_shape(select: dict[str, Any], at: str) -> None:
 
 
 def _where(path: str, scope: Scope) -> str:
+    if boolean := compile_boolean(path, scope):
+        return f"coalesce({boolean}, false)"
     message = f"where path {path!r} gave something other than true or false"
     return f"fp_where({compile_path(path, scope)}, {_quote(message)})"
 
