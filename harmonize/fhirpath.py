@@ -489,6 +489,12 @@ class _Compiler:
                 return equal if node.value == "=" else f"(NOT {equal})"
         return f"fp_bool({self.sql(node, scope)})"
 
+    def filter(self, base: str, base_node: Node, criterion: Node, scope: Scope) -> str:
+        """The items of `base` for which `criterion`, evaluated on each, is true."""
+        v = scope.variable()
+        item = scope.with_focus(f"[{v}]", single=v, model=self.model(base_node, scope))
+        return f"list_filter({base}, lambda {v}: coalesce({self.boolean(criterion, item)}, false))"
+
     def contains(self, node: Node, scope: Scope) -> str | None:
         """`X.where(F = 'text').exists()` (or `X.exists(F = 'text')`) over a chain the schema
         knows, as one `list_contains` on a wildcard extraction: the usual category filter."""
@@ -622,14 +628,10 @@ class _Compiler:
         if name == "where":
             if len(args) != 1:
                 raise self.error("where() takes one criterion")
-            v = scope.variable()
-            item = scope.with_focus(f"[{v}]", single=v, model=self.model(base_node, scope))
-            return f"list_filter({base}, lambda {v}: coalesce({self.boolean(args[0], item)}, false))"
+            return self.filter(base, base_node, args[0], scope)
         if name == "exists":
             if args:
-                v = scope.variable()
-                criterion = self.sql(args[0], scope.with_focus(f"[{v}]"))
-                base = f"list_filter({base}, lambda {v}: coalesce(fp_bool({criterion}), false))"
+                base = self.filter(base, base_node, args[0], scope)
             return f"[to_json(len({base}) > 0)]"
         if name == "empty":
             return f"[to_json(len({base}) = 0)]"
