@@ -28,7 +28,7 @@ from xxhash import xxh3_64_hexdigest
 from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError, safe_url
 from connectors.fhir_history import Deletion, deleted_entry, deletions_table, history_deletions, iso
-from connectors.fhir_http import FhirClient, FhirServerSource, outcome_text, retry_after
+from connectors.fhir_http import FhirClient, FhirServerSource, check_server, outcome_text, retry_after
 from connectors.fhir_ndjson import line_chunks, open_ndjson, records_table
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class FhirBulkConnector:
         self._sleep = sleep
 
     def check(self) -> None:
-        with closing(FhirClient(self.source)) as client:
-            client.get_json(f"{self.source.base_url}/metadata")
+        check_server(self.source)
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         state = dict(since or {})

@@ -74,6 +74,15 @@ class FhirServerSource(BaseModel):
         return types
 
 
+def check_server(source: FhirServerSource) -> None:
+    """Fail fast, as one line, when the server cannot be reached or the credentials cannot be read."""
+    client = FhirClient(source)
+    try:
+        client.get_json(f"{source.base_url}/metadata")
+    finally:
+        client.close()
+
+
 class FhirClient:
     """The source's HTTP client; safe to share between the download threads (httpx is)."""
 

@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
 from connectors.fhir_history import history_deletions, iso
-from connectors.fhir_http import FhirClient, FhirServerSource, next_link, server_time
+from connectors.fhir_http import FhirClient, FhirServerSource, check_server, next_link, server_time
 from connectors.fhir_ndjson import records_table
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class FhirSearchConnector:
         self._progress = on_progress or (lambda message: log.info("%s: %s", self.name, message))
 
     def check(self) -> None:
-        with closing(FhirClient(self.source)) as client:
-            client.get_json(f"{self.source.base_url}/metadata")
+        check_server(self.source)
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         state: dict[str, dict[str, Any]] = {t: dict(s) for t, s in (since or {}).get("types", {}).items()}

@@ -137,11 +137,7 @@ def _constant(constant: dict[str, Any]) -> str:
     values = [(k, v) for k, v in constant.items() if k.startswith("value")]
     if len(values) != 1:
         raise ViewError(f"constant {constant.get('name')!r} needs exactly one value[x]")
-    return f"{_quote(_json(values[0][1]))}::JSON"
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value)
+    return f"{_quote(json.dumps(values[0][1]))}::JSON"
 
 
 def _columns(select: dict[str, Any]) -> list[Column]:
