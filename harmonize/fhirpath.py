@@ -94,11 +94,8 @@ CREATE OR REPLACE TEMP MACRO fp_boundary(x, kind, low) AS
          WHEN kind = 'date' THEN
               to_json(CASE WHEN low THEN fp_low_date(x ->> '$') ELSE fp_high_date(x ->> '$') END)
          ELSE to_json(CASE WHEN low THEN fp_low_datetime(x ->> '$') ELSE fp_high_datetime(x ->> '$') END) END;
-CREATE OR REPLACE TEMP MACRO fp_ref_key(x, t) AS
-    CASE WHEN regexp_matches(json_extract_string(x, '$.reference'),
-                             '(^|/)' || t || '/[^/]+(/_history/[^/]+)?$')
-         THEN to_json(regexp_extract(json_extract_string(x, '$.reference'),
-                                     '([A-Za-z]+)/([^/]+)(/_history/[^/]+)?$', 2)) END;
+CREATE OR REPLACE TEMP MACRO fp_ref_key(reference, t) AS
+    nullif(regexp_extract(reference, '(^|/)' || t || '/([^/]+)(/_history/[^/]+)?$', 2), '');
 """
 
 FUNCTIONS = {
@@ -321,11 +318,14 @@ def compile_boolean(text: str, scope: Scope) -> str | None:
     return None
 
 
-def single_path(text: str, scope: Scope) -> str | None:
-    """The JSONPath into the focus (e.g. `$."valueQuantity"."value"`) when `text` is a single
-    value extracted straight from it: such columns share one parse of the resource."""
+def single_path(text: str, scope: Scope) -> tuple[str, TextCall | None] | None:
+    """The JSONPath into the focus (e.g. `$."valueQuantity"."value"`) and the function applied
+    to the text read there, when `text` is a single value read straight from the focus: such
+    columns share one parse of the resource."""
     single = _Compiler(text).single(parse(text), scope)
-    return single.path if single and single.root == scope.single and single.path != "$" else None
+    if single and single.root == scope.single and single.path != "$":
+        return single.path, single.call
+    return None
 
 
 def element_model(text: str, scope: Scope) -> Any:
@@ -335,18 +335,34 @@ def element_model(text: str, scope: Scope) -> Any:
 
 @dataclass(frozen=True)
 class _Single:
-    """A singleton: `json_extract(root, path)` (kept apart so steps merge into one path)."""
+    """A singleton: `json_extract(root, path)` (kept apart so steps merge into one path),
+    or a function of the text read there (`call`)."""
 
     root: str
     path: str
     model: Any
+    call: TextCall | None = None
 
     @property
     def sql(self) -> str:
+        if self.call:
+            return f"to_json({self.call.sql(f'json_extract_string({self.root}, {_quote(self.path)})')})"
         return self.root if self.path == "$" else f"json_extract({self.root}, {_quote(self.path)})"
 
     def child(self, name: str, model: Any) -> _Single:
+        assert self.call is None, "a computed value has no children"
         return _Single(self.root, f'{self.path}."{name}"', model)
+
+
+@dataclass(frozen=True)
+class TextCall:
+    """An SQL macro of a text value and constant arguments, e.g. `fp_ref_key(text, 'Patient')`."""
+
+    macro: str
+    args: tuple[str, ...]
+
+    def sql(self, text: str) -> str:
+        return f"{self.macro}({', '.join((text, *self.args))})"
 
 
 @dataclass(frozen=True)
@@ -447,10 +463,14 @@ class _Compiler:
                         return _Single(owner.root, f'{owner.path}."{base.value}"[0]', found[1])
                 model = self.model(base, scope)
                 return _Single(f"{self.sql(base, scope)}[1]", "$", model)
-            if node.value == "getReferenceKey" and (parent := self.single(base, scope)):
+            parent = self.single(base, scope)
+            if parent is None or parent.call:
+                return None
+            if node.value == "getReferenceKey":
                 resource_type = args[0].value if args and args[0].kind == "member" else "[A-Za-z]+"
-                return _Single(f"fp_ref_key({parent.sql}, {_quote(resource_type)})", "$", None)
-            if node.value == "getResourceKey" and not args and (parent := self.single(base, scope)):
+                reference = parent.child("reference", None)
+                return replace(reference, call=TextCall("fp_ref_key", (_quote(resource_type),)))
+            if node.value == "getResourceKey" and not args:
                 return parent.child("id", None)
         return None
 
@@ -671,10 +691,8 @@ class _Compiler:
                 if args[0].kind != "member":
                     raise self.error("getReferenceKey() takes a resource type")
                 resource_type = args[0].value
-            return (
-                f"list_filter(list_transform({base}, lambda x: fp_ref_key(x, {_quote(resource_type)})), "
-                "lambda k: k IS NOT NULL)"
-            )
+            key = f"to_json(fp_ref_key(x ->> '$.reference', {_quote(resource_type)}))"
+            return f"list_filter(list_transform({base}, lambda x: {key}), lambda k: k IS NOT NULL)"
         raise self.error(f"function {name}() is not supported yet")
 
 

@@ -3,7 +3,8 @@
 Each `select` compiles to an expression of type JSON[]: the rows it yields, one JSON object per
 row, for one focus. `forEach` maps over a collection, `unionAll` concatenates, sibling parts
 multiply; the query unnests the rows of every resource and reads the columns out. Pure: a view
-in, SQL text out. The query reads a relation `resources(resource_type, resource JSON)`.
+in, SQL text out. The query reads a relation `resources(resource_type, resource)`, the resource
+as JSON text (VARCHAR, as the store keeps it, or JSON).
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ class Column:
     collection: bool
 
 
-INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
+SQL_TYPES = {
+    "boolean": "BOOLEAN",
+    "decimal": "DOUBLE",
+    **dict.fromkeys(["integer", "positiveInt", "unsignedInt", "integer64"], "BIGINT"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,23 +58,23 @@ class CompiledView:
     resource: str
     columns: list[Column]
     sql: str
+    typed_sql: str
+    where: str
+    """The view-level `where` as an SQL boolean over `resource` ("true" without one)."""
 
-    @property
-    def typed_sql(self) -> str:
-        return f"SELECT {', '.join(_typed(c) for c in self.columns)} FROM ({self.sql})"
 
-
-def _typed(column: Column) -> str:
-    name = _ident(column.name)
+def _typed(value: str, column: Column) -> str:
+    """A JSON `value` as the column's SQL type."""
     if column.collection:
-        return name
-    if column.type == "boolean":
-        return f"{name}::BOOLEAN AS {name}"
-    if column.type in INTEGER_TYPES:
-        return f"{name}::BIGINT AS {name}"
-    if column.type == "decimal":
-        return f"{name}::DOUBLE AS {name}"
-    return f"json_extract_string({name}, '$') AS {name}"
+        return value
+    if column.type in SQL_TYPES:
+        return f"{value}::{SQL_TYPES[column.type]}"
+    return f"json_extract_string({value}, '$')"
+
+
+def _typed_text(text: str, column: Column) -> str:
+    """A value read as text (a JSON string unquoted, any other JSON as written) as the column's type."""
+    return f"{text}::{SQL_TYPES[column.type]}" if column.type in SQL_TYPES else text
 
 
 def compile_view(view: dict[str, Any]) -> CompiledView:
@@ -83,23 +88,34 @@ def compile_view(view: dict[str, Any]) -> CompiledView:
     constants = {c["name"]: _constant(c) for c in view.get("constant", [])}
     model = resource_model(resource)
     scope = Scope(
-        focus="[resource]", resource_type=resource, constants=constants, single="resource", model=model
+        focus="[resource::JSON]", resource_type=resource, constants=constants, single="resource", model=model
     )
     try:
         columns = _columns(view)
         where = [_where(w["path"], scope) for w in view.get("where", [])]
         filters = " AND ".join([f"resource_type = {_quote(resource)}", *where])
         if _one_row_each(view):  # no iteration anywhere: the columns straight from the resource
-            sql = _projection(_all_columns(view), scope, filters)
+            sql = _projection(columns, _all_columns(view), scope, filters, typed=False)
+            typed_sql = _projection(columns, _all_columns(view), scope, filters, typed=True)
         else:
             rows = _rows(view, scope)
             reads = ", ".join(
                 f"json_extract(row, {_quote('$.' + c.name)}) AS {_ident(c.name)}" for c in columns
             )
             sql = f"SELECT {reads} FROM (SELECT unnest({rows}) AS row FROM resources WHERE {filters})"
+            typed = ", ".join(f"{_typed(_ident(c.name), c)} AS {_ident(c.name)}" for c in columns)
+            typed_sql = f"SELECT {typed} FROM ({sql})"
     except FhirPathError as e:
         raise ViewError(str(e)) from None
-    return CompiledView(name=view.get("name", resource.lower()), resource=resource, columns=columns, sql=sql)
+    name = view.get("name", resource.lower())
+    return CompiledView(
+        name=name,
+        resource=resource,
+        columns=columns,
+        sql=sql,
+        typed_sql=typed_sql,
+        where=" AND ".join(where) or "true",
+    )
 
 
 def _check_shape(select: dict[str, Any], at: str) -> None:
@@ -219,17 +235,33 @@ def _product(select: dict[str, Any], scope: Scope) -> str:
     return product
 
 
-def _projection(columns: list[dict[str, Any]], scope: Scope, filters: str) -> str:
-    """One row per resource. Columns that are plain paths into the resource are read with one
-    multi-path `json_extract` (one parse of the resource for all of them)."""
-    paths = [None if c.get("collection") else single_path(c["path"], scope) for c in columns]
-    shared = [p for p in paths if p]
+def _projection(
+    columns: list[Column], specs: list[dict[str, Any]], scope: Scope, filters: str, *, typed: bool
+) -> str:
+    """One row per resource. Columns that are single values at a path into the resource are read
+    with one multi-path extraction (one parse of the resource for all of them): as JSON, or
+    when `typed` as text cast straight to the column's type."""
+    reads = [None if c.get("collection") else single_path(c["path"], scope) for c in specs]
+    shared = [read[0] for read in reads if read]
     values, k = [], 0
-    for column, path in zip(columns, paths, strict=True):
-        if path:
+    for column, spec, read in zip(columns, specs, reads, strict=True):
+        if read:
             k += 1
-        values.append(f"{f'_e[{k}]' if path else _value(column, scope)} AS {_ident(column['name'])}")
-    extract = f", json_extract(resource, [{', '.join(map(_quote, shared))}]) AS _e" if shared else ""
+            call = read[1]
+            text = f"_e[{k}]" if typed else f"(_e[{k}] ->> '$')"
+            value = call.sql(text) if call else text
+            if typed:
+                value = _typed_text(value, column)
+            elif call:
+                value = f"to_json({value})"
+            else:
+                value = f"_e[{k}]"
+        else:
+            value = _value(spec, scope)
+            value = _typed(value, column) if typed else value
+        values.append(f"{value} AS {_ident(column.name)}")
+    extract_fn = "json_extract_string" if typed else "json_extract"
+    extract = f", {extract_fn}(resource, [{', '.join(map(_quote, shared))}]) AS _e" if shared else ""
     return f"SELECT {', '.join(values)} FROM (SELECT resource{extract} FROM resources WHERE {filters})"
 
 

@@ -23,7 +23,7 @@ def run_view(resources: list[dict[str, Any]], view: dict[str, Any]) -> tuple[lis
         con.execute(MACROS_SQL)
         con.execute(
             "CREATE TABLE resources AS SELECT json_extract_string(r, '$.resourceType') AS resource_type, "
-            "r AS resource FROM (SELECT unnest(?::JSON[]) AS r)",
+            "r::VARCHAR AS resource FROM (SELECT unnest(?::JSON[]) AS r)",
             [[json.dumps(r) for r in resources]],
         )
         relation = con.execute(compile_view(view).sql)
