@@ -502,6 +502,11 @@ class _Compiler:
             return f"({a} {node.value.upper()} {b})"
         if node.kind == "call" and node.value == "exists" and (found := self.contains(node, scope)):
             return found
+        if node.kind == "call" and node.value == "exists" and len(node.args) == 1:
+            if many := self.many(node.args[0], scope):
+                return f"(len({many.sql}) > 0)"
+            if single := self.single(node.args[0], scope):
+                return f"({single.sql} IS NOT NULL)"
         if node.kind == "binary" and node.value in ("=", "!="):
             left, right = (self.single(arg, scope) for arg in node.args)
             if left and right:

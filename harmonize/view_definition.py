@@ -94,9 +94,9 @@ def compile_view(view: dict[str, Any]) -> CompiledView:
         columns = _columns(view)
         where = [_where(w["path"], scope) for w in view.get("where", [])]
         filters = " AND ".join([f"resource_type = {_quote(resource)}", *where])
-        if _one_row_each(view):  # no iteration anywhere: the columns straight from the resource
-            sql = _projection(columns, _all_columns(view), scope, filters, typed=False)
-            typed_sql = _projection(columns, _all_columns(view), scope, filters, typed=True)
+        if parts := _flat_parts(view):  # columns straight from the resource, or one forEach's items
+            sql = _projection(columns, parts, scope, filters, typed=False)
+            typed_sql = _projection(columns, parts, scope, filters, typed=True)
         else:
             rows = _rows(view, scope)
             reads = ", ".join(
@@ -236,47 +236,70 @@ def _product(select: dict[str, Any], scope: Scope) -> str:
 
 
 def _projection(
-    columns: list[Column], specs: list[dict[str, Any]], scope: Scope, filters: str, *, typed: bool
+    columns: list[Column],
+    parts: list[tuple[str | None, list[dict[str, Any]]]],
+    scope: Scope,
+    filters: str,
+    *,
+    typed: bool,
 ) -> str:
-    """One row per resource. Columns that are single values at a path into the resource are read
-    with one multi-path extraction (one parse of the resource for all of them): as JSON, or
-    when `typed` as text cast straight to the column's type."""
-    reads = [None if c.get("collection") else single_path(c["path"], scope) for c in specs]
-    shared = [read[0] for read in reads if read]
-    values, k = [], 0
-    for column, spec, read in zip(columns, specs, reads, strict=True):
-        if read:
-            k += 1
-            call = read[1]
-            text = f"_e[{k}]" if typed else f"(_e[{k}] ->> '$')"
-            value = call.sql(text) if call else text
-            if typed:
-                value = _typed_text(value, column)
-            elif call:
-                value = f"to_json({value})"
+    """One row per resource, or per item of its one `forEach` (`parts` pairs each group of
+    columns with the forEach path it reads from, None for the resource). Columns that are single
+    values at a path are read with one multi-path extraction per resource or item (one parse for
+    all of them): as JSON, or when `typed` as text cast straight to the column's type."""
+    values, unnest = [], ""
+    shared: dict[str, list[str]] = {"resource": [], "_item": []}
+    column_iter = iter(columns)
+    for each, specs in parts:
+        root, focus = "resource", scope
+        if each is not None:
+            root = "_item"
+            focus = scope.with_focus("[_item]", single="_item", model=element_model(each, scope))
+            unnest = f", unnest({compile_path(each, scope)}) AS _item"
+        for spec in specs:
+            column = next(column_iter)
+            read = None if spec.get("collection") else single_path(spec["path"], focus)
+            if read:
+                shared[root].append(read[0])
+                value = f"_{root}[{len(shared[root])}]"
+                if call := read[1]:
+                    value = call.sql(value if typed else f"({value} ->> '$')")
+                    value = value if typed else f"to_json({value})"
+                value = _typed_text(value, column) if typed else value
             else:
-                value = f"_e[{k}]"
-        else:
-            value = _value(spec, scope)
-            value = _typed(value, column) if typed else value
-        values.append(f"{value} AS {_ident(column.name)}")
+                value = _value(spec, focus)
+                value = _typed(value, column) if typed else value
+            values.append(f"{value} AS {_ident(column.name)}")
     extract_fn = "json_extract_string" if typed else "json_extract"
-    extract = f", {extract_fn}(resource, [{', '.join(map(_quote, shared))}]) AS _e" if shared else ""
-    return f"SELECT {', '.join(values)} FROM (SELECT resource{extract} FROM resources WHERE {filters})"
+    extract = {
+        root: f", {extract_fn}({root}, [{', '.join(map(_quote, paths))}]) AS _{root}" if paths else ""
+        for root, paths in shared.items()
+    }
+    inner = f"SELECT resource{extract['resource']}{unnest} FROM resources WHERE {filters}"
+    if extract["_item"]:
+        inner = f"SELECT *{extract['_item']} FROM ({inner})"
+    return f"SELECT {', '.join(values)} FROM ({inner})"
 
 
-def _one_row_each(select: dict[str, Any]) -> bool:
-    """Does the view yield exactly one row per resource (no forEach, repeat or unionAll)?"""
-    if any(k in select for k in ("forEach", "forEachOrNull", "repeat", "unionAll")):
-        return False
-    return all(_one_row_each(nested) for nested in select.get("select", []))
+def _flat_parts(view: dict[str, Any]) -> list[tuple[str | None, list[dict[str, Any]]]] | None:
+    """The view as groups of plain columns, each read from the resource or from the items of one
+    `forEach`, when it has that shape (no forEachOrNull, repeat, unionAll or %rowIndex, at most
+    one forEach, nothing nested below it); else None."""
+    if "%rowIndex" in json.dumps(view):
+        return None
+    parts: list[tuple[str | None, list[dict[str, Any]]]] = []
 
+    def collect(select: dict[str, Any], each: str | None) -> bool:
+        if any(k in select for k in ("forEachOrNull", "repeat", "unionAll")):
+            return False
+        if "forEach" in select:
+            if each is not None or select.get("select") or any(p[0] for p in parts):
+                return False
+            each = select["forEach"]
+        parts.append((each, list(select.get("column", []))))
+        return all(collect(nested, each) for nested in select.get("select", []))
 
-def _all_columns(select: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        *select.get("column", []),
-        *(c for nested in select.get("select", []) for c in _all_columns(nested)),
-    ]
+    return parts if collect(view, None) else None
 
 
 def _value(column: dict[str, Any], scope: Scope) -> str:
