@@ -2,7 +2,7 @@
 
 Run by hand (`make bench`), not in CI. Each contender runs in its own subprocess (so peak RSS is
 its own), `--repeat` times; we print medians and the ratio. twinhub is timed inside the process
-after start-up: pull -> check -> land raw + flat tables, batch by batch, as `sync` does.
+after start-up: pull -> check -> land raw + the 11 standard view tables, batch by batch, as `sync` does.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def twinhub(store: Path) -> dict[str, float]:
 
 
 def baseline(store: Path) -> dict[str, float]:
-    """Plain DuckDB: read_json of the same files into one table, no checks, no flat tables."""
+    """Plain DuckDB: read_json of the same files into one table, no checks, no view tables."""
     import duckdb
 
     con = duckdb.connect(str(store / "baseline.duckdb"))

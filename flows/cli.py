@@ -24,7 +24,7 @@ from rich.table import Table
 from connectors.errors import TwinhubError, safe_url
 from connectors.fhir_ndjson import FhirNdjsonSource
 from flows.config import Settings, StoreConfig, load_settings
-from twin_store import FLAT_TABLES, RunReport, connect
+from twin_store import RunReport, connect, standard_views
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 out = Console()
@@ -288,7 +288,7 @@ def demo(
     _show(_table_counts(con), "Rows per table")
     example = (
         "SELECT code_display, value_unit, count(*) AS n, round(avg(value_numeric), 1) AS mean\n"
-        "FROM observation WHERE category = 'laboratory'\nGROUP BY ALL ORDER BY n DESC LIMIT 5"
+        "FROM lab_result GROUP BY ALL ORDER BY n DESC LIMIT 5"
     )
     out.print(f'\nExample query (twinhub --config {demo_config} sql "..."):\n[cyan]{example}[/]')
     _show(con.sql(example))
@@ -299,7 +299,7 @@ def demo(
 
 
 def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
-    tables = ["fhir_resource", *(t.name for t in FLAT_TABLES), "fhir_deletion", "quarantine"]
+    tables = ["fhir_resource", *(v.name for v in standard_views()), "fhir_deletion", "quarantine"]
     return con.sql(
         " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
     )

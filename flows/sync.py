@@ -24,7 +24,7 @@ from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
 from flows.config import Settings, SourceConfig, load_settings
-from twin_store import RunReport, TwinStore, Window, check_batch, derive_batch
+from twin_store import RunReport, TwinStore, Window, prepare
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,12 +76,12 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
 def land_batches(
     store: TwinStore, run: RunReport, batches: Iterator[Batch], window: Window | None = None
 ) -> None:
-    """A four-stage pipeline, one thread each: read batch N+3, check N+2, derive the flat rows
-    of N+1 and land N. The stages mostly run in C (gunzip, DuckDB) off the GIL, so the two
-    cores stay busy and each batch still lands in order, in its own transaction."""
+    """A three-stage pipeline, one thread each: read batch N+2, check N+1, land N (its raw
+    resources and the view rows of those that changed). The stages mostly run in C (gunzip,
+    DuckDB) off the GIL, so the two cores stay busy and each batch still lands in order, in its
+    own transaction."""
     backfill = window is not None
-    checked = prefetch(check_batch(batch, backfill=backfill) for batch in prefetch(batches))
-    for batch in prefetch(map(derive_batch, checked)):
+    for batch in prefetch(prepare(batch, backfill=backfill) for batch in prefetch(batches)):
         store.land(run, batch, window=window)
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
         if callback := on_batch.get():

@@ -1,5 +1,5 @@
-"""What can be computed about a batch before the writer takes it, in two pure steps, so each
-can run in its own worker thread while the writer lands the batch before."""
+"""What can be computed about a batch before the writer takes it, purely, so it can run in a
+worker thread while the writer lands the batch before."""
 
 from __future__ import annotations
 
@@ -11,23 +11,21 @@ import pyarrow.compute as pc
 
 from connectors.base import DELETION_SCHEMA, Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
-from twin_store.flat import derive_flat_rows
 
 
 @dataclass(frozen=True, kw_only=True)
 class PreparedBatch:
-    """A checked batch and, once derived, the flat rows of every resource in it."""
+    """A checked batch, ready for the writer."""
 
     checked: Checked
-    flat_rows: dict[str, pa.Table] = field(default_factory=dict)
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     lines_read: int
     superseded: int
     watermark: Watermark
 
 
-def check_batch(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
-    """Step 1: structural checks (a backfill also needs clinical dates to window on), and of
+def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
+    """Structural checks (a backfill also needs clinical dates to window on), and of
     several copies of one resource in the batch only the newest is kept."""
     checked = check_resources(batch.records, clinical_dates=backfill)
     latest = _latest_copies(checked.resources)
@@ -38,15 +36,6 @@ def check_batch(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         deletions=batch.deletions,
         watermark=batch.watermark,
     )
-
-
-def derive_batch(batch: PreparedBatch) -> PreparedBatch:
-    """Step 2: the flat rows of every resource that passed."""
-    return replace(batch, flat_rows=derive_flat_rows(batch.checked.resources))
-
-
-def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
-    return derive_batch(check_batch(batch, backfill=backfill))
 
 
 def _latest_copies(resources: pa.Table) -> pa.Table:

@@ -30,9 +30,10 @@ import pyarrow.compute as pc
 
 from connectors.base import Watermark, Window
 from connectors.errors import StoreError
+from harmonize.fhirpath import MACROS_SQL
 from twin_store.extensions import load_extensions
-from twin_store.flat import FLAT_TABLES, MACROS_SQL
 from twin_store.prepare import PreparedBatch
+from twin_store.views import standard_views
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,10 @@ class TwinStore:
         self.con.execute(MACROS_SQL)
         with self._transaction():  # one DuckLake commit, not one per statement
             self.con.execute(SCHEMA_SQL)
+            # Raw JSON: lz4 writes twice as fast as the default snappy, and smaller.
+            self.con.execute(f"CALL {CATALOG}.set_option('parquet_compression', 'lz4_raw')")
         self._migrate()
-        self._ensure_flat_tables()
+        self._ensure_view_tables()
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
 
     def __enter__(self) -> Self:
@@ -190,11 +193,12 @@ class TwinStore:
     # -- landing ------------------------------------------------------------------------------
 
     def land(self, run: RunReport, batch: PreparedBatch, *, window: Window | None = None) -> None:
-        """Upsert one batch, its flat rows, quarantine, watermark and run counts atomically.
+        """Upsert one batch, the view rows of what changed, quarantine, watermark and run
+        counts atomically.
 
         Unchanged content (same hash) writes nothing. With a `window` (a backfill) only
-        resources in it land, the flat rows of all of them are rewritten even if unchanged
-        (after a mapping change), and the sync watermark is left alone.
+        resources in it land, the view rows of all of them are recomputed even if unchanged,
+        and the sync watermark is left alone.
         """
         con = self.con
         resources, problems = batch.checked.resources, batch.checked.problems
@@ -264,9 +268,9 @@ class TwinStore:
                     )
                     run.changed["fhir_resource"] += len(changed)
                 if window:
-                    self._derive(run, batch.flat_rows, resources.take(incoming["pos"]), replace_all=True)
+                    self._materialize(run, resources.take(incoming["pos"]), replace_all=True)
                 else:
-                    self._derive(run, batch.flat_rows, changed, replace_all=False)
+                    self._materialize(run, changed, replace_all=False)
                 if len(problems):
                     self._quarantine(run)
                 run.batches += 1
@@ -281,14 +285,14 @@ class TwinStore:
                     ],
                 )
         finally:
-            for name in ("batch", "batch_problems", "changed", "derived", "flat_rows"):
+            for name in ("batch", "batch_problems", "changed", "derived"):
                 with contextlib.suppress(duckdb.Error):
                     con.unregister(name)
         run.counts.update(counts)
         run.by_type.update(dict(zip(*_value_counts(resources["resource_type"]), strict=True)))
 
     def _delete(self, run: RunReport, deletions: pa.Table) -> int:
-        """Record what the source reports deleted and remove the stored copies (and their flat
+        """Record what the source reports deleted and remove the stored copies (and their view
         rows) that are no newer than the deletion. Returns how many were removed."""
         con = self.con
         con.register("gone", deletions)
@@ -315,40 +319,46 @@ class TwinStore:
                 WHERE t.resource_type = r.resource_type AND t.id = r.id"""
             )
             run.changed["fhir_resource"] += len(removed)
-            for table in FLAT_TABLES:
-                ids = f"SELECT id FROM removed WHERE resource_type = '{table.resource_type}'"
+            for view in standard_views():
+                ids = f"SELECT id FROM removed WHERE resource_type = '{view.resource_type}'"
                 (n,) = _one(con, f"SELECT count(*) FROM ({ids})")
                 if n:
-                    con.execute(f"DELETE FROM twin.{table.name} WHERE {table.key} IN ({ids})")
-                    run.changed[table.name] += n
+                    (gone,) = _one(con, f"DELETE FROM twin.{view.name} WHERE id IN ({ids})")
+                    run.changed[view.name] += gone
             return len(removed)
         finally:
             for name in ("gone", "removed"):
                 with contextlib.suppress(duckdb.Error):
                     con.unregister(name)
 
-    def _derive(
-        self, run: RunReport, flat_rows: dict[str, pa.Table], derived: pa.Table, *, replace_all: bool
-    ) -> None:
-        """Write the flat rows of the `derived` resources. Old flat rows are deleted only where
-        they may exist: for updated resources, or for all of them with `replace_all`."""
+    def _materialize(self, run: RunReport, derived: pa.Table, *, replace_all: bool) -> None:
+        """Compute the view rows of the `derived` resources, and only theirs, and write them.
+        Old rows are deleted only where they may exist: for updated resources, or for all of
+        them with `replace_all`."""
         con = self.con
         con.register("derived", derived)
+        con.execute("CREATE OR REPLACE TEMP VIEW resources AS SELECT resource_type, resource FROM derived")
         counted = [("id", "count")] + ([] if replace_all else [("prior_version", "count")])
         stats = derived.group_by("resource_type").aggregate(counted).to_pylist()
         per_type = {row["resource_type"]: row for row in stats}
-        for table in FLAT_TABLES:
-            row = per_type.get(table.resource_type)
+        supersets = {view.subset_of for view in standard_views()}
+        for view in standard_views():
+            row = per_type.get(view.resource_type)
             if row is None:
                 continue
-            ids = f"SELECT id FROM derived WHERE resource_type = '{table.resource_type}'"
+            of_type = f"SELECT id FROM derived WHERE resource_type = '{view.resource_type}'"
             if replace_all or row["prior_version_count"]:
-                con.execute(f"DELETE FROM twin.{table.name} WHERE {table.key} IN ({ids})")
-            con.register("flat_rows", flat_rows[table.name])
-            (written,) = _one(
-                con, f"INSERT INTO twin.{table.name} SELECT * FROM flat_rows WHERE {table.key} IN ({ids})"
-            )
-            run.changed[table.name] += written
+                con.execute(f"DELETE FROM twin.{view.name} WHERE id IN ({of_type})")
+            rows = view.sql
+            if view.subset_of:  # the superset's rows, computed just before, of those that pass
+                rows = f"FROM rows_{view.subset_of} WHERE id IN ({of_type} AND {view.where})"
+            if view.name in supersets:
+                con.execute(f"CREATE OR REPLACE TEMP TABLE rows_{view.name} AS {rows}")
+                rows = f"FROM rows_{view.name}"
+            (written,) = _one(con, f"INSERT INTO twin.{view.name} {rows}")
+            run.changed[view.name] += written
+        for name in supersets - {None}:
+            con.execute(f"DROP TABLE IF EXISTS rows_{name}")
 
     def _quarantine(self, run: RunReport) -> None:
         """Quarantine problem lines; a line already quarantined with the same text is kept once."""
@@ -381,42 +391,38 @@ class TwinStore:
             self.con.execute("DROP VIEW twin.ingest_run")
             self.con.execute(SCHEMA_SQL)
 
-    def _ensure_flat_tables(self) -> None:
-        """Create missing flat tables; rebuild one whose definition changed from the raw table."""
+    def _ensure_view_tables(self) -> None:
+        """Create missing view tables; rebuild one whose definition changed (its comment
+        differs) from the raw resources."""
         con = self.con
         con.execute(
             "CREATE OR REPLACE TEMP VIEW resources AS "
-            "SELECT NULL::VARCHAR AS id, NULL::VARCHAR AS resource WHERE false"
+            "SELECT NULL::VARCHAR AS resource_type, NULL::VARCHAR AS resource WHERE false"
         )
-        existing = {
-            name: columns
-            for name, columns in con.execute(
-                "SELECT table_name, list(column_name || ' ' || data_type ORDER BY column_index) "
-                "FROM duckdb_columns() WHERE database_name = ? GROUP BY 1",
-                [CATALOG],
+        comments = dict(
+            con.execute(
+                "SELECT table_name, comment FROM duckdb_tables() WHERE database_name = ?", [CATALOG]
             ).fetchall()
-        }
-        stale = [
-            table
-            for table in FLAT_TABLES
-            if existing.get(table.name)
-            != [f"{name} {dtype}" for name, dtype, *_ in con.execute(f"DESCRIBE {table.sql}").fetchall()]
-        ]
+        )
+        stale = [view for view in standard_views() if comments.get(view.name, "") != view.comment]
         if not stale:
             return
         (has_resources,) = _one(con, "SELECT count(*) > 0 FROM twin.fhir_resource")
         with self._transaction():
-            for table in stale:
-                if table.name in existing:
-                    log.info("flat table %s changed definition; rebuilding it", table.name)
-                    con.execute(f"DROP TABLE twin.{table.name}")
-                con.execute(f"CREATE TABLE twin.{table.name} AS FROM ({table.sql}) LIMIT 0")
+            for view in stale:
+                if view.name in comments:
+                    log.info("view %s changed definition; rebuilding its table", view.name)
+                    con.execute(f"DROP TABLE twin.{view.name}")
+                con.execute(f"CREATE TABLE twin.{view.name} AS FROM ({view.sql}) LIMIT 0")
+                con.execute(f"COMMENT ON TABLE twin.{view.name} IS {_literal(view.comment)}")
+                for column, comment in view.column_comments.items():
+                    con.execute(f'COMMENT ON COLUMN twin.{view.name}."{column}" IS {_literal(comment)}')
                 if has_resources:
                     con.execute(
-                        f"""CREATE OR REPLACE TEMP VIEW resources AS SELECT id, resource FROM
-                        twin.fhir_resource WHERE resource_type = '{table.resource_type}'"""
+                        f"""CREATE OR REPLACE TEMP VIEW resources AS SELECT resource_type, resource
+                        FROM twin.fhir_resource WHERE resource_type = '{view.resource_type}'"""
                     )
-                    con.execute(f"INSERT INTO twin.{table.name} {table.sql}")
+                    con.execute(f"INSERT INTO twin.{view.name} {view.sql}")
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.con)
@@ -438,6 +444,10 @@ class _Transaction:
 def _value_counts(values: pa.ChunkedArray) -> tuple[list[str], list[int]]:
     counted = pc.value_counts(values)
     return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:

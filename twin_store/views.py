@@ -1,9 +1,12 @@
-"""SQL-on-FHIR ViewDefinitions over the store: the standard library shipped in `view_library/`,
-a user's own folder beside it, and running any of them on a connection (a read-only analyst
-one too: the helpers are temporary)."""
+"""SQL-on-FHIR ViewDefinitions over the store: the standard library shipped in `view_library/`
+(materialized as store tables after each batch), a user's own folder beside it, and running any
+of them on a connection (a read-only analyst one too: the helpers are temporary)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,59 @@ from harmonize.view_definition import compile_view
 
 LIBRARY = Path(__file__).with_name("view_library")
 RESOURCES_SQL = (
-    "CREATE OR REPLACE TEMP VIEW resources AS "
-    "SELECT resource_type, resource::JSON AS resource FROM twin.fhir_resource"
+    "CREATE OR REPLACE TEMP VIEW resources AS SELECT resource_type, resource FROM twin.fhir_resource"
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaterializedView:
+    """A library view kept as the store table of the same name, one row per resource, keyed by
+    its first column `id` (the resource id): the store rewrites only the rows of resources that
+    changed."""
+
+    name: str
+    resource_type: str
+    sql: str
+    """The typed query over a relation `resources(resource_type, resource)`."""
+    comment: str
+    """The table's comment: the view's title and a hash of its query, so a changed definition
+    is noticed (and the table rebuilt from the raw resources)."""
+    column_comments: dict[str, str]
+    subset_of: str | None = None
+    """A view with the same columns and no `where` (lab_result: observation): this one's rows
+    are those of the resources that pass `where`, so they need not be computed twice."""
+    where: str = "true"
+
+
+@functools.cache
+def standard_views() -> tuple[MaterializedView, ...]:
+    """The library views, those that others are a subset of first."""
+    library = {name: load_view(str(path)) for name, path in view_files().items()}
+
+    def shape(view: dict[str, Any]) -> bytes:
+        return orjson.dumps([view["resource"], view["select"], view.get("constant")])
+
+    supersets = {shape(view): name for name, view in library.items() if "where" not in view}
+    views = []
+    for name, view in library.items():
+        compiled = compile_view(view)
+        if (compiled.columns[0].name, view["select"][0]["column"][0]["path"]) != ("id", "getResourceKey()"):
+            raise TwinhubError(f"library view {name}.json must start with `id`: getResourceKey() (its key)")
+        digest = hashlib.sha256(compiled.typed_sql.encode()).hexdigest()[:16]
+        views.append(
+            MaterializedView(
+                name=name,
+                resource_type=compiled.resource,
+                sql=compiled.typed_sql,
+                comment=f"{view.get('title', name)} (view definition {digest})",
+                column_comments={
+                    c.name: str(_column_spec(view, c.name).get("description", "")) for c in compiled.columns
+                },
+                subset_of=supersets.get(shape(view)) if "where" in view else None,
+                where=compiled.where,
+            )
+        )
+    return tuple(sorted(views, key=lambda v: v.subset_of is not None))
 
 
 def view_files(user_folder: Path | None = None) -> dict[str, Path]:

@@ -143,8 +143,7 @@ def test_incremental_syncs_carry_exactly_the_changes(fhir_server: FhirServer, tm
                 assert after[key] == (version, run_id) == (1, first[kind].run_id), (kind, key)
         con = connect(config.parent / "store")
         gone = con.sql(
-            "SELECT count(*) FROM encounter WHERE encounter_id IN "
-            f"({', '.join(repr(i) for _, i in encounters)})"
+            f"SELECT count(*) FROM encounter WHERE id IN ({', '.join(repr(i) for _, i in encounters)})"
         ).fetchone()
         assert gone == (0,), "flat rows of deleted resources are removed too"
 

@@ -51,22 +51,20 @@ def test_upserts_are_idempotent_and_versioned(tmp_path: Path) -> None:
         1,
         1,
     )
+    assert changed.changed["observation"] == 2, "only the new and the updated resource are recomputed"
     con = connect(tmp_path / "store")
     assert con.sql("SELECT id, version_id FROM fhir_resource ORDER BY id").fetchall() == [
         ("o1", 2),
         ("o2", 1),
         ("o3", 1),
     ]
-    assert con.sql(
-        "SELECT observation_id, value_numeric, code, patient_id FROM observation ORDER BY 1"
-    ).fetchall() == [
+    assert con.sql("SELECT id, value_numeric, code, patient_id FROM observation ORDER BY 1").fetchall() == [
         ("o1", 61.0, "8867-4", "p1"),
         ("o2", 70.0, "8867-4", "p1"),
         ("o3", 80.0, "8867-4", "p1"),
     ]
     old = con.sql(
-        f"SELECT value_numeric FROM observation AT (VERSION => {first.snapshot_id}) "
-        "WHERE observation_id = 'o1'"
+        f"SELECT value_numeric FROM observation AT (VERSION => {first.snapshot_id}) WHERE id = 'o1'"
     ).fetchall()
     assert old == [(60.0,)]
 
@@ -134,15 +132,11 @@ def test_of_two_copies_in_one_batch_the_newest_lands(tmp_path: Path) -> None:
     with TwinStore(tmp_path / "store") as store:
         report = land_folder(store, tmp_path / "data")
     assert (report.counts["inserted"], report.counts["superseded"], report.counts["lines_read"]) == (2, 2, 4)
-    rows = (
-        connect(tmp_path / "store")
-        .sql("SELECT observation_id, value_numeric FROM observation ORDER BY 1")
-        .fetchall()
-    )
+    rows = connect(tmp_path / "store").sql("SELECT id, value_numeric FROM observation ORDER BY 1").fetchall()
     assert rows == [("o1", 61.0), ("o2", 71.0)]
 
 
-def test_flat_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp_path: Path) -> None:
+def test_view_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp_path: Path) -> None:
     from flows.sample_export import write_sample_export
 
     write_sample_export(tmp_path / "export", patients=5)
@@ -152,11 +146,16 @@ def test_flat_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp
     before = {t: con.sql(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("patient", "observation")}
     con.close()
     with TwinStore(tmp_path / "store") as store:  # as if two definitions had changed since
-        store.con.execute("ALTER TABLE twin.patient ADD COLUMN stale INTEGER")
-        store.con.execute("ALTER TABLE twin.observation ADD COLUMN stale INTEGER")
+        for table in ("patient", "observation"):
+            store.con.execute(f"ALTER TABLE twin.{table} ADD COLUMN stale INTEGER")
+            store.con.execute(f"COMMENT ON TABLE twin.{table} IS 'an older definition'")
     with TwinStore(tmp_path / "store"):
         pass
     con = connect(tmp_path / "store")
     after = {t: con.sql(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("patient", "observation")}
     assert after == before
     assert len(before["patient"]) == 5
+    described = con.sql(
+        "SELECT comment FROM duckdb_columns() WHERE table_name = 'observation' AND column_name = 'patient_id'"
+    ).fetchone()
+    assert described == ("The Patient the resource is about",), "column descriptions reach the catalog"
