@@ -182,7 +182,7 @@ def test_sigkill_mid_sync_then_rerun_equals_a_clean_run(tmp_path: Path, api_env:
 
 @pytest.mark.slow
 def test_readers_never_block_and_see_only_committed_batches(tmp_path: Path, api_env: dict[str, str]) -> None:
-    write_sample_export(tmp_path / "export", patients=600)
+    write_sample_export(tmp_path / "export", patients=2000)  # a few seconds of landing
     config = write_config(tmp_path, tmp_path / "export", batch_mb=1)
     store = tmp_path / "store"
     proc = start_sync(config, api_env)
