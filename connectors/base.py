@@ -34,6 +34,17 @@ DELETION_SCHEMA = pa.schema(
 """Resources the source reports deleted, when, and where it said so (a history URL, a file)."""
 
 
+PROBLEM_SCHEMA = pa.schema(
+    [
+        pa.field("file", pa.string()),
+        pa.field("line_no", pa.int64()),
+        pa.field("reason", pa.string()),
+        pa.field("raw", pa.string()),
+    ]
+)
+"""Records that cannot land, with the reason: they go to quarantine, never away."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Window:
     """A backfill window on meta.lastUpdated (or the clinical date where that is absent).
@@ -52,9 +63,11 @@ class Batch:
     records: pa.Table
     watermark: Watermark
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
+    problems: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
+    """Records already found bad before the structural checks (e.g. a lab row that cannot map)."""
 
     def __len__(self) -> int:
-        return int(self.records.num_rows)
+        return int(self.records.num_rows + self.problems.num_rows)
 
 
 class Connector(Protocol):

@@ -29,7 +29,7 @@ from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Wi
 from connectors.errors import SourceError, safe_url
 from connectors.fhir_history import Deletion, deleted_entry, deletions_table, history_deletions, iso
 from connectors.fhir_http import FhirClient, FhirServerSource, check_server, outcome_text, retry_after
-from connectors.fhir_ndjson import line_chunks, open_ndjson, records_table
+from connectors.fhir_ndjson import line_chunks, open_maybe_gzipped, records_table
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class FhirBulkConnector:
         """The file's lines after those already landed; `job` notes how far each chunk reaches."""
         skip = job["files"].get(key, {"lines": 0})["lines"]
         label = safe_url(entry["url"])
-        with open_ndjson(path) as fh:
+        with open_maybe_gzipped(path) as fh:
             for first_line, lines in line_chunks(fh, skip=skip, hint=READ_HINT):
                 job["files"][key] = {"lines": first_line - 1 + len(lines), "complete": False}
                 yield records_table(label, first_line, lines)
@@ -293,7 +293,7 @@ class FhirBulkConnector:
         rows: list[Deletion] = []
         for i, entry in enumerate(manifest["deleted"]):
             path = self._fetch(client, folder, f"deleted{i}", {**entry, "type": "Bundle"}, with_token)
-            with open_ndjson(path) as fh:
+            with open_maybe_gzipped(path) as fh:
                 for line_no, line in enumerate(fh, 1):
                     try:
                         bundle = orjson.loads(line) if line.strip() else {}

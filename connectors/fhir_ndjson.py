@@ -90,7 +90,7 @@ class FhirNdjsonConnector:
             progress[str(path)] = {**fingerprint, "lines": done, "complete": False}
             changed = True
             self.stats["files"] += 1
-            with open_ndjson(path) as fh:
+            with open_maybe_gzipped(path) as fh:
                 for first_line, lines in line_chunks(fh, skip=done, hint=min(READ_HINT, limit)):
                     chunks.append(records_table(str(path), first_line, lines))
                     size += sum(map(len, lines))
@@ -105,7 +105,7 @@ class FhirNdjsonConnector:
             yield _batch(chunks, progress)
 
 
-def open_ndjson(path: Path) -> IO[bytes]:
+def open_maybe_gzipped(path: Path) -> IO[bytes]:
     with path.open("rb") as probe:
         gzipped = probe.read(2) == GZIP_MAGIC
     if gzipped:

@@ -18,10 +18,13 @@ from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
 from connectors.fhir_search import FhirSearchSource
+from connectors.lab_csv import LabCsvSource
 
 DEFAULT_CONFIG = Path("twinhub.toml")
-SourceConfig = Annotated[FhirNdjsonSource | FhirSearchSource | FhirBulkSource, Field(discriminator="kind")]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk")
+SourceConfig = Annotated[
+    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource, Field(discriminator="kind")
+]
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 

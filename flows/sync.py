@@ -23,7 +23,9 @@ from connectors.errors import TransientError, TwinhubError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
+from connectors.lab_csv import LabCsvConnector, LabCsvSource
 from flows.config import Settings, SourceConfig, load_settings
+from harmonize.lab_results import observations_from_rows
 from twin_store import RunReport, TwinStore, Window, prepare
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,16 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
     if isinstance(source, FhirBulkSource):
         landing = settings.store.path / "landing" / source.name
         return FhirBulkConnector(source, landing=landing, on_progress=on_progress.get())
+    if isinstance(source, LabCsvSource):
+        return LabCsvConnector(source)
     return FhirSearchConnector(source, on_progress=on_progress.get())
+
+
+def harmonized(source: SourceConfig, batches: Iterator[Batch]) -> Iterator[Batch]:
+    """FHIR lands as it comes; lab rows become Observations first."""
+    if isinstance(source, LabCsvSource):
+        return (observations_from_rows(batch, source) for batch in batches)
+    return batches
 
 
 def is_retryable(task: object, task_run: object, state: State[Any]) -> bool:
@@ -63,7 +74,7 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
         run = store.begin_run(source.name, "backfill" if window else "sync")
         try:
             since = None if window else store.watermark(source.name)
-            land_batches(store, run, connector.pull(since, window), window=window)
+            land_batches(store, run, harmonized(source, connector.pull(since, window)), window=window)
         except BaseException as e:
             store.finish_run(run, "failed", error=f"{type(e).__name__}: {e}")
             raise

@@ -3,13 +3,13 @@ worker thread while the writer lands the batch before."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.base import DELETION_SCHEMA, Batch, Watermark
+from connectors.base import DELETION_SCHEMA, PROBLEM_SCHEMA, Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
 
 
@@ -29,8 +29,9 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
     several copies of one resource in the batch only the newest is kept."""
     checked = check_resources(batch.records, clinical_dates=backfill)
     latest = _latest_copies(checked.resources)
+    problems = pa.concat_tables([checked.problems.cast(PROBLEM_SCHEMA), batch.problems.cast(PROBLEM_SCHEMA)])
     return PreparedBatch(
-        checked=replace(checked, resources=latest),
+        checked=Checked(resources=latest, problems=problems),
         lines_read=len(batch),
         superseded=len(checked.resources) - len(latest),
         deletions=batch.deletions,

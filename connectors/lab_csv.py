@@ -1,0 +1,161 @@
+"""Lab results exported as CSV: one row per result, columns named in the source's config.
+
+The connector only reads: each row becomes a record holding the row as a JSON object (header ->
+text), numbered by its line in the file; `harmonize.lab_results` turns rows into Observations.
+Files are read once each; a file that changed (size or mtime) is read again from its first row,
+and a file cut short by a crash resumes after its last landed row.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
+from connectors.errors import SourceError
+from connectors.fhir_ndjson import open_maybe_gzipped
+
+
+class LabCsvColumns(BaseModel):
+    """Which CSV column holds each part of a result (None: the file has none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    patient: str
+    """The FHIR Patient id the result is about."""
+    code: str
+    time: str
+    """When the specimen was taken or the result observed (FHIR dateTime, time zone kept)."""
+    value: str | None = None
+    """A number becomes valueQuantity; other text valueString."""
+    unit: str | None = None
+    ucum: str | None = None
+    """The unit as a UCUM code (e.g. mg/dL), when the file has one."""
+    id: str | None = None
+    """The result's id in the source system: kept as an identifier, and the key for updates."""
+    display: str | None = None
+    code_system: str | None = None
+    encounter: str | None = None
+    issued: str | None = None
+    status: str | None = None
+    value_code: str | None = None
+    value_code_system: str | None = None
+    value_code_display: str | None = None
+    reference_low: str | None = None
+    reference_high: str | None = None
+    interpretation: str | None = None
+    """An HL7 v3 ObservationInterpretation code (H, L, N, A, ...)."""
+
+
+class LabCsvSource(BaseModel):
+    """Config of a `lab-csv` source: a CSV file (plain or gzip), a folder of them or a glob."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["lab-csv"]
+    path: Path
+    columns: LabCsvColumns
+    code_system: str = "http://loinc.org"
+    """The system of codes whose row names none (columns.code_system)."""
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    schedule: str | None = None
+    batch_rows: int = Field(default=50_000, ge=1)
+
+
+class LabCsvConnector:
+    def __init__(self, source: LabCsvSource) -> None:
+        self.name = source.name
+        self.source = source
+        self.stats: Counter[str] = Counter()
+
+    def check(self) -> None:
+        for path in self.files():
+            self._header(path)
+
+    def files(self) -> list[Path]:
+        path = self.source.path
+        if glob.has_magic(str(path)):
+            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
+        elif path.is_dir():
+            found = [*path.glob("*.csv"), *path.glob("*.csv.gz")]
+        elif path.is_file():
+            found = [path]
+        else:
+            raise SourceError(
+                self.name,
+                f"path {str(path)!r} does not exist; point sources.path at a CSV file, a folder "
+                "of .csv/.csv.gz files or a glob",
+            )
+        found = sorted(p for p in found if p.is_file())
+        if not found:
+            raise SourceError(self.name, f"no .csv or .csv.gz files at {str(path)!r}; check sources.path")
+        return found
+
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        """Every row not yet landed; the store windows a backfill on the results' times."""
+        files = self.files()
+        known: dict[str, Any] = dict((since or {}).get("files", {}))
+        progress = {str(f): known[str(f)] for f in files if str(f) in known}
+        rows: list[tuple[str, int, str]] = []
+        for path in files:
+            stat = path.stat()
+            fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            seen = progress.get(str(path))
+            same_file = seen is not None and all(seen[k] == v for k, v in fingerprint.items())
+            if same_file and seen is not None and seen["complete"]:
+                continue
+            done = seen["rows"] if same_file and seen is not None else 0
+            progress[str(path)] = {**fingerprint, "rows": done, "complete": False}
+            self.stats["files"] += 1
+            for n, (line_no, row) in enumerate(self._rows(path), start=1):
+                if n <= done:
+                    continue
+                rows.append((str(path), line_no, orjson.dumps(row).decode()))
+                progress[str(path)]["rows"] = n
+                if len(rows) >= self.source.batch_rows:
+                    yield _batch(rows, progress)
+                    rows = []
+            progress[str(path)]["complete"] = True
+        yield _batch(rows, progress)
+
+    def _header(self, path: Path) -> list[str]:
+        with open_maybe_gzipped(path) as fh:
+            text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="backslashreplace")
+            header = next(csv.reader(text, delimiter=self.source.delimiter), [])
+        wanted = {k: v for k, v in self.source.columns.model_dump().items() if v is not None}
+        if missing := sorted(f"{key} = {column!r}" for key, column in wanted.items() if column not in header):
+            raise SourceError(
+                self.name,
+                f"{str(path)!r} has no column for {', '.join(missing)} (its columns: "
+                f"{', '.join(header) or 'none'}); fix sources.columns",
+            )
+        return header
+
+    def _rows(self, path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+        """(line number, row) for each data row; the header is line 1."""
+        self._header(path)
+        with open_maybe_gzipped(path) as fh:
+            text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="backslashreplace", newline="")
+            reader = csv.DictReader(text, delimiter=self.source.delimiter)
+            for row in reader:
+                yield reader.line_num, row
+
+
+def _batch(rows: list[tuple[str, int, str]], progress: dict[str, Any]) -> Batch:
+    files, lines, raws = zip(*rows, strict=True) if rows else ((), (), ())
+    records = pa.table(
+        [pa.array(files, pa.string()), pa.array(lines, pa.int64()), pa.array(raws, pa.string()),
+         pa.repeat(False, len(rows))],
+        schema=RECORD_SCHEMA,
+    )  # fmt: skip
+    return Batch(records=records, watermark={"files": {p: dict(s) for p, s in progress.items()}})
