@@ -18,13 +18,15 @@ from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
 from connectors.fhir_search import FhirSearchSource
+from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[
-    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource, Field(discriminator="kind")
+    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource | Hl7v2Source,
+    Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv")
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 

@@ -23,8 +23,10 @@ from connectors.errors import TransientError, TwinhubError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
+from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
 from flows.config import Settings, SourceConfig, load_settings
+from harmonize.hl7v2_labs import resources_from_messages
 from harmonize.lab_results import observations_from_rows
 from twin_store import RunReport, TwinStore, Window, prepare
 
@@ -46,13 +48,17 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return FhirBulkConnector(source, landing=landing, on_progress=on_progress.get())
     if isinstance(source, LabCsvSource):
         return LabCsvConnector(source)
+    if isinstance(source, Hl7v2Source):
+        return Hl7v2Connector(source)
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 
 def harmonized(source: SourceConfig, batches: Iterator[Batch]) -> Iterator[Batch]:
-    """FHIR lands as it comes; lab rows become Observations first."""
+    """FHIR lands as it comes; lab rows and HL7 v2 messages become FHIR resources first."""
     if isinstance(source, LabCsvSource):
         return (observations_from_rows(batch, source) for batch in batches)
+    if isinstance(source, Hl7v2Source):
+        return (resources_from_messages(batch, source) for batch in batches)
     return batches
 
 

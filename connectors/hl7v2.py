@@ -1,0 +1,109 @@
+"""HL7 v2 messages in files: one or many per file, CR, LF or CRLF segment ends, an optional BOM
+and MLLP framing. Each message becomes one record (its segments joined by CR), numbered by its
+place in the file; `harmonize.hl7v2_labs` maps them to FHIR.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
+from connectors.errors import SourceError
+from connectors.fhir_ndjson import open_maybe_gzipped
+
+SEGMENT_END = re.compile(r"\r\n|\n|\r")
+MLLP_FRAMING = str.maketrans("", "", "\x0b\x1c")
+SUFFIXES = (".hl7", ".txt", ".hl7.gz")
+
+
+class Hl7v2Source(BaseModel):
+    """Config of an `hl7v2` source: a file of messages, a folder of them or a glob."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["hl7v2"]
+    path: Path
+    timezone: str = "UTC"
+    """For times a message sends without an offset (FHIR needs one wherever there is a time)."""
+    schedule: str | None = None
+    batch_messages: int = Field(default=5_000, ge=1)
+
+
+class Hl7v2Connector:
+    def __init__(self, source: Hl7v2Source) -> None:
+        self.name = source.name
+        self.source = source
+        self.stats: Counter[str] = Counter()
+
+    def check(self) -> None:
+        self.files()
+
+    def files(self) -> list[Path]:
+        path = self.source.path
+        if glob.has_magic(str(path)):
+            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
+        elif path.is_dir():
+            found = [p for p in path.rglob("*") if p.name.lower().endswith(SUFFIXES)]
+        elif path.is_file():
+            found = [path]
+        else:
+            raise SourceError(
+                self.name,
+                f"path {str(path)!r} does not exist; point sources.path at a file of HL7 v2 "
+                "messages, a folder of .hl7 files or a glob",
+            )
+        found = sorted(p for p in found if p.is_file())
+        if not found:
+            raise SourceError(self.name, f"no .hl7 or .txt files at {str(path)!r}; check sources.path")
+        return found
+
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        """The messages of every file not landed whole yet (a changed file is read again)."""
+        known: dict[str, Any] = dict((since or {}).get("files", {}))
+        progress = dict(known)
+        records: list[tuple[str, int, str]] = []
+        for path in self.files():
+            stat = path.stat()
+            fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if known.get(str(path)) == fingerprint:
+                continue
+            self.stats["files"] += 1
+            records += [(str(path), n, message) for n, message in enumerate(split_messages(path), start=1)]
+            progress[str(path)] = fingerprint
+            if len(records) >= self.source.batch_messages:
+                yield _batch(records, progress)
+                records = []
+        yield _batch(records, progress)
+
+
+def split_messages(path: Path) -> list[str]:
+    """The messages in a file, each with CR segment ends; text before the first MSH is kept
+    as a message of its own so that it is quarantined, not lost."""
+    with open_maybe_gzipped(path) as fh:
+        text = fh.read().decode("utf-8-sig", errors="backslashreplace")
+    segments = [s for s in SEGMENT_END.split(text.translate(MLLP_FRAMING)) if s.strip()]
+    messages: list[list[str]] = []
+    for segment in segments:
+        if segment.startswith("MSH") or not messages:
+            messages.append([])
+        messages[-1].append(segment)
+    return ["\r".join(m) for m in messages]
+
+
+def _batch(records: list[tuple[str, int, str]], progress: dict[str, Any]) -> Batch:
+    files, numbers, texts = zip(*records, strict=True) if records else ((), (), ())
+    table = pa.table(
+        [pa.array(files, pa.string()), pa.array(numbers, pa.int64()), pa.array(texts, pa.string()),
+         pa.repeat(False, len(records))],
+        schema=RECORD_SCHEMA,
+    )  # fmt: skip
+    return Batch(records=table, watermark={"files": dict(progress)})

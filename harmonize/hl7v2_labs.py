@@ -1,0 +1,398 @@
+"""HL7 v2 lab results (ORU^R01, OUL^R22-R24; v2.3-2.8) as FHIR R4: Patient, DiagnosticReport,
+Observation and Specimen, after the HL7 v2-to-FHIR mapping guide (segments PID, OBR, OBX, SPM).
+
+A message maps whole or not at all: any resource that fails the fhir.resources R4B model, or a
+LOINC code that fails its check digit, sends the message to quarantine with the reason. Ids
+derive from what identifies each thing across messages (the patient's identifier, the order's
+filler number, the result's code and sub-id), so a corrected result updates the one it corrects.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import hl7
+import orjson
+import pyarrow as pa
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.specimen import Specimen
+from pydantic import BaseModel, ValidationError
+
+from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, Batch
+from connectors.hl7v2 import Hl7v2Source
+
+MODELS: dict[str, type[BaseModel]] = {
+    "Patient": Patient, "DiagnosticReport": DiagnosticReport, "Observation": Observation,
+    "Specimen": Specimen,
+}  # fmt: skip
+TERMINOLOGY = "http://terminology.hl7.org/CodeSystem"
+CODE_SYSTEMS = {
+    "LN": "http://loinc.org", "SCT": "http://snomed.info/sct", "SNM": "http://snomed.info/sct",
+    "UCUM": "http://unitsofmeasure.org", "HL70078": f"{TERMINOLOGY}/v2-0078",
+}  # fmt: skip
+RESULT_STATUS = {
+    "F": "final", "C": "corrected", "P": "preliminary", "R": "preliminary", "S": "preliminary",
+    "A": "amended", "X": "cancelled", "I": "registered", "D": "entered-in-error", "W": "entered-in-error",
+}  # fmt: skip
+"""OBX-11 -> Observation.status, as the v2-to-FHIR guide maps it."""
+REPORT_STATUS = {"F": "final", "C": "corrected", "P": "preliminary", "A": "partial", "X": "cancelled"}
+INTERPRETATION = f"{TERMINOLOGY}/v3-ObservationInterpretation"
+INTERPRETATIONS = {
+    "N": "Normal", "A": "Abnormal", "AA": "Critical abnormal", "H": "High", "HH": "Critical high",
+    "L": "Low", "LL": "Critical low", "<": "Off scale low", ">": "Off scale high", "S": "Susceptible",
+    "R": "Resistant", "I": "Intermediate", "POS": "Positive", "NEG": "Negative",
+}  # fmt: skip
+LAB = {"coding": [{"system": f"{TERMINOLOGY}/observation-category", "code": "laboratory"}]}
+NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
+DECIMAL = r"[+-]?\d+(?:\.\d+)?"
+RANGE = re.compile(
+    rf"\s*(?:(?P<low>{DECIMAL})\s*-\s*(?P<high>{DECIMAL})|<=?\s*(?P<below>{DECIMAL})|>=?\s*(?P<above>{DECIMAL}))\s*"
+)
+DTM = re.compile(r"(\d{4})(\d{2})?(\d{2})?(?:(\d{2})(\d{2})(\d{2})?(\.\d+)?)?([+-]\d{4})?")
+IDS = uuid.UUID("5b0d7c7e-2f4c-4d8e-9c62-6a3c0a1f9e21")
+
+
+def resources_from_messages(batch: Batch, source: Hl7v2Source) -> Batch:
+    """The batch's messages as FHIR records (several per message), bad messages as problems."""
+    good: list[tuple[str, int, str]] = []
+    bad: list[tuple[str, int, str, str]] = []
+    for file, number, message in zip(
+        batch.records["file"].to_pylist(), batch.records["line_no"].to_pylist(),
+        batch.records["raw"].to_pylist(), strict=True,
+    ):  # fmt: skip
+        try:
+            resources = message_resources(message, source.timezone)
+        except (ValueError, IndexError, KeyError) as e:
+            bad.append((file, number, f"message {number}: {_reason(e)}", message))
+        else:
+            good += [(file, number, r.decode()) for r in resources]
+    records = pa.table(
+        [pa.array([g[0] for g in good], pa.string()), pa.array([g[1] for g in good], pa.int64()),
+         pa.array([g[2] for g in good], pa.string()), pa.repeat(False, len(good))],
+        schema=RECORD_SCHEMA,
+    )  # fmt: skip
+    problems = pa.Table.from_pylist(
+        [dict(zip(PROBLEM_SCHEMA.names, b, strict=True)) for b in bad], schema=PROBLEM_SCHEMA
+    )
+    return Batch(records=records, watermark=batch.watermark, deletions=batch.deletions, problems=problems)
+
+
+def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
+    """Every resource of one lab message, validated; raises ValueError saying what is wrong."""
+    if not text.startswith("MSH"):
+        raise ValueError(f"does not start with an MSH segment: {text[:20]!r}")
+    message = hl7.parse(text)
+    msh = message.segment("MSH")
+    kind = "^".join(part for part in (_get(msh, 9, 1), _get(msh, 9, 2)) if part)
+    if kind not in ("ORU^R01", "OUL^R22", "OUL^R23", "OUL^R24"):
+        raise ValueError(f"is {kind or 'of no type'} (MSH-9); lab results come as ORU^R01 or OUL^R22-R24")
+    when: Callable[[str], str | None] = lambda value: fhir_datetime(value, timezone)  # noqa: E731
+    pid = _first(message, "PID")
+    if pid is None:
+        raise ValueError("has no PID segment: its results belong to no patient")
+    patient = _patient(pid)
+    subject = {"reference": f"Patient/{patient['id']}"}
+    resources = [patient]
+    control_id = _get(msh, 10)
+    order: dict[str, Any] | None = None
+    specimen_ids: list[dict[str, str]] = []
+    for n, segment in enumerate(message, start=1):
+        name = str(segment[0])
+        if name == "OBR":
+            order = _report(segment, subject, control_id, n, when)
+            specimen_ids = []
+            resources.append(order)
+        elif name == "SPM":
+            specimen = _specimen(segment, subject, control_id, n, when)
+            specimen_ids.append({"reference": f"Specimen/{specimen['id']}"})
+            resources.append(specimen)
+            if order is not None:
+                order["specimen"] = [*order.get("specimen", []), specimen_ids[-1]]
+        elif name == "OBX":
+            result = _observation(segment, subject, order, control_id, n, when)
+            if order is not None:
+                order["result"] = [*order.get("result", []), {"reference": f"Observation/{result['id']}"}]
+                result.setdefault("effectiveDateTime", order.get("effectiveDateTime"))
+                if result["effectiveDateTime"] is None:
+                    del result["effectiveDateTime"]
+            if specimen_ids:
+                result["specimen"] = specimen_ids[-1]
+            resources.append(result)
+    texts = [orjson.dumps(r) for r in resources]
+    for resource, json in zip(resources, texts, strict=True):
+        MODELS[resource["resourceType"]].model_validate_json(json)
+    return texts
+
+
+def fhir_datetime(value: str, timezone: str = "UTC") -> str | None:
+    """An HL7 DTM (YYYY[MM[DD[HHMM[SS[.S]]]]][+/-ZZZZ]) as a FHIR dateTime, precision kept; a
+    time without an offset gets the source's time zone (FHIR requires one)."""
+    found = DTM.fullmatch(value.strip())
+    if not value.strip():
+        return None
+    if not found:
+        raise ValueError(f"time {value!r} is not an HL7 DTM (YYYYMMDDHHMMSS+ZZZZ)")
+    year, month, day, hour, minute, second, fraction, offset = found.groups()
+    date = "-".join(p for p in (year, month, day) if p)
+    if hour is None:
+        return date
+    clock = f"{hour}:{minute}:{second or '00'}{fraction or ''}"
+    if offset is None:
+        naive = datetime.fromisoformat(f"{date}T{hour}:{minute}:{second or '00'}")
+        zone = naive.replace(tzinfo=ZoneInfo(timezone)).strftime("%z")
+        offset = zone
+    return f"{date}T{clock}{offset[:3]}:{offset[3:]}"
+
+
+def _patient(pid: hl7.Segment) -> dict[str, Any]:
+    identifiers = []
+    for repeat in range(1, _repeats(pid, 3) + 1):
+        value, authority, kind = _get(pid, 3, 1, repeat), _get(pid, 3, 4, repeat), _get(pid, 3, 5, repeat)
+        if value:
+            identifier: dict[str, Any] = {
+                "system": f"urn:twinhub:hl7v2:{authority or 'unknown'}",
+                "value": value,
+            }
+            if kind:
+                identifier["type"] = {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": kind}]
+                }
+            identifiers.append(identifier)
+    if not identifiers:
+        raise ValueError("PID-3 holds no patient identifier")
+    first = identifiers[0]
+    patient: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": _id("Patient", first["system"], first["value"]),
+        "identifier": identifiers,
+    }
+    family, given = _get(pid, 5, 1), [g for g in (_get(pid, 5, 2), _get(pid, 5, 3)) if g]
+    if family or given:
+        patient["name"] = [{k: v for k, v in (("family", family), ("given", given)) if v}]
+    if birth := _get(pid, 7):
+        patient["birthDate"] = fhir_datetime(birth[:8])
+    gender = {"M": "male", "F": "female", "O": "other", "U": "unknown", "A": "other"}.get(_get(pid, 8))
+    if gender:
+        patient["gender"] = gender
+    return patient
+
+
+def _report(
+    obr: hl7.Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
+) -> dict[str, Any]:
+    key = _get(obr, 3, 1) or _get(obr, 2, 1) or f"{control_id}|{n}"
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "id": _id("DiagnosticReport", key),
+        "status": REPORT_STATUS.get(_get(obr, 25), "unknown"),
+        "category": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}
+        ],
+        "code": _concept(obr, 4) or {"text": "unknown"},
+        "subject": subject,
+    }
+    if effective := when(_get(obr, 7)):
+        report["effectiveDateTime"] = effective
+    if issued := _instant(when(_get(obr, 22))):
+        report["issued"] = issued
+    if filler := _get(obr, 3, 1):
+        report["identifier"] = [
+            {
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}]
+                },
+                "value": filler,
+            }
+        ]
+    return report
+
+
+def _specimen(
+    spm: hl7.Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
+) -> dict[str, Any]:
+    key = _get(spm, 2, 1) or f"{control_id}|{n}"
+    specimen: dict[str, Any] = {"resourceType": "Specimen", "id": _id("Specimen", key), "subject": subject}
+    if _get(spm, 2, 1):
+        specimen["identifier"] = [{"value": _get(spm, 2, 1)}]
+    if kind := _concept(spm, 4):
+        specimen["type"] = kind
+    if collected := when(_get(spm, 17, 1)):
+        specimen["collection"] = {"collectedDateTime": collected}
+    if received := _instant(when(_get(spm, 18))):
+        specimen["receivedTime"] = received
+    return specimen
+
+
+def _observation(
+    obx: hl7.Segment, subject: dict[str, str], order: dict[str, Any] | None, control_id: str, n: int,
+    when: Callable[[str], str | None],
+) -> dict[str, Any]:  # fmt: skip
+    # FHIR needs a code; a result sent without one keeps its value under a code that says so.
+    code = _concept(obx, 3) or {"text": f"no code in OBX-3 ({_get(obx, 2) or 'untyped'} result)"}
+    scope = order["id"] if order else control_id
+    result: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": _id(
+            "Observation",
+            scope,
+            _get(obx, 3, 1),
+            _get(obx, 3, 3),
+            _get(obx, 4),
+            _get(obx, 1) if not order else "",
+        ),
+        "status": RESULT_STATUS.get(_get(obx, 11), "unknown"),
+        "category": [LAB],
+        "code": code,
+        "subject": subject,
+    }
+    result |= _value(obx)
+    if bounds := _range(_get(obx, 7), _unit(obx)):
+        result["referenceRange"] = [bounds]
+    flags = [f for f in (_get(obx, 8, 1, r) for r in range(1, _repeats(obx, 8) + 1)) if f]
+    if flags:
+        result["interpretation"] = [
+            {
+                "coding": [
+                    {
+                        "system": INTERPRETATION,
+                        "code": f,
+                        **({"display": INTERPRETATIONS[f]} if f in INTERPRETATIONS else {}),
+                    }
+                ]
+            }
+            for f in flags
+        ]
+    if effective := when(_get(obx, 14)):
+        result["effectiveDateTime"] = effective
+    return result
+
+
+def _value(obx: hl7.Segment) -> dict[str, Any]:
+    kind, raw = _get(obx, 2), str(obx[5]) if len(obx) > 5 else ""
+    if not raw or _repeats(obx, 5) > 1:
+        return {}
+    if kind in ("NM", "SN") and NUMBER.fullmatch(raw.strip().lstrip("^")):
+        return {
+            "valueQuantity": {"value": orjson.Fragment(raw.strip().lstrip("^").lstrip("+")), **_unit(obx)}
+        }
+    if kind in ("CE", "CWE", "CNE", "CF"):
+        return {"valueCodeableConcept": _concept(obx, 5) or {"text": raw}}
+    if kind in ("DT", "TS", "DTM"):
+        return {"valueDateTime": fhir_datetime(raw)}
+    if kind == "RP":  # a reference pointer: the pointer is its first component
+        return {"valueString": _get(obx, 5, 1)}
+    return {"valueString": raw.replace("\\.br\\", "\n")}
+
+
+def _unit(obx: hl7.Segment) -> dict[str, Any]:
+    code, text, system = _get(obx, 6, 1), _get(obx, 6, 2), _get(obx, 6, 3)
+    if not (code or text):
+        return {}
+    unit: dict[str, Any] = {"unit": text or code}
+    if system.upper() in ("UCUM", "ANSI+"):
+        unit |= {"system": "http://unitsofmeasure.org", "code": code}
+    return unit
+
+
+def _range(text: str, unit: dict[str, Any]) -> dict[str, Any] | None:
+    if not text:
+        return None
+    found = RANGE.fullmatch(text)
+    if not found:
+        return {"text": text}
+
+    def bound(value: str) -> dict[str, Any]:
+        return {"value": orjson.Fragment(value.lstrip("+")), **unit}
+
+    parts = found.groupdict()
+    out: dict[str, Any] = {"text": text}
+    if parts["low"] is not None:
+        out |= {"low": bound(parts["low"]), "high": bound(parts["high"])}
+    elif parts["below"] is not None:
+        out["high"] = bound(parts["below"])
+    elif parts["above"] is not None:
+        out["low"] = bound(parts["above"])
+    return out
+
+
+def _concept(segment: hl7.Segment, field: int) -> dict[str, Any] | None:
+    code, display, system = (_get(segment, field, c) for c in (1, 2, 3))
+    if not (code or display):
+        return None
+    coding: dict[str, Any] = {}
+    if code:
+        coding["code"] = code
+        coding["system"] = CODE_SYSTEMS.get(
+            system.upper(), f"urn:twinhub:hl7v2:codesystem:{system or 'local'}"
+        )
+        if coding["system"] == "http://loinc.org" and not loinc_is_valid(code):
+            raise ValueError(
+                f"{segment[0]}-{field} holds {code!r}, which is not a LOINC code (bad form or check digit)"
+            )
+    if display:
+        coding["display"] = display
+    concept: dict[str, Any] = {"coding": [coding]} if code else {}
+    if display:
+        concept["text"] = display
+    return concept
+
+
+def loinc_is_valid(code: str) -> bool:
+    """LOINC's mod-10 check digit: the odd digits from the right, doubled, after the even ones;
+    their digits summed; the check is what brings the sum to a multiple of 10."""
+    found = re.fullmatch(r"(\d{1,7})-(\d)", code)
+    if not found:
+        return False
+    digits = found[1][::-1]
+    odd, even = digits[0::2][::-1], digits[1::2][::-1]
+    total = sum(int(d) for d in even + str(int(odd) * 2))
+    return (10 - total % 10) % 10 == int(found[2])
+
+
+def _instant(value: str | None) -> str | None:
+    """FHIR instants need seconds and an offset: a coarser time stays only in the effective time."""
+    return value if value and len(value) >= 25 else None
+
+
+def _first(message: hl7.Message, name: str) -> hl7.Segment | None:
+    found = [s for s in message if str(s[0]) == name]
+    return found[0] if found else None
+
+
+def _repeats(segment: hl7.Segment, field: int) -> int:
+    return (
+        len(segment[field])
+        if len(segment) > field and isinstance(segment[field], hl7.containers.Field)
+        else 1
+    )
+
+
+def _get(segment: hl7.Segment, field: int, component: int = 1, repeat: int = 1) -> str:
+    """The text at field.component of a repeat (1-based, as HL7 numbers them), '' where absent."""
+    try:
+        value = segment(field)
+    except IndexError:
+        return ""
+    try:
+        return str(value(repeat)(component)).strip()
+    except (IndexError, TypeError, AttributeError):
+        return str(value).strip() if component == 1 and repeat == 1 else ""
+
+
+def _id(*parts: str) -> str:
+    return str(uuid.uuid5(IDS, "|".join(parts)))
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"not valid FHIR ({error.title}): {where}: {first['msg']}"
+    return str(error)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from connectors.hl7v2 import split_messages
+from harmonize.hl7v2_labs import fhir_datetime, loinc_is_valid, message_resources
+
+MESSAGE = "\r".join(
+    [
+        "MSH|^~\\&|LAB|ACME||TWIN|20240301093000+0100||ORU^R01^ORU_R01|MSG001|P|2.5.1",
+        "PID|1||MRN123^^^ACME^MR||Doe^Jane^Q||19800214|F",
+        "OBR|1|PL1|FL1|24331-1^Lipid panel^LN|||20240301083000+0100|||||||||||||||20240301092000+0100|||F",
+        "SPM|1|SP1||SER^Serum^HL70487|||||||||||||20240301083000+0100",
+        "OBX|1|NM|2093-3^Cholesterol^LN||5.50|mmol/L^mmol/L^UCUM|3.0-5.2|H|||F",
+        "OBX|2|NM|2085-9^HDL^LN||1.20|mmol/L^mmol/L^UCUM|>1.0|N|||P|||20240301084500",
+        "OBX|3|ST|8251-1^Comment^LN||hemolysed sample||||||F",
+    ]
+)
+
+
+def resources(text: str = MESSAGE, timezone: str = "UTC") -> list[dict[str, object]]:
+    return [orjson.loads(r) for r in message_resources(text, timezone)]
+
+
+def test_an_oru_becomes_a_patient_report_specimen_and_observations() -> None:
+    patient, report, specimen, *results = resources()
+    assert (patient["resourceType"], report["resourceType"], specimen["resourceType"]) == (
+        "Patient", "DiagnosticReport", "Specimen",
+    )  # fmt: skip
+    assert patient["identifier"][0]["value"] == "MRN123"  # type: ignore[index]
+    assert (patient["gender"], patient["birthDate"]) == ("female", "1980-02-14")
+    cholesterol, hdl, comment = results
+    assert cholesterol["valueQuantity"] == {
+        "value": 5.5, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L",
+    }  # fmt: skip
+    assert b'"value":5.50' in message_resources(MESSAGE)[3], "decimals are kept as written"
+    assert cholesterol["referenceRange"][0]["high"]["value"] == 5.2  # type: ignore[index]
+    assert cholesterol["interpretation"][0]["coding"][0]["code"] == "H"  # type: ignore[index]
+    assert cholesterol["effectiveDateTime"] == "2024-03-01T08:30:00+01:00", "OBR-7 when OBX-14 is empty"
+    assert hdl["referenceRange"][0]["low"]["value"] == 1.0  # type: ignore[index]
+    assert (hdl["status"], hdl["effectiveDateTime"]) == ("preliminary", "2024-03-01T08:45:00+00:00")
+    assert comment["valueString"] == "hemolysed sample"
+    assert report["result"] == [{"reference": f"Observation/{r['id']}"} for r in results]
+    assert (report["issued"], report["status"]) == ("2024-03-01T09:20:00+01:00", "final")
+    assert {r["subject"]["reference"] for r in results} == {f"Patient/{patient['id']}"}  # type: ignore[index]
+
+
+def test_ids_survive_a_corrected_resend() -> None:
+    corrected = MESSAGE.replace("MSG001", "MSG002").replace("5.50|", "5.40|").replace("|H|||F", "|H|||C")
+    first, second = resources(), resources(corrected)
+    assert [r["id"] for r in first] == [r["id"] for r in second]
+    assert second[3]["status"] == "corrected"
+
+
+def test_files_with_lf_crlf_bom_and_mllp_framing_split_into_messages(tmp_path: Path) -> None:
+    text = "\ufeff\x0b" + MESSAGE.replace("\r", "\r\n") + "\x1c\r\n" + MESSAGE.replace("\r", "\n") + "\n"
+    (tmp_path / "two.hl7").write_text(text, encoding="utf-8")
+    messages = split_messages(tmp_path / "two.hl7")
+    assert messages == [MESSAGE, MESSAGE]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (MESSAGE.replace("2093-3", "2093-4"), "OBX-3 holds '2093-4', which is not a LOINC code"),
+        (MESSAGE.replace("ORU^R01^ORU_R01", "ADT^A01"), "is ADT^A01 (MSH-9)"),
+        ("\r".join(line for line in MESSAGE.split("\r") if not line.startswith("PID")), "has no PID segment"),
+        (MESSAGE.replace("MRN123^^^ACME^MR", ""), "PID-3 holds no patient identifier"),
+        (MESSAGE.replace("20240301083000+0100||||", "yesterday||||"), "time 'yesterday' is not an HL7 DTM"),
+        ("PID|1||x", "does not start with an MSH segment"),
+    ],
+)
+def test_a_malformed_message_fails_with_the_reason(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason.replace("^", r"\^").replace("(", r"\(").replace(")", r"\)")):
+        message_resources(text)
+
+
+def test_hl7_times_keep_precision_and_get_a_zone_only_where_fhir_needs_one() -> None:
+    assert fhir_datetime("2024") == "2024"
+    assert fhir_datetime("202403") == "2024-03"
+    assert fhir_datetime("20240301") == "2024-03-01"
+    assert fhir_datetime("202403010830-0500") == "2024-03-01T08:30:00-05:00"
+    assert fhir_datetime("20240301083015.25+0530") == "2024-03-01T08:30:15.25+05:30"
+    assert fhir_datetime("20240701083000", "Europe/Berlin") == "2024-07-01T08:30:00+02:00"
+    assert fhir_datetime("") is None
+
+
+def test_loinc_check_digits() -> None:
+    assert all(loinc_is_valid(code) for code in ("2345-7", "718-7", "8867-4", "24331-1", "2093-3"))
+    assert not any(loinc_is_valid(code) for code in ("2345-6", "xx625-4", "12345", "20995-1"))
