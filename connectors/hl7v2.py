@@ -34,6 +34,9 @@ class Hl7v2Source(BaseModel):
     path: Path
     timezone: str = "UTC"
     """For times a message sends without an offset (FHIR needs one wherever there is a time)."""
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Where `twinhub listen` takes MLLP connections (0: any free port, printed at start)."""
     schedule: str | None = None
     batch_messages: int = Field(default=5_000, ge=1)
 

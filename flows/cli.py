@@ -245,6 +245,17 @@ def views_doc() -> None:
 
 
 @app.command()
+def listen(name: str) -> None:
+    """Take HL7 v2 messages over MLLP for hl7v2 source NAME until stopped (Ctrl-C)."""
+    from flows.listen import listen as listen_flow
+
+    def ready(port: int) -> None:
+        out.print(f"listening for HL7 v2 (MLLP) on port {port}; Ctrl-C stops", highlight=False)
+
+    listen_flow(State.config, name, ready=ready)
+
+
+@app.command()
 def serve() -> None:
     """Serve one scheduled deployment per source with a `schedule` (stops on SIGTERM)."""
     from flows.deployments import serve_sources

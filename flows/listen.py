@@ -1,0 +1,55 @@
+"""`twinhub listen NAME`: an hl7v2 source's MLLP listener, landing what it receives.
+
+Each batch of messages lands in its own run and transaction, with the writer lock held only
+while it lands, so scheduled syncs into the same store go on between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+
+from connectors.base import RECORD_SCHEMA, Batch
+from connectors.errors import ConfigError
+from connectors.hl7v2 import Hl7v2Source
+from connectors.mllp import serve
+from flows.config import load_settings
+from harmonize.hl7v2_labs import resources_from_messages
+from twin_store import TwinStore, prepare
+
+
+def listen(config: Path | None, name: str, *, ready: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    settings = load_settings(config)
+    source = settings.source(name)
+    if not isinstance(source, Hl7v2Source) or source.port is None:
+        raise ConfigError(f"sources.{name}.port", "an hl7v2 source needs `port = 2575` (0: any) to listen")
+    store_path = settings.store.path
+
+    def land(messages: list[tuple[int, str]]) -> dict[int, str]:
+        records = pa.table(
+            [pa.array([f"mllp://{source.host}:{source.port}"] * len(messages), pa.string()),
+             pa.array([n for n, _ in messages], pa.int64()), pa.array([m for _, m in messages], pa.string()),
+             pa.repeat(False, len(messages))],
+            schema=RECORD_SCHEMA,
+        )  # fmt: skip
+        batch = resources_from_messages(Batch(records=records, watermark={}), source)
+        with TwinStore(store_path) as store:
+            run = store.begin_run(source.name, "sync")
+            store.land(run, prepare(batch))
+            store.finish_run(run, "succeeded")
+        return dict(
+            zip(batch.problems["line_no"].to_pylist(), batch.problems["reason"].to_pylist(), strict=True)
+        )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await serve(source.host, source.port or 0, land, ready=ready, stop=stop)
+
+    asyncio.run(main())
