@@ -88,7 +88,13 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
     """Every resource of one lab message, validated; raises ValueError saying what is wrong."""
     if not text.startswith("MSH"):
         raise ValueError(f"does not start with an MSH segment: {text[:20]!r}")
-    message = hl7.parse(text)
+    separators = text[3:8]
+    if len(set(separators)) != 5 or any(c.isalnum() or c in "\r\n " for c in separators):
+        raise ValueError(f"MSH-1 and MSH-2 must be five distinct separators, not {separators!r}")
+    try:
+        message = hl7.parse(text)
+    except Exception as e:  # the parser's own failures (asserts among them) mean a malformed message
+        raise ValueError(f"cannot be parsed as HL7 v2 ({type(e).__name__}: {e})") from None
     msh = message.segment("MSH")
     kind = "^".join(part for part in (_get(msh, 9, 1), _get(msh, 9, 2)) if part)
     if kind not in ("ORU^R01", "OUL^R22", "OUL^R23", "OUL^R24"):
