@@ -65,9 +65,12 @@ class Batch:
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     problems: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     """Records already found bad before the structural checks (e.g. a lab row that cannot map)."""
+    variants: pa.Table | None = None
+    """Rows for the columnar `genomic_variant` table (VCF sources; see `connectors.vcf`)."""
 
     def __len__(self) -> int:
-        return int(self.records.num_rows + self.problems.num_rows)
+        variants = self.variants.num_rows if self.variants is not None else 0
+        return int(self.records.num_rows + self.problems.num_rows + variants)
 
 
 class Connector(Protocol):

@@ -310,7 +310,8 @@ def demo(
 
 
 def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
-    tables = ["fhir_resource", *sorted(v.name for v in standard_views()), "fhir_deletion", "quarantine"]
+    views = sorted(v.name for v in standard_views())
+    tables = ["fhir_resource", *views, "genomic_variant", "fhir_deletion", "quarantine"]
     return con.sql(
         " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
     )

@@ -20,13 +20,14 @@ from connectors.fhir_ndjson import FhirNdjsonSource
 from connectors.fhir_search import FhirSearchSource
 from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
+from connectors.vcf import VcfSource
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[
-    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource | Hl7v2Source,
+    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource | Hl7v2Source | VcfSource,
     Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2")
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 

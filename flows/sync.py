@@ -25,6 +25,7 @@ from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
+from connectors.vcf import VcfConnector, VcfSource
 from flows.config import Settings, SourceConfig, load_settings
 from harmonize.hl7v2_labs import resources_from_messages
 from harmonize.lab_results import observations_from_rows
@@ -50,6 +51,8 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return LabCsvConnector(source)
     if isinstance(source, Hl7v2Source):
         return Hl7v2Connector(source)
+    if isinstance(source, VcfSource):
+        return VcfConnector(source)
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 

@@ -19,6 +19,7 @@ class PreparedBatch:
 
     checked: Checked
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
+    variants: pa.Table | None = None
     lines_read: int
     superseded: int
     watermark: Watermark
@@ -35,6 +36,7 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         lines_read=len(batch),
         superseded=len(checked.resources) - len(latest),
         deletions=batch.deletions,
+        variants=batch.variants,
         watermark=batch.watermark,
     )
 

@@ -56,6 +56,12 @@ CREATE TABLE IF NOT EXISTS twin.fhir_deletion (
     resource_type VARCHAR, id VARCHAR, deleted_at TIMESTAMPTZ, source VARCHAR, run_id VARCHAR,
     origin VARCHAR, recorded_at TIMESTAMPTZ
 );
+CREATE TABLE IF NOT EXISTS twin.genomic_variant (
+    source VARCHAR, file VARCHAR, sample VARCHAR, patient_id VARCHAR, assembly VARCHAR, chrom VARCHAR,
+    pos BIGINT, variant_id VARCHAR, ref VARCHAR, alt VARCHAR, genotype VARCHAR, zygosity VARCHAR,
+    phase_set BIGINT, quality DOUBLE, filter VARCHAR, gene VARCHAR, hgvs_c VARCHAR, hgvs_p VARCHAR,
+    clinvar_significance VARCHAR, clinvar_allele_id VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ
+);
 CREATE TABLE IF NOT EXISTS twin.quarantine (
     run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
     raw VARCHAR, raw_hash VARCHAR, quarantined_at TIMESTAMPTZ
@@ -209,70 +215,14 @@ class TwinStore:
             with self._transaction():
                 if len(batch.deletions) and not window:
                     counts["deleted"] = self._delete(run, batch.deletions)
-                in_window = "window_time >= $since AND window_time < $until" if window else "true"
-                params = {"since": window.since, "until": window.until} if window else {}
-                # A copy no newer than a deletion the source reported stays deleted.
-                tombstones = (
-                    """LEFT JOIN (SELECT resource_type, id, max(deleted_at) AS deleted_at
-                                  FROM twin.fhir_deletion GROUP BY ALL) d
-                           ON d.resource_type = i.resource_type AND d.id = i.id"""
-                    if self._has_tombstones
-                    else "LEFT JOIN (SELECT NULL::TIMESTAMPTZ AS deleted_at) d ON false"
-                )
-                # Only positions travel through DuckDB; Arrow's take() moves the JSON text.
-                incoming = con.execute(
-                    f"""WITH incoming AS (
-                        SELECT pos, resource_type, id, last_updated, content_hash
-                        FROM batch WHERE {in_window}),
-                    judged AS (
-                        SELECT i.pos, t.version_id AS prior_version,
-                               coalesce(d.deleted_at >= i.last_updated, false) AS was_deleted,
-                               t.content_hash IS DISTINCT FROM i.content_hash
-                               AND NOT coalesce(t.last_updated > i.last_updated, false) AS newer
-                        FROM incoming i LEFT JOIN twin.fhir_resource t
-                            ON t.resource_type = i.resource_type AND t.id = i.id
-                        {tombstones})
-                    SELECT pos, prior_version, was_deleted, newer AND NOT was_deleted AS is_change
-                    FROM judged ORDER BY pos""",
-                    params,
-                ).to_arrow_table()
-                changes = incoming.filter(incoming["is_change"])
-                # Every row changed (a first landing): keep the batch's buffers, copy nothing.
-                everything = len(changes) == len(resources)
-                changed = (resources if everything else resources.take(changes["pos"])).append_column(
-                    "prior_version", changes["prior_version"]
-                )
-                n_upd = len(changed) - changed["prior_version"].null_count
-                n_gone = pc.sum(incoming["was_deleted"]).as_py() or 0
-                counts.update(
-                    inserted=len(changed) - n_upd,
-                    updated=n_upd,
-                    unchanged=len(incoming) - len(changed) - n_gone,
-                    superseded=batch.superseded + n_gone,
-                    out_of_window=len(resources) - len(incoming),
-                    quarantined=len(problems),
-                )
-                con.register("changed", changed)
-                if n_upd:
-                    con.execute("""
-                        DELETE FROM twin.fhir_resource t USING changed c
-                        WHERE c.prior_version IS NOT NULL
-                          AND t.resource_type = c.resource_type AND t.id = c.id""")
-                if len(changed):
-                    con.execute(
-                        """INSERT INTO twin.fhir_resource
-                        SELECT resource_type, id, coalesce(prior_version + 1, 1), meta_version_id,
-                               last_updated, $source, $run_id, content_hash, now(), resource
-                        FROM changed""",
-                        {"source": run.source, "run_id": run.run_id},
-                    )
-                    run.changed["fhir_resource"] += len(changed)
-                if window:
-                    self._materialize(run, resources.take(incoming["pos"]), replace_all=True)
-                else:
-                    self._materialize(run, changed, replace_all=False)
+                counts.update(quarantined=len(problems), superseded=batch.superseded)
+                if len(resources):
+                    self._upsert_resources(run, resources, window, counts)
                 if len(problems):
                     self._quarantine(run)
+                if batch.variants is not None and len(batch.variants):
+                    new, replaced = self._land_variants(run, batch.variants)
+                    counts.update(inserted=new, updated=replaced)
                 run.batches += 1
                 con.execute(
                     f"INSERT INTO twin.ingest_batch VALUES (?, ?, ?, now(), ?{', ?' * len(COUNTS)})",
@@ -359,6 +309,101 @@ class TwinStore:
             run.changed[view.name] += written
         for name in supersets - {None}:
             con.execute(f"DROP TABLE IF EXISTS rows_{name}")
+
+    def _upsert_resources(
+        self, run: RunReport, resources: pa.Table, window: Window | None, counts: Counter[str]
+    ) -> None:
+        """Land the checked resources registered as `batch`: new content gets the next version,
+        unchanged content writes nothing, and the view rows of what changed are recomputed."""
+        con = self.con
+        in_window = "window_time >= $since AND window_time < $until" if window else "true"
+        params = {"since": window.since, "until": window.until} if window else {}
+        # A copy no newer than a deletion the source reported stays deleted.
+        tombstones = (
+            """LEFT JOIN (SELECT resource_type, id, max(deleted_at) AS deleted_at
+                          FROM twin.fhir_deletion GROUP BY ALL) d
+                   ON d.resource_type = i.resource_type AND d.id = i.id"""
+            if self._has_tombstones
+            else "LEFT JOIN (SELECT NULL::TIMESTAMPTZ AS deleted_at) d ON false"
+        )
+        # Only positions travel through DuckDB; Arrow's take() moves the JSON text.
+        incoming = con.execute(
+            f"""WITH incoming AS (
+                SELECT pos, resource_type, id, last_updated, content_hash
+                FROM batch WHERE {in_window}),
+            judged AS (
+                SELECT i.pos, t.version_id AS prior_version,
+                       coalesce(d.deleted_at >= i.last_updated, false) AS was_deleted,
+                       t.content_hash IS DISTINCT FROM i.content_hash
+                       AND NOT coalesce(t.last_updated > i.last_updated, false) AS newer
+                FROM incoming i LEFT JOIN twin.fhir_resource t
+                    ON t.resource_type = i.resource_type AND t.id = i.id
+                {tombstones})
+            SELECT pos, prior_version, was_deleted, newer AND NOT was_deleted AS is_change
+            FROM judged ORDER BY pos""",
+            params,
+        ).to_arrow_table()
+        changes = incoming.filter(incoming["is_change"])
+        # Every row changed (a first landing): keep the batch's buffers, copy nothing.
+        everything = len(changes) == len(resources)
+        changed = (resources if everything else resources.take(changes["pos"])).append_column(
+            "prior_version", changes["prior_version"]
+        )
+        n_upd = len(changed) - changed["prior_version"].null_count
+        n_gone = pc.sum(incoming["was_deleted"]).as_py() or 0
+        counts.update(
+            inserted=len(changed) - n_upd,
+            updated=n_upd,
+            unchanged=len(incoming) - len(changed) - n_gone,
+            superseded=n_gone,
+            out_of_window=len(resources) - len(incoming),
+        )
+        con.register("changed", changed)
+        if n_upd:
+            con.execute("""
+                DELETE FROM twin.fhir_resource t USING changed c
+                WHERE c.prior_version IS NOT NULL
+                  AND t.resource_type = c.resource_type AND t.id = c.id""")
+        if len(changed):
+            con.execute(
+                """INSERT INTO twin.fhir_resource
+                SELECT resource_type, id, coalesce(prior_version + 1, 1), meta_version_id,
+                       last_updated, $source, $run_id, content_hash, now(), resource
+                FROM changed""",
+                {"source": run.source, "run_id": run.run_id},
+            )
+            run.changed["fhir_resource"] += len(changed)
+        if window:
+            self._materialize(run, resources.take(incoming["pos"]), replace_all=True)
+        else:
+            self._materialize(run, changed, replace_all=False)
+
+    def _land_variants(self, run: RunReport, variants: pa.Table) -> tuple[int, int]:
+        """Upsert variant rows on (source, sample, assembly, chrom, pos, ref, alt); returns how
+        many were new and how many replaced a row from an earlier read."""
+        con = self.con
+        con.register("variants", variants)
+        try:
+            key = "v.sample, v.assembly, v.chrom, v.pos, v.ref, v.alt"
+            match = f"""t.source = $source AND (t.sample, t.assembly, t.chrom, t.pos, t.ref, t.alt)
+                        IS NOT DISTINCT FROM ({key})"""
+            existing = f"SELECT 1 FROM twin.genomic_variant t WHERE {match}"
+            (replaced,) = con.execute(
+                f"SELECT count(*) FROM variants v WHERE EXISTS ({existing})", {"source": run.source}
+            ).fetchone() or (0,)
+            if replaced:
+                con.execute(
+                    f"DELETE FROM twin.genomic_variant t USING variants v WHERE {match}",
+                    {"source": run.source},
+                )
+            con.execute(
+                "INSERT INTO twin.genomic_variant SELECT $source, *, $run_id, now() FROM variants",
+                {"source": run.source, "run_id": run.run_id},
+            )
+        finally:
+            con.unregister("variants")
+        run.changed["genomic_variant"] += len(variants)
+        return len(variants) - replaced, replaced
 
     def _quarantine(self, run: RunReport) -> None:
         """Quarantine problem lines; a line already quarantined with the same text is kept once."""

@@ -1,0 +1,212 @@
+"""Variant calls from VCF files (4.1-4.5, plain, bgzip or BCF), read with cyvcf2 (htslib).
+
+Each file becomes rows of the columnar `genomic_variant` table: one per sample and alternate
+allele the sample carries, never one FHIR resource per variant. A file htslib cannot read goes
+to quarantine with the reason. Files are read whole, once each (a changed file is read again).
+"""
+
+from __future__ import annotations
+
+import glob
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from cyvcf2 import VCF
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window
+from connectors.errors import SourceError
+
+Assembly = Literal["GRCh37", "GRCh38"]
+ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}
+VARIANT_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()), ("sample", pa.string()), ("patient_id", pa.string()),
+        ("assembly", pa.string()), ("chrom", pa.string()), ("pos", pa.int64()), ("variant_id", pa.string()),
+        ("ref", pa.string()), ("alt", pa.string()), ("genotype", pa.string()), ("zygosity", pa.string()),
+        ("phase_set", pa.int64()), ("quality", pa.float64()), ("filter", pa.string()), ("gene", pa.string()),
+        ("hgvs_c", pa.string()), ("hgvs_p", pa.string()), ("clinvar_significance", pa.string()),
+        ("clinvar_allele_id", pa.string()),
+    ]
+)  # fmt: skip
+"""One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
+
+
+class VcfSource(BaseModel):
+    """Config of a `vcf` source: a VCF file, a folder of them or a glob."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["vcf"]
+    path: Path
+    assembly: Assembly | None = None
+    """When the header does not say (##reference, ##assembly or contig lines)."""
+    samples: dict[str, str] = {}
+    """Sample name -> the FHIR Patient id it belongs to (unlisted samples keep no patient)."""
+    schedule: str | None = None
+    batch_variants: int = Field(default=200_000, ge=1)
+
+
+class VcfConnector:
+    def __init__(self, source: VcfSource) -> None:
+        self.name = source.name
+        self.source = source
+        self.stats: Counter[str] = Counter()
+
+    def check(self) -> None:
+        self.files()
+
+    def files(self) -> list[Path]:
+        path = self.source.path
+        if glob.has_magic(str(path)):
+            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
+        elif path.is_dir():
+            found = [p for p in path.rglob("*") if p.name.endswith((".vcf", ".vcf.gz", ".bcf"))]
+        elif path.is_file():
+            found = [path]
+        else:
+            raise SourceError(
+                self.name,
+                f"path {str(path)!r} does not exist; point sources.path at a VCF file, a folder of "
+                ".vcf/.vcf.gz/.bcf files or a glob",
+            )
+        found = sorted(p for p in found if p.is_file())
+        if not found:
+            raise SourceError(
+                self.name, f"no .vcf, .vcf.gz or .bcf files at {str(path)!r}; check sources.path"
+            )
+        return found
+
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        known: dict[str, Any] = dict((since or {}).get("files", {}))
+        progress = dict(known)
+        for path in self.files():
+            stat = path.stat()
+            fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if known.get(str(path)) == fingerprint:
+                continue
+            self.stats["files"] += 1
+            try:
+                chunks = list(self._variants(path))
+            except Exception as e:  # htslib refuses the file: quarantine it whole
+                problem = {"file": str(path), "line_no": 0, "reason": f"not a readable VCF: {e}", "raw": ""}
+                progress[str(path)] = fingerprint
+                yield Batch(
+                    records=_no_records(),
+                    watermark={"files": dict(progress)},
+                    problems=pa.Table.from_pylist([problem], schema=PROBLEM_SCHEMA),
+                )
+                continue
+            for n, chunk in enumerate(chunks, start=1):
+                if n == len(chunks):
+                    progress[str(path)] = fingerprint
+                yield Batch(records=_no_records(), watermark={"files": dict(progress)}, variants=chunk)
+
+    def _variants(self, path: Path) -> Iterator[pa.Table]:
+        vcf = VCF(str(path), strict_gt=True)
+        assembly = self.source.assembly or header_assembly(vcf.raw_header)
+        samples = list(vcf.samples)
+        rows: list[tuple[Any, ...]] = []
+        for record in vcf:
+            rows += variant_rows(record, str(path), samples, self.source.samples, assembly)
+            if len(rows) >= self.source.batch_variants:
+                yield _table(rows)
+                rows = []
+        yield _table(rows)
+
+
+def _table(rows: list[tuple[Any, ...]]) -> pa.Table:
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(VARIANT_SCHEMA)
+    arrays = [pa.array(column, f.type) for column, f in zip(columns, VARIANT_SCHEMA, strict=True)]
+    return pa.table(arrays, schema=VARIANT_SCHEMA)
+
+
+def header_assembly(header: str) -> str | None:
+    """GRCh37 or GRCh38 from the header's reference, assembly or contig lines, if they say."""
+    lines = [
+        line.lower()
+        for line in header.splitlines()
+        if line.startswith(("##reference", "##assembly", "##contig"))
+    ]
+    for assembly, names in ASSEMBLY_NAMES.items():
+        if any(name in line for line in lines for name in names):
+            return assembly
+    return None
+
+
+def variant_rows(
+    record: Any, file: str, samples: list[str], patients: dict[str, str], assembly: str | None
+) -> list[tuple[Any, ...]]:
+    """The rows of one VCF record: each sample's carried alternate alleles."""
+    if not samples or "GT" not in record.FORMAT:
+        return []  # no calls: the record says nothing about any sample
+    calls = [(s, call) for s, call in enumerate(record.genotypes) if any(a > 0 for a in call[:-1])]
+    if not calls:
+        return []
+    annotations = _annotations(record)
+    info = record.INFO
+    gene = (info.get("GENEINFO") or "").split(":")[0] or None
+    significance, allele_id = info.get("CLNSIG"), info.get("ALLELEID")
+    phase_sets = _phase_sets(record, len(samples))
+    rows = []
+    for s, call in calls:
+        *alleles, phased = call
+        carried = {a for a in alleles if a > 0}
+        genotype = ("|" if phased else "/").join("." if a < 0 else str(a) for a in alleles)
+        for a in sorted(carried):
+            alt = record.ALT[a - 1] if a <= len(record.ALT) else "."  # a call on an allele ALT omits
+            zygosity = (
+                "hemizygous"
+                if len(alleles) == 1
+                else "homozygous"
+                if all(x == a for x in alleles)
+                else "heterozygous"
+            )
+            hgvs_c, hgvs_p, ann_gene = annotations.get(alt, (None, None, None))
+            rows.append((
+                file, samples[s], patients.get(samples[s]), assembly, record.CHROM, record.POS, record.ID,
+                record.REF, alt, genotype, zygosity, phase_sets[s] if phased else None, record.QUAL,
+                record.FILTER or "PASS", gene or ann_gene, hgvs_c, hgvs_p,
+                None if significance is None else str(significance),
+                None if allele_id is None else str(allele_id),
+            ))  # fmt: skip
+    return rows
+
+
+def _annotations(record: Any) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """SnpEff ANN per allele: (HGVS.c, HGVS.p, gene) of its first annotation."""
+    found: dict[str, tuple[str | None, str | None, str | None]] = {}
+    for annotation in str(record.INFO.get("ANN") or "").split(","):
+        parts = annotation.split("|")
+        if len(parts) > 10 and parts[0] not in found:
+            found[parts[0]] = (parts[9] or None, parts[10] or None, parts[3] or None)
+    return found
+
+
+def _phase_sets(record: Any, n: int) -> list[int | None]:
+    try:
+        values = record.format("PS")
+    except KeyError:
+        values = None
+    if values is None:
+        return [None] * n
+    return [_integer(v[0]) for v in values]
+
+
+def _integer(value: Any) -> int | None:
+    """A PS value: an int, or text where the header does not declare PS (htslib keeps it as is)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
+
+
+def _no_records() -> pa.Table:
+    from connectors.base import RECORD_SCHEMA
+
+    return RECORD_SCHEMA.empty_table()

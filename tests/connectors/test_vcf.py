@@ -1,0 +1,107 @@
+"""VCF files into the columnar genomic_variant table, through the real pipeline and store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connectors.vcf import VcfConnector, VcfSource
+from flows.sync import land_batches
+from tests.conftest import SHARED
+from twin_store import RunReport, TwinStore, connect
+
+HEADER = """##fileformat=VCFv4.2
+##reference=GRCh38
+##contig=<ID=chr5,length=181538259>
+##INFO=<ID=GENEINFO,Number=1,Type=String,Description="Gene">
+##INFO=<ID=CLNSIG,Number=.,Type=String,Description="ClinVar significance">
+##INFO=<ID=ANN,Number=.,Type=String,Description="SnpEff: Allele|Annotation|...|HGVS.c|HGVS.p">
+##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">
+##FORMAT=<ID=PS,Number=1,Type=Integer,Description="Phase set">
+#CHROM	POS	ID	REF	ALT	QUAL	FILTER	INFO	FORMAT	S1	S2
+"""
+RECORDS = [
+    "chr5\t112841059\trs459552\tT\tA\t1845.7\tPASS\tGENEINFO=APC:324;CLNSIG=Benign;"
+    "ANN=A|missense_variant|MODERATE|APC|ENSG1|transcript|ENST1|protein_coding|17/17|c.5465T>A|p.Val1822Asp\t"
+    "GT:PS\t0|1:112841000\t1/1:.",
+    "chr5\t112841100\t.\tG\tC,T\t50\tLowQual\t.\tGT:PS\t1/2:.\t0/0:.",
+    "chr5\t112841200\t.\tA\tG\t.\t.\t.\tGT:PS\t./.:.\t0/1:.",
+]
+
+
+def write_vcf(path: Path, records: list[str]) -> Path:
+    path.write_text(HEADER + "\n".join(records) + "\n")
+    return path
+
+
+def sync(store: Path, source: VcfSource) -> RunReport:
+    with TwinStore(store) as st:
+        run = st.begin_run(source.name, "sync")
+        land_batches(st, run, VcfConnector(source).pull(st.watermark(source.name)))
+        return st.finish_run(run, "succeeded")
+
+
+def test_each_carried_allele_of_each_sample_is_a_row(tmp_path: Path) -> None:
+    source = VcfSource(
+        name="seq", kind="vcf", path=write_vcf(tmp_path / "calls.vcf", RECORDS), samples={"S1": "p1"}
+    )
+    report = sync(tmp_path / "store", source)
+    assert (report.counts["lines_read"], report.counts["inserted"]) == (5, 5)
+    rows = (
+        connect(tmp_path / "store")
+        .sql(
+            """SELECT sample, patient_id, assembly, pos, variant_id, alt, genotype, zygosity, phase_set,
+                  filter, gene, hgvs_c, hgvs_p, clinvar_significance
+           FROM genomic_variant ORDER BY pos, sample, alt"""
+        )
+        .fetchall()
+    )
+    assert rows == [
+        ("S1", "p1", "GRCh38", 112841059, "rs459552", "A", "0|1", "heterozygous", 112841000, "PASS",
+         "APC", "c.5465T>A", "p.Val1822Asp", "Benign"),
+        ("S2", None, "GRCh38", 112841059, "rs459552", "A", "1/1", "homozygous", None, "PASS",
+         "APC", "c.5465T>A", "p.Val1822Asp", "Benign"),
+        ("S1", "p1", "GRCh38", 112841100, None, "C", "1/2", "heterozygous", None, "LowQual",
+         None, None, None, None),
+        ("S1", "p1", "GRCh38", 112841100, None, "T", "1/2", "heterozygous", None, "LowQual",
+         None, None, None, None),
+        ("S2", None, "GRCh38", 112841200, None, "G", "0/1", "heterozygous", None, "PASS",
+         None, None, None, None),
+    ]  # fmt: skip
+
+
+def test_a_changed_file_replaces_its_rows_and_an_unreadable_one_is_quarantined(tmp_path: Path) -> None:
+    folder = tmp_path / "vcfs"
+    folder.mkdir()
+    write_vcf(folder / "calls.vcf", RECORDS)
+    (folder / "broken.vcf").write_text(HEADER + "chr5\t1\t.\tA\tG\t.\t.\t.\tGT\t0/1\n")  # one sample of two
+    source = VcfSource(name="seq", kind="vcf", path=folder)
+    first = sync(tmp_path / "store", source)
+    assert sync(tmp_path / "store", source).counts["lines_read"] == 0, "unchanged files are not read"
+    write_vcf(folder / "calls.vcf", RECORDS[:1])
+    again = sync(tmp_path / "store", source)
+    con = connect(tmp_path / "store")
+    assert (first.counts["inserted"], first.counts["quarantined"]) == (5, 1)
+    assert (again.counts["inserted"], again.counts["updated"]) == (0, 2)
+    (reason,) = con.sql("SELECT reason FROM quarantine").fetchone() or ("",)
+    assert reason.startswith("not a readable VCF")
+    assert con.sql("SELECT count(*), count(DISTINCT (sample, pos, alt)) FROM genomic_variant").fetchone() == (
+        5,
+        5,
+    )
+
+
+HTS = SHARED / "genomics" / "vcf" / "hts-specs" / "test" / "vcf"
+
+
+@pytest.mark.skipif(not HTS.is_dir(), reason=f"hts-specs VCF conformance files not found at {HTS}")
+def test_every_conformance_file_that_should_pass_lands(tmp_path: Path) -> None:
+    passed = sorted(HTS.glob("*/passed/*.vcf*"))
+    connector = VcfConnector(VcfSource(name="hts", kind="vcf", path=HTS / "*" / "passed" / "*.vcf*"))
+    with TwinStore(tmp_path / "store") as store:
+        run = store.begin_run("hts", "sync")
+        land_batches(store, run, connector.pull(None))
+    assert len(passed) == connector.stats["files"] == 76
+    assert run.counts["quarantined"] == 0, connect(tmp_path / "store").sql("FROM quarantine").fetchall()
+    assert run.counts["inserted"] > 0
