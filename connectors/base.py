@@ -45,6 +45,23 @@ PROBLEM_SCHEMA = pa.schema(
 """Records that cannot land, with the reason: they go to quarantine, never away."""
 
 
+def records_from(rows: list[tuple[str, int, str]]) -> pa.Table:
+    """(file, line or message number, text) rows as records."""
+    files, numbers, texts = zip(*rows, strict=True) if rows else ((), (), ())
+    return pa.table(
+        [pa.array(files, pa.string()), pa.array(numbers, pa.int64()), pa.array(texts, pa.string()),
+         pa.repeat(False, len(rows))],
+        schema=RECORD_SCHEMA,
+    )  # fmt: skip
+
+
+def problems_from(rows: list[tuple[str, int, str, str]]) -> pa.Table:
+    """(file, line or message number, reason, text) rows as problems."""
+    return pa.Table.from_pylist(
+        [dict(zip(PROBLEM_SCHEMA.names, r, strict=True)) for r in rows], PROBLEM_SCHEMA
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Window:
     """A backfill window on meta.lastUpdated (or the clinical date where that is absent).

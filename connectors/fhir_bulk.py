@@ -29,7 +29,8 @@ from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Wi
 from connectors.errors import SourceError, safe_url
 from connectors.fhir_history import Deletion, deleted_entry, deletions_table, history_deletions, iso
 from connectors.fhir_http import FhirClient, FhirServerSource, check_server, outcome_text, retry_after
-from connectors.fhir_ndjson import line_chunks, open_maybe_gzipped, records_table
+from connectors.fhir_ndjson import line_chunks, records_table
+from connectors.local_files import open_maybe_gzipped
 
 log = logging.getLogger(__name__)
 

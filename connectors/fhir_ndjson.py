@@ -6,21 +6,18 @@ unchanged file is skipped and a file cut short by a crash resumes at its next li
 
 from __future__ import annotations
 
-import glob
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import IO, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from isal import igzip  # zlib-compatible, about twice as fast as gzip
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
-from connectors.errors import SourceError
+from connectors.local_files import fingerprint, open_maybe_gzipped, source_files
 
-GZIP_MAGIC = b"\x1f\x8b"
 READ_HINT = 4 << 20
 FIRST_BATCH = 4 << 20
 
@@ -48,25 +45,7 @@ class FhirNdjsonConnector:
 
     def files(self) -> list[Path]:
         """The NDJSON files the configured path names, in a stable order."""
-        path = self.source.path
-        if glob.has_magic(str(path)):
-            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
-        elif path.is_dir():
-            found = [*path.glob("*.ndjson"), *path.glob("*.ndjson.gz")]
-        elif path.is_file():
-            found = [path]
-        else:
-            raise SourceError(
-                self.name,
-                f"path {str(path)!r} does not exist; point sources.path at an NDJSON "
-                "file, a folder of .ndjson/.ndjson.gz files or a glob",
-            )
-        found = sorted(p for p in found if p.is_file())
-        if not found:
-            raise SourceError(
-                self.name, f"no .ndjson or .ndjson.gz files at {str(path)!r}; check sources.path"
-            )
-        return found
+        return source_files(self.name, self.source.path, (".ndjson", ".ndjson.gz"))
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         """Files are read whole whatever the window; the store keeps what falls in it."""
@@ -80,14 +59,13 @@ class FhirNdjsonConnector:
         size = 0
         changed = False
         for path in files:
-            stat = path.stat()
-            fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            now = fingerprint(path)
             seen = progress.get(str(path))
-            same_file = seen is not None and all(seen[k] == v for k, v in fingerprint.items())
+            same_file = seen is not None and all(seen[k] == v for k, v in now.items())
             if same_file and seen is not None and seen["complete"]:
                 continue
             done = seen["lines"] if same_file and seen is not None else 0
-            progress[str(path)] = {**fingerprint, "lines": done, "complete": False}
+            progress[str(path)] = {**now, "lines": done, "complete": False}
             changed = True
             self.stats["files"] += 1
             with open_maybe_gzipped(path) as fh:
@@ -103,14 +81,6 @@ class FhirNdjsonConnector:
             changed = True
         if chunks or changed:
             yield _batch(chunks, progress)
-
-
-def open_maybe_gzipped(path: Path) -> IO[bytes]:
-    with path.open("rb") as probe:
-        gzipped = probe.read(2) == GZIP_MAGIC
-    if gzipped:
-        return cast(IO[bytes], igzip.open(path, "rb"))  # type: ignore[no-untyped-call]
-    return path.open("rb")
 
 
 def line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, list[bytes]]]:

@@ -5,19 +5,16 @@ place in the file; `harmonize.hl7v2_labs` maps them to FHIR.
 
 from __future__ import annotations
 
-import glob
 import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
-from connectors.errors import SourceError
-from connectors.fhir_ndjson import open_maybe_gzipped
+from connectors.base import Batch, Watermark, Window, records_from
+from connectors.local_files import fingerprint, open_maybe_gzipped, source_files
 
 SEGMENT_END = re.compile(r"\r\n|\n|\r")
 MLLP_FRAMING = str.maketrans("", "", "\x0b\x1c")
@@ -51,23 +48,7 @@ class Hl7v2Connector:
         self.files()
 
     def files(self) -> list[Path]:
-        path = self.source.path
-        if glob.has_magic(str(path)):
-            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
-        elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.name.lower().endswith(SUFFIXES)]
-        elif path.is_file():
-            found = [path]
-        else:
-            raise SourceError(
-                self.name,
-                f"path {str(path)!r} does not exist; point sources.path at a file of HL7 v2 "
-                "messages, a folder of .hl7 files or a glob",
-            )
-        found = sorted(p for p in found if p.is_file())
-        if not found:
-            raise SourceError(self.name, f"no .hl7 or .txt files at {str(path)!r}; check sources.path")
-        return found
+        return source_files(self.name, self.source.path, SUFFIXES, recursive=True)
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         """The messages of every file not landed whole yet (a changed file is read again)."""
@@ -75,13 +56,12 @@ class Hl7v2Connector:
         progress = dict(known)
         records: list[tuple[str, int, str]] = []
         for path in self.files():
-            stat = path.stat()
-            fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            if known.get(str(path)) == fingerprint:
+            now = fingerprint(path)
+            if known.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
             records += [(str(path), n, message) for n, message in enumerate(split_messages(path), start=1)]
-            progress[str(path)] = fingerprint
+            progress[str(path)] = now
             if len(records) >= self.source.batch_messages:
                 yield _batch(records, progress)
                 records = []
@@ -103,10 +83,4 @@ def split_messages(path: Path) -> list[str]:
 
 
 def _batch(records: list[tuple[str, int, str]], progress: dict[str, Any]) -> Batch:
-    files, numbers, texts = zip(*records, strict=True) if records else ((), (), ())
-    table = pa.table(
-        [pa.array(files, pa.string()), pa.array(numbers, pa.int64()), pa.array(texts, pa.string()),
-         pa.repeat(False, len(records))],
-        schema=RECORD_SCHEMA,
-    )  # fmt: skip
-    return Batch(records=table, watermark={"files": dict(progress)})
+    return Batch(records=records_from(records), watermark={"files": dict(progress)})

@@ -9,7 +9,6 @@ and a file cut short by a crash resumes after its last landed row.
 from __future__ import annotations
 
 import csv
-import glob
 import io
 from collections import Counter
 from collections.abc import Iterator
@@ -17,12 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
+from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import SourceError
-from connectors.fhir_ndjson import open_maybe_gzipped
+from connectors.local_files import fingerprint, open_maybe_gzipped, source_files
 
 
 class LabCsvColumns(BaseModel):
@@ -83,23 +81,7 @@ class LabCsvConnector:
             self._header(path)
 
     def files(self) -> list[Path]:
-        path = self.source.path
-        if glob.has_magic(str(path)):
-            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
-        elif path.is_dir():
-            found = [*path.glob("*.csv"), *path.glob("*.csv.gz")]
-        elif path.is_file():
-            found = [path]
-        else:
-            raise SourceError(
-                self.name,
-                f"path {str(path)!r} does not exist; point sources.path at a CSV file, a folder "
-                "of .csv/.csv.gz files or a glob",
-            )
-        found = sorted(p for p in found if p.is_file())
-        if not found:
-            raise SourceError(self.name, f"no .csv or .csv.gz files at {str(path)!r}; check sources.path")
-        return found
+        return source_files(self.name, self.source.path, (".csv", ".csv.gz"))
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         """Every row not yet landed; the store windows a backfill on the results' times."""
@@ -108,14 +90,13 @@ class LabCsvConnector:
         progress = {str(f): known[str(f)] for f in files if str(f) in known}
         rows: list[tuple[str, int, str]] = []
         for path in files:
-            stat = path.stat()
-            fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            now = fingerprint(path)
             seen = progress.get(str(path))
-            same_file = seen is not None and all(seen[k] == v for k, v in fingerprint.items())
+            same_file = seen is not None and all(seen[k] == v for k, v in now.items())
             if same_file and seen is not None and seen["complete"]:
                 continue
             done = seen["rows"] if same_file and seen is not None else 0
-            progress[str(path)] = {**fingerprint, "rows": done, "complete": False}
+            progress[str(path)] = {**now, "rows": done, "complete": False}
             self.stats["files"] += 1
             for n, (line_no, row) in enumerate(self._rows(path), start=1):
                 if n <= done:
@@ -152,10 +133,4 @@ class LabCsvConnector:
 
 
 def _batch(rows: list[tuple[str, int, str]], progress: dict[str, Any]) -> Batch:
-    files, lines, raws = zip(*rows, strict=True) if rows else ((), (), ())
-    records = pa.table(
-        [pa.array(files, pa.string()), pa.array(lines, pa.int64()), pa.array(raws, pa.string()),
-         pa.repeat(False, len(rows))],
-        schema=RECORD_SCHEMA,
-    )  # fmt: skip
-    return Batch(records=records, watermark={"files": {p: dict(s) for p, s in progress.items()}})
+    return Batch(records=records_from(rows), watermark={"files": {p: dict(s) for p, s in progress.items()}})

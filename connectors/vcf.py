@@ -7,7 +7,6 @@ to quarantine with the reason. Files are read whole, once each (a changed file i
 
 from __future__ import annotations
 
-import glob
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,8 @@ import pyarrow as pa
 from cyvcf2 import VCF
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window
-from connectors.errors import SourceError
+from connectors.base import Batch, Watermark, Window, problems_from
+from connectors.local_files import fingerprint, source_files
 
 Assembly = Literal["GRCh37", "GRCh38"]
 ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}
@@ -61,49 +60,30 @@ class VcfConnector:
         self.files()
 
     def files(self) -> list[Path]:
-        path = self.source.path
-        if glob.has_magic(str(path)):
-            found = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207 (absolute globs)
-        elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.name.endswith((".vcf", ".vcf.gz", ".bcf"))]
-        elif path.is_file():
-            found = [path]
-        else:
-            raise SourceError(
-                self.name,
-                f"path {str(path)!r} does not exist; point sources.path at a VCF file, a folder of "
-                ".vcf/.vcf.gz/.bcf files or a glob",
-            )
-        found = sorted(p for p in found if p.is_file())
-        if not found:
-            raise SourceError(
-                self.name, f"no .vcf, .vcf.gz or .bcf files at {str(path)!r}; check sources.path"
-            )
-        return found
+        return source_files(self.name, self.source.path, (".vcf", ".vcf.gz", ".bcf"), recursive=True)
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         known: dict[str, Any] = dict((since or {}).get("files", {}))
         progress = dict(known)
         for path in self.files():
-            stat = path.stat()
-            fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            if known.get(str(path)) == fingerprint:
+            now = fingerprint(path)
+            if known.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
             try:
                 chunks = list(self._variants(path))
             except Exception as e:  # htslib refuses the file: quarantine it whole
-                problem = {"file": str(path), "line_no": 0, "reason": f"not a readable VCF: {e}", "raw": ""}
-                progress[str(path)] = fingerprint
+                problem = (str(path), 0, f"not a readable VCF: {e}", "")
+                progress[str(path)] = now
                 yield Batch(
                     records=_no_records(),
                     watermark={"files": dict(progress)},
-                    problems=pa.Table.from_pylist([problem], schema=PROBLEM_SCHEMA),
+                    problems=problems_from([problem]),
                 )
                 continue
             for n, chunk in enumerate(chunks, start=1):
                 if n == len(chunks):
-                    progress[str(path)] = fingerprint
+                    progress[str(path)] = now
                 yield Batch(records=_no_records(), watermark={"files": dict(progress)}, variants=chunk)
 
     def _variants(self, path: Path) -> Iterator[pa.Table]:

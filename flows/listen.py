@@ -11,9 +11,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
-
-from connectors.base import RECORD_SCHEMA, Batch
+from connectors.base import Batch, records_from
 from connectors.errors import ConfigError
 from connectors.hl7v2 import Hl7v2Source
 from connectors.mllp import serve
@@ -31,12 +29,8 @@ def listen(config: Path | None, name: str, *, ready: Callable[[int], None] | Non
     store_path = settings.store.path
 
     def land(messages: list[tuple[int, str]]) -> dict[int, str]:
-        records = pa.table(
-            [pa.array([f"mllp://{source.host}:{source.port}"] * len(messages), pa.string()),
-             pa.array([n for n, _ in messages], pa.int64()), pa.array([m for _, m in messages], pa.string()),
-             pa.repeat(False, len(messages))],
-            schema=RECORD_SCHEMA,
-        )  # fmt: skip
+        origin = f"mllp://{source.host}:{source.port}"
+        records = records_from([(origin, n, message) for n, message in messages])
         batch = resources_from_messages(Batch(records=records, watermark={}), source)
         with TwinStore(store_path) as store:
             run = store.begin_run(source.name, "sync")

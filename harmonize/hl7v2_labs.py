@@ -18,14 +18,13 @@ from zoneinfo import ZoneInfo
 
 import hl7
 import orjson
-import pyarrow as pa
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.specimen import Specimen
 from pydantic import BaseModel, ValidationError
 
-from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, Batch
+from connectors.base import Batch, problems_from, records_from
 from connectors.hl7v2 import Hl7v2Source
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -73,14 +72,7 @@ def resources_from_messages(batch: Batch, source: Hl7v2Source) -> Batch:
             bad.append((file, number, f"message {number}: {_reason(e)}", message))
         else:
             good += [(file, number, r.decode()) for r in resources]
-    records = pa.table(
-        [pa.array([g[0] for g in good], pa.string()), pa.array([g[1] for g in good], pa.int64()),
-         pa.array([g[2] for g in good], pa.string()), pa.repeat(False, len(good))],
-        schema=RECORD_SCHEMA,
-    )  # fmt: skip
-    problems = pa.Table.from_pylist(
-        [dict(zip(PROBLEM_SCHEMA.names, b, strict=True)) for b in bad], schema=PROBLEM_SCHEMA
-    )
+    records, problems = records_from(good), problems_from(bad)
     return Batch(records=records, watermark=batch.watermark, deletions=batch.deletions, problems=problems)
 
 

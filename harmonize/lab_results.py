@@ -14,11 +14,10 @@ import uuid
 from typing import Any
 
 import orjson
-import pyarrow as pa
 from fhir.resources.R4B.observation import Observation
 from pydantic import ValidationError
 
-from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, Batch
+from connectors.base import Batch, problems_from, records_from
 from connectors.lab_csv import LabCsvSource
 
 UCUM = "http://unitsofmeasure.org"
@@ -46,14 +45,7 @@ def observations_from_rows(batch: Batch, source: LabCsvSource) -> Batch:
             bad.append((file, line_no, _reason(e), raw))
         else:
             good.append((file, line_no, resource.decode()))
-    records = pa.table(
-        [pa.array([g[0] for g in good], pa.string()), pa.array([g[1] for g in good], pa.int64()),
-         pa.array([g[2] for g in good], pa.string()), pa.repeat(False, len(good))],
-        schema=RECORD_SCHEMA,
-    )  # fmt: skip
-    problems = pa.Table.from_pylist(
-        [dict(zip(PROBLEM_SCHEMA.names, b, strict=True)) for b in bad], schema=PROBLEM_SCHEMA
-    )
+    records, problems = records_from(good), problems_from(bad)
     return Batch(records=records, watermark=batch.watermark, deletions=batch.deletions, problems=problems)
 
 
