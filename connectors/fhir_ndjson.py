@@ -6,7 +6,6 @@ unchanged file is skipped and a file cut short by a crash resumes at its next li
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -16,7 +15,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
-from connectors.local_files import fingerprint, open_maybe_gzipped, source_files
+from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
 
 READ_HINT = 4 << 20
 FIRST_BATCH = 4 << 20
@@ -34,18 +33,8 @@ class FhirNdjsonSource(BaseModel):
     batch_mb: int = Field(default=32, ge=1, le=1024)
 
 
-class FhirNdjsonConnector:
-    def __init__(self, source: FhirNdjsonSource) -> None:
-        self.name = source.name
-        self.source = source
-        self.stats: Counter[str] = Counter()
-
-    def check(self) -> None:
-        self.files()
-
-    def files(self) -> list[Path]:
-        """The NDJSON files the configured path names, in a stable order."""
-        return source_files(self.name, self.source.path, (".ndjson", ".ndjson.gz"))
+class FhirNdjsonConnector(FileConnector[FhirNdjsonSource]):
+    suffixes = (".ndjson", ".ndjson.gz")
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         """Files are read whole whatever the window; the store keeps what falls in it."""

@@ -6,7 +6,6 @@ place in the file; `harmonize.hl7v2_labs` maps them to FHIR.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import Batch, Watermark, Window, records_from
-from connectors.local_files import fingerprint, open_maybe_gzipped, source_files
+from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
 
 SEGMENT_END = re.compile(r"\r\n|\n|\r")
 MLLP_FRAMING = str.maketrans("", "", "\x0b\x1c")
@@ -38,17 +37,9 @@ class Hl7v2Source(BaseModel):
     batch_messages: int = Field(default=5_000, ge=1)
 
 
-class Hl7v2Connector:
-    def __init__(self, source: Hl7v2Source) -> None:
-        self.name = source.name
-        self.source = source
-        self.stats: Counter[str] = Counter()
-
-    def check(self) -> None:
-        self.files()
-
-    def files(self) -> list[Path]:
-        return source_files(self.name, self.source.path, SUFFIXES, recursive=True)
+class Hl7v2Connector(FileConnector[Hl7v2Source]):
+    suffixes = SUFFIXES
+    recursive = True
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         """The messages of every file not landed whole yet (a changed file is read again)."""

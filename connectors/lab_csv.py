@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import SourceError
-from connectors.local_files import fingerprint, open_maybe_gzipped, source_files
+from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
 
 
 class LabCsvColumns(BaseModel):
@@ -70,18 +69,12 @@ class LabCsvSource(BaseModel):
     batch_rows: int = Field(default=50_000, ge=1)
 
 
-class LabCsvConnector:
-    def __init__(self, source: LabCsvSource) -> None:
-        self.name = source.name
-        self.source = source
-        self.stats: Counter[str] = Counter()
+class LabCsvConnector(FileConnector[LabCsvSource]):
+    suffixes = (".csv", ".csv.gz")
 
     def check(self) -> None:
         for path in self.files():
             self._header(path)
-
-    def files(self) -> list[Path]:
-        return source_files(self.name, self.source.path, (".csv", ".csv.gz"))
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         """Every row not yet landed; the store windows a backfill on the results' times."""

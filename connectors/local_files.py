@@ -4,14 +4,45 @@ gzipped, and the fingerprint (size, mtime) that tells a sync whether a file chan
 from __future__ import annotations
 
 import glob
+from collections import Counter
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Generic, Protocol, TypeVar, cast
 
 from isal import igzip  # zlib-compatible, about twice as fast as gzip
 
 from connectors.errors import SourceError
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+
+class FileSourceConfig(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+
+
+S = TypeVar("S", bound=FileSourceConfig)
+
+
+class FileConnector(Generic[S]):
+    """What the connectors of local files share: their config, stats and the files they read."""
+
+    suffixes: tuple[str, ...] = ()
+    recursive = False
+    """Whether a folder's subfolders are read too."""
+
+    def __init__(self, source: S) -> None:
+        self.name = source.name
+        self.source = source
+        self.stats: Counter[str] = Counter()
+
+    def check(self) -> None:
+        self.files()
+
+    def files(self) -> list[Path]:
+        """The files the configured path names, in a stable order."""
+        return source_files(self.name, self.source.path, self.suffixes, recursive=self.recursive)
 
 
 def source_files(

@@ -7,7 +7,6 @@ to quarantine with the reason. Files are read whole, once each (a changed file i
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from cyvcf2 import VCF
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import Batch, Watermark, Window, problems_from
-from connectors.local_files import fingerprint, source_files
+from connectors.local_files import FileConnector, fingerprint
 
 Assembly = Literal["GRCh37", "GRCh38"]
 ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}
@@ -50,17 +49,9 @@ class VcfSource(BaseModel):
     batch_variants: int = Field(default=200_000, ge=1)
 
 
-class VcfConnector:
-    def __init__(self, source: VcfSource) -> None:
-        self.name = source.name
-        self.source = source
-        self.stats: Counter[str] = Counter()
-
-    def check(self) -> None:
-        self.files()
-
-    def files(self) -> list[Path]:
-        return source_files(self.name, self.source.path, (".vcf", ".vcf.gz", ".bcf"), recursive=True)
+class VcfConnector(FileConnector[VcfSource]):
+    suffixes = (".vcf", ".vcf.gz", ".bcf")
+    recursive = True
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         known: dict[str, Any] = dict((since or {}).get("files", {}))
