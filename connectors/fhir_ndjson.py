@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
-from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors.local_files import FileConnector, open_maybe_gzipped, resume_point
 
 READ_HINT = 4 << 20
 FIRST_BATCH = 4 << 20
@@ -48,13 +48,9 @@ class FhirNdjsonConnector(FileConnector[FhirNdjsonSource]):
         size = 0
         changed = False
         for path in files:
-            now = fingerprint(path)
-            seen = progress.get(str(path))
-            same_file = seen is not None and all(seen[k] == v for k, v in now.items())
-            if same_file and seen is not None and seen["complete"]:
+            done = resume_point(progress, path, "lines")
+            if done is None:
                 continue
-            done = seen["lines"] if same_file and seen is not None else 0
-            progress[str(path)] = {**now, "lines": done, "complete": False}
             changed = True
             self.stats["files"] += 1
             with open_maybe_gzipped(path) as fh:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import SourceError
-from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors.local_files import FileConnector, open_maybe_gzipped, resume_point
 
 
 class LabCsvColumns(BaseModel):
@@ -83,13 +83,9 @@ class LabCsvConnector(FileConnector[LabCsvSource]):
         progress = {str(f): known[str(f)] for f in files if str(f) in known}
         rows: list[tuple[str, int, str]] = []
         for path in files:
-            now = fingerprint(path)
-            seen = progress.get(str(path))
-            same_file = seen is not None and all(seen[k] == v for k, v in now.items())
-            if same_file and seen is not None and seen["complete"]:
+            done = resume_point(progress, path, "rows")
+            if done is None:
                 continue
-            done = seen["rows"] if same_file and seen is not None else 0
-            progress[str(path)] = {**now, "rows": done, "complete": False}
             self.stats["files"] += 1
             for n, (line_no, row) in enumerate(self._rows(path), start=1):
                 if n <= done:

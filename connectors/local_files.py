@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 from collections import Counter
 from pathlib import Path
-from typing import IO, Generic, Protocol, TypeVar, cast
+from typing import IO, Any, Generic, Protocol, TypeVar, cast
 
 from isal import igzip  # zlib-compatible, about twice as fast as gzip
 
@@ -72,6 +72,18 @@ def source_files(
 def fingerprint(path: Path) -> dict[str, int]:
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def resume_point(progress: dict[str, Any], path: Path, unit: str) -> int | None:
+    """How many `unit`s (lines, rows) of `path` already landed, and mark it in progress; None
+    when it landed whole and is unchanged. A changed file starts over."""
+    now, seen = fingerprint(path), progress.get(str(path))
+    same_file = seen is not None and all(seen[k] == v for k, v in now.items())
+    if same_file and seen is not None and seen["complete"]:
+        return None
+    done = int(seen[unit]) if same_file and seen is not None else 0
+    progress[str(path)] = {**now, unit: done, "complete": False}
+    return done
 
 
 def open_maybe_gzipped(path: Path) -> IO[bytes]:

@@ -22,10 +22,11 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.specimen import Specimen
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from connectors.base import Batch, problems_from, records_from
+from connectors.base import Batch
 from connectors.hl7v2 import Hl7v2Source
+from harmonize.records import map_records
 
 MODELS: dict[str, type[BaseModel]] = {
     "Patient": Patient, "DiagnosticReport": DiagnosticReport, "Observation": Observation,
@@ -60,20 +61,7 @@ IDS = uuid.UUID("5b0d7c7e-2f4c-4d8e-9c62-6a3c0a1f9e21")
 
 def resources_from_messages(batch: Batch, source: Hl7v2Source) -> Batch:
     """The batch's messages as FHIR records (several per message), bad messages as problems."""
-    good: list[tuple[str, int, str]] = []
-    bad: list[tuple[str, int, str, str]] = []
-    for file, number, message in zip(
-        batch.records["file"].to_pylist(), batch.records["line_no"].to_pylist(),
-        batch.records["raw"].to_pylist(), strict=True,
-    ):  # fmt: skip
-        try:
-            resources = message_resources(message, source.timezone)
-        except (ValueError, IndexError, KeyError) as e:
-            bad.append((file, number, f"message {number}: {_reason(e)}", message))
-        else:
-            good += [(file, number, r.decode()) for r in resources]
-    records, problems = records_from(good), problems_from(bad)
-    return Batch(records=records, watermark=batch.watermark, deletions=batch.deletions, problems=problems)
+    return map_records(batch, lambda message: message_resources(message, source.timezone), "message")
 
 
 def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
@@ -386,11 +374,3 @@ def _get(segment: hl7.Segment, field: int, component: int = 1, repeat: int = 1) 
 
 def _id(*parts: str) -> str:
     return str(uuid.uuid5(IDS, "|".join(parts)))
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return f"not valid FHIR ({error.title}): {where}: {first['msg']}"
-    return str(error)

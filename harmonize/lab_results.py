@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 from fhir.resources.R4B.observation import Observation
-from pydantic import ValidationError
 
-from connectors.base import Batch, problems_from, records_from
+from connectors.base import Batch
 from connectors.lab_csv import LabCsvSource
+from harmonize.records import map_records
 
 UCUM = "http://unitsofmeasure.org"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -30,23 +30,13 @@ TWINHUB_IDS = uuid.UUID("8f0c5a52-4a5e-4a53-9a39-0b1e6d0f7c11")
 
 def observations_from_rows(batch: Batch, source: LabCsvSource) -> Batch:
     """The batch's rows (JSON objects, header -> text) as Observation records, bad rows as problems."""
-    good: list[tuple[str, int, str]] = []
-    bad: list[tuple[str, int, str, str]] = []
-    for file, line_no, raw in zip(
-        batch.records["file"].to_pylist(),
-        batch.records["line_no"].to_pylist(),
-        batch.records["raw"].to_pylist(),
-        strict=True,
-    ):
-        try:
-            resource = observation(orjson.loads(raw), source)
-            Observation.model_validate_json(resource)
-        except ValueError as e:  # a ValidationError is a ValueError too
-            bad.append((file, line_no, _reason(e), raw))
-        else:
-            good.append((file, line_no, resource.decode()))
-    records, problems = records_from(good), problems_from(bad)
-    return Batch(records=records, watermark=batch.watermark, deletions=batch.deletions, problems=problems)
+
+    def to_fhir(raw: str) -> list[bytes]:
+        resource = observation(orjson.loads(raw), source)
+        Observation.model_validate_json(resource)
+        return [resource]
+
+    return map_records(batch, to_fhir)
 
 
 def observation(row: dict[str, str], source: LabCsvSource) -> bytes:
@@ -111,11 +101,3 @@ def _quantity(number: str, unit: str | None, ucum: str | None) -> dict[str, Any]
     if ucum:
         quantity |= {"system": UCUM, "code": ucum}
     return quantity
-
-
-def _reason(error: ValueError) -> str:
-    if isinstance(error, ValidationError):
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return f"not a valid FHIR Observation: {where}: {first['msg']}"
-    return str(error)
