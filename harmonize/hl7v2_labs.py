@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import hl7
 import orjson
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
@@ -26,6 +25,7 @@ from pydantic import BaseModel
 
 from connectors.base import Batch
 from connectors.hl7v2 import Hl7v2Source
+from harmonize.hl7v2_segments import Segment, segments
 from harmonize.records import map_records
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -72,10 +72,10 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
     if len(set(separators)) != 5 or any(c.isalnum() or c in "\r\n " for c in separators):
         raise ValueError(f"MSH-1 and MSH-2 must be five distinct separators, not {separators!r}")
     try:
-        message = hl7.parse(text)
-    except Exception as e:  # the parser's own failures (asserts among them) mean a malformed message
-        raise ValueError(f"cannot be parsed as HL7 v2 ({type(e).__name__}: {e})") from None
-    msh = message.segment("MSH")
+        message = segments(text)
+    except ValueError as e:
+        raise ValueError(f"cannot be parsed as HL7 v2 ({e})") from None
+    msh = message[0]
     kind = "^".join(part for part in (_get(msh, 9, 1), _get(msh, 9, 2)) if part)
     if kind not in ("ORU^R01", "OUL^R22", "OUL^R23", "OUL^R24"):
         raise ValueError(f"is {kind or 'of no type'} (MSH-9); lab results come as ORU^R01 or OUL^R22-R24")
@@ -90,7 +90,7 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
     order: dict[str, Any] | None = None
     specimen_ids: list[dict[str, str]] = []
     for n, segment in enumerate(message, start=1):
-        name = str(segment[0])
+        name = segment.name
         if name == "OBR":
             order = _report(segment, subject, control_id, n, when)
             specimen_ids = []
@@ -137,7 +137,7 @@ def fhir_datetime(value: str, timezone: str = "UTC") -> str | None:
     return f"{date}T{clock}{offset[:3]}:{offset[3:]}"
 
 
-def _patient(pid: hl7.Segment) -> dict[str, Any]:
+def _patient(pid: Segment) -> dict[str, Any]:
     identifiers = []
     for repeat in range(1, _repeats(pid, 3) + 1):
         value, authority, kind = _get(pid, 3, 1, repeat), _get(pid, 3, 4, repeat), _get(pid, 3, 5, repeat)
@@ -171,7 +171,7 @@ def _patient(pid: hl7.Segment) -> dict[str, Any]:
 
 
 def _report(
-    obr: hl7.Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
+    obr: Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
 ) -> dict[str, Any]:
     key = _get(obr, 3, 1) or _get(obr, 2, 1) or f"{control_id}|{n}"
     report: dict[str, Any] = {
@@ -201,7 +201,7 @@ def _report(
 
 
 def _specimen(
-    spm: hl7.Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
+    spm: Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
 ) -> dict[str, Any]:
     key = _get(spm, 2, 1) or f"{control_id}|{n}"
     specimen: dict[str, Any] = {"resourceType": "Specimen", "id": _id("Specimen", key), "subject": subject}
@@ -217,7 +217,7 @@ def _specimen(
 
 
 def _observation(
-    obx: hl7.Segment, subject: dict[str, str], order: dict[str, Any] | None, control_id: str, n: int,
+    obx: Segment, subject: dict[str, str], order: dict[str, Any] | None, control_id: str, n: int,
     when: Callable[[str], str | None],
 ) -> dict[str, Any]:  # fmt: skip
     # FHIR needs a code; a result sent without one keeps its value under a code that says so.
@@ -260,8 +260,8 @@ def _observation(
     return result
 
 
-def _value(obx: hl7.Segment) -> dict[str, Any]:
-    kind, raw = _get(obx, 2), str(obx[5]) if len(obx) > 5 else ""
+def _value(obx: Segment) -> dict[str, Any]:
+    kind, raw = _get(obx, 2), obx.raw(5)
     if not raw or _repeats(obx, 5) > 1:
         return {}
     if kind in ("NM", "SN") and NUMBER.fullmatch(raw.strip().lstrip("^")):
@@ -277,7 +277,7 @@ def _value(obx: hl7.Segment) -> dict[str, Any]:
     return {"valueString": raw.replace("\\.br\\", "\n")}
 
 
-def _unit(obx: hl7.Segment) -> dict[str, Any]:
+def _unit(obx: Segment) -> dict[str, Any]:
     code, text, system = _get(obx, 6, 1), _get(obx, 6, 2), _get(obx, 6, 3)
     if not (code or text):
         return {}
@@ -308,7 +308,7 @@ def _range(text: str, unit: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
-def _concept(segment: hl7.Segment, field: int) -> dict[str, Any] | None:
+def _concept(segment: Segment, field: int) -> dict[str, Any] | None:
     code, display, system = (_get(segment, field, c) for c in (1, 2, 3))
     if not (code or display):
         return None
@@ -320,7 +320,7 @@ def _concept(segment: hl7.Segment, field: int) -> dict[str, Any] | None:
         )
         if coding["system"] == "http://loinc.org" and not loinc_is_valid(code):
             raise ValueError(
-                f"{segment[0]}-{field} holds {code!r}, which is not a LOINC code (bad form or check digit)"
+                f"{segment.name}-{field} holds {code!r}, which is not a LOINC code (bad form or check digit)"
             )
     if display:
         coding["display"] = display
@@ -347,29 +347,17 @@ def _instant(value: str | None) -> str | None:
     return value if value and len(value) >= 25 else None
 
 
-def _first(message: hl7.Message, name: str) -> hl7.Segment | None:
-    found = [s for s in message if str(s[0]) == name]
-    return found[0] if found else None
+def _first(message: list[Segment], name: str) -> Segment | None:
+    return next((s for s in message if s.name == name), None)
 
 
-def _repeats(segment: hl7.Segment, field: int) -> int:
-    return (
-        len(segment[field])
-        if len(segment) > field and isinstance(segment[field], hl7.containers.Field)
-        else 1
-    )
+def _repeats(segment: Segment, field: int) -> int:
+    return segment.repeats(field)
 
 
-def _get(segment: hl7.Segment, field: int, component: int = 1, repeat: int = 1) -> str:
+def _get(segment: Segment, field: int, component: int = 1, repeat: int = 1) -> str:
     """The text at field.component of a repeat (1-based, as HL7 numbers them), '' where absent."""
-    try:
-        value = segment(field)
-    except IndexError:
-        return ""
-    try:
-        return str(value(repeat)(component)).strip()
-    except (IndexError, TypeError, AttributeError):
-        return str(value).strip() if component == 1 and repeat == 1 else ""
+    return segment.get(field, component, repeat)
 
 
 def _id(*parts: str) -> str:
