@@ -87,22 +87,36 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
     subject = {"reference": f"Patient/{patient['id']}"}
     resources = [patient]
     control_id = _get(msh, 10)
+    # ORU^R01 and OUL^R24 are order-centric: an OBR's specimens (SPM) follow it. OUL^R22 and
+    # R23 are specimen-centric: each SPM (with its containers, SAC) heads the orders that follow.
+    specimen_centric = kind in ("OUL^R22", "OUL^R23")
     order: dict[str, Any] | None = None
+    specimen: dict[str, Any] | None = None
     specimen_ids: list[dict[str, str]] = []
     for n, segment in enumerate(message, start=1):
         name = segment.name
         if name == "OBR":
             order = _report(segment, subject, control_id, n, when)
-            specimen_ids = []
+            if specimen_centric and specimen_ids:
+                order["specimen"] = [specimen_ids[-1]]
+            elif not specimen_centric:
+                specimen, specimen_ids = None, []
             resources.append(order)
         elif name == "SPM":
             specimen = _specimen(segment, subject, control_id, n, when)
             specimen_ids.append({"reference": f"Specimen/{specimen['id']}"})
             resources.append(specimen)
-            if order is not None:
+            if specimen_centric:
+                order = None  # OBX before the group's first OBR are about the specimen itself
+            elif order is not None:
                 order["specimen"] = [*order.get("specimen", []), specimen_ids[-1]]
+        elif name == "SAC" and specimen is not None:
+            if container := _container(segment):
+                specimen["container"] = [*specimen.get("container", []), container]
         elif name == "OBX":
-            result = _observation(segment, subject, order, control_id, n, when)
+            # outside an order, a result is told apart by its specimen (OUL specimen results)
+            scope = control_id if specimen is None else f"{control_id}|{specimen['id']}"
+            result = _observation(segment, subject, order, scope, n, when)
             if order is not None:
                 order["result"] = [*order.get("result", []), {"reference": f"Observation/{result['id']}"}]
                 result.setdefault("effectiveDateTime", order.get("effectiveDateTime"))
@@ -203,10 +217,13 @@ def _report(
 def _specimen(
     spm: Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
 ) -> dict[str, Any]:
-    key = _get(spm, 2, 1) or f"{control_id}|{n}"
+    placer = _get(spm, 2, 1, subcomponent=1)  # SPM-2 is EIP: placer^filler, each an EI
+    key = placer or f"{control_id}|{n}"
     specimen: dict[str, Any] = {"resourceType": "Specimen", "id": _id("Specimen", key), "subject": subject}
-    if _get(spm, 2, 1):
-        specimen["identifier"] = [{"value": _get(spm, 2, 1)}]
+    if placer:
+        specimen["identifier"] = [{"value": placer}]
+    if filler := _get(spm, 2, 2, subcomponent=1):
+        specimen["accessionIdentifier"] = {"value": filler}
     if kind := _concept(spm, 4):
         specimen["type"] = kind
     if collected := when(_get(spm, 17, 1)):
@@ -214,6 +231,21 @@ def _specimen(
     if received := _instant(when(_get(spm, 18))):
         specimen["receivedTime"] = received
     return specimen
+
+
+def _container(sac: Segment) -> dict[str, Any] | None:
+    """A SAC segment as a Specimen.container: SAC-3 its identifier, SAC-21 its capacity and
+    SAC-22 the specimen's volume in it (numbers, in SAC-24 units)."""
+    container: dict[str, Any] = {}
+    if identifier := _get(sac, 3, 1):
+        container["identifier"] = [{"value": identifier}]
+    units = {"unit": _get(sac, 24, 2) or _get(sac, 24, 1)} if _get(sac, 24, 1) or _get(sac, 24, 2) else {}
+    if _get(sac, 24, 3).upper() in ("UCUM", "ANSI+") and _get(sac, 24, 1):
+        units |= {"system": "http://unitsofmeasure.org", "code": _get(sac, 24, 1)}
+    for field, key in ((21, "capacity"), (22, "specimenQuantity")):
+        if NUMBER.fullmatch(volume := _get(sac, field)):
+            container[key] = {"value": orjson.Fragment(volume.lstrip("+")), **units}
+    return container or None
 
 
 def _observation(
@@ -355,9 +387,10 @@ def _repeats(segment: Segment, field: int) -> int:
     return segment.repeats(field)
 
 
-def _get(segment: Segment, field: int, component: int = 1, repeat: int = 1) -> str:
-    """The text at field.component of a repeat (1-based, as HL7 numbers them), '' where absent."""
-    return segment.get(field, component, repeat)
+def _get(segment: Segment, field: int, component: int = 1, repeat: int = 1, subcomponent: int = 0) -> str:
+    """The text at field.component of a repeat (1-based, as HL7 numbers them), '' where absent;
+    with a `subcomponent`, only that one."""
+    return segment.get(field, component, repeat, subcomponent)
 
 
 def _id(*parts: str) -> str:

@@ -20,10 +20,11 @@ HEADERS = ("MSH", "BHS", "FHS")
 class Segment:
     """One segment: `name`, and its fields numbered as HL7 does (MSH-1 is the separator)."""
 
-    __slots__ = ("_components", "_header", "_repetitions", "fields", "name")
+    __slots__ = ("_components", "_header", "_repetitions", "_subcomponents", "fields", "name")
 
     def __init__(self, text: str, separators: str) -> None:
         field, self._repetitions, self._components = separators[0], separators[1], separators[2]
+        self._subcomponents = separators[3]
         self._header = text[:3] in HEADERS
         if self._header:
             if len(text) < 4:
@@ -42,9 +43,13 @@ class Segment:
         """Field `field` as sent (repetitions and components not split), '' where absent."""
         return self.fields[field] if 0 <= field < len(self.fields) else ""
 
-    def get(self, field: int, component: int = 1, repeat: int = 1) -> str:
+    def get(self, field: int, component: int = 1, repeat: int = 1, subcomponent: int = 0) -> str:
         """The text at field.component of a repeat (1-based, as HL7 numbers them), stripped, ''
-        where absent. A component's sub-components come joined, as sent."""
+        where absent. A component's sub-components come joined, as sent, unless `subcomponent`
+        (1-based) asks for one of them."""
+        if subcomponent:
+            parts = self.get(field, component, repeat).split(self._subcomponents)
+            return parts[subcomponent - 1].strip() if subcomponent <= len(parts) else ""
         if not 0 <= field < len(self.fields) or component < 1 or repeat < 1:
             return ""
         text = self.fields[field]
@@ -69,6 +74,6 @@ def segments(text: str) -> list[Segment]:
     text = text.strip()
     if not text.startswith("MSH") or len(text) < 8:
         raise ValueError(f"does not start with an MSH segment and its separators: {text[:20]!r}")
-    # field, repetition, component (MSH-1, MSH-2.2, MSH-2.1), as python-hl7 orders them
-    separators = text[3] + text[5] + text[4]
+    # field, repetition, component, sub-component (MSH-1, MSH-2.2, MSH-2.1, MSH-2.4)
+    separators = text[3] + text[5] + text[4] + text[7]
     return [Segment(line, separators) for line in text.split("\r")]
