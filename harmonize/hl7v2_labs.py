@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -127,8 +128,16 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
             resources.append(result)
     texts = [orjson.dumps(r) for r in resources]
     for resource, json in zip(resources, texts, strict=True):
-        MODELS[resource["resourceType"]].model_validate_json(json)
+        validate(resource["resourceType"], json)
     return texts
+
+
+@lru_cache(maxsize=4096)
+def validate(resource_type: str, json: bytes) -> None:
+    """Raises the R4B model's ValidationError where `json` is not a valid resource. The same
+    text validates the same way, so a resource sent again (the same patient in the next
+    message, a resend) is checked once; failures are not remembered and raise each time."""
+    MODELS[resource_type].model_validate_json(json)
 
 
 def fhir_datetime(value: str, timezone: str = "UTC") -> str | None:
