@@ -55,10 +55,10 @@ class Segment:
         text = self.fields[field]
         if self._header and field < 3:  # the name and the separators themselves: never split
             return text.strip() if component == repeat == 1 else ""
-        repeats = text.split(self._repetitions)
+        repeats = text.split(self._repetitions, repeat)  # no further than asked
         if repeat > len(repeats):
             return ""
-        components = repeats[repeat - 1].split(self._components)
+        components = repeats[repeat - 1].split(self._components, component)
         return components[component - 1].strip() if component <= len(components) else ""
 
     def repeats(self, field: int) -> int:
