@@ -18,7 +18,7 @@ from fhir.resources.R4B.observation import Observation
 
 from connectors.base import Batch
 from connectors.lab_csv import LabCsvSource
-from harmonize.records import map_records
+from harmonize.records import map_records, patient_reference
 
 UCUM = "http://unitsofmeasure.org"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -51,6 +51,7 @@ def observation(row: dict[str, str], source: LabCsvSource) -> bytes:
     for name, value in (("patient", patient), ("code", code), ("time", time)):
         if value is None:
             raise ValueError(f"no {name} (column {getattr(columns, name)!r} is empty)")
+    assert patient is not None
     key = cell(columns.id) or f"{patient}|{code}|{time}"
     resource: dict[str, Any] = {
         "resourceType": "Observation",
@@ -65,7 +66,7 @@ def observation(row: dict[str, str], source: LabCsvSource) -> bytes:
     if display := cell(columns.display):
         coding["display"] = display
     resource["code"] = {"coding": [coding], **({"text": display} if display else {})}
-    resource["subject"] = {"reference": f"Patient/{patient}"}
+    resource["subject"] = patient_reference(patient, source.patient_system)
     if encounter := cell(columns.encounter):
         resource["encounter"] = {"reference": f"Encounter/{encounter}"}
     resource["effectiveDateTime"] = time

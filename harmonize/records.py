@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -42,3 +43,12 @@ def reason(error: Exception) -> str:
         where = ".".join(str(p) for p in first["loc"])
         return f"not a valid FHIR {error.title}: {where}: {first['msg']}"
     return str(error)
+
+
+def patient_reference(patient: str, system: str | None) -> dict[str, Any]:
+    """The subject of a record: the Patient by id, or by identifier when the source names its
+    patients in an identifier `system` (an MRN); the store then links it to the twin's Patient
+    with that identifier, holding it until that Patient arrives."""
+    if system is None:
+        return {"reference": f"Patient/{patient}"}
+    return {"identifier": {"system": system, "value": patient}}
