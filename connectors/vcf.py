@@ -7,13 +7,14 @@ to quarantine with the reason. Files are read whole, once each (a changed file i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
 from cyvcf2 import VCF
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from connectors.base import Batch, Watermark, Window, problems_from
 from connectors.local_files import FileConnector, fingerprint
@@ -33,7 +34,13 @@ VARIANT_SCHEMA = pa.schema(
 """One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
 
 
-Region = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[\w.]+:[\d,]+-[\d,]+$")]
+def _region(text: str) -> str:
+    if not re.fullmatch(r"[\w.]+:[\d,]+-[\d,]+", text.strip()):
+        raise ValueError(f"{text!r} is not a region; write chrom:start-end, e.g. chr13:32315474-32400266")
+    return text.strip()
+
+
+Region = Annotated[str, AfterValidator(_region)]
 """`chrom:start-end`, 1-based and inclusive as a genome browser shows it (chr13:32315474-32400266)."""
 
 

@@ -19,20 +19,19 @@ from typing import Any
 import orjson
 import pytest
 
+from connectors.errors import ConfigError
 from connectors.vcf import VcfConnector, VcfReportable, VcfSource
+from flows.config import load_settings
 from flows.sync import harmonized
 from tests.conftest import SHARED, run_cli
 from twin_store import connect
 
 VCF2FHIR = SHARED / "genomics" / "vcf" / "vcf2fhir"
 EXPECTED = SHARED / "genomics" / "fhir-genomics" / "vcf2fhir-expected" / "expected_annotation.json"
-pytestmark = [
-    pytest.mark.shared,
-    pytest.mark.skipif(
-        not (VCF2FHIR / "NB6TK328_filtered.vcf").exists() or not EXPECTED.exists(),
-        reason=f"vcf2fhir sample or expected bundle not found under {SHARED} (../shared/data is absent)",
-    ),
-]
+needs_vcf2fhir = pytest.mark.skipif(
+    not (VCF2FHIR / "NB6TK328_filtered.vcf").exists() or not EXPECTED.exists(),
+    reason=f"vcf2fhir sample or expected bundle not found under {SHARED} (../shared/data is absent)",
+)
 
 
 def expected_variants() -> dict[tuple[str, int, str, str], str]:
@@ -62,6 +61,8 @@ def _call(observation: dict[str, Any]) -> tuple[str, int, str, str]:
     )
 
 
+@pytest.mark.shared
+@needs_vcf2fhir
 def test_the_vcf2fhir_grch38_sample_yields_the_variants_of_its_expected_bundle() -> None:
     source = VcfSource(
         name="acmg",
@@ -85,6 +86,8 @@ def test_the_vcf2fhir_grch38_sample_yields_the_variants_of_its_expected_bundle()
     assert len(report["result"]) == len(observations) == 5
 
 
+@pytest.mark.shared
+@needs_vcf2fhir
 def test_the_genes_alone_find_the_same_variants_as_vcf2fhirs_regions() -> None:
     source = VcfSource(
         name="acmg",
@@ -98,6 +101,8 @@ def test_the_genes_alone_find_the_same_variants_as_vcf2fhirs_regions() -> None:
     assert {_call(r) for r in made if r["resourceType"] == "Observation"} == set(expected_variants())
 
 
+@pytest.mark.shared
+@needs_vcf2fhir
 def test_gene_spans_lie_in_vcf2fhirs_conversion_regions_of_those_genes() -> None:
     """A check of genomics_reference.toml's GRCh38 spans against vcf2fhir's ACMG-gene BED."""
     from harmonize.genomics_report import REFERENCE, parse_bed, parse_region
@@ -111,6 +116,8 @@ def test_gene_spans_lie_in_vcf2fhirs_conversion_regions_of_those_genes() -> None
 
 
 @pytest.mark.slow
+@pytest.mark.shared
+@needs_vcf2fhir
 def test_a_sync_lands_the_report_in_the_views_and_a_rerun_adds_nothing(
     tmp_path: Path, api_env: dict[str, str]
 ) -> None:
@@ -158,3 +165,24 @@ def test_a_sync_lands_the_report_in_the_views_and_a_rerun_adds_nothing(
     assert con.sql(
         "SELECT lines_read, inserted, updated, unchanged FROM ingest_run ORDER BY started_at"
     ).fetchall() == [(11, 11, 0, 0), (0, 0, 0, 0), (11, 0, 5, 6)]
+
+
+def test_the_reportable_set_is_configured_in_toml_and_a_bad_bed_file_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "twinhub.toml"
+    config.write_text(
+        '[[sources]]\nname = "seq"\nkind = "vcf"\npath = "calls.vcf"\n\n'
+        '[sources.reportable]\ngenes = ["BRCA2"]\nregions = ["chr17:100-200"]\nbed = "panel.bed"\n'
+    )
+    source = load_settings(config).source("seq")
+    assert isinstance(source, VcfSource) and source.reportable is not None
+    assert source.reportable.bed == tmp_path / "panel.bed", "relative to the config file"
+    with pytest.raises(ConfigError, match=r"sources.seq.reportable.bed: cannot read .*panel.bed"):
+        harmonized(source, iter([]))
+    (tmp_path / "panel.bed").write_text("chr1\t0\tten\n")
+    with pytest.raises(ConfigError, match=r"sources.seq.reportable: BED line 1 is not chrom"):
+        harmonized(source, iter([]))
+    config.write_text(config.read_text().replace("chr17:100-200", "chr17:100"))
+    with pytest.raises(
+        ConfigError, match=r"sources\[0\].reportable.regions\[0\]: 'chr17:100' is not a region"
+    ):
+        load_settings(config)
