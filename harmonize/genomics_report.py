@@ -244,9 +244,8 @@ def variant_observation(row: dict[str, Any], source: str, gene: str | None, sour
         hgnc = REFERENCE["genes"].get(gene.upper(), {}).get("hgnc")
         value = _concept(hgnc, gene, "http://www.genenames.org/geneId") if hgnc else {"text": gene}
         components.append(_component("48018-6", "Gene studied [ID]", valueCodeableConcept=value))
-    components.append(
-        _component("48000-4", "Chromosome [Identifier]", valueCodeableConcept={"text": chrom_name(chrom)})
-    )
+    chromosome = {"text": chrom_name(chrom)}  # 48000-4: 48001-2 is the cytogenetic band, which a VCF lacks
+    components.append(_component("48000-4", "Chromosome [Identifier]", valueCodeableConcept=chromosome))
     if refseq := REFERENCE["refseq"].get(assembly or "", {}).get(chrom_name(chrom)):
         seq = {"coding": [{"system": "http://www.ncbi.nlm.nih.gov/nuccore", "code": refseq}]}
         components.append(_component("48013-7", "Genomic reference sequence ID", valueCodeableConcept=seq))
@@ -262,6 +261,9 @@ def variant_observation(row: dict[str, Any], source: str, gene: str | None, sour
             valueRange={"low": {"value": row["pos"]}, "high": {"value": end}},
         ),
     ]  # fmt: skip
+    if change := _change_type(row["ref"], row["alt"]):
+        value = _concept(*change, "http://sequenceontology.org")
+        components.append(_component("48019-4", "DNA change type", valueCodeableConcept=value))
     if state := ALLELIC_STATE.get(row["zygosity"]):
         components.append(
             _component("53034-5", "Allelic state", valueCodeableConcept=_concept(state, row["zygosity"]))
@@ -300,6 +302,17 @@ def variant_observation(row: dict[str, Any], source: str, gene: str | None, sour
         "component": components,
     }
     return orjson.dumps(resource)
+
+
+def _change_type(ref: str, alt: str) -> tuple[str, str] | None:
+    """The Sequence Ontology type of a simple call (VCF pads indels with the base before them)."""
+    if not re.fullmatch(r"[ACGTNacgtn]+", ref) or not re.fullmatch(r"[ACGTNacgtn]+", alt):
+        return None  # symbolic (<DEL>), breakend or missing alleles
+    if len(ref) == len(alt):
+        return ("SO:0001483", "SNV") if len(ref) == 1 else ("SO:0002007", "MNV")
+    if ref[0].upper() == alt[0].upper() and min(len(ref), len(alt)) == 1:
+        return ("SO:0000159", "deletion") if len(ref) > len(alt) else ("SO:0000667", "insertion")
+    return ("SO:1000032", "delins")
 
 
 def genomics_report(

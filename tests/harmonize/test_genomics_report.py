@@ -10,7 +10,14 @@ import pytest
 
 from connectors.base import Batch
 from connectors.vcf import VcfConnector, VcfReportable, VcfSource
-from harmonize.genomics_report import Region, genomics_reports, parse_bed, parse_region, reportable_set
+from harmonize.genomics_report import (
+    Region,
+    _change_type,
+    genomics_reports,
+    parse_bed,
+    parse_region,
+    reportable_set,
+)
 
 HEADER = """##fileformat=VCFv4.2
 ##reference=GRCh38
@@ -96,6 +103,7 @@ def test_an_observation_says_what_the_call_says(tmp_path: Path) -> None:
     assert apc["valueCodeableConcept"]["coding"][0]["code"] == "LA9633-4"
     assert component(apc, "48013-7")["coding"][0]["code"] == "NC_000005.10"
     assert (component(apc, "69547-8"), component(apc, "69551-0")) == ("T", "A")
+    assert component(apc, "48019-4")["coding"][0]["display"] == "SNV"
     assert component(apc, "53034-5")["coding"][0]["display"] == "heterozygous"
     assert component(apc, "82120-7") == {"text": "phased, phase set 112841000"}
     assert component(apc, "48002-0")["coding"][0]["display"] == "Germline"
@@ -157,3 +165,13 @@ def test_regions_and_bed_files_parse_or_name_the_problem() -> None:
         parse_bed("chr1\t0\t10\nchr1\tten\t20\n")
     merged = reportable_set(VcfReportable(regions=["1:10-20", "chr1:15-30"]), bed="chr1\t40\t50\n")
     assert merged.regions["1"] == ([10, 41], [30, 50])
+
+
+@pytest.mark.parametrize(
+    ("ref", "alt", "kind"),
+    [("A", "G", "SNV"), ("AC", "GT", "MNV"), ("ACT", "A", "deletion"), ("A", "ACT", "insertion"),
+     ("ACT", "GC", "delins"), ("A", "<DEL>", None), ("A", ".", None)],
+)  # fmt: skip
+def test_the_dna_change_type_follows_vcf_padding(ref: str, alt: str, kind: str | None) -> None:
+    found = _change_type(ref, alt)
+    assert (found[1] if found else None) == kind
