@@ -7,13 +7,14 @@ to quarantine with the reason. Files are read whole, once each (a changed file i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
 from cyvcf2 import VCF
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from connectors.base import Batch, Watermark, Window, problems_from
 from connectors.local_files import FileConnector, fingerprint
@@ -33,6 +34,29 @@ VARIANT_SCHEMA = pa.schema(
 """One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
 
 
+def _region(text: str) -> str:
+    if not re.fullmatch(r"[\w.]+:[\d,]+-[\d,]+", text.strip()):
+        raise ValueError(f"{text!r} is not a region; write chrom:start-end, e.g. chr13:32315474-32400266")
+    return text.strip()
+
+
+Region = Annotated[str, AfterValidator(_region)]
+"""`chrom:start-end`, 1-based and inclusive as a genome browser shows it (chr13:32315474-32400266)."""
+
+
+class VcfReportable(BaseModel):
+    """Which variant calls become FHIR Genomics Reporting resources; the table keeps them all."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    genes: list[str] = []
+    """HGNC symbols, matched on the file's gene annotation (else on the gene's coordinates)."""
+    regions: list[Region] = []
+    bed: Path | None = None
+    """A BED file of more regions (0-based starts, as BED files are)."""
+    source_class: Literal["germline", "somatic"] = "germline"
+
+
 class VcfSource(BaseModel):
     """Config of a `vcf` source: a VCF file, a folder of them or a glob."""
 
@@ -47,6 +71,8 @@ class VcfSource(BaseModel):
     """Sample name -> the FHIR Patient id it belongs to (unlisted samples keep no patient)."""
     schedule: str | None = None
     batch_variants: int = Field(default=200_000, ge=1)
+    reportable: VcfReportable | None = None
+    """Without it no FHIR resources are made, only `genomic_variant` rows."""
 
 
 class VcfConnector(FileConnector[VcfSource]):
