@@ -64,6 +64,8 @@ class LabCsvSource(BaseModel):
     columns: LabCsvColumns
     code_system: str = "http://loinc.org"
     """The system of codes whose row names none (columns.code_system)."""
+    concept_map: Path | None = None
+    """A FHIR ConceptMap (JSON) from the source's local codes to LOINC; read when a sync starts."""
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     schedule: str | None = None
     batch_rows: int = Field(default=50_000, ge=1)

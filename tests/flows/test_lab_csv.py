@@ -16,7 +16,7 @@ from twin_store import RunReport, TwinStore, connect
 COLUMNS = LabCsvColumns(id="id", patient="patient", code="loinc", time="when", value="value", ucum="unit")
 HEADER = "id,patient,loinc,when,value,unit\n"
 ROWS = [
-    "a1,p1,2345-7,2024-03-01T08:30:00+01:00,5.50,mmol/L",
+    "a1,p1,14749-6,2024-03-01T08:30:00+01:00,5.50,mmol/L",
     "a2,p1,718-7,2024-03-01T08:30:00+01:00,13.9,g/dL",
     "a3,,718-7,2024-03-02T08:30:00Z,14.1,g/dL",  # no patient
     "a4,p2,718-7,yesterday,12.0,g/dL",  # not a dateTime
@@ -43,7 +43,7 @@ def test_rows_land_as_observations_and_bad_rows_are_quarantined_with_reasons(tmp
     assert con.sql(
         "SELECT patient_id, code, value_numeric, value_ucum, value_string FROM lab_result ORDER BY ALL"
     ).fetchall() == [
-        ("p1", "2345-7", 5.5, "mmol/L", None),
+        ("p1", "14749-6", 5.5, "mmol/L", None),
         ("p1", "718-7", 13.9, "g/dL", None),
         ("p2", "5767-9", None, None, "cloudy"),
     ]
