@@ -300,6 +300,8 @@ def _unit(obx: hl7.Segment) -> dict[str, Any]:
     unit: dict[str, Any] = {"unit": text or code}
     if system.upper() in ("UCUM", "ANSI+"):
         unit |= {"system": "http://unitsofmeasure.org", "code": code}
+    elif code:  # kept for harmonize.lab_codes, which makes it UCUM where it can (or drops it)
+        unit |= {"system": f"urn:twinhub:hl7v2:codesystem:{system or 'local'}", "code": code}
     return unit
 
 

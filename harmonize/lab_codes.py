@@ -130,7 +130,7 @@ def normalize_observation(resource: dict[str, Any], codes: CodeMap | None = None
     quantities = list(_quantities(resource))
     unknown = False
     for quantity in quantities:
-        ucum = ucum_code(quantity.get("code"), quantity.get("system")) or ucum_code(quantity.get("unit"))
+        ucum = ucum_code(quantity.get("code")) or ucum_code(quantity.get("unit"))
         if ucum is None:
             unknown = unknown or bool(quantity.get("unit") or quantity.get("code"))
             if "unit" not in quantity and "code" in quantity:
@@ -148,16 +148,14 @@ def normalize_observation(resource: dict[str, Any], codes: CodeMap | None = None
 
 
 @functools.lru_cache(maxsize=4096)
-def ucum_code(unit: str | None, system: str | None = None) -> str | None:
+def ucum_code(unit: str | None) -> str | None:
     """The UCUM code of a unit as a lab writes it, or None: a listed spelling first, then the
-    text itself if it is valid UCUM. A unit sent with a system other than UCUM is only looked up."""
+    text itself if it is valid UCUM."""
     if not unit or not unit.strip():
         return None
     text = unit.strip()
     if (known := spellings().get(text.lower())) is not None:
         return known
-    if system not in (None, UCUM):
-        return None
     from ucumvert import InvalidUcumError, parse_ucum
 
     try:
@@ -202,11 +200,14 @@ def _convert(
         factor = _factor(source, target, molar_mass)
         if factor is None:
             continue
-        written = orjson.dumps(value).decode()
+        try:
+            scaled = _scaled(orjson.dumps(value).decode(), factor)
+        except ArithmeticError:  # beyond what a decimal holds (1e999999): left as sent
+            continue
         original = {
             k: quantity[k] for k in ("value", "comparator", "unit", "system", "code") if k in quantity
         }
-        quantity |= {"value": orjson.Fragment(_scaled(written, factor)), "unit": target, "code": target}
+        quantity |= {"value": orjson.Fragment(scaled), "unit": target, "code": target}
         quantity["extension"] = [
             *quantity.get("extension", []),
             {"url": ORIGINAL_QUANTITY, "valueQuantity": original},

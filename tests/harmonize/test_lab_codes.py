@@ -225,6 +225,12 @@ def test_conversion_keeps_the_precision_written_and_goes_both_ways() -> None:
     assert (creatinine["valueQuantity"]["value"], creatinine["valueQuantity"]["code"]) == (1.0, "mg/dL")
 
 
+def test_exponents_convert_and_values_beyond_a_decimal_stay_as_sent() -> None:
+    assert row(value="1e2", low="", high="")["valueQuantity"]["value"] == 5.55
+    huge = observation({**ROW, "value": "1e999999", "low": "", "high": ""}, SOURCE, CODES)
+    assert b'"valueQuantity":{"value":1e999999,"unit":"mg/dl"' in huge and b"extension" not in huge
+
+
 def test_units_already_in_the_target_or_of_unlisted_codes_are_not_converted() -> None:
     same = row(unit="mmol/L", value="5.50")
     assert (same["valueQuantity"]["value"], "extension" in same["valueQuantity"]) == (5.5, False)
@@ -263,11 +269,12 @@ def test_a_local_code_in_a_csv_maps_and_the_batch_counts_what_happened() -> None
 
 
 def test_hl7_units_normalize_and_convert_like_csv_units() -> None:
-    glucose, platelets, odd = observations(
+    glucose, platelets, odd, local = observations(
         message(
             "OBX|1|NM|GLU^Glucose^L||5.5|mmol/l|3.9-5.5||||F",
             "OBX|2|NM|777-3^Platelets^LN||250|K/uL|150-400||||F",
             "OBX|3|NM|8867-4^Heart rate^LN||72|beats per minute^^ISO+|||||F",
+            "OBX|4|NM|718-7^Hemoglobin^LN||13.9|g/dl^grams per deciliter^L|||||F",
         )
     )
     assert (glucose["valueQuantity"]["value"], glucose["valueQuantity"]["code"]) == (99.1, "mg/dL")
@@ -282,6 +289,12 @@ def test_hl7_units_normalize_and_convert_like_csv_units() -> None:
     assert platelets["referenceRange"][0]["text"] == "150-400", "an unconverted range keeps its text"
     assert odd["valueQuantity"] == {"value": 72, "unit": "beats per minute"}
     assert odd["meta"]["tag"] == [UNKNOWN_UNIT]
+    assert local["valueQuantity"] == {
+        "value": 13.9,
+        "unit": "grams per deciliter",
+        "system": "http://unitsofmeasure.org",
+        "code": "g/dL",
+    }, "OBX-6.1 in a local system is tried too; OBX-6.2 stays the text"
 
 
 def test_normalizing_twice_changes_nothing() -> None:
