@@ -165,6 +165,7 @@ def test_the_shipped_example_concept_map_is_valid() -> None:
         ("%", "%"),
         ("sec", "s"),
         ("pH", "[pH]"),  # not picohenry
+        ("g/l-1", "g/L"),  # valid UCUM for g.L, sent meaning g.l-1
         ("mL/min/{1.73_m2}", "mL/min/{1.73_m2}"),  # valid UCUM is its own code
         ("10*6/uL", "10*6/uL"),
         ("furlongs/fortnight", None),
