@@ -154,7 +154,8 @@ def ucum_code(unit: str | None) -> str | None:
     if not unit or not unit.strip():
         return None
     text = unit.strip()
-    if (known := spellings().get(text.lower())) is not None:
+    exact, folded = spellings()
+    if (known := exact.get(text) or folded.get(text.lower())) is not None:
         return known
     from ucumvert import InvalidUcumError, parse_ucum
 
@@ -168,8 +169,10 @@ def ucum_code(unit: str | None) -> str | None:
 
 
 @functools.cache
-def spellings() -> dict[str, str]:
-    return {k.lower(): v for k, v in _units_file()["spellings"].items()}
+def spellings() -> tuple[dict[str, str], dict[str, str]]:
+    """(spelling as written -> UCUM, lower-case spelling -> UCUM for the keys written in lower case)."""
+    listed: dict[str, str] = _units_file()["spellings"]
+    return listed, {k: v for k, v in listed.items() if k == k.lower()}
 
 
 @functools.cache

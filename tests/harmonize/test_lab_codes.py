@@ -166,6 +166,10 @@ def test_the_shipped_example_concept_map_is_valid() -> None:
         ("sec", "s"),
         ("pH", "[pH]"),  # not picohenry
         ("g/l-1", "g/L"),  # valid UCUM for g.L, sent meaning g.l-1
+        ("G/l", "10*9/L"),  # giga per litre, while g/l is grams
+        ("g/l", "g/L"),
+        ("T/l", "10*12/L"),  # not tesla per litre
+        ("AU/mL", "[arb'U]/mL"),  # not astronomical units
         ("mL/min/{1.73_m2}", "mL/min/{1.73_m2}"),  # valid UCUM is its own code
         ("10*6/uL", "10*6/uL"),
         ("furlongs/fortnight", None),
@@ -303,3 +307,13 @@ def test_normalizing_twice_changes_nothing() -> None:
     again = orjson.loads(orjson.dumps(once))
     normalize_observation(again, CODES)
     assert again == once
+
+
+def test_every_unit_the_data_file_names_is_valid_ucum() -> None:
+    from ucumvert import get_ucum_parser, parse_ucum
+
+    from harmonize.lab_codes import conversions, spellings
+
+    parser = get_ucum_parser()
+    for unit in {*spellings()[0].values(), *(target for target, _ in conversions().values())}:
+        parse_ucum(unit, parser)  # raises on a unit that is not UCUM
