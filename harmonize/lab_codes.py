@@ -41,6 +41,14 @@ ORIGINAL_QUANTITY = "urn:twinhub:extension:original-quantity"
 APPLIES = frozenset({"equivalent", "equal", "wider", "subsumes", "source-is-narrower-than-target"})
 """ConceptMap equivalences (R4) and relationships (R5) under which the target code is true of
 the result: the same concept, or a broader one."""
+EQUIVALENCES = (
+    "relatedto", "equivalent", "equal", "wider", "subsumes", "narrower", "specializes", "inexact",
+    "unmatched", "disjoint",
+)  # fmt: skip
+RELATIONSHIPS = (
+    "related-to", "equivalent", "source-is-narrower-than-target", "source-is-broader-than-target",
+    "not-related-to",
+)  # fmt: skip
 UNITS_FILE = Path(__file__).with_name("lab_units.toml")
 MIN_DIGITS = 3
 
@@ -91,7 +99,13 @@ def code_map_from_json(data: bytes) -> CodeMap:
             raise ValueError(f'group {g} names no target system; add "target": "{LOINC}"')
         for element in group.get("element", []):
             for target in element.get("target", []):
-                relation = target.get("relationship" if r5 else "equivalence")
+                field, known = ("relationship", RELATIONSHIPS) if r5 else ("equivalence", EQUIVALENCES)
+                relation = target.get(field)
+                if relation not in known:
+                    raise ValueError(
+                        f"group {g} maps {element.get('code')!r} with {field} {relation!r}; use one of: "
+                        f"{', '.join(known)}"
+                    )
                 if relation not in APPLIES or "code" not in target or "code" not in element:
                     continue
                 if target_system == LOINC and not loinc_is_valid(target["code"]):

@@ -134,6 +134,10 @@ def test_a_group_without_source_matches_the_code_in_any_system_and_r5_maps_are_r
         ),
         (concept_map(element("GLU", "2345-8")), "maps 'GLU' to '2345-8', which is not a LOINC code"),
         (
+            concept_map(element("GLU", "2345-7", "same")),
+            "group 1 maps 'GLU' with equivalence 'same'; use one of: relatedto, equivalent, equal",
+        ),
+        (
             orjson.dumps({"resourceType": "ConceptMap", "status": "active", "group": [{"element": []}]}),
             "group 1 names no target system",
         ),
