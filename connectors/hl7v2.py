@@ -30,6 +30,8 @@ class Hl7v2Source(BaseModel):
     path: Path
     timezone: str = "UTC"
     """For times a message sends without an offset (FHIR needs one wherever there is a time)."""
+    concept_map: Path | None = None
+    """A FHIR ConceptMap (JSON) from the source's local codes to LOINC; read when a sync starts."""
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=0, le=65535)
     """Where `twinhub listen` takes MLLP connections (0: any free port, printed at start)."""

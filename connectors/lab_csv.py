@@ -68,6 +68,8 @@ class LabCsvSource(BaseModel):
     patient_system: str | None = None
     """The identifier system of the patient column (e.g. the hospital's MRN system). Results
     then link to the twin's Patient with that identifier, and wait for it if it is not there."""
+    concept_map: Path | None = None
+    """A FHIR ConceptMap (JSON) from the source's local codes to LOINC; read when a sync starts."""
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     schedule: str | None = None
     batch_rows: int = Field(default=50_000, ge=1)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -26,6 +28,7 @@ from pydantic import BaseModel
 
 from connectors.base import Batch
 from connectors.hl7v2 import Hl7v2Source
+from harmonize.lab_codes import CodeMap, normalize_observation
 from harmonize.records import map_records
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -59,13 +62,21 @@ DTM = re.compile(r"(\d{4})(\d{2})?(\d{2})?(?:(\d{2})(\d{2})(\d{2})?(\.\d+)?)?([+
 IDS = uuid.UUID("5b0d7c7e-2f4c-4d8e-9c62-6a3c0a1f9e21")
 
 
-def resources_from_messages(batch: Batch, source: Hl7v2Source) -> Batch:
-    """The batch's messages as FHIR records (several per message), bad messages as problems."""
-    return map_records(batch, lambda message: message_resources(message, source.timezone), "message")
+def resources_from_messages(batch: Batch, source: Hl7v2Source, codes: CodeMap | None = None) -> Batch:
+    """The batch's messages as FHIR records (several per message), bad messages as problems;
+    Observations' codes and units normalized (`harmonize.lab_codes`), `codes` the local code map."""
+    noted: Counter[str] = Counter()
+    mapped = map_records(
+        batch, lambda message: message_resources(message, source.timezone, codes, noted), "message"
+    )
+    return replace(mapped, stats=noted)
 
 
-def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
-    """Every resource of one lab message, validated; raises ValueError saying what is wrong."""
+def message_resources(
+    text: str, timezone: str = "UTC", codes: CodeMap | None = None, noted: Counter[str] | None = None
+) -> list[bytes]:
+    """Every resource of one lab message, validated; raises ValueError saying what is wrong.
+    What normalizing its Observations did is counted in `noted` once the message maps."""
     if not text.startswith("MSH"):
         raise ValueError(f"does not start with an MSH segment: {text[:20]!r}")
     separators = text[3:8]
@@ -111,9 +122,14 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
             if specimen_ids:
                 result["specimen"] = specimen_ids[-1]
             resources.append(result)
+    notes = [
+        n for r in resources if r["resourceType"] == "Observation" for n in normalize_observation(r, codes)
+    ]
     texts = [orjson.dumps(r) for r in resources]
     for resource, json in zip(resources, texts, strict=True):
         MODELS[resource["resourceType"]].model_validate_json(json)
+    if noted is not None:
+        noted.update(notes)
     return texts
 
 
@@ -284,6 +300,8 @@ def _unit(obx: hl7.Segment) -> dict[str, Any]:
     unit: dict[str, Any] = {"unit": text or code}
     if system.upper() in ("UCUM", "ANSI+"):
         unit |= {"system": "http://unitsofmeasure.org", "code": code}
+    elif code:  # kept for harmonize.lab_codes, which makes it UCUM where it can (or drops it)
+        unit |= {"system": f"urn:twinhub:hl7v2:codesystem:{system or 'local'}", "code": code}
     return unit
 
 

@@ -17,7 +17,7 @@ from twin_store import RunReport, TwinStore, connect
 COLUMNS = LabCsvColumns(id="id", patient="patient", code="loinc", time="when", value="value", ucum="unit")
 HEADER = "id,patient,loinc,when,value,unit\n"
 ROWS = [
-    "a1,p1,2345-7,2024-03-01T08:30:00+01:00,5.50,mmol/L",
+    "a1,p1,14749-6,2024-03-01T08:30:00+01:00,5.50,mmol/L",
     "a2,p1,718-7,2024-03-01T08:30:00+01:00,13.9,g/dL",
     "a3,,718-7,2024-03-02T08:30:00Z,14.1,g/dL",  # no patient
     "a4,p2,718-7,yesterday,12.0,g/dL",  # not a dateTime
@@ -44,7 +44,7 @@ def test_rows_land_as_observations_and_bad_rows_are_quarantined_with_reasons(tmp
     assert con.sql(
         "SELECT patient_id, code, value_numeric, value_ucum, value_string FROM lab_result ORDER BY ALL"
     ).fetchall() == [
-        ("p1", "2345-7", 5.5, "mmol/L", None),
+        ("p1", "14749-6", 5.5, "mmol/L", None),
         ("p1", "718-7", 13.9, "g/dL", None),
         ("p2", "5767-9", None, None, "cloudy"),
     ]
@@ -197,3 +197,96 @@ def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tm
     (tmp_path / "again.csv").write_text(HEADER + "\n".join(rows) + "\n")  # the same results again
     again = sync(tmp_path / "store", source.model_copy(update={"path": tmp_path / "again.csv"}))
     assert (again.counts["unchanged"], again.counts["inserted"], again.counts["held"]) == (3, 0, 0)
+
+
+LOCAL_HEADER = "id,patient,system,code,name,when,value,unit,low,high\n"
+LOCAL_ROWS = [
+    "b1,p1,urn:acme:lab-codes,1001,Glucose,2024-03-01T08:30:00Z,5.50,mmol/l,3.9,5.5",  # mapped, converted
+    "b2,p1,urn:acme:lab-codes,2002,Ferritin,2024-03-01T08:30:00Z,35,ng/mL,,",  # not in the map
+    "b3,p1,http://loinc.org,718-7,Hemoglobin,2024-03-01T08:30:00Z,13.9,g/dl,,",  # LOINC, unit respelled
+]
+LOCAL_CONFIG = """[store]
+path = "store"
+
+[[sources]]
+name = "acme"
+kind = "lab-csv"
+path = "labs.csv"
+concept_map = "{concept_map}"
+
+[sources.columns]
+id = "id"
+patient = "patient"
+code_system = "system"
+code = "code"
+display = "name"
+time = "when"
+value = "value"
+unit = "unit"
+reference_low = "low"
+reference_high = "high"
+"""
+
+
+def test_local_codes_map_through_the_concept_map_and_unmapped_ones_are_queryable(tmp_path: Path) -> None:
+    from flows.sync import land_source
+
+    (tmp_path / "labs.csv").write_text(LOCAL_HEADER + "\n".join(LOCAL_ROWS) + "\n")
+    example = Path(__file__).parents[2] / "examples" / "lab-codes-conceptmap.json"
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "acme.json").write_bytes(example.read_bytes())
+    (tmp_path / "twinhub.toml").write_text(LOCAL_CONFIG.format(concept_map="maps/acme.json"))
+    report = land_source.fn(str(tmp_path / "twinhub.toml"), "acme")  # the sync flow's own task
+    assert (report.counts["inserted"], report.counts["quarantined"]) == (3, 0)
+    assert report.stats == {"files": 1, "codes mapped": 1, "codes unmapped": 1, "values converted": 1}
+    con = connect(tmp_path / "store")
+    assert con.sql(
+        "SELECT code, code_system, value_numeric, value_unit, value_ucum FROM lab_result ORDER BY code"
+    ).fetchall() == [
+        ("2002", "urn:acme:lab-codes", 35.0, "ng/mL", "ng/mL"),
+        ("2345-7", "http://loinc.org", 99.1, "mg/dL", "mg/dL"),
+        ("718-7", "http://loinc.org", 13.9, "g/dl", "g/dL"),
+    ]
+    assert con.sql("SELECT code FROM observation ORDER BY code").fetchall() == [
+        ("2002",), ("2345-7",), ("718-7",),
+    ]  # fmt: skip
+    unmapped = con.sql(
+        """SELECT json_extract_string(resource, '$.code.coding[0].code') FROM fhir_resource
+        WHERE resource_type = 'Observation' AND list_contains(
+            json_extract_string(resource, '$.meta.tag[*].code'), 'unmapped-code')"""
+    ).fetchall()
+    assert unmapped == [("2002",)]
+    original = con.sql(
+        """SELECT json_extract_string(resource, '$.code.coding[1].code'),
+            json_extract_string(resource, '$.valueQuantity.extension[0].valueQuantity.unit'),
+            contains(resource, '"valueQuantity":{"value":5.50,')
+        FROM fhir_resource WHERE json_extract_string(resource, '$.code.coding[0].code') = '2345-7'"""
+    ).fetchall()
+    assert original == [("1001", "mmol/l", True)], "the local coding and the value as sent are kept"
+
+
+@pytest.mark.parametrize(
+    ("concept_map", "message"),
+    [
+        ("missing.json", "cannot read '{file}' (No such file or directory); point it at a FHIR ConceptMap"),
+        ("bad.json", "'{file}' is not a valid FHIR R4 ConceptMap: group.0.element.0.target.0.equivalence"),
+    ],
+)
+def test_a_bad_concept_map_fails_the_sync_before_anything_lands(
+    tmp_path: Path, concept_map: str, message: str
+) -> None:
+    from connectors.errors import ConfigError
+    from flows.sync import land_source
+
+    (tmp_path / "labs.csv").write_text(LOCAL_HEADER + "\n".join(LOCAL_ROWS) + "\n")
+    (tmp_path / "bad.json").write_text(
+        '{"resourceType": "ConceptMap", "status": "active", "group": [{"target": "http://loinc.org",'
+        ' "element": [{"code": "1001", "target": [{"code": "2345-7"}]}]}]}'
+    )
+    (tmp_path / "twinhub.toml").write_text(LOCAL_CONFIG.format(concept_map=concept_map))
+    with pytest.raises(ConfigError) as caught:
+        land_source.fn(str(tmp_path / "twinhub.toml"), "acme")
+    text = str(caught.value)
+    assert text.startswith("config sources.acme.concept_map: ") and "\n" not in text
+    assert message.format(file=tmp_path / concept_map) in text
+    assert connect(tmp_path / "store").sql("SELECT count(*) FROM fhir_resource").fetchone() == (0,)
