@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS twin.genomic_variant (
     source VARCHAR, file VARCHAR, sample VARCHAR, patient_id VARCHAR, assembly VARCHAR, chrom VARCHAR,
     pos BIGINT, variant_id VARCHAR, ref VARCHAR, alt VARCHAR, genotype VARCHAR, zygosity VARCHAR,
     phase_set BIGINT, quality DOUBLE, filter VARCHAR, gene VARCHAR, hgvs_c VARCHAR, hgvs_p VARCHAR,
-    clinvar_significance VARCHAR, clinvar_allele_id VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ
+    clinvar_significance VARCHAR, clinvar_allele_id VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ,
+    patient_identifier VARCHAR
 );
 CREATE TABLE IF NOT EXISTS twin.held_resource (
     link_system VARCHAR, link_value VARCHAR, source VARCHAR, run_id VARCHAR, held_at TIMESTAMPTZ,
@@ -93,6 +94,12 @@ CREATE VIEW IF NOT EXISTS twin.ingest_run AS
         SELECT run_id, {", ".join(f"sum({c}) AS {c}" for c in COUNTS)} FROM ingest_batch GROUP BY run_id
     ) b USING (run_id);
 """
+
+
+WAITING_VARIANTS = (
+    "SELECT count(*) FROM twin.genomic_variant WHERE patient_id IS NULL AND patient_identifier IS NOT NULL"
+)
+"""Variant calls whose sample names a patient identifier no Patient has yet."""
 
 
 @dataclass(kw_only=True)
@@ -150,6 +157,7 @@ class TwinStore:
         self._ensure_view_tables()
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
         (self._has_held,) = _one(self.con, "SELECT count(*) > 0 FROM twin.held_resource")
+        (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
 
     def __enter__(self) -> Self:
         return self
@@ -220,7 +228,11 @@ class TwinStore:
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         try:
             with self._transaction():
-                if len(batch.links) or self._has_held:
+                variants = batch.variants if batch.variants is not None else pa.table({})
+                by_identifier = "patient_identifier" in variants.column_names and bool(
+                    variants["patient_identifier"].null_count < len(variants)
+                )
+                if len(batch.links) or self._has_held or self._variants_wait or by_identifier:
                     resources = self._link_patients(run, resources, batch.links, counts)
                 con.register(
                     "batch", resources.append_column("pos", pa.array(range(len(resources)), pa.int64()))
@@ -232,9 +244,11 @@ class TwinStore:
                     self._upsert_resources(run, resources, window, counts)
                 if len(problems):
                     self._quarantine(run)
-                if batch.variants is not None and len(batch.variants):
-                    new, replaced = self._land_variants(run, batch.variants)
+                if len(variants):
+                    new, replaced = self._land_variants(run, variants)
                     counts.update(inserted=new, updated=replaced)
+                if by_identifier or self._variants_wait:
+                    counts["released"] += self._link_variants()
                 run.batches += 1
                 con.execute(
                     f"INSERT INTO twin.ingest_batch (run_id, source, batch_no, committed_at, watermark, "
@@ -334,6 +348,20 @@ class TwinStore:
                     for t in landing
                 ] + [released]
         return pa.concat_tables([t.cast(landing[-1].schema) for t in landing])
+
+    def _link_variants(self) -> int:
+        """Variant calls of samples named by patient identifier get the twin's Patient id once
+        it is known (here or in `arriving`, this batch's patients); returns how many did."""
+        (linked,) = _one(
+            self.con,
+            """UPDATE twin.genomic_variant t SET patient_id = k.patient_id
+            FROM (SELECT system || '|' || value AS identifier, min(patient_id) AS patient_id
+                  FROM (FROM arriving UNION ALL SELECT system, value, id FROM twin.patient_identifier)
+                  GROUP BY ALL) k
+            WHERE t.patient_id IS NULL AND t.patient_identifier = k.identifier""",
+        )
+        (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
+        return linked
 
     def _delete(self, run: RunReport, deletions: pa.Table) -> int:
         """Record what the source reports deleted and remove the stored copies (and their view
@@ -496,7 +524,8 @@ class TwinStore:
                     {"source": run.source},
                 )
             con.execute(
-                "INSERT INTO twin.genomic_variant SELECT $source, *, $run_id, now() FROM variants",
+                "INSERT INTO twin.genomic_variant BY NAME "
+                "SELECT $source AS source, *, $run_id AS run_id, now() AS ingested_at FROM variants",
                 {"source": run.source, "run_id": run.run_id},
             )
         finally:
@@ -527,6 +556,9 @@ class TwinStore:
                 "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [CATALOG]
             ).fetchall()
         }
+        if ("genomic_variant", "patient_identifier") not in columns:
+            with self._transaction():
+                self.con.execute("ALTER TABLE twin.genomic_variant ADD COLUMN patient_identifier VARCHAR")
         if all(("ingest_run", count) in columns for count in COUNTS):
             return
         with self._transaction():
