@@ -28,7 +28,7 @@ from fhir.resources.R4B.observation import Observation
 from connectors.base import Batch, problems_from, records_from
 from connectors.vcf import VcfReportable
 from harmonize.lab_results import TWINHUB_IDS
-from harmonize.records import MAPPING_ERRORS, reason
+from harmonize.records import MAPPING_ERRORS, patient_reference, reason
 
 REFERENCE: dict[str, Any] = tomllib.loads(Path(__file__).with_name("genomics_reference.toml").read_text())
 """Chromosome RefSeq accessions and gene HGNC ids and spans per assembly (data, not code)."""
@@ -169,7 +169,7 @@ def with_resources(
         return batch
     good: list[tuple[str, int, str]] = []
     bad: list[tuple[str, int, str, str]] = []
-    touched: dict[tuple[str, str], str | None] = {}
+    touched: dict[tuple[str, str], dict[str, Any]] = {}
     for n, row in _candidates(variants, reportable):
         ok, gene = reportable.match(row["gene"], row["assembly"], row["chrom"], row["pos"])
         if not ok:
@@ -183,7 +183,7 @@ def with_resources(
         good.append((row["file"], n, resource.decode()))
         key = (row["file"], row["sample"])
         results.setdefault(key, {})[orjson.loads(resource)["id"]] = None
-        touched[key] = row["patient_id"]
+        touched[key] = row
     for (file, sample), patient in touched.items():
         report = genomics_report(source, file, sample, patient, list(results[(file, sample)]))
         try:
@@ -215,11 +215,15 @@ def _candidates(variants: pa.Table, reportable: Reportable) -> Iterator[tuple[in
         yield row.pop("_n"), row
 
 
-def subject(sample: str, patient_id: str | None) -> dict[str, str]:
-    """The Patient a sample's resources are about; the one place that says how."""
-    if not patient_id:
-        raise ValueError(f"sample {sample!r} has no patient; map it to one in the source's `samples`")
-    return {"reference": f"Patient/{patient_id}"}
+def subject(row: dict[str, Any]) -> dict[str, Any]:
+    """The Patient a sample's resources are about (a variant row's patient id, or its patient
+    identifier, `system|value`, for the store to link); the one place that says how."""
+    if row["patient_id"]:
+        return patient_reference(row["patient_id"], None)
+    if identifier := row.get("patient_identifier"):
+        system, _, value = identifier.partition("|")
+        return patient_reference(value, system)
+    raise ValueError(f"sample {row['sample']!r} has no patient; map it to one in the source's `samples`")
 
 
 def _key(row: dict[str, Any]) -> str:
@@ -297,7 +301,7 @@ def variant_observation(row: dict[str, Any], source: str, gene: str | None, sour
         "status": "final",
         "category": [{"coding": [{"system": CATEGORY, "code": "laboratory", "display": "Laboratory"}]}],
         "code": _concept("69548-6", "Genetic variant assessment"),
-        "subject": subject(sample, row["patient_id"]),
+        "subject": subject(row),
         "valueCodeableConcept": _concept("LA9633-4", "Present"),
         "component": components,
     }
@@ -316,9 +320,10 @@ def _change_type(ref: str, alt: str) -> tuple[str, str] | None:
 
 
 def genomics_report(
-    source: str, file: str, sample: str, patient_id: str | None, observation_ids: list[str]
+    source: str, file: str, sample: str, patient: dict[str, Any], observation_ids: list[str]
 ) -> bytes:
-    """The genomics DiagnosticReport of one sample in one file, naming its variant Observations."""
+    """The genomics DiagnosticReport of one sample in one file, naming its variant Observations;
+    `patient` a variant row of the sample (see `subject`)."""
     resource = {
         "resourceType": "DiagnosticReport",
         "id": str(uuid.uuid5(TWINHUB_IDS, f"{source}|report|{sample}|{file}")),
@@ -327,7 +332,7 @@ def genomics_report(
         "status": "final",
         "category": [_concept("GE", "Genetics", "http://terminology.hl7.org/CodeSystem/v2-0074")],
         "code": _concept("51969-4", "Genetic analysis report"),
-        "subject": subject(sample, patient_id),
+        "subject": subject(patient),
         "result": [{"reference": f"Observation/{i}"} for i in observation_ids],
     }
     return orjson.dumps(resource)
