@@ -259,35 +259,34 @@ def _check_columns(header: Header, n: int, line: str) -> None:
 
 SPLIT = """
 CREATE OR REPLACE TEMP TABLE rec AS
-SELECT line_no, line, f[1] AS chrom, f[2] AS pos, f[3] AS id, f[4] AS ref, f[5] AS alt, f[6] AS qual,
+SELECT line_no, f[1] AS chrom, f[2] AS pos, f[3] AS id, f[4] AS ref, f[5] AS alt, f[6] AS qual,
        f[7] AS filter, f[8] AS info, f[9] AS format, f[10:] AS samples, len(f) AS n_fields,
        CASE WHEN f[5] = '.' THEN [] ELSE string_split(f[5], ',') END AS alts,
        CASE WHEN f[5] = '.' THEN 0 ELSE len(string_split(f[5], ',')) END AS n_alt,
        string_split(f[9], ':') AS keys
-FROM (SELECT line_no, line, string_split(line, chr(9)) AS f FROM body);
+FROM (SELECT line_no, string_split(line, chr(9)) AS f FROM body);
 CREATE OR REPLACE TEMP TABLE info AS
 SELECT i.*, d.number, d.kind, 2 AS ploidy FROM (
-    SELECT line_no, line, n_alt, entry, split_part(entry, '=', 1) AS key,
-           CASE WHEN contains(entry, '=') THEN string_split(entry[strpos(entry, '=') + 1:], ',') END AS vals,
-           count(*) OVER (PARTITION BY line_no, split_part(entry, '=', 1)) AS times
-    FROM (SELECT line_no, line, n_alt, unnest(string_split(info, ';')) AS entry FROM rec
+    SELECT line_no, n_alt, entry, split_part(entry, '=', 1) AS key,
+           CASE WHEN contains(entry, '=') THEN entry[strpos(entry, '=') + 1:] END AS val
+    FROM (SELECT line_no, n_alt, unnest(string_split(info, ';')) AS entry FROM rec
           WHERE info <> '.' AND n_fields >= 8)) i
 LEFT JOIN info_decl d USING (key);
 CREATE OR REPLACE TEMP TABLE cell AS
-SELECT line_no, line, n_alt, keys, s, string_split(sample, ':') AS vals FROM (
-    SELECT line_no, line, n_alt, keys, unnest(samples) AS sample, unnest(range(1, len(samples) + 1)) AS s
+SELECT line_no, n_alt, keys, s, string_split(sample, ':') AS vals FROM (
+    SELECT line_no, n_alt, keys, unnest(samples) AS sample, unnest(range(1, len(samples) + 1)) AS s
     FROM rec WHERE n_fields >= 10);
 CREATE OR REPLACE TEMP TABLE gt AS
-SELECT line_no, line, n_alt, s, vals[1] AS gt,
+SELECT line_no, n_alt, s, vals[1] AS gt,
        list_transform(regexp_split_to_array(vals[1], '[/|]'), a -> TRY_CAST(a AS INTEGER)) AS alleles
 FROM cell WHERE keys[1] = 'GT';
-CREATE OR REPLACE TEMP TABLE value AS
-SELECT c.line_no, c.line, c.n_alt, c.s, c.key, c.val, d.number, d.kind,
+CREATE OR REPLACE TEMP TABLE value AS  -- only the values a declared Type or Number constrains
+SELECT c.line_no, c.n_alt, c.s, c.key, c.val, d.number, d.kind,
        len(regexp_split_to_array(g.gt, '[/|]')) AS ploidy
-FROM (SELECT line_no, line, n_alt, s, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val
+FROM (SELECT line_no, n_alt, s, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val
       FROM cell) c
-LEFT JOIN format_decl d USING (key) LEFT JOIN gt g USING (line_no, s)
-WHERE c.key <> 'GT';
+JOIN format_decl d USING (key) LEFT JOIN gt g USING (line_no, s)
+WHERE c.key <> 'GT' AND (d.kind <> 'String' OR d.number <> '.');
 """
 
 # Which count a Number asks for, given n_alt alternate alleles and a ploidy.
@@ -296,17 +295,24 @@ EXPECTED = """CASE WHEN number = '.' OR n_alt = 0 AND number IN ('A', 'R', 'G') 
     WHEN 'G' THEN CAST(round(exp(lgamma(n_alt + ploidy + 1) - lgamma(ploidy + 1) - lgamma(n_alt + 1)))
         AS BIGINT)
     ELSE TRY_CAST(number AS BIGINT) END END"""
+COUNT = "(length(val) - length(replace(val, ',', '')) + 1)"
+"""How many comma-separated values a value holds."""
 
 
-def _typed(values: str, kind: str) -> str:
-    """SQL: true when a list of values holds one that is not of the declared type."""
-    bad = f"""CASE {kind}
-        WHEN 'Integer' THEN NOT regexp_full_match(v, '{INTEGER}')
-            OR NOT TRY_CAST(v AS HUGEINT) BETWEEN {INT_MIN} AND {INT_MAX}
-        WHEN 'Float' THEN NOT regexp_full_match(v, '{FLOAT}')
-        WHEN 'Character' THEN length(v) <> 1
+def _listed(pattern: str) -> str:
+    """A comma-separated list of values matching `pattern`, each possibly missing (. or empty)."""
+    return f"(({pattern})|\\.)?(,(({pattern})|\\.)?)*"
+
+
+def _typed(kind: str) -> str:
+    """SQL: true when `val` holds a value that is not of the declared type (or out of range)."""
+    return f"""CASE {kind}
+        WHEN 'Integer' THEN NOT regexp_full_match(val, '{_listed(INTEGER)}')
+            OR regexp_matches(val, '[0-9]{{10}}') AND list_bool_or(list_transform(string_split(val, ','),
+                v -> NOT coalesce(TRY_CAST(v AS HUGEINT) BETWEEN {INT_MIN} AND {INT_MAX}, true)))
+        WHEN 'Float' THEN NOT regexp_full_match(val, '{_listed(FLOAT)}')
+        WHEN 'Character' THEN NOT regexp_full_match(val, '{_listed("[^,]")}')
         ELSE false END"""
-    return f"list_bool_or(list_transform({values}, v -> v NOT IN ('.', '') AND ({bad})))"
 
 
 RECORD_RULES: list[tuple[str, str, str]] = [
@@ -333,35 +339,36 @@ RECORD_RULES: list[tuple[str, str, str]] = [
      " OR (list_contains(keys, 'GT') AND keys[1] <> 'GT') OR len(list_distinct(keys)) <> len(keys))"),
     ("info", "'INFO ' || entry || ' is not key or key=value with a valid key'",
      rf"NOT regexp_full_match(key, '{KEY}') OR regexp_matches(entry, '\s')"),
-    ("info", "'INFO ' || key || ' appears more than once'", "times > 1"),
+    ("rec", "'INFO ' || info || ' names a key more than once'",
+     "info <> '.' AND len(list_distinct(list_transform(string_split(info, ';'), e -> split_part(e, '=', 1))))"
+     " <> len(string_split(info, ';'))"),
     ("info", "'INFO ' || entry || ': ' || key || ' is a Flag and takes no value'",
-     "kind = 'Flag' AND vals IS NOT NULL AND vals NOT IN (['0'], ['1'])"),
-    ("info", "'INFO ' || entry || ': ' || key || ' needs a value'", "vals IS NULL AND kind <> 'Flag'"),
-    ("info", "'INFO ' || entry || ' is not of Type ' || kind", _typed("vals", "kind")),
+     "kind = 'Flag' AND val IS NOT NULL AND val NOT IN ('0', '1')"),
+    ("info", "'INFO ' || entry || ': ' || key || ' needs a value'", "val IS NULL AND kind <> 'Flag'"),
+    ("info", "'INFO ' || entry || ' is not of Type ' || kind", f"val IS NOT NULL AND {_typed('kind')}"),
     ("info", "'INFO ' || entry || ' does not have the number of values its Number says'",
-     f"vals IS NOT NULL AND vals <> ['.'] AND kind <> 'Flag' AND number <> 'G'"
-     f" AND NOT (kind = 'String' AND starts_with(entry, key || '=\"')) AND len(vals) <> ({EXPECTED})"),
+     "val IS NOT NULL AND val <> '.' AND kind <> 'Flag' AND number <> 'G'"
+     f" AND NOT (kind = 'String' AND starts_with(val, '\"')) AND {COUNT} <> ({EXPECTED})"),
     ("info", "'INFO ' || entry || ': ' || key || ' cannot be negative'",
-     f"list_contains({list(NOT_NEGATIVE)}, key)"
-     " AND list_bool_or(list_transform(vals, v -> TRY_CAST(v AS DOUBLE) < 0))"),
+     f"list_contains({list(NOT_NEGATIVE)}, key) AND contains(val, '-')"
+     " AND list_bool_or(list_transform(string_split(val, ','), v -> TRY_CAST(v AS DOUBLE) < 0))"),
     ("info", "'INFO ' || entry || ' is not a CIGAR string'",
-     "key = 'CIGAR'"
-     " AND NOT list_bool_and(list_transform(vals, v -> regexp_full_match(v, '([0-9]+[MIDNSHPX=])+|\\.')))"),
+     f"key = 'CIGAR' AND NOT regexp_full_match(val, '{_listed('([0-9]+[MIDNSHPX=])+')}')"),
     ("cell", "'sample ' || s || ' has more fields than FORMAT has keys'", "len(vals) > len(keys)"),
     ("gt", "'sample ' || s || ' genotype ' || gt || ' is not a valid GT'",
      f"NOT regexp_full_match(gt, '{GENOTYPE}')"),
     ("gt", "'sample ' || s || ' genotype ' || gt || ' names an allele ALT does not have'",
      f"regexp_full_match(gt, '{GENOTYPE}') AND n_alt > 0 AND list_max(alleles) > n_alt"),
     ("value", "'sample ' || s || ' ' || key || '=' || val || ' is not of Type ' || kind",
-     _typed("string_split(val, ',')", "kind")),
+     _typed("kind")),
     ("value", "'sample ' || s || ' ' || key || '=' || val || ' does not have the number of values '"
      " || 'its Number says'",
-     f"val <> '.' AND len(string_split(val, ',')) <> ({EXPECTED.replace('ploidy', 'coalesce(ploidy, 2)')})"),
+     f"val <> '.' AND {COUNT} <> ({EXPECTED.replace('ploidy', 'coalesce(ploidy, 2)')})"),
 ]  # fmt: skip
 
 ORDER_RULES = """
 WITH alleles AS (
-    SELECT line_no, line, chrom, TRY_CAST(pos AS BIGINT) AS pos, ref, unnest(alts) AS alt FROM rec),
+    SELECT line_no, chrom, TRY_CAST(pos AS BIGINT) AS pos, ref, unnest(alts) AS alt FROM rec),
 trimmed AS (  -- one spelling per variant: drop the shared last bases, then the shared first ones
     SELECT *, len(list_filter(range(1, least(length(r), length(a))),
                               i -> r[1:i] = a[1:i])) AS head
@@ -370,23 +377,23 @@ trimmed AS (  -- one spelling per variant: drop the shared last bases, then the 
                                   i -> ref[-i:] = alt[-i:])) AS tail
         FROM alleles WHERE regexp_full_match(alt, '[ACGTNacgtn]+') AND pos IS NOT NULL))),
 dup AS (
-    SELECT line_no, line, 'variant ' || chrom || ':' || (pos + head) || ' ' || r[head + 1:] || '>'
+    SELECT line_no, 'variant ' || chrom || ':' || (pos + head) || ' ' || r[head + 1:] || '>'
            || a[head + 1:] || ' is also on line ' || first_value(line_no) OVER w AS reason,
            row_number() OVER w AS nth
     FROM trimmed WINDOW w AS (PARTITION BY chrom, pos + head, upper(r[head + 1:]), upper(a[head + 1:])
                               ORDER BY line_no)),
 runs AS (
     SELECT *, sum(CASE WHEN chrom IS DISTINCT FROM before THEN 1 ELSE 0 END) OVER (ORDER BY line_no) AS run
-    FROM (SELECT line_no, line, chrom, TRY_CAST(pos AS BIGINT) AS pos,
+    FROM (SELECT line_no, chrom, TRY_CAST(pos AS BIGINT) AS pos,
                  lag(chrom) OVER (ORDER BY line_no) AS before,
                  lag(TRY_CAST(pos AS BIGINT)) OVER (ORDER BY line_no) AS pos_before
           FROM rec WHERE NOT starts_with(chrom, '<')))
-SELECT line_no, line, reason FROM dup WHERE nth > 1
+SELECT line_no, reason FROM dup WHERE nth > 1
 UNION ALL
-SELECT line_no, line, 'records are not sorted: POS ' || pos || ' comes after ' || pos_before
+SELECT line_no, 'records are not sorted: POS ' || pos || ' comes after ' || pos_before
 FROM runs WHERE chrom = before AND pos < pos_before
 UNION ALL
-SELECT line_no, line, 'records of ' || chrom || ' are not contiguous (it appeared before)'
+SELECT line_no, 'records of ' || chrom || ' are not contiguous (it appeared before)'
 FROM runs r WHERE chrom IS DISTINCT FROM before
     AND EXISTS (SELECT 1 FROM runs o WHERE o.chrom = r.chrom AND o.run < r.run)
 """
@@ -408,11 +415,11 @@ class RecordChecker:
             }))  # fmt: skip
         self.params = {
             "chrom": contig_pattern(header.version),
-            "format_key": KEY if header.version >= "VCFv4.3" else "[A-Za-z][0-9A-Za-z]*",
+            "format_key": KEY,
             "n_columns": 8 + (len(header.samples) + 1 if header.samples else 0),
         }
         self.sql = " UNION ALL ".join(
-            f"SELECT line_no, line, coalesce({reason}, 'a {table} rule fails') AS reason FROM {table} "
+            f"SELECT line_no, coalesce({reason}, 'a {table} rule fails') AS reason FROM {table} "
             f"WHERE coalesce({condition}, false)"
             for table, reason, condition in RECORD_RULES
         )
@@ -431,7 +438,9 @@ class RecordChecker:
         try:
             con.execute(SPLIT)
             found = con.execute(
-                f"SELECT * FROM ({self.sql}) UNION ALL ({ORDER_RULES}) ORDER BY line_no", self.params
+                f"""SELECT line_no, b.line, reason FROM (({self.sql}) UNION ALL ({ORDER_RULES}))
+                JOIN body b USING (line_no) ORDER BY line_no""",
+                self.params,
             ).fetchall()
         finally:
             con.unregister("body")

@@ -20,6 +20,7 @@ class PreparedBatch:
     checked: Checked
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     variants: pa.Table | None = None
+    warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     lines_read: int
     superseded: int
     watermark: Watermark
@@ -37,6 +38,7 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         superseded=len(checked.resources) - len(latest),
         deletions=batch.deletions,
         variants=batch.variants,
+        warnings=batch.warnings,
         watermark=batch.watermark,
     )
 

@@ -66,6 +66,10 @@ CREATE TABLE IF NOT EXISTS twin.quarantine (
     run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
     raw VARCHAR, raw_hash VARCHAR, quarantined_at TIMESTAMPTZ
 );
+CREATE TABLE IF NOT EXISTS twin.ingest_warning (
+    run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR, raw VARCHAR,
+    warned_at TIMESTAMPTZ
+);
 CREATE TABLE IF NOT EXISTS twin.run_record (
     run_id VARCHAR, source VARCHAR, flow VARCHAR, started_at TIMESTAMPTZ,
     finished_at TIMESTAMPTZ, status VARCHAR, snapshot_id BIGINT, error VARCHAR
@@ -223,6 +227,8 @@ class TwinStore:
                 if batch.variants is not None and len(batch.variants):
                     new, replaced = self._land_variants(run, batch.variants)
                     counts.update(inserted=new, updated=replaced)
+                if len(batch.warnings):
+                    counts["warnings"] = self._warn(run, batch.warnings)
                 run.batches += 1
                 con.execute(
                     f"INSERT INTO twin.ingest_batch VALUES (?, ?, ?, now(), ?{', ?' * len(COUNTS)})",
@@ -404,6 +410,26 @@ class TwinStore:
             con.unregister("variants")
         run.changed["genomic_variant"] += len(variants)
         return len(variants) - replaced, replaced
+
+    def _warn(self, run: RunReport, warnings: pa.Table) -> int:
+        """Keep spec violations of records that landed anyway; a warning already kept (same
+        file, line and reason) is kept once. Returns how many are new."""
+        self.con.register("batch_warnings", warnings)
+        try:
+            row = self.con.execute(
+                """INSERT INTO twin.ingest_warning
+                SELECT $run_id, $source, w.file, w.line_no, w.reason, w.raw, now()
+                FROM (SELECT DISTINCT * FROM batch_warnings) w
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM twin.ingest_warning k
+                    WHERE k.source = $source AND k.file = w.file AND k.line_no = w.line_no
+                      AND k.reason = w.reason)""",
+                {"run_id": run.run_id, "source": run.source},
+            ).fetchone()
+        finally:
+            self.con.unregister("batch_warnings")
+        new = int(row[0]) if row else 0
+        return new
 
     def _quarantine(self, run: RunReport) -> None:
         """Quarantine problem lines; a line already quarantined with the same text is kept once."""
