@@ -152,7 +152,7 @@ def variant_rows(
     """The rows of one VCF record: each sample's carried alternate alleles."""
     if not samples or "GT" not in record.FORMAT:
         return []  # no calls: the record says nothing about any sample
-    calls = [(s, call) for s, call in enumerate(record.genotypes) if any(a > 0 for a in call[:-1])]
+    calls = [(s, call) for s, call in enumerate(record.genotypes) if max(call[:-1], default=-1) > 0]
     if not calls:
         return []
     annotations = _annotations(record)
