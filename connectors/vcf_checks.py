@@ -265,28 +265,38 @@ SELECT line_no, f[1] AS chrom, f[2] AS pos, f[3] AS id, f[4] AS ref, f[5] AS alt
        CASE WHEN f[5] = '.' THEN 0 ELSE len(string_split(f[5], ',')) END AS n_alt,
        string_split(f[9], ':') AS keys
 FROM (SELECT line_no, string_split(line, chr(9)) AS f FROM body);
-CREATE OR REPLACE TEMP TABLE info AS
+CREATE OR REPLACE TEMP TABLE format_at AS SELECT line_no, format FROM rec WHERE n_fields > 8;
+CREATE OR REPLACE TEMP TABLE format AS
+SELECT format, string_split(format, ':') AS keys FROM (SELECT DISTINCT format FROM format_at);
+CREATE OR REPLACE TEMP TABLE info_at AS
+SELECT line_no, n_alt, entry FROM (
+    SELECT line_no, n_alt, unnest(string_split(info, ';')) AS entry FROM rec
+    WHERE info <> '.' AND n_fields >= 8);
+CREATE OR REPLACE TEMP TABLE info AS  -- each distinct entry once: most repeat from line to line
 SELECT i.*, d.number, d.kind, 2 AS ploidy FROM (
-    SELECT line_no, n_alt, entry, split_part(entry, '=', 1) AS key,
+    SELECT entry, n_alt, split_part(entry, '=', 1) AS key,
            CASE WHEN contains(entry, '=') THEN entry[strpos(entry, '=') + 1:] END AS val
-    FROM (SELECT line_no, n_alt, unnest(string_split(info, ';')) AS entry FROM rec
-          WHERE info <> '.' AND n_fields >= 8)) i
+    FROM (SELECT DISTINCT entry, n_alt FROM info_at)) i
 LEFT JOIN info_decl d USING (key);
 CREATE OR REPLACE TEMP TABLE cell AS
-SELECT line_no, n_alt, keys, s, string_split(sample, ':') AS vals FROM (
+SELECT line_no, n_alt, keys, s, vals,
+       CASE WHEN keys[1] = 'GT' THEN len(regexp_split_to_array(vals[1], '[/|]')) ELSE 2 END AS ploidy
+FROM (SELECT line_no, n_alt, keys, s, string_split(sample, ':') AS vals FROM (
     SELECT line_no, n_alt, keys, unnest(samples) AS sample, unnest(range(1, len(samples) + 1)) AS s
-    FROM rec WHERE n_fields >= 10);
+    FROM rec WHERE n_fields >= 10));
 CREATE OR REPLACE TEMP TABLE gt AS
 SELECT line_no, n_alt, s, vals[1] AS gt,
        list_transform(regexp_split_to_array(vals[1], '[/|]'), a -> TRY_CAST(a AS INTEGER)) AS alleles
 FROM cell WHERE keys[1] = 'GT';
-CREATE OR REPLACE TEMP TABLE value AS  -- only the values a declared Type or Number constrains
-SELECT c.line_no, c.n_alt, c.s, c.key, c.val, d.number, d.kind,
-       len(regexp_split_to_array(g.gt, '[/|]')) AS ploidy
-FROM (SELECT line_no, n_alt, s, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val
-      FROM cell) c
-JOIN format_decl d USING (key) LEFT JOIN gt g USING (line_no, s)
-WHERE c.key <> 'GT' AND (d.kind <> 'String' OR d.number <> '.');
+CREATE OR REPLACE TEMP TABLE value_at AS  -- only the values a declared Type or Number constrains
+SELECT c.* FROM (
+    SELECT line_no, n_alt, s, ploidy, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val
+    FROM cell) c
+SEMI JOIN format_decl d ON c.key = d.key AND (d.kind <> 'String' OR d.number <> '.')
+WHERE c.key <> 'GT';
+CREATE OR REPLACE TEMP TABLE value AS  -- each distinct value once
+SELECT v.*, d.number, d.kind FROM (SELECT DISTINCT key, val, n_alt, ploidy FROM value_at) v
+JOIN format_decl d USING (key);
 """
 
 # Which count a Number asks for, given n_alt alternate alleles and a ploidy.
@@ -334,8 +344,8 @@ RECORD_RULES: list[tuple[str, str, str]] = [
      r"filter <> '.' AND (NOT regexp_full_match(filter, '[^\s;]+(;[^\s;]+)*') OR contains(filter, ';.')"
      r" OR filter LIKE '.;%' OR list_contains(string_split(filter, ';'), '0')"
      " OR len(list_distinct(string_split(filter, ';'))) <> len(string_split(filter, ';')))"),
-    ("rec", "'FORMAT ' || format || ' must be :-separated keys, GT first, each once'",
-     "n_fields > 8 AND (NOT list_bool_and(list_transform(keys, k -> regexp_full_match(k, $format_key)))"
+    ("format", "'FORMAT ' || format || ' must be :-separated keys, GT first, each once'",
+     "(NOT list_bool_and(list_transform(keys, k -> regexp_full_match(k, $format_key)))"
      " OR (list_contains(keys, 'GT') AND keys[1] <> 'GT') OR len(list_distinct(keys)) <> len(keys))"),
     ("info", "'INFO ' || entry || ' is not key or key=value with a valid key'",
      rf"NOT regexp_full_match(key, '{KEY}') OR regexp_matches(entry, '\s')"),
@@ -399,6 +409,21 @@ FROM runs r WHERE chrom IS DISTINCT FROM before
 """
 
 
+DISTINCT = {"format": "format", "info": "entry, n_alt", "value": "key, val, n_alt, ploidy"}
+"""Tables that hold each distinct value once, and how to find the lines (in `<table>_at`)."""
+
+
+def _rule_sql(table: str, reason: str, condition: str) -> str:
+    """The lines that break one rule, with the reason. Rules on a table of distinct values are
+    judged once per value, then the lines that hold a failing value are looked up."""
+    where = f"coalesce({condition}, false)"
+    reason = f"coalesce({reason}, 'a {table} rule fails')"
+    if table not in DISTINCT:
+        return f"SELECT line_no, {reason} AS reason FROM {table} WHERE {where}"
+    failing = f"SELECT * FROM {table} WHERE {where}"
+    return f"SELECT line_no, {reason} AS reason FROM {table}_at JOIN ({failing}) USING ({DISTINCT[table]})"
+
+
 class RecordChecker:
     """Runs the record rules over chunks of data lines of one file; one DuckDB connection."""
 
@@ -418,11 +443,7 @@ class RecordChecker:
             "format_key": KEY,
             "n_columns": 8 + (len(header.samples) + 1 if header.samples else 0),
         }
-        self.sql = " UNION ALL ".join(
-            f"SELECT line_no, coalesce({reason}, 'a {table} rule fails') AS reason FROM {table} "
-            f"WHERE coalesce({condition}, false)"
-            for table, reason, condition in RECORD_RULES
-        )
+        self.sql = " UNION ALL ".join(_rule_sql(*rule) for rule in RECORD_RULES)
 
     def close(self) -> None:
         self.con.close()
