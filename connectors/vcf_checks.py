@@ -5,11 +5,13 @@ declaration with a bad ID, Number, Type or Description, a wrong `#CHROM` line) m
 unreadable as VCF: `check_header` raises `VcfSpecError` naming the line and the rule, and the
 connector quarantines the file whole. Everything a record breaks (its CHROM, POS, ID, REF, ALT,
 QUAL, FILTER, INFO, FORMAT and sample columns, duplicates and sort order) is a warning: the
-record still lands, and `record_warnings` says which line broke which rule.
+record still lands, and `check_text` says which line broke which rule.
 
-Record rules are SQL predicates run by DuckDB over a chunk of lines at once (one row per line,
-one per INFO entry, one per sample cell), so checking costs a few milliseconds per ten thousand
-records, not a Python loop per record. Sort order and duplicates are checked within a chunk.
+Record rules (`RECORD_RULES`) are SQL predicates run by DuckDB over a chunk of lines at once:
+one row per line, per distinct FORMAT, per distinct INFO entry and per distinct sample value
+(values repeat from line to line, so each is judged once and only failing ones are traced back
+to their lines). No Python loop per record. Sort order and duplicates are checked within a chunk
+(500,000 lines).
 """
 
 from __future__ import annotations
@@ -93,7 +95,6 @@ class Header:
     samples: list[str]
     info: dict[str, tuple[str, str]] = field(default_factory=dict)
     format: dict[str, tuple[str, str]] = field(default_factory=dict)
-    filters: set[str] = field(default_factory=lambda: {"PASS"})
     warnings: list[tuple[int, str, str]] = field(default_factory=list)
     """Header lines that break a rule without making the file unreadable: (line, reason, raw)."""
 
@@ -141,8 +142,6 @@ def _check_meta(header: Header, n: int, line: str) -> None:
     ident = attrs.get("ID", ("", False))[0]
     if key in ("INFO", "FORMAT"):
         _check_declaration(header, n, line, key, names, attrs)
-    elif key == "FILTER":
-        header.filters.add(ident)
     elif key == "ALT":
         if names[:1] != ["ID"] or ("Description" in attrs and names[1] != "Description"):
             raise VcfSpecError(n, "ALT fields must come in the order ID, Description", line)
