@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import itertools
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,14 @@ CLEAN = (HEADER + "\n".join(RECORDS) + "\n").encode()
 NOISE = st.binary(max_size=10) | st.text(
     alphabet=st.sampled_from(list("\t\n;:,=<>[]./|*-+0123456789ACGTNacgtn#\"' \x00é")), max_size=10
 ).map(str.encode)
-STORE = Path(tempfile.mkdtemp(prefix="twinhub-vcf-mangled-"))
-"""One store for all examples (opening one costs more than an example); each example lands as
-its own source so its counts can be compared with what the store holds for it."""
 NAMES = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store for all examples (opening one costs more than an example); each example lands
+    as its own source so its counts can be compared with what the store holds for it."""
+    return tmp_path_factory.mktemp("vcf-mangled")
 
 
 @st.composite
@@ -74,14 +77,14 @@ def files(draw: st.DrawFn) -> tuple[str, bytes]:
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(files())
-def test_a_mangled_vcf_lands_whole_or_is_quarantined_whole(file: tuple[str, bytes]) -> None:
+def test_a_mangled_vcf_lands_whole_or_is_quarantined_whole(folder: Path, file: tuple[str, bytes]) -> None:
     name, data = file
     source_name = f"s{next(NAMES)}"
-    folder = STORE / "in" / source_name
-    folder.mkdir(parents=True)
-    (folder / name).write_bytes(data)
-    source = VcfSource(name=source_name, kind="vcf", path=folder / name, samples={"S1": "p1"})
-    with TwinStore(STORE / "store") as store:
+    path = folder / "in" / source_name / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    source = VcfSource(name=source_name, kind="vcf", path=path, samples={"S1": "p1"})
+    with TwinStore(folder / "store") as store:
         run = store.begin_run(source_name, "sync")
         land_batches(store, run, VcfConnector(source).pull(None))
         store.finish_run(run, "succeeded")
