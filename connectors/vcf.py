@@ -1,8 +1,10 @@
 """Variant calls from VCF files (4.1-4.5, plain, bgzip or BCF), read with cyvcf2 (htslib).
 
 Each file becomes rows of the columnar `genomic_variant` table: one per sample and alternate
-allele the sample carries, never one FHIR resource per variant. A file htslib cannot read goes
-to quarantine with the reason. Files are read whole, once each (a changed file is read again).
+allele the sample carries, never one FHIR resource per variant. Its text is checked against the
+spec first (`connectors.vcf_checks`): a file whose header is broken, or that htslib cannot read,
+goes to quarantine whole with the reason; a record that breaks a rule lands with a warning. Files
+are read whole, once each (a changed file is read again).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import pyarrow as pa
 from cyvcf2 import VCF
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from connectors.base import Batch, Watermark, Window, problems_from
-from connectors.local_files import FileConnector, fingerprint
+from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window, problems_from
+from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors.vcf_checks import VcfSpecError, check_text
 
 Assembly = Literal["GRCh37", "GRCh38"]
 ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}
@@ -87,10 +90,20 @@ class VcfConnector(FileConnector[VcfSource]):
             if known.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
+            problem: tuple[str, int, str, str] | None = None
             try:
+                warnings = spec_warnings(path)
                 chunks = list(self._variants(path))
+            except VcfSpecError as e:
+                problem = (
+                    str(path),
+                    e.line_no,
+                    f"not valid VCF ({path.name} line {e.line_no}): {e.reason}",
+                    e.raw,
+                )
             except Exception as e:  # htslib refuses the file: quarantine it whole
-                problem = (str(path), 0, f"not a readable VCF: {e}", "")
+                problem = (str(path), 0, f"not a readable VCF ({path.name}): {e}", "")
+            if problem:
                 progress[str(path)] = now
                 yield Batch(
                     records=_no_records(),
@@ -99,9 +112,15 @@ class VcfConnector(FileConnector[VcfSource]):
                 )
                 continue
             for n, chunk in enumerate(chunks, start=1):
-                if n == len(chunks):
+                last = n == len(chunks)
+                if last:
                     progress[str(path)] = now
-                yield Batch(records=_no_records(), watermark={"files": dict(progress)}, variants=chunk)
+                yield Batch(
+                    records=_no_records(),
+                    watermark={"files": dict(progress)},
+                    variants=chunk,
+                    warnings=warnings if last else PROBLEM_SCHEMA.empty_table(),
+                )
 
     def _variants(self, path: Path) -> Iterator[pa.Table]:
         vcf = VCF(str(path), strict_gt=True)
@@ -114,6 +133,24 @@ class VcfConnector(FileConnector[VcfSource]):
                 yield _table(rows)
                 rows = []
         yield _table(rows)
+
+
+def spec_warnings(path: Path) -> pa.Table:
+    """The spec violations of a text VCF's records (BCF is binary: htslib's checks only)."""
+    if path.name.endswith(".bcf"):
+        return PROBLEM_SCHEMA.empty_table()
+    with open_maybe_gzipped(path) as fh:
+        data = fh.read()
+    try:
+        return check_text(str(path), data.decode())
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        found = check_text(str(path), data.decode(errors="replace"))
+        bad = pa.table(
+            {"file": [str(path)], "line_no": [line], "reason": ["the text is not UTF-8"], "raw": [""]},
+            schema=PROBLEM_SCHEMA,
+        )
+        return pa.concat_tables([bad, found])
 
 
 def _table(rows: list[tuple[Any, ...]]) -> pa.Table:
@@ -141,7 +178,7 @@ def variant_rows(
     """The rows of one VCF record: each sample's carried alternate alleles."""
     if not samples or "GT" not in record.FORMAT:
         return []  # no calls: the record says nothing about any sample
-    calls = [(s, call) for s, call in enumerate(record.genotypes) if any(a > 0 for a in call[:-1])]
+    calls = [(s, call) for s, call in enumerate(record.genotypes) if max(call[:-1], default=-1) > 0]
     if not calls:
         return []
     annotations = _annotations(record)

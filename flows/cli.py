@@ -109,7 +109,7 @@ def status() -> None:
     runs = con.sql(
         """SELECT source, flow, status, started_at, round(epoch(finished_at - started_at), 1) AS secs,
                   lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window, held,
-                  deleted, released, snapshot_id
+                  deleted, released, warnings, snapshot_id
            FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= 3
            ORDER BY source, started_at DESC"""
     )

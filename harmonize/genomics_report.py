@@ -15,7 +15,7 @@ import re
 import tomllib
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +192,10 @@ def with_resources(
             bad.append((file, 0, f"report of sample {sample!r}: {reason(e)}", report.decode()))
         else:
             good.append((file, 0, report.decode()))
-    return Batch(
+    return replace(
+        batch,
         records=pa.concat_tables([batch.records, records_from(good)]),
-        watermark=batch.watermark,
-        deletions=batch.deletions,
         problems=pa.concat_tables([batch.problems, problems_from(bad)]),
-        variants=variants,
     )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import pyarrow as pa
 from pydantic import ValidationError
 
 from connectors.base import Batch, problems_from, records_from
@@ -28,12 +30,8 @@ def map_records(batch: Batch, to_fhir: Callable[[str], list[bytes]], label: str 
             bad.append((file, number, f"{label} {number}: {reason(e)}" if label else reason(e), raw))
         else:
             good += [(file, number, r.decode()) for r in resources]
-    return Batch(
-        records=records_from(good),
-        watermark=batch.watermark,
-        deletions=batch.deletions,
-        problems=problems_from(bad),
-    )
+    problems = pa.concat_tables([batch.problems, problems_from(bad)])
+    return replace(batch, records=records_from(good), problems=problems)
 
 
 def reason(error: Exception) -> str:

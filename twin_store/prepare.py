@@ -27,6 +27,7 @@ class PreparedBatch:
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     variants: pa.Table | None = None
     links: pa.Table = field(default_factory=LINK_SCHEMA.empty_table)
+    warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     lines_read: int
     superseded: int
     watermark: Watermark
@@ -45,6 +46,7 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         deletions=batch.deletions,
         variants=batch.variants,
         links=_links(latest),
+        warnings=batch.warnings,
         watermark=batch.watermark,
     )
 

@@ -43,11 +43,12 @@ FlowKind = Literal["sync", "backfill"]
 
 COUNTS = (
     "lines_read", "inserted", "updated", "unchanged", "superseded", "quarantined", "out_of_window", "held",
-    "deleted", "released",
+    "deleted", "released", "warnings",
 )  # fmt: skip
 """Per batch and run. Every line read is counted once in the first eight (`held`: waiting for
 its patient); `deleted` counts resources the source reported deleted that were removed from the
-store, `released` held resources whose patient arrived (they count as inserted too)."""
+store, `released` held resources whose patient arrived (they count as inserted too), `warnings`
+spec violations of records that landed (`ingest_warning`)."""
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS twin.fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
@@ -73,6 +74,10 @@ CREATE TABLE IF NOT EXISTS twin.held_resource (
 CREATE TABLE IF NOT EXISTS twin.quarantine (
     run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
     raw VARCHAR, raw_hash VARCHAR, quarantined_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS twin.ingest_warning (
+    run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR, raw VARCHAR,
+    warned_at TIMESTAMPTZ
 );
 CREATE TABLE IF NOT EXISTS twin.run_record (
     run_id VARCHAR, source VARCHAR, flow VARCHAR, started_at TIMESTAMPTZ,
@@ -247,6 +252,8 @@ class TwinStore:
                 if len(variants):
                     new, replaced = self._land_variants(run, variants)
                     counts.update(inserted=new, updated=replaced)
+                if len(batch.warnings):
+                    counts["warnings"] = self._warn(run, batch.warnings)
                 if by_identifier or self._variants_wait:
                     counts["released"] += self._link_variants()
                 run.batches += 1
@@ -532,6 +539,26 @@ class TwinStore:
             con.unregister("variants")
         run.changed["genomic_variant"] += len(variants)
         return len(variants) - replaced, replaced
+
+    def _warn(self, run: RunReport, warnings: pa.Table) -> int:
+        """Keep spec violations of records that landed anyway; a warning already kept (same
+        file, line and reason) is kept once. Returns how many are new."""
+        self.con.register("batch_warnings", warnings)
+        try:
+            row = self.con.execute(
+                """INSERT INTO twin.ingest_warning
+                SELECT $run_id, $source, w.file, w.line_no, w.reason, w.raw, now()
+                FROM (SELECT DISTINCT * FROM batch_warnings) w
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM twin.ingest_warning k
+                    WHERE k.source = $source AND k.file = w.file AND k.line_no = w.line_no
+                      AND k.reason = w.reason)""",
+                {"run_id": run.run_id, "source": run.source},
+            ).fetchone()
+        finally:
+            self.con.unregister("batch_warnings")
+        new = int(row[0]) if row else 0
+        return new
 
     def _quarantine(self, run: RunReport) -> None:
         """Quarantine problem lines; a line already quarantined with the same text is kept once."""
