@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from cyvcf2 import VCF
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -31,7 +32,7 @@ VARIANT_SCHEMA = pa.schema(
         ("ref", pa.string()), ("alt", pa.string()), ("genotype", pa.string()), ("zygosity", pa.string()),
         ("phase_set", pa.int64()), ("quality", pa.float64()), ("filter", pa.string()), ("gene", pa.string()),
         ("hgvs_c", pa.string()), ("hgvs_p", pa.string()), ("clinvar_significance", pa.string()),
-        ("clinvar_allele_id", pa.string()),
+        ("clinvar_allele_id", pa.string()), ("patient_identifier", pa.string()),
     ]
 )  # fmt: skip
 """One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
@@ -71,7 +72,11 @@ class VcfSource(BaseModel):
     assembly: Assembly | None = None
     """When the header does not say (##reference, ##assembly or contig lines)."""
     samples: dict[str, str] = {}
-    """Sample name -> the FHIR Patient id it belongs to (unlisted samples keep no patient)."""
+    """Sample name -> the FHIR Patient id it belongs to (unlisted samples keep no patient), or
+    with `patient_system` the patient's identifier in that system (an MRN)."""
+    patient_system: str | None = None
+    """Calls then name their patient by identifier (`patient_identifier`, `system|value`) and get
+    its `patient_id` once a Patient with that identifier is in the store."""
     schedule: str | None = None
     batch_variants: int = Field(default=200_000, ge=1)
     reportable: VcfReportable | None = None
@@ -130,9 +135,19 @@ class VcfConnector(FileConnector[VcfSource]):
         for record in vcf:
             rows += variant_rows(record, str(path), samples, self.source.samples, assembly)
             if len(rows) >= self.source.batch_variants:
-                yield _table(rows)
+                yield self._linked(_table(rows))
                 rows = []
-        yield _table(rows)
+        yield self._linked(_table(rows))
+
+    def _linked(self, variants: pa.Table) -> pa.Table:
+        """With a `patient_system`, what `samples` maps to is an identifier, not a Patient id."""
+        if self.source.patient_system is None:
+            return variants
+        named = variants["patient_id"]
+        identifiers = pc.binary_join_element_wise(self.source.patient_system, named, "|")
+        variants = variants.set_column(variants.schema.get_field_index("patient_id"), "patient_id",
+                                       pa.nulls(len(variants), pa.string()))  # fmt: skip
+        return variants.set_column(len(VARIANT_SCHEMA) - 1, "patient_identifier", identifiers)
 
 
 def spec_warnings(path: Path) -> pa.Table:
@@ -154,8 +169,11 @@ def spec_warnings(path: Path) -> pa.Table:
 
 
 def _table(rows: list[tuple[Any, ...]]) -> pa.Table:
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(VARIANT_SCHEMA)
-    arrays = [pa.array(column, f.type) for column, f in zip(columns, VARIANT_SCHEMA, strict=True)]
+    """The rows (every column but `patient_identifier`, which `_linked` fills) as a table."""
+    fields = list(VARIANT_SCHEMA)[:-1]
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(fields)
+    arrays = [pa.array(column, f.type) for column, f in zip(columns, fields, strict=True)]
+    arrays.append(pa.nulls(len(rows), pa.string()))
     return pa.table(arrays, schema=VARIANT_SCHEMA)
 
 
