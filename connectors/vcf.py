@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -97,8 +98,7 @@ class VcfConnector(FileConnector[VcfSource]):
             self.stats["files"] += 1
             problem: tuple[str, int, str, str] | None = None
             try:
-                warnings = spec_warnings(path)
-                chunks = list(self._variants(path))
+                warnings, chunks = self._read(path)
             except VcfSpecError as e:
                 problem = (
                     str(path),
@@ -126,6 +126,19 @@ class VcfConnector(FileConnector[VcfSource]):
                     variants=chunk,
                     warnings=warnings if last else PROBLEM_SCHEMA.empty_table(),
                 )
+
+    def _read(self, path: Path) -> tuple[pa.Table, list[pa.Table]]:
+        """The file's spec warnings and its variant rows. The checks (DuckDB, which lets go of
+        the GIL) run in a thread beside htslib's read; a broken header is the clearer reason
+        when both fail, so the checks' error wins."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            checked = pool.submit(spec_warnings, path)
+            try:
+                chunks = list(self._variants(path))
+            except Exception:
+                checked.result()  # raises VcfSpecError if the header is broken
+                raise
+            return checked.result(), chunks
 
     def _variants(self, path: Path) -> Iterator[pa.Table]:
         vcf = VCF(str(path), strict_gt=True)
