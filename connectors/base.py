@@ -84,6 +84,11 @@ class Batch:
     """Records already found bad before the structural checks (e.g. a lab row that cannot map)."""
     variants: pa.Table | None = None
     """Rows for the columnar `genomic_variant` table (VCF sources; see `connectors.vcf`)."""
+    stats: Counter[str] = field(default_factory=Counter)
+    """What mapping the records noted, for the run's summary (e.g. lab codes left unmapped)."""
+    warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
+    """Spec violations in records that still land (a VCF record's bad INFO value): kept beside
+    the data, in `ingest_warning`, never instead of it."""
 
     def __len__(self) -> int:
         variants = self.variants.num_rows if self.variants is not None else 0

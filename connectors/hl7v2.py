@@ -30,6 +30,14 @@ class Hl7v2Source(BaseModel):
     path: Path
     timezone: str = "UTC"
     """For times a message sends without an offset (FHIR needs one wherever there is a time)."""
+    concept_map: Path | None = None
+    """A FHIR ConceptMap (JSON) from the source's local codes to LOINC; read when a sync starts."""
+    patient_systems: dict[str, str] = {}
+    """PID-3 assigning authority -> the identifier system it stands for (e.g. MRN =
+    "http://hospital.example.org/mrn"); others get urn:twinhub:hl7v2:<authority>."""
+    create_patients: bool = True
+    """Make a Patient from PID. Set false when the twin's patients come from the EHR: results
+    then link to the Patient with the PID-3 identifier, and wait for it if it has not arrived."""
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=0, le=65535)
     """Where `twinhub listen` takes MLLP connections (0: any free port, printed at start)."""

@@ -28,7 +28,8 @@ class LabCsvColumns(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     patient: str
-    """The FHIR Patient id the result is about."""
+    """The patient the result is about: the FHIR Patient id, or with the source's
+    `patient_system` an identifier (e.g. an MRN) in that system."""
     code: str
     time: str
     """When the specimen was taken or the result observed (FHIR dateTime, time zone kept)."""
@@ -64,6 +65,11 @@ class LabCsvSource(BaseModel):
     columns: LabCsvColumns
     code_system: str = "http://loinc.org"
     """The system of codes whose row names none (columns.code_system)."""
+    patient_system: str | None = None
+    """The identifier system of the patient column (e.g. the hospital's MRN system). Results
+    then link to the twin's Patient with that identifier, and wait for it if it is not there."""
+    concept_map: Path | None = None
+    """A FHIR ConceptMap (JSON) from the source's local codes to LOINC; read when a sync starts."""
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     schedule: str | None = None
     batch_rows: int = Field(default=50_000, ge=1)

@@ -1,22 +1,28 @@
 """Variant calls from VCF files (4.1-4.5, plain, bgzip or BCF), read with cyvcf2 (htslib).
 
 Each file becomes rows of the columnar `genomic_variant` table: one per sample and alternate
-allele the sample carries, never one FHIR resource per variant. A file htslib cannot read goes
-to quarantine with the reason. Files are read whole, once each (a changed file is read again).
+allele the sample carries, never one FHIR resource per variant. Its text is checked against the
+spec first (`connectors.vcf_checks`): a file whose header is broken, or that htslib cannot read,
+goes to quarantine whole with the reason; a record that breaks a rule lands with a warning. Files
+are read whole, once each (a changed file is read again).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from cyvcf2 import VCF
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from connectors.base import Batch, Watermark, Window, problems_from
-from connectors.local_files import FileConnector, fingerprint
+from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window, problems_from
+from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors.vcf_checks import VcfSpecError, check_text
 
 Assembly = Literal["GRCh37", "GRCh38"]
 ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}
@@ -27,10 +33,33 @@ VARIANT_SCHEMA = pa.schema(
         ("ref", pa.string()), ("alt", pa.string()), ("genotype", pa.string()), ("zygosity", pa.string()),
         ("phase_set", pa.int64()), ("quality", pa.float64()), ("filter", pa.string()), ("gene", pa.string()),
         ("hgvs_c", pa.string()), ("hgvs_p", pa.string()), ("clinvar_significance", pa.string()),
-        ("clinvar_allele_id", pa.string()),
+        ("clinvar_allele_id", pa.string()), ("patient_identifier", pa.string()),
     ]
 )  # fmt: skip
 """One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
+
+
+def _region(text: str) -> str:
+    if not re.fullmatch(r"[\w.]+:[\d,]+-[\d,]+", text.strip()):
+        raise ValueError(f"{text!r} is not a region; write chrom:start-end, e.g. chr13:32315474-32400266")
+    return text.strip()
+
+
+Region = Annotated[str, AfterValidator(_region)]
+"""`chrom:start-end`, 1-based and inclusive as a genome browser shows it (chr13:32315474-32400266)."""
+
+
+class VcfReportable(BaseModel):
+    """Which variant calls become FHIR Genomics Reporting resources; the table keeps them all."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    genes: list[str] = []
+    """HGNC symbols, matched on the file's gene annotation (else on the gene's coordinates)."""
+    regions: list[Region] = []
+    bed: Path | None = None
+    """A BED file of more regions (0-based starts, as BED files are)."""
+    source_class: Literal["germline", "somatic"] = "germline"
 
 
 class VcfSource(BaseModel):
@@ -44,9 +73,15 @@ class VcfSource(BaseModel):
     assembly: Assembly | None = None
     """When the header does not say (##reference, ##assembly or contig lines)."""
     samples: dict[str, str] = {}
-    """Sample name -> the FHIR Patient id it belongs to (unlisted samples keep no patient)."""
+    """Sample name -> the FHIR Patient id it belongs to (unlisted samples keep no patient), or
+    with `patient_system` the patient's identifier in that system (an MRN)."""
+    patient_system: str | None = None
+    """Calls then name their patient by identifier (`patient_identifier`, `system|value`) and get
+    its `patient_id` once a Patient with that identifier is in the store."""
     schedule: str | None = None
     batch_variants: int = Field(default=200_000, ge=1)
+    reportable: VcfReportable | None = None
+    """Without it no FHIR resources are made, only `genomic_variant` rows."""
 
 
 class VcfConnector(FileConnector[VcfSource]):
@@ -61,10 +96,19 @@ class VcfConnector(FileConnector[VcfSource]):
             if known.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
+            problem: tuple[str, int, str, str] | None = None
             try:
-                chunks = list(self._variants(path))
+                warnings, chunks = self._read(path)
+            except VcfSpecError as e:
+                problem = (
+                    str(path),
+                    e.line_no,
+                    f"not valid VCF ({path.name} line {e.line_no}): {e.reason}",
+                    e.raw,
+                )
             except Exception as e:  # htslib refuses the file: quarantine it whole
-                problem = (str(path), 0, f"not a readable VCF: {e}", "")
+                problem = (str(path), 0, f"not a readable VCF ({path.name}): {e}", "")
+            if problem:
                 progress[str(path)] = now
                 yield Batch(
                     records=_no_records(),
@@ -73,9 +117,28 @@ class VcfConnector(FileConnector[VcfSource]):
                 )
                 continue
             for n, chunk in enumerate(chunks, start=1):
-                if n == len(chunks):
+                last = n == len(chunks)
+                if last:
                     progress[str(path)] = now
-                yield Batch(records=_no_records(), watermark={"files": dict(progress)}, variants=chunk)
+                yield Batch(
+                    records=_no_records(),
+                    watermark={"files": dict(progress)},
+                    variants=chunk,
+                    warnings=warnings if last else PROBLEM_SCHEMA.empty_table(),
+                )
+
+    def _read(self, path: Path) -> tuple[pa.Table, list[pa.Table]]:
+        """The file's spec warnings and its variant rows. The checks (DuckDB, which lets go of
+        the GIL) run in a thread beside htslib's read; a broken header is the clearer reason
+        when both fail, so the checks' error wins."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            checked = pool.submit(spec_warnings, path)
+            try:
+                chunks = list(self._variants(path))
+            except Exception:
+                checked.result()  # raises VcfSpecError if the header is broken
+                raise
+            return checked.result(), chunks
 
     def _variants(self, path: Path) -> Iterator[pa.Table]:
         vcf = VCF(str(path), strict_gt=True)
@@ -85,14 +148,45 @@ class VcfConnector(FileConnector[VcfSource]):
         for record in vcf:
             rows += variant_rows(record, str(path), samples, self.source.samples, assembly)
             if len(rows) >= self.source.batch_variants:
-                yield _table(rows)
+                yield self._linked(_table(rows))
                 rows = []
-        yield _table(rows)
+        yield self._linked(_table(rows))
+
+    def _linked(self, variants: pa.Table) -> pa.Table:
+        """With a `patient_system`, what `samples` maps to is an identifier, not a Patient id."""
+        if self.source.patient_system is None:
+            return variants
+        named = variants["patient_id"]
+        identifiers = pc.binary_join_element_wise(self.source.patient_system, named, "|")
+        variants = variants.set_column(variants.schema.get_field_index("patient_id"), "patient_id",
+                                       pa.nulls(len(variants), pa.string()))  # fmt: skip
+        return variants.set_column(len(VARIANT_SCHEMA) - 1, "patient_identifier", identifiers)
+
+
+def spec_warnings(path: Path) -> pa.Table:
+    """The spec violations of a text VCF's records (BCF is binary: htslib's checks only)."""
+    if path.name.endswith(".bcf"):
+        return PROBLEM_SCHEMA.empty_table()
+    with open_maybe_gzipped(path) as fh:
+        data = fh.read()
+    try:
+        return check_text(str(path), data.decode())
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        found = check_text(str(path), data.decode(errors="replace"))
+        bad = pa.table(
+            {"file": [str(path)], "line_no": [line], "reason": ["the text is not UTF-8"], "raw": [""]},
+            schema=PROBLEM_SCHEMA,
+        )
+        return pa.concat_tables([bad, found])
 
 
 def _table(rows: list[tuple[Any, ...]]) -> pa.Table:
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(VARIANT_SCHEMA)
-    arrays = [pa.array(column, f.type) for column, f in zip(columns, VARIANT_SCHEMA, strict=True)]
+    """The rows (every column but `patient_identifier`, which `_linked` fills) as a table."""
+    fields = list(VARIANT_SCHEMA)[:-1]
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(fields)
+    arrays = [pa.array(column, f.type) for column, f in zip(columns, fields, strict=True)]
+    arrays.append(pa.nulls(len(rows), pa.string()))
     return pa.table(arrays, schema=VARIANT_SCHEMA)
 
 
@@ -115,7 +209,7 @@ def variant_rows(
     """The rows of one VCF record: each sample's carried alternate alleles."""
     if not samples or "GT" not in record.FORMAT:
         return []  # no calls: the record says nothing about any sample
-    calls = [(s, call) for s, call in enumerate(record.genotypes) if any(a > 0 for a in call[:-1])]
+    calls = [(s, call) for s, call in enumerate(record.genotypes) if max(call[:-1], default=-1) > 0]
     if not calls:
         return []
     annotations = _annotations(record)

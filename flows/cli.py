@@ -108,15 +108,15 @@ def status() -> None:
     configured = {s.name: s for s in cfg.sources}
     runs = con.sql(
         """SELECT source, flow, status, started_at, round(epoch(finished_at - started_at), 1) AS secs,
-                  lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window, deleted,
-                  snapshot_id
+                  lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window, held,
+                  deleted, released, warnings, snapshot_id
            FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= 3
            ORDER BY source, started_at DESC"""
     )
     _show(
         runs,
         "Last runs per source (lines_read = inserted + updated + unchanged + superseded"
-        " + quarantined + out_of_window)",
+        " + quarantined + out_of_window + held)",
     )
     marks = con.execute("SELECT source, updated_at, watermark FROM sync_state ORDER BY source").fetchall()
     table = Table(title="Sources and watermarks")
@@ -138,6 +138,19 @@ def status() -> None:
             table.add_row(name, s.kind, s.schedule or "-", "never synced")
     out.print(table)
     _show(_table_counts(con), "Rows per table")
+    _show(
+        con.sql(
+            """SELECT source, 'FHIR resources' AS what, link_system AS identifier_system,
+                      count(*) AS waiting, count(DISTINCT link_value) AS patients, min(held_at) AS since
+               FROM held_resource GROUP BY ALL
+               UNION ALL
+               SELECT source, 'variant calls', split_part(patient_identifier, '|', 1), count(*),
+                      count(DISTINCT patient_identifier), min(ingested_at)
+               FROM genomic_variant WHERE patient_id IS NULL AND patient_identifier IS NOT NULL
+               GROUP BY ALL ORDER BY 1, 2, 3"""
+        ),
+        "Waiting for their patient (records that name a patient identifier no Patient has yet)",
+    )
     _show(
         con.sql(
             "SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL ORDER BY 3 DESC LIMIT 20"
@@ -406,9 +419,10 @@ def _watermark_summary(watermark_json: str) -> str:
     mark = orjson.loads(watermark_json)
     if "files" in mark:
         files = mark["files"]
-        done = sum(1 for f in files.values() if f["complete"])
-        lines = sum(f["lines"] for f in files.values())
-        return f"{done}/{len(files)} files complete, {lines:,} lines"
+        # Files that land whole per batch (HL7 v2, VCF) keep no line count or `complete` flag.
+        done = sum(1 for f in files.values() if f.get("complete", True))
+        lines = sum(f.get("lines", f.get("rows", 0)) for f in files.values())
+        return f"{done}/{len(files)} files complete" + (f", {lines:,} lines" if lines else "")
     if "types" in mark:
         return "; ".join(
             f"{t} walking (page {st['walk']['page']})"

@@ -21,6 +21,7 @@ from connectors.fhir_search import FhirSearchSource
 from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
 from connectors.vcf import VcfSource
+from harmonize.lab_codes import CodeMap, code_map_from_json
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[
@@ -148,3 +149,24 @@ def _config_error(file: Path, error: ValidationError) -> ConfigError:
     if first["type"] == "extra_forbidden":
         return ConfigError(key, f"is not a known setting; remove it from {file} or check spelling")
     return ConfigError(key, f"{first['msg'].removeprefix('Value error, ')} (in {file})")
+
+
+def code_map(source: LabCsvSource | Hl7v2Source) -> CodeMap | None:
+    """The source's local-code ConceptMap, read and checked; a ConfigError naming the file and
+    the fix when it cannot be used."""
+    path = source.concept_map
+    if path is None:
+        return None
+    key = f"sources.{source.name}.concept_map"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            key, f"cannot read {str(path)!r} ({e.strerror}); point it at a FHIR ConceptMap JSON file"
+        ) from None
+    try:
+        return code_map_from_json(data)
+    except ValueError as e:
+        raise ConfigError(
+            key, f"{str(path)!r} {e}; fix the file (examples/lab-codes-conceptmap.json shows the form)"
+        ) from None

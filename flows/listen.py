@@ -15,7 +15,7 @@ from connectors.base import Batch, records_from
 from connectors.errors import ConfigError
 from connectors.hl7v2 import Hl7v2Source
 from connectors.mllp import serve
-from flows.config import load_settings
+from flows.config import code_map, load_settings
 from harmonize.hl7v2_labs import resources_from_messages
 from twin_store import TwinStore, prepare
 
@@ -27,13 +27,15 @@ def listen(config: Path | None, name: str, *, ready: Callable[[int], None] | Non
     if not isinstance(source, Hl7v2Source) or source.port is None:
         raise ConfigError(f"sources.{name}.port", "an hl7v2 source needs `port = 2575` (0: any) to listen")
     store_path = settings.store.path
+    codes = code_map(source)
 
     def land(messages: list[tuple[int, str]]) -> dict[int, str]:
         origin = f"mllp://{source.host}:{source.port}"
         records = records_from([(origin, n, message) for n, message in messages])
-        batch = resources_from_messages(Batch(records=records, watermark={}), source)
+        batch = resources_from_messages(Batch(records=records, watermark={}), source, codes)
         with TwinStore(store_path) as store:
             run = store.begin_run(source.name, "sync")
+            run.stats.update(batch.stats)
             store.land(run, prepare(batch))
             store.finish_run(run, "succeeded")
         return dict(

@@ -19,14 +19,15 @@ from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 
 from connectors.base import Batch, Connector
-from connectors.errors import TransientError, TwinhubError
+from connectors.errors import ConfigError, TransientError, TwinhubError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
 from connectors.vcf import VcfConnector, VcfSource
-from flows.config import Settings, SourceConfig, load_settings
+from flows.config import Settings, SourceConfig, code_map, load_settings
+from harmonize.genomics_report import Reportable, genomics_reports, reportable_set
 from harmonize.hl7v2_labs import resources_from_messages
 from harmonize.lab_results import observations_from_rows
 from twin_store import RunReport, TwinStore, Window, prepare
@@ -57,12 +58,36 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
 
 
 def harmonized(source: SourceConfig, batches: Iterator[Batch]) -> Iterator[Batch]:
-    """FHIR lands as it comes; lab rows and HL7 v2 messages become FHIR resources first."""
+    """FHIR lands as it comes; lab rows and HL7 v2 messages become FHIR resources first (the
+    source's ConceptMap is read here, once, so a bad one fails the sync before anything lands),
+    and reportable variant calls gain Genomics Reporting resources beside their table rows."""
     if isinstance(source, LabCsvSource):
-        return (observations_from_rows(batch, source) for batch in batches)
+        codes = code_map(source)
+        return (observations_from_rows(batch, source, codes) for batch in batches)
     if isinstance(source, Hl7v2Source):
-        return (resources_from_messages(batch, source) for batch in batches)
+        codes = code_map(source)
+        return (resources_from_messages(batch, source, codes) for batch in batches)
+    if isinstance(source, VcfSource) and source.reportable is not None:
+        return genomics_reports(batches, source.name, reportable(source))
     return batches
+
+
+def reportable(source: VcfSource) -> Reportable:
+    """The source's reportable set, with its BED file read (harmonize reads no files)."""
+    assert source.reportable is not None
+    config, key = source.reportable, f"sources.{source.name}.reportable"
+    bed = None
+    if config.bed is not None:
+        try:
+            bed = config.bed.read_text()
+        except OSError as e:
+            raise ConfigError(
+                f"{key}.bed", f"cannot read {str(config.bed)!r} ({e.strerror}); fix the path"
+            ) from None
+    try:
+        return reportable_set(config, bed)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
 
 
 def is_retryable(task: object, task_run: object, state: State[Any]) -> bool:
@@ -101,11 +126,18 @@ def land_batches(
     DuckDB) off the GIL, so the two cores stay busy and each batch still lands in order, in its
     own transaction."""
     backfill = window is not None
-    for batch in prefetch(prepare(batch, backfill=backfill) for batch in prefetch(batches)):
+    for batch in prefetch(prepare(batch, backfill=backfill) for batch in prefetch(noted(batches, run))):
         store.land(run, batch, window=window)
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
         if callback := on_batch.get():
             callback(run)
+
+
+def noted(batches: Iterator[Batch], run: RunReport) -> Iterator[Batch]:
+    """The batches, adding what mapping noted about each (codes unmapped, ...) to the run's stats."""
+    for batch in batches:
+        run.stats.update(batch.stats)
+        yield batch
 
 
 @task(cache_policy=NO_CACHE)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -27,7 +29,8 @@ from pydantic import BaseModel
 from connectors.base import Batch
 from connectors.hl7v2 import Hl7v2Source
 from harmonize.hl7v2_segments import Segment, segments
-from harmonize.records import map_records
+from harmonize.lab_codes import CodeMap, normalize_observation
+from harmonize.records import map_records, patient_reference
 
 MODELS: dict[str, type[BaseModel]] = {
     "Patient": Patient, "DiagnosticReport": DiagnosticReport, "Observation": Observation,
@@ -57,16 +60,41 @@ RANGE = re.compile(
     rf"\s*(?:(?P<low>{DECIMAL})\s*-\s*(?P<high>{DECIMAL})|<=?\s*(?P<below>{DECIMAL})|>=?\s*(?P<above>{DECIMAL}))\s*"
 )
 DTM = re.compile(r"(\d{4})(\d{2})?(\d{2})?(?:(\d{2})(\d{2})(\d{2})?(\.\d+)?)?([+-]\d{4})?")
+LOCAL_SYSTEM = "urn:twinhub:hl7v2:"
+"""Identifier system of a PID-3 assigning authority the source's `patient_systems` does not name."""
 IDS = uuid.UUID("5b0d7c7e-2f4c-4d8e-9c62-6a3c0a1f9e21")
 
 
-def resources_from_messages(batch: Batch, source: Hl7v2Source) -> Batch:
-    """The batch's messages as FHIR records (several per message), bad messages as problems."""
-    return map_records(batch, lambda message: message_resources(message, source.timezone), "message")
+def resources_from_messages(batch: Batch, source: Hl7v2Source, codes: CodeMap | None = None) -> Batch:
+    """The batch's messages as FHIR records (several per message), bad messages as problems;
+    Observations' codes and units normalized (`harmonize.lab_codes`), `codes` the local code map."""
+    noted: Counter[str] = Counter()
+    mapped = map_records(
+        batch,
+        lambda message: message_resources(
+            message, source.timezone, codes, noted,
+            patient_systems=source.patient_systems, create_patients=source.create_patients,
+        ),
+        "message",
+    )  # fmt: skip
+    return replace(mapped, stats=noted)
 
 
-def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
-    """Every resource of one lab message, validated; raises ValueError saying what is wrong."""
+def message_resources(
+    text: str,
+    timezone: str = "UTC",
+    codes: CodeMap | None = None,
+    noted: Counter[str] | None = None,
+    *,
+    patient_systems: Mapping[str, str] | None = None,
+    create_patients: bool = True,
+) -> list[bytes]:
+    """Every resource of one lab message, validated; raises ValueError saying what is wrong.
+    What normalizing its Observations did is counted in `noted` once the message maps.
+
+    PID-3 identifiers take the system their assigning authority stands for in
+    `patient_systems`. Without `create_patients` no Patient is made from PID: the results
+    name their patient by identifier, and the store links them to the twin's Patient."""
     if not text.startswith("MSH"):
         raise ValueError(f"does not start with an MSH segment: {text[:20]!r}")
     separators = text[3:8]
@@ -84,9 +112,14 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
     pid = _first(message, "PID")
     if pid is None:
         raise ValueError("has no PID segment: its results belong to no patient")
-    patient = _patient(pid)
-    subject = {"reference": f"Patient/{patient['id']}"}
-    resources = [patient]
+    patient = _patient(pid, patient_systems or {})
+    if create_patients:
+        subject: dict[str, Any] = {"reference": f"Patient/{patient['id']}"}
+        resources = [patient]
+    else:  # by the identifier of an authority the config names, else the first
+        known = [i for i in patient["identifier"] if not i["system"].startswith(LOCAL_SYSTEM)]
+        first = (known or patient["identifier"])[0]
+        subject, resources = patient_reference(first["value"], first["system"]), []
     control_id = _get(msh, 10)
     # ORU^R01 and OUL^R24 are order-centric: an OBR's specimens (SPM) follow it. OUL^R22 and
     # R23 are specimen-centric: each SPM (with its containers, SAC) heads the orders that follow.
@@ -126,9 +159,14 @@ def message_resources(text: str, timezone: str = "UTC") -> list[bytes]:
             if specimen_ids:
                 result["specimen"] = specimen_ids[-1]
             resources.append(result)
+    notes = [
+        n for r in resources if r["resourceType"] == "Observation" for n in normalize_observation(r, codes)
+    ]
     texts = [orjson.dumps(r) for r in resources]
     for resource, json in zip(resources, texts, strict=True):
         validate(resource["resourceType"], json)
+    if noted is not None:
+        noted.update(notes)
     return texts
 
 
@@ -160,13 +198,13 @@ def fhir_datetime(value: str, timezone: str = "UTC") -> str | None:
     return f"{date}T{clock}{offset[:3]}:{offset[3:]}"
 
 
-def _patient(pid: Segment) -> dict[str, Any]:
+def _patient(pid: Segment, systems: Mapping[str, str]) -> dict[str, Any]:
     identifiers = []
     for repeat in range(1, _repeats(pid, 3) + 1):
         value, authority, kind = _get(pid, 3, 1, repeat), _get(pid, 3, 4, repeat), _get(pid, 3, 5, repeat)
         if value:
             identifier: dict[str, Any] = {
-                "system": f"urn:twinhub:hl7v2:{authority or 'unknown'}",
+                "system": systems.get(authority) or f"{LOCAL_SYSTEM}{authority or 'unknown'}",
                 "value": value,
             }
             if kind:
@@ -194,7 +232,7 @@ def _patient(pid: Segment) -> dict[str, Any]:
 
 
 def _report(
-    obr: Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
+    obr: Segment, subject: dict[str, Any], control_id: str, n: int, when: Callable[[str], str | None]
 ) -> dict[str, Any]:
     key = _get(obr, 3, 1) or _get(obr, 2, 1) or f"{control_id}|{n}"
     report: dict[str, Any] = {
@@ -224,7 +262,7 @@ def _report(
 
 
 def _specimen(
-    spm: Segment, subject: dict[str, str], control_id: str, n: int, when: Callable[[str], str | None]
+    spm: Segment, subject: dict[str, Any], control_id: str, n: int, when: Callable[[str], str | None]
 ) -> dict[str, Any]:
     placer = _get(spm, 2, 1, subcomponent=1)  # SPM-2 is EIP: placer^filler, each an EI
     key = placer or f"{control_id}|{n}"
@@ -258,7 +296,7 @@ def _container(sac: Segment) -> dict[str, Any] | None:
 
 
 def _observation(
-    obx: Segment, subject: dict[str, str], order: dict[str, Any] | None, control_id: str, n: int,
+    obx: Segment, subject: dict[str, Any], order: dict[str, Any] | None, control_id: str, n: int,
     when: Callable[[str], str | None],
 ) -> dict[str, Any]:  # fmt: skip
     # FHIR needs a code; a result sent without one keeps its value under a code that says so.
@@ -325,6 +363,8 @@ def _unit(obx: Segment) -> dict[str, Any]:
     unit: dict[str, Any] = {"unit": text or code}
     if system.upper() in ("UCUM", "ANSI+"):
         unit |= {"system": "http://unitsofmeasure.org", "code": code}
+    elif code:  # kept for harmonize.lab_codes, which makes it UCUM where it can (or drops it)
+        unit |= {"system": f"urn:twinhub:hl7v2:codesystem:{system or 'local'}", "code": code}
     return unit
 
 

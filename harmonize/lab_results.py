@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -18,7 +20,8 @@ from fhir.resources.R4B.observation import Observation
 
 from connectors.base import Batch
 from connectors.lab_csv import LabCsvSource
-from harmonize.records import map_records
+from harmonize.lab_codes import CodeMap, normalize_observation
+from harmonize.records import map_records, patient_reference
 
 UCUM = "http://unitsofmeasure.org"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -28,19 +31,26 @@ NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 TWINHUB_IDS = uuid.UUID("8f0c5a52-4a5e-4a53-9a39-0b1e6d0f7c11")
 
 
-def observations_from_rows(batch: Batch, source: LabCsvSource) -> Batch:
-    """The batch's rows (JSON objects, header -> text) as Observation records, bad rows as problems."""
+def observations_from_rows(batch: Batch, source: LabCsvSource, codes: CodeMap | None = None) -> Batch:
+    """The batch's rows (JSON objects, header -> text) as Observation records, bad rows as
+    problems; codes and units normalized (`harmonize.lab_codes`), with `codes` as the local code map."""
+    noted: Counter[str] = Counter()
 
     def to_fhir(raw: str) -> list[bytes]:
-        resource = observation(orjson.loads(raw), source)
+        notes: list[str] = []
+        resource = observation(orjson.loads(raw), source, codes, notes)
         Observation.model_validate_json(resource)
+        noted.update(notes)
         return [resource]
 
-    return map_records(batch, to_fhir)
+    return replace(map_records(batch, to_fhir), stats=noted)
 
 
-def observation(row: dict[str, str], source: LabCsvSource) -> bytes:
-    """One row as Observation JSON; raises ValueError naming what is missing."""
+def observation(
+    row: dict[str, str], source: LabCsvSource, codes: CodeMap | None = None, notes: list[str] | None = None
+) -> bytes:
+    """One row as Observation JSON, codes and units normalized (what that did is appended to
+    `notes`); raises ValueError naming what is missing."""
     columns = source.columns
 
     def cell(column: str | None) -> str | None:
@@ -51,6 +61,7 @@ def observation(row: dict[str, str], source: LabCsvSource) -> bytes:
     for name, value in (("patient", patient), ("code", code), ("time", time)):
         if value is None:
             raise ValueError(f"no {name} (column {getattr(columns, name)!r} is empty)")
+    assert patient is not None
     key = cell(columns.id) or f"{patient}|{code}|{time}"
     resource: dict[str, Any] = {
         "resourceType": "Observation",
@@ -65,7 +76,7 @@ def observation(row: dict[str, str], source: LabCsvSource) -> bytes:
     if display := cell(columns.display):
         coding["display"] = display
     resource["code"] = {"coding": [coding], **({"text": display} if display else {})}
-    resource["subject"] = {"reference": f"Patient/{patient}"}
+    resource["subject"] = patient_reference(patient, source.patient_system)
     if encounter := cell(columns.encounter):
         resource["encounter"] = {"reference": f"Encounter/{encounter}"}
     resource["effectiveDateTime"] = time
@@ -89,6 +100,9 @@ def observation(row: dict[str, str], source: LabCsvSource) -> bytes:
         resource["referenceRange"] = [ranges]
     if flag := cell(columns.interpretation):
         resource["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": flag}]}]
+    done = normalize_observation(resource, codes)
+    if notes is not None:
+        notes += done
     return orjson.dumps(resource)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
+import pyarrow as pa
 from pydantic import ValidationError
 
 from connectors.base import Batch, problems_from, records_from
@@ -27,12 +30,8 @@ def map_records(batch: Batch, to_fhir: Callable[[str], list[bytes]], label: str 
             bad.append((file, number, f"{label} {number}: {reason(e)}" if label else reason(e), raw))
         else:
             good += [(file, number, r.decode()) for r in resources]
-    return Batch(
-        records=records_from(good),
-        watermark=batch.watermark,
-        deletions=batch.deletions,
-        problems=problems_from(bad),
-    )
+    problems = pa.concat_tables([batch.problems, problems_from(bad)])
+    return replace(batch, records=records_from(good), problems=problems)
 
 
 def reason(error: Exception) -> str:
@@ -42,3 +41,12 @@ def reason(error: Exception) -> str:
         where = ".".join(str(p) for p in first["loc"])
         return f"not a valid FHIR {error.title}: {where}: {first['msg']}"
     return str(error)
+
+
+def patient_reference(patient: str, system: str | None) -> dict[str, Any]:
+    """The subject of a record: the Patient by id, or by identifier when the source names its
+    patients in an identifier `system` (an MRN); the store then links it to the twin's Patient
+    with that identifier, holding it until that Patient arrives."""
+    if system is None:
+        return {"reference": f"Patient/{patient}"}
+    return {"identifier": {"system": system, "value": patient}}

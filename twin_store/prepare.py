@@ -6,11 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import duckdb
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import DELETION_SCHEMA, PROBLEM_SCHEMA, Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
+
+LINK_SCHEMA = pa.schema([("pos", pa.int64()), ("system", pa.string()), ("value", pa.string())])
+"""Resources (by position in the batch) whose subject names its patient by identifier only."""
+BY_IDENTIFIER = '"subject":{"identifier":'
+"""How the lab and genomic mappings write a subject known by identifier (compact JSON, first key)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +26,8 @@ class PreparedBatch:
     checked: Checked
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     variants: pa.Table | None = None
+    links: pa.Table = field(default_factory=LINK_SCHEMA.empty_table)
+    warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     lines_read: int
     superseded: int
     watermark: Watermark
@@ -37,8 +45,23 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         superseded=len(checked.resources) - len(latest),
         deletions=batch.deletions,
         variants=batch.variants,
+        links=_links(latest),
+        warnings=batch.warnings,
         watermark=batch.watermark,
     )
+
+
+def _links(resources: pa.Table) -> pa.Table:
+    """The patient identifier of each resource that must be linked to the twin's Patient."""
+    named = pc.match_substring(resources["resource"], BY_IDENTIFIER)
+    if not pc.any(named).as_py():
+        return LINK_SCHEMA.empty_table()
+    rows = []
+    for pos in pc.indices_nonzero(named).to_pylist():
+        subject = orjson.loads(resources["resource"][pos].as_py())["subject"]
+        if "reference" not in subject:
+            rows.append({"pos": pos, **{k: subject["identifier"].get(k) for k in ("system", "value")}})
+    return pa.Table.from_pylist(rows, LINK_SCHEMA)
 
 
 def _latest_copies(resources: pa.Table) -> pa.Table:

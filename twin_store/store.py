@@ -32,7 +32,7 @@ from connectors.base import Watermark, Window
 from connectors.errors import StoreError
 from harmonize.fhirpath import MACROS_SQL
 from twin_store.extensions import load_extensions
-from twin_store.prepare import PreparedBatch
+from twin_store.prepare import BY_IDENTIFIER, PreparedBatch
 from twin_store.views import standard_views
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,13 @@ RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
 FlowKind = Literal["sync", "backfill"]
 
 COUNTS = (
-    "lines_read", "inserted", "updated", "unchanged", "superseded", "quarantined", "out_of_window", "deleted",
+    "lines_read", "inserted", "updated", "unchanged", "superseded", "quarantined", "out_of_window", "held",
+    "deleted", "released", "warnings",
 )  # fmt: skip
-"""Per batch and run. Every line read is counted once in the first seven; `deleted` counts
-resources the source reported deleted that were removed from the store."""
+"""Per batch and run. Every line read is counted once in the first eight (`held`: waiting for
+its patient); `deleted` counts resources the source reported deleted that were removed from the
+store, `released` held resources whose patient arrived (they count as inserted too), `warnings`
+spec violations of records that landed (`ingest_warning`)."""
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS twin.fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
@@ -60,11 +63,21 @@ CREATE TABLE IF NOT EXISTS twin.genomic_variant (
     source VARCHAR, file VARCHAR, sample VARCHAR, patient_id VARCHAR, assembly VARCHAR, chrom VARCHAR,
     pos BIGINT, variant_id VARCHAR, ref VARCHAR, alt VARCHAR, genotype VARCHAR, zygosity VARCHAR,
     phase_set BIGINT, quality DOUBLE, filter VARCHAR, gene VARCHAR, hgvs_c VARCHAR, hgvs_p VARCHAR,
-    clinvar_significance VARCHAR, clinvar_allele_id VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ
+    clinvar_significance VARCHAR, clinvar_allele_id VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ,
+    patient_identifier VARCHAR
+);
+CREATE TABLE IF NOT EXISTS twin.held_resource (
+    link_system VARCHAR, link_value VARCHAR, source VARCHAR, run_id VARCHAR, held_at TIMESTAMPTZ,
+    file VARCHAR, line_no BIGINT, resource_type VARCHAR, id VARCHAR, meta_version_id VARCHAR,
+    last_updated TIMESTAMPTZ, window_time TIMESTAMPTZ, content_hash UBIGINT, resource VARCHAR
 );
 CREATE TABLE IF NOT EXISTS twin.quarantine (
     run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR,
     raw VARCHAR, raw_hash VARCHAR, quarantined_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS twin.ingest_warning (
+    run_id VARCHAR, source VARCHAR, file VARCHAR, line_no BIGINT, reason VARCHAR, raw VARCHAR,
+    warned_at TIMESTAMPTZ
 );
 CREATE TABLE IF NOT EXISTS twin.run_record (
     run_id VARCHAR, source VARCHAR, flow VARCHAR, started_at TIMESTAMPTZ,
@@ -86,6 +99,12 @@ CREATE VIEW IF NOT EXISTS twin.ingest_run AS
         SELECT run_id, {", ".join(f"sum({c}) AS {c}" for c in COUNTS)} FROM ingest_batch GROUP BY run_id
     ) b USING (run_id);
 """
+
+
+WAITING_VARIANTS = (
+    "SELECT count(*) FROM twin.genomic_variant WHERE patient_id IS NULL AND patient_identifier IS NOT NULL"
+)
+"""Variant calls whose sample names a patient identifier no Patient has yet."""
 
 
 @dataclass(kw_only=True)
@@ -142,6 +161,8 @@ class TwinStore:
         self._migrate()
         self._ensure_view_tables()
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
+        (self._has_held,) = _one(self.con, "SELECT count(*) > 0 FROM twin.held_resource")
+        (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
 
     def __enter__(self) -> Self:
         return self
@@ -208,11 +229,19 @@ class TwinStore:
         """
         con = self.con
         resources, problems = batch.checked.resources, batch.checked.problems
-        con.register("batch", resources.append_column("pos", pa.array(range(len(resources)), pa.int64())))
         con.register("batch_problems", problems)
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         try:
             with self._transaction():
+                variants = batch.variants if batch.variants is not None else pa.table({})
+                by_identifier = "patient_identifier" in variants.column_names and bool(
+                    variants["patient_identifier"].null_count < len(variants)
+                )
+                if len(batch.links) or self._has_held or self._variants_wait or by_identifier:
+                    resources = self._link_patients(run, resources, batch.links, counts)
+                con.register(
+                    "batch", resources.append_column("pos", pa.array(range(len(resources)), pa.int64()))
+                )
                 if len(batch.deletions) and not window:
                     counts["deleted"] = self._delete(run, batch.deletions)
                 counts.update(quarantined=len(problems), superseded=batch.superseded)
@@ -220,12 +249,17 @@ class TwinStore:
                     self._upsert_resources(run, resources, window, counts)
                 if len(problems):
                     self._quarantine(run)
-                if batch.variants is not None and len(batch.variants):
-                    new, replaced = self._land_variants(run, batch.variants)
+                if len(variants):
+                    new, replaced = self._land_variants(run, variants)
                     counts.update(inserted=new, updated=replaced)
+                if len(batch.warnings):
+                    counts["warnings"] = self._warn(run, batch.warnings)
+                if by_identifier or self._variants_wait:
+                    counts["released"] += self._link_variants()
                 run.batches += 1
                 con.execute(
-                    f"INSERT INTO twin.ingest_batch VALUES (?, ?, ?, now(), ?{', ?' * len(COUNTS)})",
+                    f"INSERT INTO twin.ingest_batch (run_id, source, batch_no, committed_at, watermark, "
+                    f"{', '.join(COUNTS)}) VALUES (?, ?, ?, now(), ?{', ?' * len(COUNTS)})",
                     [
                         run.run_id,
                         run.source,
@@ -235,11 +269,106 @@ class TwinStore:
                     ],
                 )
         finally:
-            for name in ("batch", "batch_problems", "changed", "derived"):
+            for name in ("batch", "batch_problems", "changed", "derived", "links", "batch_patients"):
                 with contextlib.suppress(duckdb.Error):
                     con.unregister(name)
         run.counts.update(counts)
         run.by_type.update(dict(zip(*_value_counts(resources["resource_type"]), strict=True)))
+
+    def _link_patients(
+        self, run: RunReport, resources: pa.Table, links: pa.Table, counts: Counter[str]
+    ) -> pa.Table:
+        """Give each resource that names its patient by identifier (lab, genomic) the reference
+        of the twin's Patient with that identifier, known or arriving in this batch. Those whose
+        patient has not arrived wait in `held_resource`, never dropped, and are released into
+        the batch that brings it. Returns the resources to land."""
+        con = self.con
+        patients = resources.filter(pc.equal(resources["resource_type"], "Patient"))
+        con.register("batch_patients", patients)
+        con.register("links", links)
+        index = next(view for view in standard_views() if view.name == "patient_identifier")
+        con.execute("CREATE OR REPLACE TEMP VIEW resources AS FROM batch_patients")
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE arriving AS
+            SELECT system, value, min(id) AS patient_id FROM ({index.sql}) GROUP BY ALL"""
+        )
+        resolved = con.execute(
+            """WITH known AS (
+                SELECT system, value, min(patient_id) AS patient_id FROM (
+                    FROM arriving UNION ALL
+                    SELECT system, value, id FROM twin.patient_identifier
+                    WHERE (system, value) IN (SELECT (system, value) FROM links)) GROUP BY ALL)
+            SELECT l.pos, k.patient_id, l.system, l.value FROM links l
+            LEFT JOIN known k ON k.system IS NOT DISTINCT FROM l.system AND k.value = l.value
+            ORDER BY l.pos"""
+        ).to_arrow_table()
+        waiting = resolved.filter(pc.is_null(resolved["patient_id"]))
+        found = resolved.filter(pc.is_valid(resolved["patient_id"]))
+        if self._has_held:  # a copy landing now (linked or held again) replaces the held one
+            con.register("landing_keys", resources.select(["resource_type", "id"]))
+            con.execute(
+                """DELETE FROM twin.held_resource h USING landing_keys b
+                WHERE h.resource_type = b.resource_type AND h.id = b.id"""
+            )
+            con.unregister("landing_keys")
+        if len(waiting):
+            held = resources.take(waiting["pos"])
+            con.register(
+                "held",
+                held.append_column("link_system", waiting["system"]).append_column(
+                    "link_value", waiting["value"]
+                ),
+            )
+            con.execute(
+                """INSERT INTO twin.held_resource
+                SELECT link_system, link_value, $source, $run_id, now(), * EXCLUDE (link_system, link_value)
+                FROM held""",
+                {"source": run.source, "run_id": run.run_id},
+            )
+            con.unregister("held")
+            self._has_held = True
+            counts["held"] += len(waiting)
+        linked = _with_subject(resources.take(found["pos"]), found["patient_id"])
+        keep = pc.invert(pc.is_in(pa.array(range(len(resources)), pa.int64()), resolved["pos"]))
+        landing = [resources.filter(keep), linked]
+        if self._has_held and len(patients):
+            released = con.execute(
+                """SELECT h.* EXCLUDE (link_system, link_value, source, run_id, held_at), a.patient_id,
+                          h.source AS read_by, h.run_id AS read_in
+                FROM twin.held_resource h JOIN arriving a
+                    ON a.system IS NOT DISTINCT FROM h.link_system AND a.value = h.link_value"""
+            ).to_arrow_table()
+            if len(released):
+                con.register("released", released)
+                con.execute(
+                    """DELETE FROM twin.held_resource h USING released r
+                    WHERE h.resource_type = r.resource_type AND h.id = r.id"""
+                )
+                con.unregister("released")
+                counts["released"] += len(released)
+                released = _with_subject(released.drop(["patient_id"]), released["patient_id"])
+                # They keep the source and run that read them (see _upsert_resources).
+                landing = [
+                    t.append_column("read_by", pa.nulls(len(t), pa.string())).append_column(
+                        "read_in", pa.nulls(len(t), pa.string())
+                    )
+                    for t in landing
+                ] + [released]
+        return pa.concat_tables([t.cast(landing[-1].schema) for t in landing])
+
+    def _link_variants(self) -> int:
+        """Variant calls of samples named by patient identifier get the twin's Patient id once
+        it is known (here or in `arriving`, this batch's patients); returns how many did."""
+        (linked,) = _one(
+            self.con,
+            """UPDATE twin.genomic_variant t SET patient_id = k.patient_id
+            FROM (SELECT system || '|' || value AS identifier, min(patient_id) AS patient_id
+                  FROM (FROM arriving UNION ALL SELECT system, value, id FROM twin.patient_identifier)
+                  GROUP BY ALL) k
+            WHERE t.patient_id IS NULL AND t.patient_identifier = k.identifier""",
+        )
+        (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
+        return linked
 
     def _delete(self, run: RunReport, deletions: pa.Table) -> int:
         """Record what the source reports deleted and remove the stored copies (and their view
@@ -365,10 +494,15 @@ class TwinStore:
                 WHERE c.prior_version IS NOT NULL
                   AND t.resource_type = c.resource_type AND t.id = c.id""")
         if len(changed):
+            provenance = (
+                "coalesce(read_by, $source), coalesce(read_in, $run_id)"
+                if "read_by" in changed.column_names
+                else "$source, $run_id"
+            )
             con.execute(
-                """INSERT INTO twin.fhir_resource
+                f"""INSERT INTO twin.fhir_resource
                 SELECT resource_type, id, coalesce(prior_version + 1, 1), meta_version_id,
-                       last_updated, $source, $run_id, content_hash, now(), resource
+                       last_updated, {provenance}, content_hash, now(), resource
                 FROM changed""",
                 {"source": run.source, "run_id": run.run_id},
             )
@@ -397,13 +531,34 @@ class TwinStore:
                     {"source": run.source},
                 )
             con.execute(
-                "INSERT INTO twin.genomic_variant SELECT $source, *, $run_id, now() FROM variants",
+                "INSERT INTO twin.genomic_variant BY NAME "
+                "SELECT $source AS source, *, $run_id AS run_id, now() AS ingested_at FROM variants",
                 {"source": run.source, "run_id": run.run_id},
             )
         finally:
             con.unregister("variants")
         run.changed["genomic_variant"] += len(variants)
         return len(variants) - replaced, replaced
+
+    def _warn(self, run: RunReport, warnings: pa.Table) -> int:
+        """Keep spec violations of records that landed anyway; a warning already kept (same
+        file, line and reason) is kept once. Returns how many are new."""
+        self.con.register("batch_warnings", warnings)
+        try:
+            row = self.con.execute(
+                """INSERT INTO twin.ingest_warning
+                SELECT $run_id, $source, w.file, w.line_no, w.reason, w.raw, now()
+                FROM (SELECT DISTINCT * FROM batch_warnings) w
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM twin.ingest_warning k
+                    WHERE k.source = $source AND k.file = w.file AND k.line_no = w.line_no
+                      AND k.reason = w.reason)""",
+                {"run_id": run.run_id, "source": run.source},
+            ).fetchone()
+        finally:
+            self.con.unregister("batch_warnings")
+        new = int(row[0]) if row else 0
+        return new
 
     def _quarantine(self, run: RunReport) -> None:
         """Quarantine problem lines; a line already quarantined with the same text is kept once."""
@@ -428,11 +583,15 @@ class TwinStore:
                 "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [CATALOG]
             ).fetchall()
         }
-        if ("ingest_run", "deleted") in columns:
+        if ("genomic_variant", "patient_identifier") not in columns:
+            with self._transaction():
+                self.con.execute("ALTER TABLE twin.genomic_variant ADD COLUMN patient_identifier VARCHAR")
+        if all(("ingest_run", count) in columns for count in COUNTS):
             return
         with self._transaction():
-            if ("ingest_batch", "deleted") not in columns:
-                self.con.execute("ALTER TABLE twin.ingest_batch ADD COLUMN deleted BIGINT DEFAULT 0")
+            for count in COUNTS:
+                if ("ingest_batch", count) not in columns:
+                    self.con.execute(f"ALTER TABLE twin.ingest_batch ADD COLUMN {count} BIGINT DEFAULT 0")
             self.con.execute("DROP VIEW twin.ingest_run")
             self.con.execute(SCHEMA_SQL)
 
@@ -484,6 +643,16 @@ class _Transaction:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.con.execute("ROLLBACK" if et else "COMMIT")
+
+
+def _with_subject(resources: pa.Table, patient_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """The resources with `subject.reference` set to their Patient, the identifier kept."""
+    texts = [
+        text.replace(BY_IDENTIFIER, f'"subject":{{"reference":"Patient/{patient}","identifier":', 1)
+        for text, patient in zip(resources["resource"].to_pylist(), patient_ids.to_pylist(), strict=True)
+    ]
+    column = resources.schema.get_field_index("resource")
+    return resources.set_column(column, "resource", pa.array(texts, pa.string()))
 
 
 def _value_counts(values: pa.ChunkedArray) -> tuple[list[str], list[int]]:

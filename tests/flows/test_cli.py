@@ -102,6 +102,11 @@ def test_sync_synthea_exactly_as_documented(synthea: Path, tmp_path: Path, api_e
     )
     assert (rows["lab_result"], rows["vital_sign"]) == (categories["laboratory"], categories["vital-signs"])
     assert rows["observation_component"] == sum(len(o.get("component", [])) for o in observations)
+    patients = [
+        orjson.loads(line)
+        for line in gzip.decompress((synthea / "Patient.ndjson.gz").read_bytes()).splitlines()
+    ]
+    assert rows["patient_identifier"] == sum(len(p.get("identifier", [])) for p in patients)
 
 
 @pytest.mark.slow

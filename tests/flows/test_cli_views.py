@@ -86,7 +86,7 @@ def test_the_standard_views_are_listed_shown_and_documented(tmp_path: Path) -> N
     assert names == {
         "patient", "encounter", "condition", "observation", "lab_result", "vital_sign",
         "observation_component", "medication_request", "procedure", "immunization", "diagnostic_report",
-        "allergy_intolerance",
+        "allergy_intolerance", "patient_identifier",
     }  # fmt: skip
     listed = run_cli("views", "list", env={"COLUMNS": "250"}).stdout
     assert all(name in listed for name in names)

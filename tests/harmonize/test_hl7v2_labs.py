@@ -14,7 +14,7 @@ MESSAGE = "\r".join(
         "PID|1||MRN123^^^ACME^MR||Doe^Jane^Q||19800214|F",
         "OBR|1|PL1|FL1|24331-1^Lipid panel^LN|||20240301083000+0100|||||||||||||||20240301092000+0100|||F",
         "SPM|1|SP1||SER^Serum^HL70487|||||||||||||20240301083000+0100",
-        "OBX|1|NM|2093-3^Cholesterol^LN||5.50|mmol/L^mmol/L^UCUM|3.0-5.2|H|||F",
+        "OBX|1|NM|14647-2^Cholesterol^LN||5.50|mmol/L^mmol/L^UCUM|3.0-5.2|H|||F",
         "OBX|2|NM|2085-9^HDL^LN||1.20|mmol/L^mmol/L^UCUM|>1.0|N|||P|||20240301084500",
         "OBX|3|ST|8251-1^Comment^LN||hemolysed sample||||||F",
     ]
@@ -65,7 +65,7 @@ def test_files_with_lf_crlf_bom_and_mllp_framing_split_into_messages(tmp_path: P
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        (MESSAGE.replace("2093-3", "2093-4"), "OBX-3 holds '2093-4', which is not a LOINC code"),
+        (MESSAGE.replace("14647-2", "14647-3"), "OBX-3 holds '14647-3', which is not a LOINC code"),
         (MESSAGE.replace("ORU^R01^ORU_R01", "ADT^A01"), "is ADT^A01 (MSH-9)"),
         ("\r".join(line for line in MESSAGE.split("\r") if not line.startswith("PID")), "has no PID segment"),
         (MESSAGE.replace("MRN123^^^ACME^MR", ""), "PID-3 holds no patient identifier"),

@@ -20,7 +20,7 @@ SOURCE = LabCsvSource(
     ),
 )  # fmt: skip
 ROW = {
-    "result_id": "r1", "mrn": "p1", "test": "2345-7", "taken": "2024-03-01T08:30:00+01:00",
+    "result_id": "r1", "mrn": "p1", "test": "14749-6", "taken": "2024-03-01T08:30:00+01:00",
     "result": "5.50", "units": "mmol/L", "ucum": "mmol/L", "name": "Glucose", "low": "3.9",
     "high": "6.10", "flag": "N", "coded": "", "coded_system": "",
 }  # fmt: skip
@@ -41,7 +41,7 @@ def test_a_numeric_row_becomes_a_valid_lab_observation_keeping_the_decimals_as_w
     assert resource["effectiveDateTime"] == "2024-03-01T08:30:00+01:00", "the time zone is kept"
     assert resource["subject"] == {"reference": "Patient/p1"}
     assert resource["code"]["coding"] == [  # type: ignore[index]
-        {"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}
+        {"system": "http://loinc.org", "code": "14749-6", "display": "Glucose"}
     ]
     assert resource["referenceRange"][0]["high"]["value"] == 6.1  # type: ignore[index]
     assert resource["interpretation"][0]["coding"][0]["code"] == "N"  # type: ignore[index]

@@ -1,0 +1,508 @@
+"""VCF 4.1-4.5 spec checks, on the file's text, before htslib reads it.
+
+A broken header (no `##fileformat=VCFv4.x` first, a meta line that does not parse, a
+declaration with a bad ID, Number, Type or Description, a wrong `#CHROM` line) makes the file
+unreadable as VCF: `check_header` raises `VcfSpecError` naming the line and the rule, and the
+connector quarantines the file whole. Everything a record breaks (its CHROM, POS, ID, REF, ALT,
+QUAL, FILTER, INFO, FORMAT and sample columns, duplicates and sort order) is a warning: the
+record still lands, and `check_text` says which line broke which rule.
+
+Record rules (`RECORD_RULES`) are SQL predicates run by DuckDB over a chunk of lines at once:
+one row per line, per distinct FORMAT, per distinct INFO entry and per distinct sample value
+(values repeat from line to line, so each is judged once and only failing ones are traced back
+to their lines). No Python loop per record. Sort order and duplicates are checked within a chunk
+(500,000 lines).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+
+from connectors.base import PROBLEM_SCHEMA
+
+VERSIONS = ("VCFv4.1", "VCFv4.2", "VCFv4.3", "VCFv4.4", "VCFv4.5")
+COLUMNS = ("#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO")
+TYPES = {"Integer", "Float", "Flag", "Character", "String"}
+ALT_TYPES = ("DEL", "INS", "DUP", "INV", "CNV", "BND", "CNV:TR")
+
+# Reserved keys and the (Number, Type) the spec (4.3, section 1.6.1) gives them.
+RESERVED_INFO = {
+    "AA": ("1", "String"), "AC": ("A", "Integer"), "AD": ("R", "Integer"), "ADF": ("R", "Integer"),
+    "ADR": ("R", "Integer"), "AF": ("A", "Float"), "AN": ("1", "Integer"), "BQ": ("1", "Float"),
+    "CIGAR": ("A", "String"), "DB": ("0", "Flag"), "DP": ("1", "Integer"), "END": ("1", "Integer"),
+    "H2": ("0", "Flag"), "H3": ("0", "Flag"), "MQ": ("1", "Float"), "MQ0": ("1", "Integer"),
+    "NS": ("1", "Integer"), "SOMATIC": ("0", "Flag"),
+    "VALIDATED": ("0", "Flag"), "1000G": ("0", "Flag"),
+}  # fmt: skip
+RESERVED_FORMAT = {
+    "AD": ("R", "Integer"), "ADF": ("R", "Integer"), "ADR": ("R", "Integer"), "DP": ("1", "Integer"),
+    "EC": ("A", "Integer"), "FT": ("1", "String"), "GL": ("G", "Float"), "GP": ("G", "Float"),
+    "GQ": ("1", "Integer"), "GT": ("1", "String"), "HQ": ("2", "Integer"), "MQ": ("1", "Integer"),
+    "PL": ("G", "Integer"), "PQ": ("1", "Integer"), "PS": ("1", "Integer"),
+}  # fmt: skip
+
+NOT_NEGATIVE = ("AC", "AD", "ADF", "ADR", "AF", "AN", "BQ", "DP", "END", "MQ", "MQ0", "NS")
+"""Reserved INFO keys that count or measure something, so are never negative."""
+META_KEY = re.compile(r"[A-Za-z_][0-9A-Za-z_.-]*")
+KEY = r"[A-Za-z_][0-9A-Za-z_.]*|1000G"
+"""INFO and FORMAT keys (and the IDs that declare them)."""
+CHROM = r"<[0-9A-Za-z!#$%&+./;=?@^_|~-]+>|[0-9A-Za-z!#$%&+./;?@^_|~-][0-9A-Za-z!#$%&+./;=?@^_|~-]*"
+"""Contig names (4.3 on): no whitespace, commas, colons, asterisks or stray angle brackets."""
+
+
+def contig_pattern(version: str) -> str:
+    """4.1 and 4.2 allow an asterisk in contig names."""
+    return CHROM if version >= "VCFv4.3" else CHROM.replace("+./", "*+./")
+
+
+NAME = re.compile(r"[0-9A-Za-z!#$%&+./;=?@^_|~-]+")
+"""Sample and pedigree names in meta lines."""
+URL = re.compile(
+    r"<[^<>]+>|[a-z]+://([^\s/@]+@)?([0-9]+(\.[0-9]+){3}|[A-Za-z0-9-]*[A-Za-z][A-Za-z0-9.-]*)(:[0-9]+)?(/\S*)?"
+)
+ID_VALUE = re.compile(r"[^\s,<>]+")
+INTEGER = r"[+-]?[0-9]+"
+FLOAT = r"[+-]?([0-9]+\.?[0-9]*([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?|(?i:inf|infinity|nan))"
+BASES = r"[ACGTNacgtn]+"
+ALLELE = (
+    rf"{BASES}|\*|<[^<>\s,]+>|\.{BASES}|{BASES}\."
+    rf"|{BASES}[\[\]][^\[\]\s,]+:[0-9]+[\[\]]|[\[\]][^\[\]\s,]+:[0-9]+[\[\]]{BASES}"
+)
+"""An ALT allele: bases, `*`, a symbolic <ID>, a single or a paired breakend."""
+GENOTYPE = r"[/|]?(\.|[0-9]+)([/|](\.|[0-9]+))*"
+INT_MIN, INT_MAX = -(2**31) + 8, 2**31 - 1
+"""htslib reserves the eight smallest 32-bit integers for missing and end-of-vector values."""
+
+
+class VcfSpecError(Exception):
+    """The file is not VCF the spec describes: where and why."""
+
+    def __init__(self, line_no: int, reason: str, raw: str = "") -> None:
+        super().__init__(f"line {line_no}: {reason}")
+        self.line_no, self.reason, self.raw = line_no, reason, raw
+
+
+@dataclass(kw_only=True)
+class Header:
+    version: str
+    lines: int
+    """How many header lines (with the #CHROM line): data line k is file line `lines + k`."""
+    samples: list[str]
+    info: dict[str, tuple[str, str]] = field(default_factory=dict)
+    format: dict[str, tuple[str, str]] = field(default_factory=dict)
+    warnings: list[tuple[int, str, str]] = field(default_factory=list)
+    """Header lines that break a rule without making the file unreadable: (line, reason, raw)."""
+
+
+def check_header(lines: list[str]) -> Header:
+    """Parse and check the header lines (the `##` lines and the `#CHROM` line)."""
+    if not lines or not lines[0].startswith("##fileformat="):
+        raise VcfSpecError(1, "the first line must be ##fileformat=VCFv4.x", lines[0] if lines else "")
+    version = lines[0].removeprefix("##fileformat=")
+    if version not in VERSIONS:
+        raise VcfSpecError(
+            1, f"unknown fileformat {version!r} (expected one of {', '.join(VERSIONS)})", lines[0]
+        )
+    header = Header(version=version, lines=len(lines), samples=[])
+    for n, line in enumerate(lines[1:-1], start=2):
+        _check_meta(header, n, line)
+    _check_columns(header, len(lines), lines[-1])
+    return header
+
+
+def _check_meta(header: Header, n: int, line: str) -> None:
+    if not line.startswith("##"):
+        raise VcfSpecError(n, "a header line must start with ## (or be the #CHROM line, last)", line)
+    key, eq, value = line[2:].partition("=")
+    if not eq or not META_KEY.fullmatch(key):
+        raise VcfSpecError(n, "a meta line must be ##key=value with a key of letters, digits, _ . -", line)
+    if not value:
+        raise VcfSpecError(n, f"meta line {key} has an empty value", line)
+    if key in ("assembly", "pedigreeDB") and not URL.fullmatch(value):
+        raise VcfSpecError(n, f"##{key} must be a URL (or <ID=...>)", line)
+    structured = ("INFO", "FORMAT", "FILTER", "ALT", "contig", "SAMPLE", "PEDIGREE", "META")
+    if not value.startswith("<") and key not in structured:
+        return
+    if not (value.startswith("<") and value.endswith(">")):
+        raise VcfSpecError(n, f"structured meta line {key} is not closed with >", line)
+    if key not in structured:
+        return
+    fields = _fields(n, line, value[1:-1])
+    names = [name for name, _, _ in fields]
+    attrs = {name: (text, quoted) for name, text, quoted in fields}
+    if (
+        key in structured[:6] or key == "META" or (key == "PEDIGREE" and header.version >= "VCFv4.3")
+    ) and "ID" not in attrs:
+        raise VcfSpecError(n, f"{key} line has no ID", line)
+    ident = attrs.get("ID", ("", False))[0]
+    if key in ("INFO", "FORMAT"):
+        _check_declaration(header, n, line, key, names, attrs)
+    elif key == "ALT":
+        if names[:1] != ["ID"] or ("Description" in attrs and names[1] != "Description"):
+            raise VcfSpecError(n, "ALT fields must come in the order ID, Description", line)
+        if not ID_VALUE.fullmatch(ident) or (":" in ident and not ident.startswith(ALT_TYPES)):
+            types = ", ".join(ALT_TYPES)
+            raise VcfSpecError(n, f"ALT ID {ident!r} must start with one of {types} when it has a ':' "
+                               "and hold no whitespace, commas or angle brackets", line)  # fmt: skip
+        _check_number_type(n, line, "ALT", attrs)
+    elif key == "contig" and not re.fullmatch(contig_pattern(header.version), ident):
+        raise VcfSpecError(n, f"contig ID {ident!r} is not a valid contig name", line)
+    elif (
+        key == "SAMPLE"
+        and header.version < "VCFv4.3"
+        and not (
+            {"Genomes", "Mixture", "Description"} <= set(attrs)
+            and all(quoted == (name == "Description") for name, (_, quoted) in attrs.items())
+        )
+    ):
+        raise VcfSpecError(n, "a 4.1/4.2 SAMPLE line needs Genomes, Mixture and a quoted Description, "
+                       "and only the Description quoted", line)  # fmt: skip
+    elif key in ("SAMPLE", "PEDIGREE"):
+        bad = [text for name, (text, quoted) in attrs.items() if not quoted and not NAME.fullmatch(text)
+               and not (key == "SAMPLE" and name not in ("ID",))]  # fmt: skip
+        if bad:
+            raise VcfSpecError(n, f"{key} value {bad[0]!r} holds characters a sample name cannot", line)
+    elif key == "META":
+        if names[:3] != ["ID", "Number", "Type"]:
+            raise VcfSpecError(n, "META fields must come in the order ID, Number, Type, Values", line)
+        _check_number_type(n, line, "META", attrs)
+        values = attrs.get("Values", ("", False))[0]
+        if not (values.startswith("[") and values.endswith("]")):
+            raise VcfSpecError(n, "META Values must be a [list]", line)
+
+
+def _check_declaration(
+    header: Header, n: int, line: str, key: str, names: list[str], attrs: dict[str, tuple[str, bool]]
+) -> None:
+    ident = attrs["ID"][0]
+    if names[:4] != ["ID", "Number", "Type", "Description"]:
+        raise VcfSpecError(
+            n, f"{key} fields must come first in the order ID, Number, Type, Description", line
+        )
+    if not re.fullmatch(KEY, ident):
+        raise VcfSpecError(n, f"{key} ID {ident!r} must be letters, digits, _ and . (not first)", line)
+    number, kind = _check_number_type(n, line, key, attrs)
+    if key == "FORMAT" and kind == "Flag":
+        raise VcfSpecError(n, "a FORMAT field cannot be of Type Flag", line)
+    if not attrs["Description"][1]:
+        raise VcfSpecError(n, f"{key} Description must be in double quotes", line)
+    reserved = (RESERVED_INFO if key == "INFO" else RESERVED_FORMAT).get(ident)
+    if reserved and reserved != (number, kind):
+        header.warnings.append(
+            (n, f"reserved {key} {ident} must be Number={reserved[0]}, Type={reserved[1]}", line)
+        )
+    (header.info if key == "INFO" else header.format)[ident] = (number, kind)
+
+
+def _check_number_type(n: int, line: str, key: str, attrs: dict[str, tuple[str, bool]]) -> tuple[str, str]:
+    number, kind = attrs.get("Number", (".", False))[0], attrs.get("Type", ("String", False))[0]
+    if not re.fullmatch(r"[0-9]+|[ARG.]|LA|LR|LG|P|M", number):
+        raise VcfSpecError(n, f"{key} Number {number!r} must be an integer, A, R, G or .", line)
+    if kind not in TYPES:
+        raise VcfSpecError(n, f"{key} Type {kind!r} must be one of {', '.join(sorted(TYPES))}", line)
+    return number, kind
+
+
+def _fields(n: int, line: str, text: str) -> list[tuple[str, str, bool]]:
+    """The key=value fields of a <...> meta line: (key, value, was quoted)."""
+    fields, at = [], 0
+    while at < len(text):
+        eq = text.find("=", at)
+        if eq < 0:
+            raise VcfSpecError(n, f"field {text[at:]!r} is not key=value", line)
+        name = text[at:eq]
+        if not re.fullmatch(r"[A-Za-z_][0-9A-Za-z_.-]*", name):
+            raise VcfSpecError(n, f"field {name!r} is not key=value", line)
+        if text.startswith('"', eq + 1):
+            match = re.compile(r'"((?:[^"\\]|\\.)*)"(,|$)').match(text, eq + 1)
+            if not match:
+                raise VcfSpecError(
+                    n, f"the quoted value of {name} is not closed, or has an unescaped quote", line
+                )
+            fields.append((name, match.group(1), True))
+            at = match.end()
+        else:
+            end = text.find(",", eq + 1) if not text.startswith("[", eq + 1) else text.find("]", eq) + 1
+            end = len(text) if end <= 0 else end
+            value = text[eq + 1 : end]
+            if not value or (re.search(r"\s", value) and not value.startswith("[")):
+                raise VcfSpecError(
+                    n, f"the value of {name} must be quoted (it is empty or holds spaces)", line
+                )
+            fields.append((name, value, False))
+            at = end + 1 if text.startswith(",", end) else end
+    return fields
+
+
+def _check_columns(header: Header, n: int, line: str) -> None:
+    columns = line.split("\t")
+    if not line.startswith("#CHROM") or tuple(columns[:8]) != COLUMNS:
+        raise VcfSpecError(
+            n, "the header must end with a tab-separated #CHROM POS ID REF ALT QUAL FILTER INFO line", line
+        )
+    if len(columns) > 8 and columns[8] != "FORMAT":
+        raise VcfSpecError(n, "the column after INFO must be FORMAT", line)
+    if len(columns) == 9:
+        raise VcfSpecError(n, "a FORMAT column needs at least one sample column after it", line)
+    header.samples = columns[9:]
+    if len(set(header.samples)) != len(header.samples) or not all(header.samples):
+        raise VcfSpecError(n, "sample names must be unique and not empty", line)
+
+
+# -- records ----------------------------------------------------------------------------------
+
+SPLIT = """
+CREATE OR REPLACE TEMP TABLE rec AS
+SELECT line_no, f[1] AS chrom, f[2] AS pos, f[3] AS id, f[4] AS ref, f[5] AS alt, f[6] AS qual,
+       f[7] AS filter, f[8] AS info, f[9] AS format, f[10:] AS samples, len(f) AS n_fields,
+       CASE WHEN f[5] = '.' THEN [] ELSE string_split(f[5], ',') END AS alts,
+       CASE WHEN f[5] = '.' THEN 0 ELSE len(string_split(f[5], ',')) END AS n_alt,
+       string_split(f[9], ':') AS keys
+FROM (SELECT line_no, string_split(line, chr(9)) AS f FROM body);
+CREATE OR REPLACE TEMP TABLE format_at AS SELECT line_no, format FROM rec WHERE n_fields > 8;
+CREATE OR REPLACE TEMP TABLE format AS
+SELECT format, string_split(format, ':') AS keys FROM (SELECT DISTINCT format FROM format_at);
+CREATE OR REPLACE TEMP TABLE info_at AS
+SELECT line_no, n_alt, entry FROM (
+    SELECT line_no, n_alt, unnest(string_split(info, ';')) AS entry FROM rec
+    WHERE info <> '.' AND n_fields >= 8);
+CREATE OR REPLACE TEMP TABLE info AS  -- each distinct entry once: most repeat from line to line
+SELECT i.*, d.number, d.kind, 2 AS ploidy FROM (
+    SELECT entry, n_alt, split_part(entry, '=', 1) AS key,
+           CASE WHEN contains(entry, '=') THEN entry[strpos(entry, '=') + 1:] END AS val
+    FROM (SELECT DISTINCT entry, n_alt FROM info_at)) i
+LEFT JOIN info_decl d USING (key);
+CREATE OR REPLACE TEMP TABLE cell AS
+SELECT line_no, n_alt, keys, s, vals,
+       CASE WHEN keys[1] = 'GT' THEN len(regexp_split_to_array(vals[1], '[/|]')) ELSE 2 END AS ploidy
+FROM (SELECT line_no, n_alt, keys, s, string_split(sample, ':') AS vals FROM (
+    SELECT line_no, n_alt, keys, unnest(samples) AS sample, unnest(range(1, len(samples) + 1)) AS s
+    FROM rec WHERE n_fields >= 10));
+CREATE OR REPLACE TEMP TABLE gt AS
+SELECT line_no, n_alt, s, vals[1] AS gt,
+       list_transform(regexp_split_to_array(vals[1], '[/|]'), a -> TRY_CAST(a AS INTEGER)) AS alleles
+FROM cell WHERE keys[1] = 'GT';
+CREATE OR REPLACE TEMP TABLE value_at AS  -- only the values a declared Type or Number constrains
+SELECT c.* FROM (
+    SELECT line_no, n_alt, s, ploidy, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val
+    FROM cell) c
+SEMI JOIN format_decl d ON c.key = d.key AND (d.kind <> 'String' OR d.number <> '.')
+WHERE c.key <> 'GT';
+CREATE OR REPLACE TEMP TABLE value AS  -- each distinct value once
+SELECT v.*, d.number, d.kind FROM (SELECT DISTINCT key, val, n_alt, ploidy FROM value_at) v
+JOIN format_decl d USING (key);
+"""
+
+# Which count a Number asks for, given n_alt alternate alleles and a ploidy.
+EXPECTED = """CASE WHEN number = '.' OR n_alt = 0 AND number IN ('A', 'R', 'G') THEN NULL
+    ELSE CASE number WHEN 'A' THEN n_alt WHEN 'R' THEN n_alt + 1
+    WHEN 'G' THEN CAST(round(exp(lgamma(n_alt + ploidy + 1) - lgamma(ploidy + 1) - lgamma(n_alt + 1)))
+        AS BIGINT)
+    ELSE TRY_CAST(number AS BIGINT) END END"""
+COUNT = "(length(val) - length(replace(val, ',', '')) + 1)"
+"""How many comma-separated values a value holds."""
+
+
+def _listed(pattern: str) -> str:
+    """A comma-separated list of values matching `pattern`, each possibly missing (. or empty)."""
+    return f"(({pattern})|\\.)?(,(({pattern})|\\.)?)*"
+
+
+def _typed(kind: str) -> str:
+    """SQL: true when `val` holds a value that is not of the declared type (or out of range)."""
+    return f"""CASE {kind}
+        WHEN 'Integer' THEN NOT regexp_full_match(val, '{_listed(INTEGER)}')
+            OR regexp_matches(val, '[0-9]{{10}}') AND list_bool_or(list_transform(string_split(val, ','),
+                v -> NOT coalesce(TRY_CAST(v AS HUGEINT) BETWEEN {INT_MIN} AND {INT_MAX}, true)))
+        WHEN 'Float' THEN NOT regexp_full_match(val, '{_listed(FLOAT)}')
+        WHEN 'Character' THEN NOT regexp_full_match(val, '{_listed("[^,]")}')
+        ELSE false END"""
+
+
+RECORD_RULES: list[tuple[str, str, str]] = [
+    # (table, reason: a SQL text expression, the condition that breaks the rule)
+    ("rec", "'a data line must have ' || $n_columns || ' tab-separated columns, not ' || n_fields",
+     "n_fields <> $n_columns"),
+    ("rec", "'CHROM ' || chrom || ' is not a valid contig name'", "NOT regexp_full_match(chrom, $chrom)"),
+    ("rec", "'POS ' || pos || ' is not a positive integer'", "coalesce(TRY_CAST(pos AS BIGINT) < 0, true)"),
+    ("rec", "'ID ' || id || ' must be . or ;-separated names without whitespace'",
+     r"id <> '.' AND NOT regexp_full_match(id, '[^\s;]+(;[^\s;]+)*')"),
+    ("rec", "'ID ' || id || ' names one identifier twice'",
+     "id <> '.' AND len(list_distinct(string_split(id, ';'))) <> len(string_split(id, ';'))"),
+    ("rec", "'REF ' || ref || ' must be bases (A, C, G, T, N)'", f"NOT regexp_full_match(ref, '{BASES}')"),
+    ("rec", "'ALT ' || alt || ' is not a list of alleles (bases, *, <ID> or breakends)'",
+     f"alt <> '.' AND NOT list_bool_and(list_transform(alts, a -> regexp_full_match(a, '{ALLELE}')))"),
+    ("rec", "'QUAL ' || qual || ' must be . or a number >= 0'",
+     f"qual <> '.' AND (NOT regexp_full_match(qual, '{FLOAT}') OR TRY_CAST(qual AS DOUBLE) < 0)"),
+    ("rec", "'FILTER ' || filter || ' must be PASS, . or ;-separated filter names'",
+     r"filter <> '.' AND (NOT regexp_full_match(filter, '[^\s;]+(;[^\s;]+)*') OR contains(filter, ';.')"
+     r" OR filter LIKE '.;%' OR list_contains(string_split(filter, ';'), '0')"
+     " OR len(list_distinct(string_split(filter, ';'))) <> len(string_split(filter, ';')))"),
+    ("format", "'FORMAT ' || format || ' must be :-separated keys, GT first, each once'",
+     "(NOT list_bool_and(list_transform(keys, k -> regexp_full_match(k, $format_key)))"
+     " OR (list_contains(keys, 'GT') AND keys[1] <> 'GT') OR len(list_distinct(keys)) <> len(keys))"),
+    ("info", "'INFO ' || entry || ' is not key or key=value with a valid key'",
+     rf"NOT regexp_full_match(key, '{KEY}') OR regexp_matches(entry, '\s')"),
+    ("rec", "'INFO ' || info || ' names a key more than once'",
+     "info <> '.' AND len(list_distinct(list_transform(string_split(info, ';'), e -> split_part(e, '=', 1))))"
+     " <> len(string_split(info, ';'))"),
+    ("info", "'INFO ' || entry || ': ' || key || ' is a Flag and takes no value'",
+     "kind = 'Flag' AND val IS NOT NULL AND val NOT IN ('0', '1')"),
+    ("info", "'INFO ' || entry || ': ' || key || ' needs a value'", "val IS NULL AND kind <> 'Flag'"),
+    ("info", "'INFO ' || entry || ' is not of Type ' || kind", f"val IS NOT NULL AND {_typed('kind')}"),
+    ("info", "'INFO ' || entry || ' does not have the number of values its Number says'",
+     "val IS NOT NULL AND val <> '.' AND kind <> 'Flag' AND number <> 'G'"
+     f" AND NOT (kind = 'String' AND starts_with(val, '\"')) AND {COUNT} <> ({EXPECTED})"),
+    ("info", "'INFO ' || entry || ': ' || key || ' cannot be negative'",
+     f"list_contains({list(NOT_NEGATIVE)}, key) AND contains(val, '-')"
+     " AND list_bool_or(list_transform(string_split(val, ','), v -> TRY_CAST(v AS DOUBLE) < 0))"),
+    ("info", "'INFO ' || entry || ' is not a CIGAR string'",
+     f"key = 'CIGAR' AND NOT regexp_full_match(val, '{_listed('([0-9]+[MIDNSHPX=])+')}')"),
+    ("cell", "'sample ' || s || ' has more fields than FORMAT has keys'", "len(vals) > len(keys)"),
+    ("gt", "'sample ' || s || ' genotype ' || gt || ' is not a valid GT'",
+     f"NOT regexp_full_match(gt, '{GENOTYPE}')"),
+    ("gt", "'sample ' || s || ' genotype ' || gt || ' names an allele ALT does not have'",
+     f"regexp_full_match(gt, '{GENOTYPE}') AND n_alt > 0 AND list_max(alleles) > n_alt"),
+    ("value", "'sample ' || s || ' ' || key || '=' || val || ' is not of Type ' || kind",
+     _typed("kind")),
+    ("value", "'sample ' || s || ' ' || key || '=' || val || ' does not have the number of values '"
+     " || 'its Number says'",
+     f"val <> '.' AND {COUNT} <> ({EXPECTED.replace('ploidy', 'coalesce(ploidy, 2)')})"),
+]  # fmt: skip
+
+ORDER_RULES = """
+WITH alleles AS (
+    SELECT line_no, chrom, TRY_CAST(pos AS BIGINT) AS pos, ref, unnest(alts) AS alt FROM rec),
+trimmed AS (  -- one spelling per variant: drop the shared last bases, then the shared first ones
+    SELECT *, len(list_filter(range(1, least(length(r), length(a))),
+                              i -> r[1:i] = a[1:i])) AS head
+    FROM (SELECT *, ref[:length(ref) - tail] AS r, alt[:length(alt) - tail] AS a FROM (
+        SELECT *, len(list_filter(range(1, least(length(ref), length(alt))),
+                                  i -> ref[-i:] = alt[-i:])) AS tail
+        FROM alleles WHERE regexp_full_match(alt, '[ACGTNacgtn]+') AND pos IS NOT NULL))),
+dup AS (
+    SELECT line_no, 'variant ' || chrom || ':' || (pos + head) || ' ' || r[head + 1:] || '>'
+           || a[head + 1:] || ' is also on line ' || first_value(line_no) OVER w AS reason,
+           row_number() OVER w AS nth
+    FROM trimmed WINDOW w AS (PARTITION BY chrom, pos + head, upper(r[head + 1:]), upper(a[head + 1:])
+                              ORDER BY line_no)),
+runs AS (
+    SELECT *, sum(CASE WHEN chrom IS DISTINCT FROM before THEN 1 ELSE 0 END) OVER (ORDER BY line_no) AS run
+    FROM (SELECT line_no, chrom, TRY_CAST(pos AS BIGINT) AS pos,
+                 lag(chrom) OVER (ORDER BY line_no) AS before,
+                 lag(TRY_CAST(pos AS BIGINT)) OVER (ORDER BY line_no) AS pos_before
+          FROM rec WHERE NOT starts_with(chrom, '<')))
+SELECT line_no, reason FROM dup WHERE nth > 1
+UNION ALL
+SELECT line_no, 'records are not sorted: POS ' || pos || ' comes after ' || pos_before
+FROM runs WHERE chrom = before AND pos < pos_before
+UNION ALL
+SELECT line_no, 'records of ' || chrom || ' are not contiguous (it appeared before)'
+FROM runs r WHERE chrom IS DISTINCT FROM before
+    AND EXISTS (SELECT 1 FROM runs o WHERE o.chrom = r.chrom AND o.run < r.run)
+"""
+
+
+DISTINCT = {"format": "format", "info": "entry, n_alt", "value": "key, val, n_alt, ploidy"}
+"""Tables that hold each distinct value once, and how to find the lines (in `<table>_at`)."""
+
+
+def _rule_sql(table: str, reason: str, condition: str) -> str:
+    """The lines that break one rule, with the reason. Rules on a table of distinct values are
+    judged once per value, then the lines that hold a failing value are looked up."""
+    where = f"coalesce({condition}, false)"
+    reason = f"coalesce({reason}, 'a {table} rule fails')"
+    if table not in DISTINCT:
+        return f"SELECT line_no, {reason} AS reason FROM {table} WHERE {where}"
+    failing = f"SELECT * FROM {table} WHERE {where}"
+    return f"SELECT line_no, {reason} AS reason FROM {table}_at JOIN ({failing}) USING ({DISTINCT[table]})"
+
+
+class RecordChecker:
+    """Runs the record rules over chunks of data lines of one file; one DuckDB connection."""
+
+    def __init__(self, header: Header) -> None:
+        self.header = header
+        self.con = duckdb.connect(config={"threads": 1})
+        info = {**RESERVED_INFO, **header.info}
+        fmt = {**RESERVED_FORMAT, **header.format}
+        for name, decl in (("info_decl", info), ("format_decl", fmt)):
+            self.con.register(name, pa.table({
+                "key": list(decl),
+                "number": [v[0] for v in decl.values()],
+                "kind": [v[1] for v in decl.values()],
+            }))  # fmt: skip
+        self.params = {
+            "chrom": contig_pattern(header.version),
+            "format_key": KEY,
+            "n_columns": 8 + (len(header.samples) + 1 if header.samples else 0),
+        }
+        self.sql = " UNION ALL ".join(_rule_sql(*rule) for rule in RECORD_RULES)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def warnings(self, first_line: int, lines: list[str]) -> list[tuple[int, str, str]]:
+        """(line, reason, text) for each rule a line of this chunk breaks; lines count from `first_line`."""
+        if not lines:
+            return []
+        body = pa.table({"line_no": pa.array(range(first_line, first_line + len(lines)), pa.int64()),
+                         "line": pa.array(lines, pa.string())})  # fmt: skip
+        con = self.con
+        con.register("body", body)
+        try:
+            con.execute(SPLIT)
+            found = con.execute(
+                f"""SELECT line_no, b.line, reason FROM (({self.sql}) UNION ALL ({ORDER_RULES}))
+                JOIN body b USING (line_no) ORDER BY line_no""",
+                self.params,
+            ).fetchall()
+        finally:
+            con.unregister("body")
+        return [(int(n), reason, line) for n, line, reason in found]
+
+
+def file_warnings(file: str, rows: Iterable[tuple[int, str, str]], limit: int = 1000) -> pa.Table:
+    """The first `limit` warnings of a file as PROBLEM_SCHEMA rows (and one that counts the rest)."""
+    kept: list[tuple[int, str, str]] = []
+    more = 0
+    for row in rows:
+        if len(kept) < limit:
+            kept.append(row)
+        else:
+            more += 1
+    if more:
+        kept.append((0, f"{more} more spec violations not recorded (only the first {limit} are)", ""))
+    return pa.table(
+        {"file": [file] * len(kept), "line_no": [r[0] for r in kept], "reason": [r[1] for r in kept],
+         "raw": [r[2] for r in kept]},
+        schema=PROBLEM_SCHEMA,
+    )  # fmt: skip
+
+
+def check_text(file: str, text: str, *, chunk_lines: int = 500_000) -> pa.Table:
+    """The warnings of a whole VCF text; raises `VcfSpecError` when its header is broken."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if "\r" in text:
+        lines = [line.removesuffix("\r") for line in lines]
+    if not lines:
+        raise VcfSpecError(1, "the file is empty")
+    n_header = next((n for n, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    header = check_header(lines[:n_header])
+    found = list(header.warnings)
+    if not text.endswith("\n"):
+        found.append((len(lines), "the last line does not end with a newline", lines[-1]))
+    checker = RecordChecker(header)
+    try:
+        for start in range(n_header, len(lines), chunk_lines):
+            found += checker.warnings(start + 1, lines[start : start + chunk_lines])
+    finally:
+        checker.close()
+    return file_warnings(file, sorted(found))

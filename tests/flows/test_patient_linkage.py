@@ -1,0 +1,118 @@
+"""Lab messages that name their patient by MRN, through the real pipeline into a real store:
+linked to the twin's Patient with that identifier, held until it arrives, never dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
+from connectors.vcf import VcfConnector
+from flows.sync import harmonized, land_batches
+from tests.conftest import run_cli, write_ndjson
+from tests.harmonize.test_hl7v2_labs import MESSAGE
+from twin_store import RunReport, TwinStore, connect
+
+MRN = "http://hospital.example.org/mrn"
+
+
+def land(store: Path, source: Hl7v2Source | FhirNdjsonSource) -> RunReport:
+    with TwinStore(store) as st:
+        run = st.begin_run(source.name, "sync")
+        if isinstance(source, Hl7v2Source):
+            land_batches(st, run, harmonized(source, Hl7v2Connector(source).pull(None)))
+        else:
+            land_batches(st, run, FhirNdjsonConnector(source).pull(None))
+        return st.finish_run(run, "succeeded")
+
+
+@pytest.mark.parametrize("patient_first", [True, False])
+def test_hl7_results_link_to_the_ehr_patient_with_their_mrn(tmp_path: Path, patient_first: bool) -> None:
+    (tmp_path / "in.hl7").write_text(MESSAGE.replace("MRN123", "M-7"))
+    labs = Hl7v2Source(
+        name="labs",
+        kind="hl7v2",
+        path=tmp_path / "in.hl7",
+        patient_systems={"ACME": MRN},
+        create_patients=False,
+    )
+    ehr = FhirNdjsonSource(
+        name="ehr", kind="fhir-ndjson",
+        path=write_ndjson(tmp_path / "p.ndjson", [
+            {"resourceType": "Patient", "id": "jane", "identifier": [{"system": MRN, "value": "M-7"}]},
+        ]),
+    )  # fmt: skip
+    first, second = (ehr, labs) if patient_first else (labs, ehr)
+    land(tmp_path / "store", first)
+    report = land(tmp_path / "store", second)
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT count(*) FROM patient").fetchone() == (1,), "no second Patient from PID"
+    assert con.sql("SELECT DISTINCT patient_id FROM observation").fetchall() == [("jane",)]
+    assert con.sql("SELECT count(*) FROM observation").fetchone() == (3,)
+    assert con.sql("SELECT DISTINCT patient_id FROM diagnostic_report").fetchall() == [("jane",)]
+    assert con.sql("SELECT count(*) FROM held_resource").fetchone() == (0,)
+    if not patient_first:  # report, specimen and 3 observations waited, then came with Jane
+        assert (report.counts["released"], report.counts["inserted"]) == (5, 6)
+        held = con.sql("SELECT sum(held) FROM ingest_run WHERE source = 'labs'").fetchone()
+        assert held == (5,)
+
+
+def test_status_shows_results_waiting_for_their_patient(tmp_path: Path) -> None:
+    (tmp_path / "in.hl7").write_text(MESSAGE)
+    labs = Hl7v2Source(
+        name="labs",
+        kind="hl7v2",
+        path=tmp_path / "in.hl7",
+        patient_systems={"ACME": MRN},
+        create_patients=False,
+    )
+    land(tmp_path / "store", labs)
+    (tmp_path / "twinhub.toml").write_text(
+        f'[store]\npath = "{tmp_path / "store"}"\n[[sources]]\nname = "labs"\nkind = "hl7v2"\n'
+        f'path = "{tmp_path / "in.hl7"}"\ncreate_patients = false\npatient_systems = {{ ACME = "{MRN}" }}\n'
+    )
+    status = run_cli("--config", str(tmp_path / "twinhub.toml"), "status", env={"COLUMNS": "250"}).stdout
+    assert "Waiting for their patient" in status
+    (waiting,) = [line for line in status.splitlines() if "FHIR resources" in line]
+    assert [cell.strip() for cell in waiting.split("│")[1:6]] == ["labs", "FHIR resources", MRN, "5", "1"]
+
+
+def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tmp_path: Path) -> None:
+    from connectors.vcf import VcfReportable, VcfSource
+    from tests.connectors.test_vcf import RECORDS, write_vcf
+
+    genome = VcfSource(
+        name="seq", kind="vcf", path=write_vcf(tmp_path / "calls.vcf", RECORDS),
+        samples={"S1": "M-7"}, patient_system=MRN, reportable=VcfReportable(genes=["APC"]),
+    )  # fmt: skip
+    with TwinStore(tmp_path / "store") as st:
+        run = st.begin_run("seq", "sync")
+        land_batches(st, run, harmonized(genome, VcfConnector(genome).pull(None)))
+        st.finish_run(run, "succeeded")
+    # S1's three calls all lie in APC: three variant Observations and a report wait; S2 has no
+    # patient at all, so its two reportable calls are quarantined with that reason.
+    assert (run.counts["inserted"], run.counts["held"], run.counts["quarantined"]) == (5, 4, 2)
+    con = connect(tmp_path / "store")
+    assert con.sql(
+        "SELECT sample, patient_id, patient_identifier, count(*) FROM genomic_variant GROUP BY ALL ORDER BY 1"
+    ).fetchall() == [("S1", None, f"{MRN}|M-7", 3), ("S2", None, None, 2)]
+    status = con.sql("SELECT count(*) FROM held_resource").fetchone()
+    assert status == (4,), "the variant Observations and their report wait for the patient"
+    con.close()
+
+    ehr = FhirNdjsonSource(
+        name="ehr", kind="fhir-ndjson",
+        path=write_ndjson(tmp_path / "p.ndjson", [
+            {"resourceType": "Patient", "id": "jane", "identifier": [{"system": MRN, "value": "M-7"}]},
+        ]),
+    )  # fmt: skip
+    report = land(tmp_path / "store", ehr)
+    assert report.counts["released"] == 3 + 4, "3 calls linked, 4 resources released"
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT sample, patient_id FROM genomic_variant GROUP BY ALL ORDER BY 1").fetchall() == [
+        ("S1", "jane"), ("S2", None),
+    ]  # fmt: skip
+    assert con.sql("SELECT patient_id FROM diagnostic_report").fetchall() == [("jane",)]
+    assert con.sql("SELECT patient_id, code FROM observation").fetchall() == [("jane", "69548-6")] * 3
