@@ -234,10 +234,12 @@ def _patient(pid: Segment, systems: Mapping[str, str]) -> dict[str, Any]:
 def _report(
     obr: Segment, subject: dict[str, Any], control_id: str, n: int, when: Callable[[str], str | None]
 ) -> dict[str, Any]:
+    # The order number with the test: labs reuse one filler number for several tests (NIST's
+    # realm-cj-joeslab), and a shared id would keep only the last report of the message.
     key = _get(obr, 3, 1) or _get(obr, 2, 1) or f"{control_id}|{n}"
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
-        "id": _id("DiagnosticReport", key),
+        "id": _id("DiagnosticReport", key, _get(obr, 4, 1)),
         "status": REPORT_STATUS.get(_get(obr, 25), "unknown"),
         "category": [
             {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}
@@ -265,8 +267,10 @@ def _specimen(
     spm: Segment, subject: dict[str, Any], control_id: str, n: int, when: Callable[[str], str | None]
 ) -> dict[str, Any]:
     placer = _get(spm, 2, 1, subcomponent=1)  # SPM-2 is EIP: placer^filler, each an EI
-    key = placer or f"{control_id}|{n}"
-    specimen: dict[str, Any] = {"resourceType": "Specimen", "id": _id("Specimen", key), "subject": subject}
+    key = placer or f"{control_id}|{n}"  # with its type: one placer id can name two kinds
+    specimen: dict[str, Any] = {
+        "resourceType": "Specimen", "id": _id("Specimen", key, _get(spm, 4, 1)), "subject": subject,
+    }  # fmt: skip
     if placer:
         specimen["identifier"] = [{"value": placer}]
     if filler := _get(spm, 2, 2, subcomponent=1):

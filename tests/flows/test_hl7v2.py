@@ -111,3 +111,21 @@ def test_observations_match_the_converters_expected_output(message: Path) -> Non
         assert status[0] == status[1] or status in DELIBERATE_STATUS, status
         when = theirs.get("effectiveDateTime")
         assert when is None or instant(mine.get("effectiveDateTime")) == instant(when), want["code"]
+
+
+def test_no_two_different_resources_of_a_message_share_an_id() -> None:
+    """A shared id keeps only the last copy: NIST's realm-cj-joeslab sends two tests under one
+    filler order number, and two specimens of different kinds under one placer id."""
+    checked = 0
+    for path in sorted(HL7.rglob("*.hl7")):
+        for message in split_messages(path):
+            try:
+                resources = message_resources(message)
+            except ValueError:
+                continue
+            by_id: dict[str, set[bytes]] = {}
+            for resource in resources:
+                by_id.setdefault(orjson.loads(resource)["id"], set()).add(resource)
+            assert all(len(copies) == 1 for copies in by_id.values()), path.name
+            checked += 1
+    assert checked == 26
