@@ -97,7 +97,7 @@ class FaultProxy:
     - "503": answers 503 (opts: retry_after adds a Retry-After header) without contacting upstream;
     - "drop": forwards, sends the headers with the full Content-Length but only part of the body
       (opts: after_bytes, default half), then closes the connection;
-    - "slow": waits (opts: delay=2 seconds) before forwarding;
+    - "slow": waits (opts: delay=2 seconds; on_hold, a callable run first) before forwarding;
     - "reset": resets the connection without any response;
     - "gzip": not a fault: the body goes gzip-encoded when the client accepts gzip.
     `match` is a substring of the path+query, or a compiled regex; "" matches every request.
@@ -227,6 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(fault)
             return
         if fault is not None and kind == "slow":
+            if on_hold := fault.opts.get("on_hold"):
+                on_hold()
             time.sleep(float(fault.opts.get("delay", 2)))
         try:
             upstream = self._forward(body)

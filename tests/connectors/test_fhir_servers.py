@@ -4,8 +4,8 @@ real store on disk (the Prefect task's function, without the Prefect server)."""
 
 from __future__ import annotations
 
+import functools
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +202,10 @@ def test_a_search_walk_that_misses_matches_keeps_its_watermark(
     )
     with fhir_server.client() as http:
         first = http.get("Observation", params={"_count": 200}).json()["entry"][0]["resource"]
-    fault_proxy.add_fault("slow", match="_offset=200", delay=2)  # page 2 waits while page 1 changes
-    mover = threading.Timer(1.0, fhir_server.put, args=({**first, "language": "fr"},))
-    mover.start()
+    # Page 1 has been served; before page 2 is, a resource of page 1 changes.
+    move = functools.partial(fhir_server.put, {**first, "language": "fr"})
+    fault_proxy.add_fault("slow", match="_offset=200", delay=0.1, on_hold=move)
     sync(config)
-    mover.join()
     assert "Observation changed during the search" in caplog.text
     server = {k: v for k, v in search_dump(fhir_server).items() if k[0] == "Observation"}
     assert set(stored(config)) != set(server)  # one resource was skipped ...
