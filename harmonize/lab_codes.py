@@ -245,12 +245,12 @@ def _factor(source: str, target: str, molar_mass: float | None) -> Decimal | Non
     registry = _registry()
     try:
         one, goal = registry.from_ucum(source), registry.from_ucum(target)
-    except Exception:  # units pint cannot hold
+        candidates = [one]
+        if molar_mass is not None:
+            mass = registry.from_ucum("g/mol") * molar_mass
+            candidates += [one / mass, one * mass]
+    except Exception:  # units pint cannot hold, or not multiply (bel, degrees Celsius)
         return None
-    candidates = [one]
-    if molar_mass is not None:
-        mass = registry.from_ucum("g/mol") * molar_mass
-        candidates += [one / mass, one * mass]
     for candidate in candidates:
         try:
             return Decimal(repr(float(candidate.to(goal).magnitude / goal.magnitude)))

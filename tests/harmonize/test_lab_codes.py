@@ -321,3 +321,12 @@ def test_every_unit_the_data_file_names_is_valid_ucum() -> None:
     parser = get_ucum_parser()
     for unit in {*spellings()[0].values(), *(target for target, _ in conversions().values())}:
         parse_ucum(unit, parser)  # raises on a unit that is not UCUM
+
+
+@pytest.mark.parametrize("unit", ["B", "Cel", "[degF]"])
+def test_a_unit_that_cannot_convert_by_molar_mass_is_left_as_sent(unit: str) -> None:
+    """Bel and offset units cannot be multiplied by a molar mass (pint raises); found by the
+    mangled-input property test."""
+    odd = row(unit=unit, value="5.5", low="", high="")
+    assert (odd["valueQuantity"]["value"], odd["valueQuantity"]["code"]) == (5.5, unit)
+    assert "extension" not in odd["valueQuantity"]
