@@ -4,10 +4,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
 
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from tests.conftest import write_ndjson
 from twin_store import RunReport, TwinStore, Window, connect, prepare
+from twin_store.prepare import _may_contain
 
 
 def land_folder(store: TwinStore, folder: Path, *, window: Window | None = None) -> RunReport:
@@ -159,3 +161,11 @@ def test_view_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp
         "SELECT comment FROM duckdb_columns() WHERE table_name = 'observation' AND column_name = 'patient_id'"
     ).fetchone()
     assert described == ("The Patient the resource is about",), "column descriptions reach the catalog"
+
+
+def test_a_needle_is_found_across_scan_steps_and_chunks() -> None:
+    text = pa.chunked_array([pa.array(["abc", "xx-needle-xx"]), pa.array(["zz"])])
+    assert _may_contain(text, b"needle", step=4)
+    assert _may_contain(text.slice(1), b"needle-xx", step=5)
+    assert not _may_contain(text, b"needles", step=4)
+    assert not _may_contain(pa.chunked_array([], pa.string()), b"needle")
