@@ -168,6 +168,9 @@ class TwinStore:
         (self._has_held,) = _one(self.con, "SELECT count(*) > 0 FROM twin.held_resource")
         (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
         self._keys_loaded = False
+        # Batches are checked on one core while the writer lands the one before (flows.sync):
+        # leave that core to the checks; DuckDB's extra threads would only contend with them.
+        self.con.execute(f"SET threads = {max(1, (os.cpu_count() or 1) - 1)}")
 
     def __enter__(self) -> Self:
         return self
