@@ -68,7 +68,7 @@ def _facts_sql(paths: list[str]) -> str:
                 ELSE false END AS empty,
            CASE WHEN left(raw, 1) IN (' ', chr(9)) THEN regexp_matches(raw, '^\\s*[{{]')
                 ELSE left(raw, 1) = '{{' END AS is_object,
-           regexp_extract(file, '{FILE_TYPE}', 1) AS file_type,
+           file_type,
            try(json_extract_string(raw, {paths!r})) AS f,
            CASE WHEN f[1] = 'OperationOutcome' THEN coalesce(
                 json_extract_string(raw, '$.issue[0].diagnostics'),
@@ -153,7 +153,12 @@ def check_resources(records: pa.Table, *, clinical_dates: bool = False) -> Check
     # One thread: checking batch N+1 runs beside the store landing batch N on the other core.
     with duckdb.connect(config={"threads": 1}) as con:
         con.execute("SET TimeZone = 'UTC'")
-        con.register("records", records)
+        # The type a file name says, worked out once per file rather than once per line.
+        files = pc.unique(records["file"])
+        con.register("files", pa.table({"file": files}))
+        types = con.sql(f"SELECT regexp_extract(file, '{FILE_TYPE}', 1) AS t FROM files").to_arrow_table()
+        file_type = types["t"].take(pc.index_in(records["file"], files))
+        con.register("records", records.append_column("file_type", file_type))
         con.execute(f"CREATE TEMP TABLE facts AS {facts_sql}")
         checked = con.sql(REASON_SQL).to_arrow_table()
     ok = pc.is_null(checked["reason"])
