@@ -53,15 +53,27 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
 
 def _links(resources: pa.Table) -> pa.Table:
     """The patient identifier of each resource that must be linked to the twin's Patient."""
+    if not _may_contain(resources["resource"], BY_IDENTIFIER.encode()):
+        return LINK_SCHEMA.empty_table()  # the usual case: one fast scan instead of one per row
     named = pc.match_substring(resources["resource"], BY_IDENTIFIER)
-    if not pc.any(named).as_py():
-        return LINK_SCHEMA.empty_table()
     rows = []
     for pos in pc.indices_nonzero(named).to_pylist():
         subject = orjson.loads(resources["resource"][pos].as_py())["subject"]
         if "reference" not in subject:
             rows.append({"pos": pos, **{k: subject["identifier"].get(k) for k in ("system", "value")}})
     return pa.Table.from_pylist(rows, LINK_SCHEMA)
+
+
+def _may_contain(text: pa.ChunkedArray, needle: bytes, step: int = 1 << 20) -> bool:
+    """Whether some value may contain `needle`: a memchr-speed scan of the data buffers, a
+    megabyte at a time (a sliced chunk's buffer may hold bytes beyond the slice: then a false yes)."""
+    for chunk in text.chunks:
+        data = chunk.buffers()[2]
+        view = memoryview(data) if data is not None else memoryview(b"")
+        for start in range(0, len(view), step):
+            if bytes(view[start : start + step + len(needle) - 1]).find(needle) >= 0:
+                return True
+    return False
 
 
 def _latest_copies(resources: pa.Table) -> pa.Table:

@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,6 +102,14 @@ CREATE VIEW IF NOT EXISTS twin.ingest_run AS
 """
 
 
+STORED_KEYS = "temp.stored_keys"
+"""The writer's copy of the keys of `fhir_resource` (type, id, version, hash, lastUpdated), which
+every batch is judged against: a temporary table, so it changes in the batch's own transaction
+(a temporary table may be written beside the store) and a rolled-back batch rolls it back. The
+writer lock keeps other writers out while it lives. Judging against the store itself would read
+the key columns of every data file, per batch."""
+
+
 WAITING_VARIANTS = (
     "SELECT count(*) FROM twin.genomic_variant WHERE patient_id IS NULL AND patient_identifier IS NOT NULL"
 )
@@ -163,6 +172,10 @@ class TwinStore:
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
         (self._has_held,) = _one(self.con, "SELECT count(*) > 0 FROM twin.held_resource")
         (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
+        self._keys_loaded = False
+        # Batches are checked on one core while the writer lands the one before (flows.sync):
+        # leave that core to the checks; DuckDB's extra threads would only contend with them.
+        self.con.execute(f"SET threads = {max(1, (os.cpu_count() or 1) - 1)}")
 
     def __enter__(self) -> Self:
         return self
@@ -232,7 +245,7 @@ class TwinStore:
         con.register("batch_problems", problems)
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         try:
-            with self._transaction():
+            with self._keys_kept(), self._transaction():
                 variants = batch.variants if batch.variants is not None else pa.table({})
                 by_identifier = "patient_identifier" in variants.column_names and bool(
                     variants["patient_identifier"].null_count < len(variants)
@@ -397,6 +410,11 @@ class TwinStore:
                 """DELETE FROM twin.fhir_resource t USING removed r
                 WHERE t.resource_type = r.resource_type AND t.id = r.id"""
             )
+            if self._keys_loaded:
+                con.execute(
+                    f"""DELETE FROM {STORED_KEYS} t USING removed r
+                    WHERE t.resource_type = r.resource_type AND t.id = r.id"""
+                )
             run.changed["fhir_resource"] += len(removed)
             for view in standard_views():
                 ids = f"SELECT id FROM removed WHERE resource_type = '{view.resource_type}'"
@@ -420,24 +438,33 @@ class TwinStore:
         counted = [("id", "count")] + ([] if replace_all else [("prior_version", "count")])
         stats = derived.group_by("resource_type").aggregate(counted).to_pylist()
         per_type = {row["resource_type"]: row for row in stats}
-        supersets = {view.subset_of for view in standard_views()}
-        for view in standard_views():
+        views = standard_views()
+        subsets = {view.name: [v for v in views if v.subset_of == view.name] for view in views}
+        for view in views:
             row = per_type.get(view.resource_type)
             if row is None:
                 continue
-            of_type = f"SELECT id FROM derived WHERE resource_type = '{view.resource_type}'"
+            of_type = f"FROM derived WHERE resource_type = '{view.resource_type}'"
             if replace_all or row["prior_version_count"]:
-                con.execute(f"DELETE FROM twin.{view.name} WHERE id IN ({of_type})")
+                con.execute(f"DELETE FROM twin.{view.name} WHERE id IN (SELECT id {of_type})")
             rows = view.sql
             if view.subset_of:  # the superset's rows, computed just before, of those that pass
-                rows = f"FROM rows_{view.subset_of} WHERE id IN ({of_type} AND {view.where})"
-            if view.name in supersets:
+                passing = f'SELECT id FROM passes_{view.subset_of} WHERE "{view.name}"'
+                rows = f"FROM rows_{view.subset_of} WHERE id IN ({passing})"
+            if subsets[view.name]:
                 con.execute(f"CREATE OR REPLACE TEMP TABLE rows_{view.name} AS {rows}")
                 rows = f"FROM rows_{view.name}"
+                # Every subset's `where` in one pass: they often read the same elements (the
+                # category codes), which DuckDB then extracts from the JSON once, not per subset.
+                wheres = ", ".join(f'{v.where} AS "{v.name}"' for v in subsets[view.name])
+                con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE passes_{view.name} AS SELECT id, {wheres} {of_type}"
+                )
             (written,) = _one(con, f"INSERT INTO twin.{view.name} {rows}")
             run.changed[view.name] += written
-        for name in supersets - {None}:
+        for name in (name for name, of in subsets.items() if of):
             con.execute(f"DROP TABLE IF EXISTS rows_{name}")
+            con.execute(f"DROP TABLE IF EXISTS passes_{name}")
 
     def _upsert_resources(
         self, run: RunReport, resources: pa.Table, window: Window | None, counts: Counter[str]
@@ -465,7 +492,7 @@ class TwinStore:
                        coalesce(d.deleted_at >= i.last_updated, false) AS was_deleted,
                        t.content_hash IS DISTINCT FROM i.content_hash
                        AND NOT coalesce(t.last_updated > i.last_updated, false) AS newer
-                FROM incoming i LEFT JOIN twin.fhir_resource t
+                FROM incoming i LEFT JOIN {self._stored_keys()} t
                     ON t.resource_type = i.resource_type AND t.id = i.id
                 {tombstones})
             SELECT pos, prior_version, was_deleted, newer AND NOT was_deleted AS is_change
@@ -489,10 +516,11 @@ class TwinStore:
         )
         con.register("changed", changed)
         if n_upd:
-            con.execute("""
-                DELETE FROM twin.fhir_resource t USING changed c
-                WHERE c.prior_version IS NOT NULL
-                  AND t.resource_type = c.resource_type AND t.id = c.id""")
+            for table in ("twin.fhir_resource", STORED_KEYS):
+                con.execute(f"""
+                    DELETE FROM {table} t USING changed c
+                    WHERE c.prior_version IS NOT NULL
+                      AND t.resource_type = c.resource_type AND t.id = c.id""")
         if len(changed):
             provenance = (
                 "coalesce(read_by, $source), coalesce(read_in, $run_id)"
@@ -506,11 +534,38 @@ class TwinStore:
                 FROM changed""",
                 {"source": run.source, "run_id": run.run_id},
             )
+            con.execute(
+                f"""INSERT INTO {STORED_KEYS}
+                SELECT resource_type, id, coalesce(prior_version + 1, 1), content_hash, last_updated
+                FROM changed"""
+            )
             run.changed["fhir_resource"] += len(changed)
         if window:
             self._materialize(run, resources.take(incoming["pos"]), replace_all=True)
         else:
             self._materialize(run, changed, replace_all=False)
+
+    def _stored_keys(self) -> str:
+        """The writer's copy of `fhir_resource`'s keys, read from the store on first use."""
+        if not self._keys_loaded:
+            self.con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE {STORED_KEYS} AS
+                SELECT resource_type, id, version_id, content_hash, last_updated FROM twin.fhir_resource"""
+            )
+            self._keys_loaded = True
+        return STORED_KEYS
+
+    @contextlib.contextmanager
+    def _keys_kept(self) -> Iterator[None]:
+        """Drop the key copy when a batch fails: the temporary table changes in the batch's
+        transaction and rolls back with it, but a failed commit may have kept one side."""
+        try:
+            yield
+        except BaseException:
+            self._keys_loaded = False
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute(f"DROP TABLE IF EXISTS {STORED_KEYS}")
+            raise
 
     def _land_variants(self, run: RunReport, variants: pa.Table) -> tuple[int, int]:
         """Upsert variant rows on (source, sample, assembly, chrom, pos, ref, alt); returns how

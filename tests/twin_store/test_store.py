@@ -4,10 +4,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
+import pytest
 
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from tests.conftest import write_ndjson
 from twin_store import RunReport, TwinStore, Window, connect, prepare
+from twin_store.prepare import _may_contain
 
 
 def land_folder(store: TwinStore, folder: Path, *, window: Window | None = None) -> RunReport:
@@ -159,3 +162,42 @@ def test_view_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp
         "SELECT comment FROM duckdb_columns() WHERE table_name = 'observation' AND column_name = 'patient_id'"
     ).fetchone()
     assert described == ("The Patient the resource is about",), "column descriptions reach the catalog"
+
+
+def test_a_failed_batch_leaves_no_trace_in_what_the_writer_knows(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The writer judges batches against its own copy of the stored keys: a batch that fails
+    after updating that copy must not make the next one think its content already landed."""
+    data = tmp_path / "data"
+    write_ndjson(data / "Observation.ndjson", [obs(1, 60)])
+    with TwinStore(tmp_path / "store") as store:
+        land_folder(store, data)
+        write_ndjson(data / "Observation.ndjson", [obs(1, 61), obs(2, 70)])
+
+        def boom(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("crash after the raw upsert")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(TwinStore, "_materialize", boom)
+            with pytest.raises(RuntimeError):
+                land_folder(store, data)
+        again = land_folder(store, data)
+        kept = store.con.sql(
+            "SELECT resource_type, id, version_id, content_hash, last_updated FROM temp.stored_keys "
+            "ORDER BY id"
+        ).fetchall()
+        stored = store.con.sql(
+            "SELECT resource_type, id, version_id, content_hash, last_updated FROM twin.fhir_resource "
+            "ORDER BY id"
+        ).fetchall()
+    assert (again.counts["inserted"], again.counts["updated"]) == (1, 1)
+    assert kept == stored and [row[2] for row in stored] == [2, 1]
+    rows = connect(tmp_path / "store").sql("SELECT id, value_numeric FROM observation ORDER BY 1").fetchall()
+    assert rows == [("o1", 61.0), ("o2", 70.0)]
+
+
+def test_a_needle_is_found_across_scan_steps_and_chunks() -> None:
+    text = pa.chunked_array([pa.array(["abc", "xx-needle-xx"]), pa.array(["zz"])])
+    assert _may_contain(text, b"needle", step=4)
+    assert _may_contain(text.slice(1), b"needle-xx", step=5)
+    assert not _may_contain(text, b"needles", step=4)
+    assert not _may_contain(pa.chunked_array([], pa.string()), b"needle")
