@@ -28,22 +28,28 @@ def land(store: Path, source: Hl7v2Source | FhirNdjsonSource) -> RunReport:
         return st.finish_run(run, "succeeded")
 
 
-@pytest.mark.parametrize("patient_first", [True, False])
-def test_hl7_results_link_to_the_ehr_patient_with_their_mrn(tmp_path: Path, patient_first: bool) -> None:
-    (tmp_path / "in.hl7").write_text(MESSAGE.replace("MRN123", "M-7"))
-    labs = Hl7v2Source(
+def lab_feed(folder: Path, message: str) -> Hl7v2Source:
+    """An HL7 v2 source whose results name their patient by the ACME MRN and make no Patient."""
+    (folder / "in.hl7").write_text(message)
+    return Hl7v2Source(
         name="labs",
         kind="hl7v2",
-        path=tmp_path / "in.hl7",
+        path=folder / "in.hl7",
         patient_systems={"ACME": MRN},
         create_patients=False,
     )
-    ehr = FhirNdjsonSource(
-        name="ehr", kind="fhir-ndjson",
-        path=write_ndjson(tmp_path / "p.ndjson", [
-            {"resourceType": "Patient", "id": "jane", "identifier": [{"system": MRN, "value": "M-7"}]},
-        ]),
-    )  # fmt: skip
+
+
+def jane(folder: Path) -> FhirNdjsonSource:
+    """The EHR's Patient with MRN M-7."""
+    patient = {"resourceType": "Patient", "id": "jane", "identifier": [{"system": MRN, "value": "M-7"}]}
+    return FhirNdjsonSource(name="ehr", kind="fhir-ndjson", path=write_ndjson(folder / "p.ndjson", [patient]))
+
+
+@pytest.mark.parametrize("patient_first", [True, False])
+def test_hl7_results_link_to_the_ehr_patient_with_their_mrn(tmp_path: Path, patient_first: bool) -> None:
+    labs = lab_feed(tmp_path, MESSAGE.replace("MRN123", "M-7"))
+    ehr = jane(tmp_path)
     first, second = (ehr, labs) if patient_first else (labs, ehr)
     land(tmp_path / "store", first)
     report = land(tmp_path / "store", second)
@@ -60,15 +66,7 @@ def test_hl7_results_link_to_the_ehr_patient_with_their_mrn(tmp_path: Path, pati
 
 
 def test_status_shows_results_waiting_for_their_patient(tmp_path: Path) -> None:
-    (tmp_path / "in.hl7").write_text(MESSAGE)
-    labs = Hl7v2Source(
-        name="labs",
-        kind="hl7v2",
-        path=tmp_path / "in.hl7",
-        patient_systems={"ACME": MRN},
-        create_patients=False,
-    )
-    land(tmp_path / "store", labs)
+    land(tmp_path / "store", lab_feed(tmp_path, MESSAGE))
     (tmp_path / "twinhub.toml").write_text(
         f'[store]\npath = "{tmp_path / "store"}"\n[[sources]]\nname = "labs"\nkind = "hl7v2"\n'
         f'path = "{tmp_path / "in.hl7"}"\ncreate_patients = false\npatient_systems = {{ ACME = "{MRN}" }}\n'
@@ -102,13 +100,7 @@ def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tm
     assert status == (4,), "the variant Observations and their report wait for the patient"
     con.close()
 
-    ehr = FhirNdjsonSource(
-        name="ehr", kind="fhir-ndjson",
-        path=write_ndjson(tmp_path / "p.ndjson", [
-            {"resourceType": "Patient", "id": "jane", "identifier": [{"system": MRN, "value": "M-7"}]},
-        ]),
-    )  # fmt: skip
-    report = land(tmp_path / "store", ehr)
+    report = land(tmp_path / "store", jane(tmp_path))
     assert report.counts["released"] == 3 + 4, "3 calls linked, 4 resources released"
     con = connect(tmp_path / "store")
     assert con.sql("SELECT sample, patient_id FROM genomic_variant GROUP BY ALL ORDER BY 1").fetchall() == [
