@@ -115,7 +115,7 @@ def status() -> None:
     )
     _show(
         runs,
-        "Last runs per source (lines_read = inserted + updated + unchanged + superseded"
+        "Last runs per source (lines_read + released = inserted + updated + unchanged + superseded"
         " + quarantined + out_of_window + held)",
     )
     marks = con.execute("SELECT source, updated_at, watermark FROM sync_state ORDER BY source").fetchall()

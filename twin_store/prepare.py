@@ -56,10 +56,16 @@ def _links(resources: pa.Table) -> pa.Table:
     if not _may_contain(resources["resource"], BY_IDENTIFIER.encode()):
         return LINK_SCHEMA.empty_table()  # the usual case: one fast scan instead of one per row
     named = pc.match_substring(resources["resource"], BY_IDENTIFIER)
+    positions = pc.indices_nonzero(named)
     rows = []
-    for pos in pc.indices_nonzero(named).to_pylist():
-        subject = orjson.loads(resources["resource"][pos].as_py())["subject"]
-        if "reference" not in subject:
+    for pos, text in zip(
+        positions.to_pylist(), resources["resource"].take(positions).to_pylist(), strict=True
+    ):
+        # Only the top-level subject, named by identifier alone, written once in the text (the
+        # store rewrites that text in place; a contained resource's subject is left as it is).
+        subject = orjson.loads(text).get("subject")
+        by_identifier = isinstance(subject, dict) and set(subject) == {"identifier"}
+        if by_identifier and isinstance(subject["identifier"], dict) and text.count(BY_IDENTIFIER) == 1:
             rows.append({"pos": pos, **{k: subject["identifier"].get(k) for k in ("system", "value")}})
     return pa.Table.from_pylist(rows, LINK_SCHEMA)
 

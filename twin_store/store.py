@@ -48,8 +48,9 @@ COUNTS = (
 )  # fmt: skip
 """Per batch and run. Every line read is counted once in the first eight (`held`: waiting for
 its patient); `deleted` counts resources the source reported deleted that were removed from the
-store, `released` held resources whose patient arrived (they count as inserted too), `warnings`
-spec violations of records that landed (`ingest_warning`)."""
+store, `released` held resources whose patient arrived (read before, they land now and count
+in inserted, updated, ... too: lines_read + released = the first eight), `warnings` spec
+violations of records that landed (`ingest_warning`)."""
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS twin.fhir_resource (
     resource_type VARCHAR, id VARCHAR, version_id INTEGER, meta_version_id VARCHAR,
@@ -251,7 +252,7 @@ class TwinStore:
                     variants["patient_identifier"].null_count < len(variants)
                 )
                 if len(batch.links) or self._has_held or self._variants_wait or by_identifier:
-                    resources = self._link_patients(run, resources, batch.links, counts)
+                    resources = self._link_patients(run, resources, batch.links, counts, window)
                 con.register(
                     "batch", resources.append_column("pos", pa.array(range(len(resources)), pa.int64()))
                 )
@@ -268,7 +269,7 @@ class TwinStore:
                 if len(batch.warnings):
                     counts["warnings"] = self._warn(run, batch.warnings)
                 if by_identifier or self._variants_wait:
-                    counts["released"] += self._link_variants()
+                    run.changed["genomic_variant"] += self._link_variants()
                 run.batches += 1
                 con.execute(
                     f"INSERT INTO twin.ingest_batch (run_id, source, batch_no, committed_at, watermark, "
@@ -289,8 +290,9 @@ class TwinStore:
         run.by_type.update(dict(zip(*_value_counts(resources["resource_type"]), strict=True)))
 
     def _link_patients(
-        self, run: RunReport, resources: pa.Table, links: pa.Table, counts: Counter[str]
-    ) -> pa.Table:
+        self, run: RunReport, resources: pa.Table, links: pa.Table, counts: Counter[str],
+        window: Window | None,
+    ) -> pa.Table:  # fmt: skip
         """Give each resource that names its patient by identifier (lab, genomic) the reference
         of the twin's Patient with that identifier, known or arriving in this batch. Those whose
         patient has not arrived wait in `held_resource`, never dropped, and are released into
@@ -310,18 +312,26 @@ class TwinStore:
                 SELECT system, value, min(patient_id) AS patient_id FROM (
                     FROM arriving UNION ALL
                     SELECT system, value, id FROM twin.patient_identifier
-                    WHERE (system, value) IN (SELECT (system, value) FROM links)) GROUP BY ALL)
+                    WHERE (system, value) IN (SELECT (system, value) FROM links)
+                      AND id NOT IN (SELECT id FROM batch_patients)) GROUP BY ALL)
             SELECT l.pos, k.patient_id, l.system, l.value FROM links l
             LEFT JOIN known k ON k.system IS NOT DISTINCT FROM l.system AND k.value = l.value
             ORDER BY l.pos"""
         ).to_arrow_table()
         waiting = resolved.filter(pc.is_null(resolved["patient_id"]))
         found = resolved.filter(pc.is_valid(resolved["patient_id"]))
-        if self._has_held:  # a copy landing now (linked or held again) replaces the held one
-            con.register("landing_keys", resources.select(["resource_type", "id"]))
+        if self._has_held:  # a copy landing now (linked or held again) replaces an older held one
+            landing_keys = resources.select(["resource_type", "id", "last_updated"])
+            if window:  # copies outside a backfill's window do not land, so replace nothing
+                at = resources["window_time"]
+                landing_keys = landing_keys.filter(
+                    pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until))
+                )
+            con.register("landing_keys", landing_keys)
             con.execute(
                 """DELETE FROM twin.held_resource h USING landing_keys b
-                WHERE h.resource_type = b.resource_type AND h.id = b.id"""
+                WHERE h.resource_type = b.resource_type AND h.id = b.id
+                  AND coalesce(b.last_updated >= h.last_updated, true)"""
             )
             con.unregister("landing_keys")
         if len(waiting):
@@ -332,15 +342,17 @@ class TwinStore:
                     "link_value", waiting["value"]
                 ),
             )
-            con.execute(
+            # A newer copy already waiting (it was kept above) stays; this older one is superseded.
+            (kept,) = con.execute(
                 """INSERT INTO twin.held_resource
                 SELECT link_system, link_value, $source, $run_id, now(), * EXCLUDE (link_system, link_value)
-                FROM held""",
+                FROM held w WHERE NOT EXISTS (SELECT 1 FROM twin.held_resource h
+                                              WHERE h.resource_type = w.resource_type AND h.id = w.id)""",
                 {"source": run.source, "run_id": run.run_id},
-            )
+            ).fetchone() or (0,)
             con.unregister("held")
             self._has_held = True
-            counts["held"] += len(waiting)
+            counts.update(held=kept, superseded=len(waiting) - kept)
         linked = _with_subject(resources.take(found["pos"]), found["patient_id"])
         keep = pc.invert(pc.is_in(pa.array(range(len(resources)), pa.int64()), resolved["pos"]))
         landing = [resources.filter(keep), linked]
@@ -473,6 +485,8 @@ class TwinStore:
         unchanged content writes nothing, and the view rows of what changed are recomputed."""
         con = self.con
         in_window = "window_time >= $since AND window_time < $until" if window else "true"
+        if window and "read_by" in resources.column_names:  # released: read before, they land now
+            in_window = f"({in_window}) OR read_by IS NOT NULL"
         params = {"since": window.since, "until": window.until} if window else {}
         # A copy no newer than a deletion the source reported stays deleted.
         tombstones = (
@@ -562,6 +576,7 @@ class TwinStore:
         try:
             yield
         except BaseException:
+            self._has_held = self._variants_wait = True  # may be stale too; the next batch looks
             self._keys_loaded = False
             with contextlib.suppress(duckdb.Error):
                 self.con.execute(f"DROP TABLE IF EXISTS {STORED_KEYS}")

@@ -3,6 +3,7 @@ linked to the twin's Patient with that identifier, held until it arrives, never 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from connectors.vcf import VcfConnector
 from flows.sync import harmonized, land_batches
 from tests.conftest import run_cli, write_ndjson
 from tests.harmonize.test_hl7v2_labs import MESSAGE
-from twin_store import RunReport, TwinStore, connect
+from twin_store import RunReport, TwinStore, Window, connect, prepare
 
 MRN = "http://hospital.example.org/mrn"
 
@@ -101,10 +102,84 @@ def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tm
     con.close()
 
     report = land(tmp_path / "store", jane(tmp_path))
-    assert report.counts["released"] == 3 + 4, "3 calls linked, 4 resources released"
+    assert report.counts["released"] == 4, "the 4 resources land; the 3 calls get their patient"
     con = connect(tmp_path / "store")
     assert con.sql("SELECT sample, patient_id FROM genomic_variant GROUP BY ALL ORDER BY 1").fetchall() == [
         ("S1", "jane"), ("S2", None),
     ]  # fmt: skip
     assert con.sql("SELECT patient_id FROM diagnostic_report").fetchall() == [("jane",)]
     assert con.sql("SELECT patient_id, code FROM observation").fetchall() == [("jane", "69548-6")] * 3
+
+
+# -- edge cases (each lost or misplaced a record before it was fixed) ----------------------------
+
+
+def lab(
+    subject: dict[str, object], updated: str = "2021-01-01T00:00:00Z", value: int = 60
+) -> dict[str, object]:
+    return {
+        "resourceType": "Observation", "id": "o1", "status": "final", "meta": {"lastUpdated": updated},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}, "subject": subject,
+        "effectiveDateTime": "2020-01-01T00:00:00Z", "valueQuantity": {"value": value},
+    }  # fmt: skip
+
+
+def land_files(
+    store: Path, name: str, lines: list[dict[str, object]], window: Window | None = None
+) -> RunReport:
+    folder = store.parent / name
+    write_ndjson(folder / "data.ndjson", lines)
+    source = FhirNdjsonSource(name=name, kind="fhir-ndjson", path=folder)
+    with TwinStore(store) as st:
+        run = st.begin_run(name, "backfill" if window else "sync")
+        for batch in FhirNdjsonConnector(source).pull(None):
+            st.land(run, prepare(batch, backfill=window is not None), window=window)
+        return st.finish_run(run, "succeeded")
+
+
+BY_MRN = {"identifier": {"system": MRN, "value": "M-7"}}
+JANE = {"resourceType": "Patient", "id": "jane", "identifier": [{"system": MRN, "value": "M-7"}]}
+
+
+def test_a_backfill_that_brings_the_patient_lands_its_held_results_whatever_the_window(
+    tmp_path: Path,
+) -> None:
+    land_files(tmp_path / "store", "labs", [lab(BY_MRN)])
+    window = Window(since=datetime(1980, 1, 1, tzinfo=UTC), until=datetime(2000, 1, 1, tzinfo=UTC))
+    report = land_files(tmp_path / "store", "ehr", [{**JANE, "birthDate": "1990-05-01"}], window)
+    assert report.counts["released"] == 1
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT id, patient_id FROM observation").fetchall() == [("o1", "jane")]
+    assert con.sql("SELECT count(*) FROM held_resource").fetchone() == (0,)
+
+
+def test_an_older_copy_does_not_replace_a_newer_one_that_waits(tmp_path: Path) -> None:
+    land_files(tmp_path / "store", "labs", [lab(BY_MRN, "2021-06-01T00:00:00Z", 99)])
+    replay = land_files(tmp_path / "store", "replay", [lab(BY_MRN, "2020-06-01T00:00:00Z", 60)])
+    assert (replay.counts["held"], replay.counts["superseded"]) == (0, 1)
+    land_files(tmp_path / "store", "ehr", [JANE])
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT value_numeric, patient_id FROM observation").fetchall() == [(99.0, "jane")]
+
+
+def test_a_patient_that_takes_an_identifier_over_in_the_batch_gets_the_result(tmp_path: Path) -> None:
+    amy = {"resourceType": "Patient", "id": "amy", "identifier": [{"system": MRN, "value": "M-7"}]}
+    land_files(tmp_path / "store", "ehr", [amy])
+    moved = {**amy, "identifier": [{"system": MRN, "value": "M-8"}]}
+    land_files(tmp_path / "store", "ehr2", [moved, {**JANE, "id": "zed"}, lab(BY_MRN)])
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT patient_id FROM observation").fetchall() == [("zed",)]
+
+
+def test_a_contained_subject_by_identifier_is_left_alone(tmp_path: Path) -> None:
+    """The resource itself has no `subject` (an Immunization names its `patient`)."""
+    contained = {**lab(BY_MRN), "id": "inner"}
+    outer = {
+        "resourceType": "Immunization", "id": "i1", "status": "completed", "contained": [contained],
+        "vaccineCode": {"text": "flu"}, "patient": {"reference": "Patient/jane"},
+        "occurrenceDateTime": "2020-01-01",
+    }  # fmt: skip
+    report = land_files(tmp_path / "store", "ehr", [JANE, outer])
+    assert (report.counts["inserted"], report.counts["held"]) == (2, 0)
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT patient_id FROM immunization").fetchall() == [("jane",)]
