@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from connectors.base import Batch
 from connectors.hl7v2 import Hl7v2Source
 from harmonize.hl7v2_segments import Segment, segments
-from harmonize.lab_codes import CodeMap, normalize_observation
+from harmonize.lab_codes import CodeMap, loinc_is_valid, normalize_observation
 from harmonize.records import map_records, patient_reference
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -413,18 +413,6 @@ def _concept(segment: Segment, field: int) -> dict[str, Any] | None:
     if display:
         concept["text"] = display
     return concept
-
-
-def loinc_is_valid(code: str) -> bool:
-    """LOINC's mod-10 check digit: the odd digits from the right, doubled, after the even ones;
-    their digits summed; the check is what brings the sum to a multiple of 10."""
-    found = re.fullmatch(r"(\d{1,7})-(\d)", code)
-    if not found:
-        return False
-    digits = found[1][::-1]
-    odd, even = digits[0::2][::-1], digits[1::2][::-1]
-    total = sum(int(d) for d in even + str(int(odd) * 2))
-    return (10 - total % 10) % 10 == int(found[2])
 
 
 def _instant(value: str | None) -> str | None:

@@ -6,7 +6,8 @@ import orjson
 import pytest
 
 from connectors.hl7v2 import split_messages
-from harmonize.hl7v2_labs import fhir_datetime, loinc_is_valid, message_resources
+from harmonize.hl7v2_labs import fhir_datetime, message_resources
+from harmonize.lab_codes import loinc_is_valid
 
 MESSAGE = "\r".join(
     [
