@@ -111,10 +111,11 @@ writer lock keeps other writers out while it lives. Judging against the store it
 the key columns of every data file, per batch."""
 
 
-WAITING_VARIANTS = (
-    "SELECT count(*) FROM twin.genomic_variant WHERE patient_id IS NULL AND patient_identifier IS NOT NULL"
+VARIANTS_WAIT = (
+    "SELECT count(*) > 0 FROM twin.genomic_variant "
+    "WHERE patient_id IS NULL AND patient_identifier IS NOT NULL"
 )
-"""Variant calls whose sample names a patient identifier no Patient has yet."""
+"""Whether some variant call's sample names a patient identifier no Patient has yet."""
 
 
 @dataclass(kw_only=True)
@@ -172,7 +173,7 @@ class TwinStore:
         self._ensure_view_tables()
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
         (self._has_held,) = _one(self.con, "SELECT count(*) > 0 FROM twin.held_resource")
-        (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
+        (self._variants_wait,) = _one(self.con, VARIANTS_WAIT)
         self._keys_loaded = False
         # Batches are checked on one core while the writer lands the one before (flows.sync):
         # leave that core to the checks; DuckDB's extra threads would only contend with them.
@@ -392,7 +393,7 @@ class TwinStore:
                   GROUP BY ALL) k
             WHERE t.patient_id IS NULL AND t.patient_identifier = k.identifier""",
         )
-        (self._variants_wait,) = _one(self.con, WAITING_VARIANTS.replace("count(*)", "count(*) > 0"))
+        (self._variants_wait,) = _one(self.con, VARIANTS_WAIT)
         return linked
 
     def _delete(self, run: RunReport, deletions: pa.Table) -> int:
