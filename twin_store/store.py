@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -111,6 +112,7 @@ writer lock keeps other writers out while it lives. Judging against the store it
 the key columns of every data file, per batch."""
 
 
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 VARIANTS_WAIT = (
     "SELECT count(*) > 0 FROM twin.genomic_variant "
     "WHERE patient_id IS NULL AND patient_identifier IS NOT NULL"
@@ -244,7 +246,7 @@ class TwinStore:
         """
         con = self.con
         resources, problems = batch.checked.resources, batch.checked.problems
-        con.register("batch_problems", problems)
+        con.register("batch_problems", _printable_reasons(problems))
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         try:
             with self._keys_kept(), self._transaction():
@@ -614,7 +616,7 @@ class TwinStore:
     def _warn(self, run: RunReport, warnings: pa.Table) -> int:
         """Keep spec violations of records that landed anyway; a warning already kept (same
         file, line and reason) is kept once. Returns how many are new."""
-        self.con.register("batch_warnings", warnings)
+        self.con.register("batch_warnings", _printable_reasons(warnings))
         try:
             row = self.con.execute(
                 """INSERT INTO twin.ingest_warning
@@ -724,6 +726,20 @@ def _with_subject(resources: pa.Table, patient_ids: pa.ChunkedArray | pa.Array) 
     ]
     column = resources.schema.get_field_index("resource")
     return resources.set_column(column, "resource", pa.array(texts, pa.string()))
+
+
+def _printable_reasons(problems: pa.Table) -> pa.Table:
+    """Control characters in reasons (which quote the bad text) written as escapes: DuckLake
+    passes join values to its SQLite catalog as SQL text, which a NUL byte cuts short."""
+    reasons = problems["reason"]
+    if not pc.any(pc.match_substring_regex(reasons, CONTROL.pattern)).as_py():
+        return problems
+    escaped = [
+        None if r is None else CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", r) for r in reasons.to_pylist()
+    ]
+    return problems.set_column(
+        problems.schema.get_field_index("reason"), "reason", pa.array(escaped, pa.string())
+    )
 
 
 def _value_counts(values: pa.ChunkedArray) -> tuple[list[str], list[int]]:

@@ -161,3 +161,22 @@ def test_conformance_files_that_should_fail_are_rejected_or_warned() -> None:
             assert reason
     assert len(failed) == connector.stats["files"] == 607
     assert len(caught) >= CAUGHT, sorted(set(map(str, failed)) - caught)
+
+
+def test_a_nul_byte_in_a_record_lands_with_a_readable_warning(tmp_path: Path) -> None:
+    """Found by the mangled-VCF property test: a warning quoting a NUL byte crashed the second
+    file's landing (DuckLake passes the join values to its catalog as SQL text)."""
+    bad = ["chr5\t112841300\t.\tA\tG\t.\t.\t.\tGT:PS\t0/1:.\t0/0:.", "\x00"]
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        report = sync(
+            tmp_path / "store", VcfSource(name=name, kind="vcf", path=write_vcf(folder / "c.vcf", bad))
+        )
+        assert report.counts["warnings"] >= 1
+    reasons = (
+        connect(tmp_path / "store")
+        .sql("SELECT DISTINCT source, reason FROM ingest_warning WHERE reason LIKE '%\\x00%' ORDER BY 1")
+        .fetchall()
+    )
+    assert [source for source, _ in reasons] == ["first", "second"]
