@@ -34,6 +34,25 @@ DELETION_SCHEMA = pa.schema(
 """Resources the source reports deleted, when, and where it said so (a history URL, a file)."""
 
 
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("device", pa.string()),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("start_time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("end_time", pa.timestamp("us", tz="UTC")),
+        pa.field("utc_offset_minutes", pa.int32()),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("unit", pa.string()),
+        pa.field("origin", pa.string()),
+    ]
+)
+"""Wearable samples as a connector reads them, one row each, columnar (millions per pull): the
+twin's Patient id, the device that measured, a metric named as in `harmonize/wearable_metrics.toml`
+(heart_rate, steps, ...), when (the local clock's UTC offset kept for daily rollups), the value
+in the unit the vendor sent, and where it came from (a file, an API path; never a secret)."""
+
+
 PROBLEM_SCHEMA = pa.schema(
     [
         pa.field("file", pa.string()),
@@ -84,6 +103,8 @@ class Batch:
     """Records already found bad before the structural checks (e.g. a lab row that cannot map)."""
     variants: pa.Table | None = None
     """Rows for the columnar `genomic_variant` table (VCF sources; see `connectors.vcf`)."""
+    samples: pa.Table | None = None
+    """Wearable samples (SAMPLE_SCHEMA) for the columnar `wearable_sample` table."""
     stats: Counter[str] = field(default_factory=Counter)
     """What mapping the records noted, for the run's summary (e.g. lab codes left unmapped)."""
     warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
@@ -92,7 +113,8 @@ class Batch:
 
     def __len__(self) -> int:
         variants = self.variants.num_rows if self.variants is not None else 0
-        return int(self.records.num_rows + self.problems.num_rows + variants)
+        samples = self.samples.num_rows if self.samples is not None else 0
+        return int(self.records.num_rows + self.problems.num_rows + variants + samples)
 
 
 class Connector(Protocol):
