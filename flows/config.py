@@ -18,6 +18,7 @@ from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
 from connectors.fhir_search import FhirSearchSource
+from connectors.fitbit_csv import FitbitCsvSource
 from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
 from connectors.vcf import VcfSource
@@ -25,10 +26,16 @@ from harmonize.lab_codes import CodeMap, code_map_from_json
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[
-    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource | Hl7v2Source | VcfSource,
+    FhirNdjsonSource
+    | FhirSearchSource
+    | FhirBulkSource
+    | LabCsvSource
+    | Hl7v2Source
+    | VcfSource
+    | FitbitCsvSource,
     Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf")
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit-csv")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 

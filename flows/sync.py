@@ -23,6 +23,7 @@ from connectors.errors import ConfigError, TransientError, TwinhubError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
+from connectors.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
 from connectors.vcf import VcfConnector, VcfSource
@@ -54,6 +55,8 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return Hl7v2Connector(source)
     if isinstance(source, VcfSource):
         return VcfConnector(source)
+    if isinstance(source, FitbitCsvSource):
+        return FitbitCsvConnector(source)
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 

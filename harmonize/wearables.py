@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import functools
 import tomllib
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import orjson
 import polars as pl
 import pyarrow as pa
 
@@ -166,4 +169,193 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     )
     return good.select(NORMALIZED_SCHEMA.names).to_arrow().cast(NORMALIZED_SCHEMA), problems.to_arrow().cast(
         PROBLEM_SCHEMA
+    )
+
+
+# -- daily rollups as FHIR --------------------------------------------------------------------
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+STATISTIC = "urn:twinhub:statistic"
+PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+DAILY_TAG = {
+    "system": "urn:twinhub:tag",
+    "code": "wearable-daily",
+    "display": "Daily rollup of wearable samples",
+}
+TWINHUB_IDS = uuid.UUID("1d6f3c0e-8b8e-4c55-9a6f-3f2b7c9d0e21")
+DAILY_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()), ("patient_id", pa.string()), ("metric", pa.string()), ("day", pa.date32()),
+        ("utc_offset_minutes", pa.int32()), ("value", pa.float64()), ("samples", pa.int64()),
+        ("min", pa.float64()), ("max", pa.float64()), ("device", pa.string()),
+        ("parts", pa.list_(pa.struct([("metric", pa.string()), ("value", pa.float64())]))),
+    ]
+)  # fmt: skip
+"""What the daily FHIR resources are made from: one `wearable_daily` row (a metric or a total
+of one source, patient and local day), its main device, and for totals the parts summed."""
+
+
+def daily_id(source: str, patient_id: str, metric: str, day: date) -> str:
+    """The id of a day's Observation: stable, so a recomputed day updates the same resource."""
+    return str(uuid.uuid5(TWINHUB_IDS, f"{source}|{patient_id}|{metric}|{day.isoformat()}"))
+
+
+def device_id(source: str, patient_id: str, device: str) -> str:
+    return str(uuid.uuid5(TWINHUB_IDS, f"device|{source}|{patient_id}|{device}"))
+
+
+def daily_resources(days: pa.Table, recorded: datetime, activity: str) -> list[bytes]:
+    """For each day of a metric with a LOINC code, a vital-signs or activity Observation (LOINC,
+    UCUM, the local day as its period, the device); a Device for each device named; and per
+    patient one Provenance naming the Observations this `activity` (a run's batch) computed, the
+    devices that measured and the source, `recorded` then. Each is validated with the
+    fhir.resources R4B models; raises ValueError for one that does not validate."""
+    from fhir.resources.R4B.device import Device
+    from fhir.resources.R4B.observation import Observation
+    from fhir.resources.R4B.provenance import Provenance
+
+    made: list[bytes] = []
+    devices: dict[str, bytes] = {}
+    targets: dict[tuple[str, str], list[str]] = {}
+    agents: dict[tuple[str, str], set[str]] = {}
+    for row in days.cast(DAILY_SCHEMA).to_pylist():
+        coded = _daily_code(row["metric"])
+        if coded is None:
+            continue
+        source, patient = row["source"], row["patient_id"]
+        device = None
+        if row["device"]:
+            device = f"Device/{device_id(source, patient, row['device'])}"
+            devices.setdefault(device, _device(row, device))
+            agents.setdefault((source, patient), set()).add(device)
+        obs_id = daily_id(source, patient, row["metric"], row["day"])
+        observation = _observation(row, obs_id, coded, device)
+        Observation.model_validate_json(observation)
+        made.append(observation)
+        targets.setdefault((source, patient), []).append(f"Observation/{obs_id}")
+    for device_json in devices.values():
+        Device.model_validate_json(device_json)
+    for (source, patient), observations in targets.items():
+        who = sorted(agents.get((source, patient), ()))
+        provenance = _provenance(source, patient, observations, who, recorded, activity)
+        Provenance.model_validate_json(provenance)
+        made.append(provenance)
+    return made + list(devices.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Coded:
+    codings: list[dict[str, str]]
+    display: str
+    unit: str
+    category: str
+    rollup: Rollup
+
+
+def _daily_code(name: str) -> _Coded | None:
+    """How a metric's (or total's) day is coded in FHIR; None when it has no LOINC code."""
+    if (total := totals().get(name)) is not None:
+        codings = [{"system": LOINC, "code": total.loinc, "display": total.display}]
+        return _Coded(codings=codings, display=total.display, unit=total.unit, category=total.category,
+                      rollup="sum")  # fmt: skip
+    metric = metrics().get(name)
+    if metric is None or metric.loinc is None:
+        return None
+    code, display = metric.daily_loinc or metric.loinc, metric.daily_display or metric.display
+    codings = [{"system": LOINC, "code": code, "display": display}]
+    codings += [{"system": LOINC, "code": c, "display": d} for c, d in metric.also]
+    return _Coded(codings=codings, display=display, unit=metric.daily_unit or metric.unit,
+                  category=metric.category, rollup=metric.daily)  # fmt: skip
+
+
+def _local_day(row: dict[str, Any]) -> dict[str, str]:
+    offset = timedelta(minutes=row["utc_offset_minutes"] or 0)
+    zone = timezone(offset)
+    start = datetime.combine(row["day"], time(), zone)
+    return {"start": start.isoformat(), "end": (start + timedelta(days=1)).isoformat()}
+
+
+def _quantity(value: float, unit: str) -> dict[str, Any]:
+    return {"value": round(value, 2), "unit": unit, "system": UCUM, "code": unit}
+
+
+def _observation(row: dict[str, Any], obs_id: str, coded: _Coded, device: str | None) -> bytes:
+    source = row["source"]
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": obs_id,
+        "meta": {"source": f"urn:twinhub:source:{source}", "tag": [DAILY_TAG]},
+        "status": "final",
+        "category": [{"coding": [{"system": CATEGORY, "code": coded.category}]}],
+        "code": {"coding": coded.codings, "text": coded.display},
+        "subject": {"reference": f"Patient/{row['patient_id']}"},
+        "effectivePeriod": _local_day(row),
+        "valueQuantity": _quantity(row["value"], coded.unit),
+    }
+    if device:
+        resource["device"] = {"reference": device}
+    components = [_statistic("count", "samples", {"valueInteger": row["samples"]})]
+    if coded.rollup in ("mean", "last"):
+        components += [
+            _statistic(name, name, {"valueQuantity": _quantity(row[key], coded.unit)})
+            for name, key in (("minimum", "min"), ("maximum", "max"))
+        ]
+    for part in row["parts"] or []:
+        metric = metrics()[part["metric"]]
+        code = (
+            {"coding": [{"system": LOINC, "code": metric.loinc, "display": metric.display}]}
+            if metric.loinc
+            else {"coding": [{"system": "urn:twinhub:metric", "code": metric.name}], "text": metric.display}
+        )
+        components.append({"code": code, "valueQuantity": _quantity(part["value"], metric.unit)})
+    resource["component"] = components
+    return orjson.dumps(resource)
+
+
+def _statistic(code: str, text: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"code": {"coding": [{"system": STATISTIC, "code": code}], "text": text}, **value}
+
+
+def _provenance(
+    source: str, patient: str, observations: list[str], devices: list[str], recorded: datetime, activity: str
+) -> bytes:
+    performers: list[dict[str, Any]] = [{"reference": d} for d in devices] or [
+        {"identifier": {"system": "urn:twinhub:source", "value": source}}
+    ]
+    return orjson.dumps(
+        {
+            "resourceType": "Provenance",
+            "id": str(uuid.uuid5(TWINHUB_IDS, f"provenance|{activity}|{source}|{patient}")),
+            "meta": {"source": f"urn:twinhub:source:{source}"},
+            "target": [{"reference": o} for o in observations],
+            "recorded": recorded.astimezone(UTC).isoformat(timespec="seconds"),
+            "activity": {"text": f"daily rollup of wearable samples ({activity})"},
+            "agent": [
+                {"type": {"coding": [{"system": PARTICIPANT, "code": "performer"}]}, "who": who}
+                for who in performers
+            ],
+            "entity": [
+                {
+                    "role": "source",
+                    "what": {
+                        "identifier": {"system": "urn:twinhub:source", "value": source},
+                        "display": f"wearable samples of source {source} (table wearable_sample)",
+                    },
+                }
+            ],
+        }
+    )
+
+
+def _device(row: dict[str, Any], reference: str) -> bytes:
+    return orjson.dumps(
+        {
+            "resourceType": "Device",
+            "id": reference.removeprefix("Device/"),
+            "meta": {"source": f"urn:twinhub:source:{row['source']}"},
+            "deviceName": [{"name": row["device"], "type": "user-friendly-name"}],
+            "patient": {"reference": f"Patient/{row['patient_id']}"},
+        }
     )

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 import duckdb
 import orjson
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import DELETION_SCHEMA, PROBLEM_SCHEMA, Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
+from harmonize.wearables import normalize_samples
 
 LINK_SCHEMA = pa.schema([("pos", pa.int64()), ("system", pa.string()), ("value", pa.string())])
 """Resources (by position in the batch) whose subject names its patient by identifier only."""
@@ -26,6 +28,8 @@ class PreparedBatch:
     checked: Checked
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     variants: pa.Table | None = None
+    samples: pa.Table | None = None
+    """Wearable samples normalized (harmonize.wearables.NORMALIZED_SCHEMA), one per key."""
     links: pa.Table = field(default_factory=LINK_SCHEMA.empty_table)
     warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     lines_read: int
@@ -38,13 +42,20 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
     several copies of one resource in the batch only the newest is kept."""
     checked = check_resources(batch.records, clinical_dates=backfill)
     latest = _latest_copies(checked.resources)
-    problems = pa.concat_tables([checked.problems.cast(PROBLEM_SCHEMA), batch.problems.cast(PROBLEM_SCHEMA)])
+    problems = [checked.problems.cast(PROBLEM_SCHEMA), batch.problems.cast(PROBLEM_SCHEMA)]
+    samples, superseded = None, len(checked.resources) - len(latest)
+    if batch.samples is not None:
+        normalized, bad = normalize_samples(batch.samples)
+        samples = _latest_samples(normalized)
+        problems.append(bad)
+        superseded += len(normalized) - len(samples)
     return PreparedBatch(
-        checked=Checked(resources=latest, problems=problems),
+        checked=Checked(resources=latest, problems=pa.concat_tables(problems)),
         lines_read=len(batch),
-        superseded=len(checked.resources) - len(latest),
+        superseded=superseded,
         deletions=batch.deletions,
         variants=batch.variants,
+        samples=samples,
         links=_links(latest),
         warnings=batch.warnings,
         watermark=batch.watermark,
@@ -95,3 +106,13 @@ def _latest_copies(resources: pa.Table) -> pa.Table:
             ORDER BY pos"""
         ).to_arrow_table()
     return resources.take(keep["pos"])
+
+
+def _latest_samples(samples: pa.Table) -> pa.Table:
+    """One sample per (patient, metric, start): the last one read wins."""
+    frame = pl.from_arrow(samples)
+    assert isinstance(frame, pl.DataFrame)
+    key = ["patient_id", "metric", "start_time"]
+    if frame.select(pl.struct(key).n_unique()).item() == len(frame):
+        return samples  # the usual case: nothing to drop, no copy
+    return frame.unique(subset=key, keep="last", maintain_order=True).to_arrow().cast(samples.schema)

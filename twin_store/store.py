@@ -30,12 +30,16 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.base import Watermark, Window
+from connectors.base import Watermark, Window, records_from
 from connectors.errors import StoreError
+from harmonize.fhir_checks import check_resources
 from harmonize.fhirpath import MACROS_SQL
+from harmonize.wearables import daily_resources
 from twin_store.extensions import load_extensions
 from twin_store.prepare import BY_IDENTIFIER, PreparedBatch
 from twin_store.views import standard_views
+from twin_store.wearables import SCHEMA_SQL as WEARABLE_SCHEMA_SQL
+from twin_store.wearables import SampleWriter
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +173,7 @@ class TwinStore:
         self.con.execute(MACROS_SQL)
         with self._transaction():  # one DuckLake commit, not one per statement
             self.con.execute(SCHEMA_SQL)
+            self.con.execute(WEARABLE_SCHEMA_SQL)
             # Raw JSON: lz4 writes twice as fast as the default snappy, and smaller.
             self.con.execute(f"CALL {CATALOG}.set_option('parquet_compression', 'lz4_raw')")
         self._migrate()
@@ -177,6 +182,7 @@ class TwinStore:
         (self._has_held,) = _one(self.con, "SELECT count(*) > 0 FROM twin.held_resource")
         (self._variants_wait,) = _one(self.con, VARIANTS_WAIT)
         self._keys_loaded = False
+        self._samples = SampleWriter(con=self.con)
         # Batches are checked on one core while the writer lands the one before (flows.sync):
         # leave that core to the checks; DuckDB's extra threads would only contend with them.
         self.con.execute(f"SET threads = {max(1, (os.cpu_count() or 1) - 1)}")
@@ -269,6 +275,8 @@ class TwinStore:
                 if len(variants):
                     new, replaced = self._land_variants(run, variants)
                     counts.update(inserted=new, updated=replaced)
+                if batch.samples is not None and len(batch.samples):
+                    self._land_samples(run, batch.samples, counts, window)
                 if len(batch.warnings):
                     counts["warnings"] = self._warn(run, batch.warnings)
                 if by_identifier or self._variants_wait:
@@ -582,6 +590,8 @@ class TwinStore:
             self._has_held = self._variants_wait = True  # may be stale too; the next batch looks
             self._keys_loaded = False
             with contextlib.suppress(duckdb.Error):
+                self._samples.forget_coverage()
+            with contextlib.suppress(duckdb.Error):
                 self.con.execute(f"DROP TABLE IF EXISTS {STORED_KEYS}")
             raise
 
@@ -612,6 +622,33 @@ class TwinStore:
             con.unregister("variants")
         run.changed["genomic_variant"] += len(variants)
         return len(variants) - replaced, replaced
+
+    def _land_samples(
+        self, run: RunReport, samples: pa.Table, counts: Counter[str], window: Window | None
+    ) -> None:
+        """Upsert wearable samples, roll up the days they touch, and land those days as FHIR
+        (Observation, Device, Provenance): derived resources, counted apart from lines read."""
+        before = counts["inserted"] + counts["updated"]
+        days = self._samples.land(run.source, run.run_id, samples, counts, window)
+        run.changed["wearable_sample"] += counts["inserted"] + counts["updated"] - before
+        run.changed["wearable_daily"] += len(days)
+        if not len(days):
+            return
+        activity = f"run {run.run_id} batch {run.batches + 1}"
+        made = daily_resources(days, datetime.now(UTC), activity)
+        checked = check_resources(
+            records_from([("wearable_daily", n, r.decode()) for n, r in enumerate(made, 1)])
+        )
+        if len(checked.problems):  # our own resources: a failed check is a bug, never quarantine
+            raise StoreError(
+                f"daily FHIR resources failed the structural checks: {checked.problems['reason'][0]}"
+            )
+        derived: Counter[str] = Counter()
+        self.con.register(
+            "batch", checked.resources.append_column("pos", pa.array(range(len(made)), pa.int64()))
+        )
+        self._upsert_resources(run, checked.resources, None, derived)
+        run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
 
     def _warn(self, run: RunReport, warnings: pa.Table) -> int:
         """Keep spec violations of records that landed anyway; a warning already kept (same

@@ -1,0 +1,280 @@
+"""Fitbit data exported as CSV by Fitabase (the research export of Fitbit accounts): daily
+activity, hourly steps, calories and intensities, minute steps and intensities (wide: one row an
+hour, a column a minute), sleep days and weight logs.
+
+Times in these files are the account's local clock without an offset: the source's `timezone`
+turns them into instants and keeps the offset. The same quantity often comes at several grains
+(daily totals, hourly, by the minute); per account, metric and day only the finest lands, so a
+day's steps are never counted twice, and the coarser rows it covers are counted in the run's
+stats. The files of a source are read together (they decide together which grain wins), again only
+when one of them changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import polars as pl
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
+from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
+
+Grain = Literal["minute", "hour", "day"]
+GRAIN_ORDER = {"minute": 0, "hour": 1, "day": 2}
+LOCAL_TIME = "%m/%d/%Y %I:%M:%S %p"
+LOCAL_DAY = "%m/%d/%Y"
+
+
+class FitbitCsvSource(BaseModel):
+    """Config of a `fitbit-csv` source: a folder of Fitabase CSV exports (plain or gzip), a
+    file or a glob."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["fitbit-csv"]
+    path: Path
+    patients: dict[str, str] = {}
+    """Fitbit account id (the files' `Id`) -> the twin's Patient id."""
+    patient_prefix: str | None = None
+    """For accounts not in `patients`: the Patient id is this prefix and the account id
+    (research exports of many accounts). Without it their rows are quarantined."""
+    timezone: str = "UTC"
+    """The IANA zone of the accounts' local clocks (the files carry no offset)."""
+    device: str = "Fitbit"
+    schedule: str | None = None
+    batch_samples: int = Field(default=500_000, ge=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{name!r} is not an IANA time zone; use e.g. 'America/New_York'") from None
+        return name
+
+
+# File -> (grain, time column, time format, [(metric, value expression, unit)], end offset).
+# A value expression is a column, or for the wide minute files the column prefix of minutes 00-59.
+FILES: dict[str, tuple[Grain, str, str, list[tuple[str, str, str]]]] = {
+    "dailyActivity_merged": ("day", "ActivityDate", LOCAL_DAY, [
+        ("steps", "TotalSteps", "steps"), ("distance", "TotalDistance", "km"),
+        ("calories", "Calories", "kcal"),
+        ("active_minutes", "VeryActiveMinutes+FairlyActiveMinutes", "min"),
+    ]),
+    "dailySteps_merged": ("day", "ActivityDay", LOCAL_DAY, [("steps", "StepTotal", "steps")]),
+    "dailyCalories_merged": ("day", "ActivityDay", LOCAL_DAY, [("calories", "Calories", "kcal")]),
+    "dailyIntensities_merged": ("day", "ActivityDay", LOCAL_DAY, [
+        ("active_minutes", "VeryActiveMinutes+FairlyActiveMinutes", "min"),
+    ]),
+    "hourlySteps_merged": ("hour", "ActivityHour", LOCAL_TIME, [("steps", "StepTotal", "steps")]),
+    "hourlyCalories_merged": ("hour", "ActivityHour", LOCAL_TIME, [("calories", "Calories", "kcal")]),
+    "hourlyIntensities_merged": ("hour", "ActivityHour", LOCAL_TIME, [
+        ("activity_intensity", "TotalIntensity", "1"),
+    ]),
+    "minuteStepsWide_merged": ("minute", "ActivityHour", LOCAL_TIME, [("steps", "Steps*", "steps")]),
+    "minuteIntensitiesWide_merged": ("minute", "ActivityHour", LOCAL_TIME, [
+        ("activity_intensity", "Intensity*", "1"),
+    ]),
+    "sleepDay_merged": ("day", "SleepDay", LOCAL_TIME, [
+        ("sleep_asleep", "TotalMinutesAsleep", "min"), ("time_in_bed", "TotalTimeInBed", "min"),
+    ]),
+    "weightLogInfo_merged": ("minute", "Date", LOCAL_TIME, [
+        ("body_weight", "WeightKg", "kg"), ("body_fat_percentage", "Fat", "%"),
+        ("body_mass_index", "BMI", "kg/m2"),
+    ]),
+}  # fmt: skip
+"""Daily sleep and weight rows are instants (a day's figure, a weighing): they have no end and
+count to the day they name; other rows last their grain."""
+DURATION = {"minute": "1m", "hour": "1h", "day": "1d"}
+POINTS = {"sleepDay_merged", "weightLogInfo_merged"}
+
+
+class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
+    suffixes = (".csv", ".csv.gz")
+    recursive = True
+
+    def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
+        """Every file is read when any changed: they decide together which grain wins."""
+        paths = [p for p in self.files() if _kind(p) is not None]
+        self.stats["files not a Fitabase export (skipped)"] += len(self.files()) - len(paths)
+        prints = {str(p): fingerprint(p) for p in paths}
+        if (since or {}).get("files") == prints:
+            return
+        samples, problems = self._read_all(paths)
+        size = self.source.batch_samples
+        for start in range(0, max(len(samples), 1), size):
+            last = start + size >= len(samples)
+            yield Batch(
+                records=RECORD_SCHEMA.empty_table(),
+                watermark={"files": prints if last else (since or {}).get("files", {})},
+                samples=samples.slice(start, size),
+                problems=problems if last else PROBLEM_SCHEMA.empty_table(),
+            )
+
+    def _read_all(self, paths: list[Path]) -> tuple[pa.Table, pa.Table]:
+        """The samples at the finest grain per account, metric and day, and the problems."""
+        frames, problems = [], []
+        for path in paths:
+            self.stats["files"] += 1
+            samples, bad = self._read_file(path)
+            frames.append(samples)
+            problems.append(bad)
+        every = pl.concat(frames)
+        # The finest grain of each (account, metric, day) wins: a day is never counted twice.
+        finest = every.group_by("patient_id", "metric", "day").agg(pl.col("grain").min().alias("finest"))
+        kept = every.join(finest, on=["patient_id", "metric", "day"]).filter(
+            pl.col("grain") == pl.col("finest")
+        )
+        self.stats["coarser rows covered by finer ones (not landed twice)"] += len(every) - len(kept)
+        table = (
+            kept.sort("patient_id", "start_time").select(SAMPLE_SCHEMA.names).to_arrow().cast(SAMPLE_SCHEMA)
+        )
+        return table, pa.concat_tables(problems).cast(PROBLEM_SCHEMA)
+
+    def _read_file(self, path: Path) -> tuple[pl.DataFrame, pa.Table]:
+        kind = _kind(path)
+        assert kind is not None
+        grain, time_column, time_format, measures = FILES[kind]
+        with open_maybe_gzipped(path) as fh:
+            raw = pl.read_csv(fh.read(), infer_schema=False)
+        raw = raw.with_row_index("line_no", offset=2)
+        missing = [c for c in ["Id", time_column, *_columns(measures, raw.columns)] if c not in raw.columns]
+        if missing:
+            reason = f"{path.name} has no column {', '.join(missing)}; is it a Fitabase {kind} export?"
+            return _empty(), _problems(str(path), [(1, reason, ",".join(raw.columns))])
+        zone = self.source.timezone
+        local = pl.col(time_column).str.strptime(pl.Datetime("us"), time_format, strict=False)
+        rows = raw.with_columns(
+            local.alias("local"),
+            pl.col("Id").replace_strict(self.source.patients, default=None).alias("patient_id"),
+        )
+        if self.source.patient_prefix is not None:
+            prefixed = pl.lit(self.source.patient_prefix) + pl.col("Id")
+            rows = rows.with_columns(pl.col("patient_id").fill_null(prefixed))
+        rows = rows.with_columns(
+            pl.col("local")
+            .dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+            .alias("start")
+        )
+        text = raw.select(
+            "line_no", pl.concat_str(pl.exclude("line_no").fill_null(""), separator=",").alias("raw")
+        )
+        bad_rows = rows.filter(pl.col("start").is_null() | pl.col("patient_id").is_null())
+        problems = [
+            (line, self._row_reason(kind, time_column, when, account), raw_text)
+            for line, when, account, raw_text in bad_rows.join(text, on="line_no")
+            .select("line_no", time_column, "Id", "raw")
+            .iter_rows()
+        ]
+        # Times are worked out once per row: a wide row's 60 minutes share its hour's offset.
+        good = rows.filter(pl.col("start").is_not_null() & pl.col("patient_id").is_not_null()).with_columns(
+            pl.col("start").dt.convert_time_zone("UTC").alias("start_time"),
+            (
+                pl.lit(None, pl.Datetime("us", "UTC"))
+                if kind in POINTS or grain == "minute"
+                else pl.col("start").dt.offset_by(DURATION[grain]).dt.convert_time_zone("UTC")
+            ).alias("end_time"),
+            (pl.col("start").dt.base_utc_offset() + pl.col("start").dt.dst_offset())
+            .dt.total_minutes()
+            .cast(pl.Int32)
+            .alias("utc_offset_minutes"),
+            pl.col("start").dt.date().alias("day"),
+        )
+        samples = [_measure(good, metric, spec, unit) for metric, spec, unit in measures]
+        frame = pl.concat(samples) if samples else _empty()
+        bad_values = frame.filter(pl.col("value").is_null() & pl.col("text").is_not_null())
+        problems += [
+            (line, f"{kind}: {metric} value {value!r} is not a number", raw_text)
+            for line, metric, value, raw_text in bad_values.join(text, on="line_no")
+            .select("line_no", "metric", "text", "raw")
+            .iter_rows()
+        ]
+        frame = frame.filter(pl.col("value").is_not_null()).with_columns(
+            pl.lit(self.source.device).alias("device"),
+            pl.lit(str(path)).alias("origin"),
+            pl.lit(GRAIN_ORDER[grain]).alias("grain"),
+        )
+        return frame, _problems(str(path), problems)
+
+    def _row_reason(self, kind: str, column: str, when: str | None, account: str | None) -> str:
+        if not account:
+            return f"{kind}: the row has no account Id"
+        if when is None:
+            return f"{kind}: the row has no {column}"
+        if self.source.patient_prefix is None and account not in self.source.patients:
+            return (
+                f"{kind}: account {account} is not in sources.{self.source.name}.patients; map it to "
+                "its Patient id there (or set patient_prefix)"
+            )
+        zone = self.source.timezone
+        return f"{kind}: {column} {when!r} is not a time like 3/25/2016 1:00:00 PM that {zone} has"
+
+
+def _kind(path: Path) -> str | None:
+    stem = path.name.removesuffix(".gz").removesuffix(".csv")
+    return stem if stem in FILES else None
+
+
+def _columns(measures: list[tuple[str, str, str]], present: list[str]) -> list[str]:
+    """The columns the measures read (a wide file's minute columns are checked by prefix)."""
+    needed = []
+    for _, spec, _ in measures:
+        if spec.endswith("*"):
+            if not any(c.startswith(spec[:-1]) for c in present):
+                needed.append(spec[:-1] + "00")
+        else:
+            needed += spec.split("+")
+    return needed
+
+
+COLUMNS = ["patient_id", "start_time", "end_time", "utc_offset_minutes", "day", "line_no", "metric", "value",
+           "unit", "text"]  # fmt: skip
+
+
+def _measure(rows: pl.DataFrame, metric: str, spec: str, unit: str) -> pl.DataFrame:
+    """One metric's samples from the rows: a column, a sum of columns, or 60 minute columns."""
+    keep = ["patient_id", "start_time", "end_time", "utc_offset_minutes", "day", "line_no"]
+    if spec.endswith("*"):  # wide: minute NN of the hour is column <prefix>NN
+        prefix = spec[:-1]
+        minutes = [c for c in rows.columns if c.startswith(prefix) and c[len(prefix) :].isdigit()]
+        long = rows.select(*keep, *minutes).unpivot(index=keep, variable_name="minute", value_name="text")
+        offset = pl.duration(minutes=pl.col("minute").str.slice(len(prefix)).cast(pl.Int32))
+        long = long.with_columns(
+            (pl.col("start_time") + offset).alias("start_time"),
+            (pl.col("start_time") + offset + pl.duration(minutes=1)).alias("end_time"),
+            pl.col("text").cast(pl.Float64, strict=False).alias("value"),
+        )
+    else:  # a column, or the sum of some ("VeryActiveMinutes+FairlyActiveMinutes")
+        parts = [pl.col(p).cast(pl.Float64, strict=False) for p in spec.split("+")]
+        long = rows.with_columns(
+            pl.concat_str(spec.split("+"), separator="+").alias("text"),
+            pl.when(pl.any_horizontal(p.is_null() for p in parts))
+            .then(None)
+            .otherwise(pl.sum_horizontal(parts))
+            .alias("value"),
+        )
+    return long.with_columns(pl.lit(metric).alias("metric"), pl.lit(unit).alias("unit")).select(COLUMNS)
+
+
+def _problems(file: str, rows: list[tuple[int, str, str]]) -> pa.Table:
+    return pa.table(
+        {"file": [file] * len(rows), "line_no": [r[0] for r in rows], "reason": [r[1] for r in rows],
+         "raw": [r[2] for r in rows]},
+        schema=PROBLEM_SCHEMA,
+    )  # fmt: skip
+
+
+def _empty() -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={"patient_id": pl.String, "start_time": pl.Datetime("us", "UTC"),
+                "end_time": pl.Datetime("us", "UTC"), "utc_offset_minutes": pl.Int32, "day": pl.Date,
+                "line_no": pl.UInt32, "metric": pl.String, "value": pl.Float64, "unit": pl.String,
+                "text": pl.String}
+    )  # fmt: skip

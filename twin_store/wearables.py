@@ -1,0 +1,271 @@
+"""The wearable tables: raw samples in `wearable_sample`, their daily rollups in `wearable_daily`.
+
+Samples are keyed on (source, patient_id, metric, start_time): a sample pulled again replaces
+the stored one if it changed and writes nothing if not, so overlapping pulls never double count.
+After each batch the days it touched (the local day of a sample, by its UTC offset) are rolled
+up again, in the batch's transaction; the store makes FHIR Observations of them.
+
+The writer keeps a copy of each series' time span (`temp.sample_coverage`): a batch whose
+samples all fall outside the stored spans (new data after old, the usual case) is appended
+without looking up a single stored sample.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+from connectors.base import Window
+from harmonize.wearables import DAILY_SCHEMA, daily_id, metrics, totals
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS twin.wearable_sample (
+    source VARCHAR, patient_id VARCHAR, device VARCHAR, metric VARCHAR, loinc_code VARCHAR,
+    start_time TIMESTAMPTZ, end_time TIMESTAMPTZ, utc_offset_minutes INTEGER, value DOUBLE,
+    unit VARCHAR, origin VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS twin.wearable_daily (
+    source VARCHAR, patient_id VARCHAR, metric VARCHAR, day DATE, loinc_code VARCHAR, unit VARCHAR,
+    value DOUBLE, samples BIGINT, min DOUBLE, max DOUBLE, mean DOUBLE, sum DOUBLE,
+    first_start TIMESTAMPTZ, last_end TIMESTAMPTZ, utc_offset_minutes INTEGER, device VARCHAR,
+    observation_id VARCHAR, run_id VARCHAR, computed_at TIMESTAMPTZ
+);
+"""
+COVERAGE = "temp.sample_coverage"
+SAME = " AND ".join(
+    f"i.{c} IS NOT DISTINCT FROM s.{c}"
+    for c in ("device", "end_time", "utc_offset_minutes", "value", "unit", "loinc_code")
+)
+LOCAL_DAY = """CAST(CASE WHEN m.day_of = 'end' THEN coalesce(s.end_time, s.start_time) ELSE s.start_time END
+    + to_minutes(coalesce(s.utc_offset_minutes, 0)) AS DATE)"""
+"""The local calendar day a sample counts to (its start's, or for sleep its end's)."""
+
+
+@functools.cache
+def _metric_info() -> pa.Table:
+    rows = [(m.name, m.day_of, m.daily, m.loinc) for m in metrics().values()]
+    names, day_of, rollup, loinc = zip(*rows, strict=True)
+    return pa.table({"metric": names, "day_of": day_of, "rollup": rollup, "loinc": loinc})
+
+
+@dataclass(kw_only=True)
+class SampleWriter:
+    """Lands samples and rolls up the days they touch, on the writer's connection and within
+    the batch's transaction (the caller's)."""
+
+    con: duckdb.DuckDBPyConnection
+    coverage_loaded: bool = False
+
+    def forget_coverage(self) -> None:
+        """After a failed batch: the copy may hold what was rolled back."""
+        self.coverage_loaded = False
+        self.con.execute(f"DROP TABLE IF EXISTS {COVERAGE}")
+
+    def land(
+        self, source: str, run_id: str, samples: pa.Table, counts: Counter[str], window: Window | None
+    ) -> pa.Table:
+        """Upsert the samples; returns the daily rows recomputed (DAILY_SCHEMA, plus loinc,
+        unit and observation ids), whose FHIR resources the store lands next."""
+        con = self.con
+        con.register("incoming_samples", samples)
+        try:
+            if window:
+                con.execute(
+                    """CREATE OR REPLACE TEMP TABLE incoming AS
+                    FROM incoming_samples WHERE start_time >= $since AND start_time < $until""",
+                    {"since": window.since, "until": window.until},
+                )
+            else:
+                con.execute("CREATE OR REPLACE TEMP TABLE incoming AS FROM incoming_samples")
+        finally:
+            con.unregister("incoming_samples")
+        (n,) = _one(con, "SELECT count(*) FROM incoming")
+        counts["out_of_window"] += len(samples) - n
+        self._judge(source)
+        (new, updated, unchanged) = _one(
+            con,
+            """SELECT count(*) FILTER (NOT stored), count(*) FILTER (stored AND NOT same),
+                      count(*) FILTER (same) FROM judged""",
+        )
+        counts.update(inserted=new, updated=updated, unchanged=unchanged)
+        if updated:
+            con.execute(
+                """DELETE FROM twin.wearable_sample s USING judged j
+                WHERE s.source = $source AND j.stored AND NOT j.same AND s.patient_id = j.patient_id
+                  AND s.metric = j.metric AND s.start_time = j.start_time""",
+                {"source": source},
+            )
+        con.execute(
+            """INSERT INTO twin.wearable_sample
+            SELECT $source, patient_id, device, metric, loinc_code, start_time, end_time,
+                   utc_offset_minutes, value, unit, origin, $run_id, now()
+            FROM judged WHERE NOT same""",
+            {"source": source, "run_id": run_id},
+        )
+        self._cover(source)
+        days = self._roll_up(source, run_id) if new + updated else DAILY_SCHEMA.empty_table()
+        # Temporary tables live in the transaction: on failure they roll back with it.
+        for table in ("incoming", "judged", "touched", "daily"):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+        return days
+
+    def _coverage(self) -> str:
+        """Each stored series' span, read from the store on first use."""
+        if not self.coverage_loaded:
+            self.con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE {COVERAGE} AS
+                SELECT source, patient_id, metric, min(start_time) AS first_start,
+                       max(start_time) AS last_start
+                FROM twin.wearable_sample GROUP BY ALL"""
+            )
+            self.coverage_loaded = True
+        return COVERAGE
+
+    def _judge(self, source: str) -> None:
+        """`judged`: each incoming sample, whether one with its key is stored, and whether that
+        one is the same. Only samples inside a stored series' span are looked up."""
+        con = self.con
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE maybe AS
+            SELECT i.patient_id, i.metric, i.start_time FROM incoming i JOIN {self._coverage()} c
+                ON c.source = $source AND c.patient_id = i.patient_id AND c.metric = i.metric
+               AND i.start_time BETWEEN c.first_start AND c.last_start""",
+            {"source": source},
+        )
+        (overlapping, low, high) = con.execute(
+            "SELECT count(*), min(start_time), max(start_time) FROM maybe"
+        ).fetchone() or (0, None, None)
+        if not overlapping:
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE judged AS SELECT *, false AS stored, false AS same "
+                "FROM incoming"
+            )
+        else:
+            con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE judged AS
+                WITH stored AS (
+                    SELECT s.* FROM twin.wearable_sample s
+                    SEMI JOIN maybe m USING (patient_id, metric, start_time)
+                    WHERE s.source = $source AND s.start_time BETWEEN $low AND $high)
+                SELECT i.*, s.patient_id IS NOT NULL AS stored, s.patient_id IS NOT NULL AND {SAME} AS same
+                FROM incoming i LEFT JOIN stored s USING (patient_id, metric, start_time)""",
+                {"source": source, "low": low, "high": high},
+            )
+        con.execute("DROP TABLE maybe")
+
+    def _cover(self, source: str) -> None:
+        con = self.con
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE spans AS
+            SELECT $source AS source, patient_id, metric, min(start_time) AS first_start,
+                   max(start_time) AS last_start
+            FROM judged WHERE NOT stored GROUP BY ALL""",
+            {"source": source},
+        )
+        con.execute(
+            f"""INSERT INTO {COVERAGE} SELECT * FROM spans s WHERE NOT EXISTS (
+                SELECT 1 FROM {COVERAGE} c
+                WHERE (c.source, c.patient_id, c.metric) = (s.source, s.patient_id, s.metric))"""
+        )
+        con.execute(
+            f"""UPDATE {COVERAGE} c SET first_start = least(c.first_start, s.first_start),
+                                        last_start = greatest(c.last_start, s.last_start)
+            FROM spans s WHERE (c.source, c.patient_id, c.metric) = (s.source, s.patient_id, s.metric)"""
+        )
+        con.execute("DROP TABLE spans")
+
+    def _roll_up(self, source: str, run_id: str) -> pa.Table:
+        """Recompute the daily rows of every (patient, metric, local day) the batch wrote to,
+        then the totals (sleep duration) of those days; returns them for FHIR."""
+        con = self.con
+        con.register("metric_info", _metric_info())
+        params = {"source": source}
+        try:
+            con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE touched AS
+                SELECT DISTINCT s.patient_id, s.metric, {LOCAL_DAY} AS day
+                FROM judged s JOIN metric_info m USING (metric) WHERE NOT s.same"""
+            )
+            # A day's samples start within two days of its midnight (UTC offsets reach +-14 h,
+            # a night's sleep ends the next day): the bound lets DuckLake skip other files.
+            (low, high) = con.execute(
+                "SELECT min(day) - INTERVAL 2 DAY, max(day) + INTERVAL 2 DAY FROM touched"
+            ).fetchone() or (None, None)
+            con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE daily AS
+                SELECT $source AS source, s.patient_id, s.metric, {LOCAL_DAY} AS day,
+                       any_value(s.loinc_code) AS loinc_code, any_value(s.unit) AS unit,
+                       CASE any_value(m.rollup) WHEN 'sum' THEN sum(s.value) WHEN 'mean' THEN avg(s.value)
+                            WHEN 'min' THEN min(s.value) WHEN 'max' THEN max(s.value)
+                            ELSE arg_max(s.value, s.start_time) END AS value,
+                       count(*) AS samples, min(s.value) AS min, max(s.value) AS max, avg(s.value) AS mean,
+                       sum(s.value) AS sum, min(s.start_time) AS first_start,
+                       max(coalesce(s.end_time, s.start_time)) AS last_end,
+                       arg_min(s.utc_offset_minutes, s.start_time) AS utc_offset_minutes,
+                       mode(s.device) AS device
+                FROM twin.wearable_sample s JOIN metric_info m USING (metric)
+                SEMI JOIN touched t
+                    ON t.patient_id = s.patient_id AND t.metric = s.metric AND t.day = {LOCAL_DAY}
+                WHERE s.source = $source AND s.start_time BETWEEN $low AND $high
+                GROUP BY ALL""",
+                params | {"low": low, "high": high},
+            )
+            rows = [self._replace("daily", source, run_id)]
+            for total in totals().values():
+                con.register("parts", pa.table({"metric": pa.array(total.sum_of, pa.string())}))
+                con.execute(
+                    """CREATE OR REPLACE TEMP TABLE daily AS
+                    SELECT $source AS source, patient_id, $name AS metric, day, $loinc AS loinc_code,
+                           $unit AS unit, sum(sum) AS value, sum(samples) AS samples, NULL::DOUBLE AS min,
+                           NULL::DOUBLE AS max, NULL::DOUBLE AS mean, sum(sum) AS sum,
+                           min(first_start) AS first_start, max(last_end) AS last_end,
+                           arg_min(utc_offset_minutes, first_start) AS utc_offset_minutes,
+                           mode(device) AS device,
+                           list({'metric': metric, 'value': sum} ORDER BY metric) AS parts
+                    FROM twin.wearable_daily w
+                    WHERE source = $source AND metric IN (FROM parts)
+                      AND (patient_id, day) IN (
+                          SELECT (patient_id, day) FROM touched WHERE metric IN (FROM parts))
+                    GROUP BY ALL""",
+                    params | {"name": total.name, "loinc": total.loinc, "unit": total.unit},
+                )
+                con.unregister("parts")
+                rows.append(self._replace("daily", source, run_id))
+            return pa.concat_tables([r.select(DAILY_SCHEMA.names).cast(DAILY_SCHEMA) for r in rows])
+        finally:
+            con.unregister("metric_info")
+
+    def _replace(self, table: str, source: str, run_id: str) -> pa.Table:
+        """Write `table`'s daily rows over the stored ones of the same days; returns them."""
+        con = self.con
+        rows = con.execute(f"FROM {table}").to_arrow_table()
+        keys = zip(*(rows[c].to_pylist() for c in ("patient_id", "metric", "day")), strict=True)
+        ids = pa.array([daily_id(source, p, m, d) for p, m, d in keys], pa.string())
+        con.register("replacing", rows.append_column("observation_id", ids))
+        try:
+            con.execute(
+                """DELETE FROM twin.wearable_daily w USING replacing d
+                WHERE w.source = $source AND w.patient_id = d.patient_id AND w.metric = d.metric
+                  AND w.day = d.day""",
+                {"source": source},
+            )
+            con.execute(
+                """INSERT INTO twin.wearable_daily BY NAME
+                SELECT COLUMNS(c -> c <> 'parts'), $run_id AS run_id, now() AS computed_at FROM replacing""",
+                {"run_id": run_id},
+            )
+        finally:
+            con.unregister("replacing")
+        if "parts" not in rows.column_names:
+            rows = rows.append_column("parts", pa.nulls(len(rows), DAILY_SCHEMA.field("parts").type))
+        return rows
+
+
+def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:
+    row = con.execute(sql).fetchone()
+    assert row is not None
+    return tuple(int(v) for v in row)
