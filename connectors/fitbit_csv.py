@@ -148,7 +148,9 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
         missing = [c for c in ["Id", time_column, *_columns(measures, raw.columns)] if c not in raw.columns]
         if missing:
             reason = f"{path.name} has no column {', '.join(missing)}; is it a Fitabase {kind} export?"
-            return _empty(), _problems(str(path), [(1, reason, ",".join(raw.columns))])
+            return self._finish(_empty(), path, grain), _problems(
+                str(path), [(1, reason, ",".join(raw.columns))]
+            )
         zone = self.source.timezone
         local = pl.col(time_column).str.strptime(pl.Datetime("us"), time_format, strict=False)
         rows = raw.with_columns(
@@ -196,12 +198,16 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
             .select("line_no", "metric", "text", "raw")
             .iter_rows()
         ]
-        frame = frame.filter(pl.col("value").is_not_null()).with_columns(
+        return self._finish(frame.filter(pl.col("value").is_not_null()), path, grain), _problems(
+            str(path), problems
+        )
+
+    def _finish(self, frame: pl.DataFrame, path: Path, grain: Grain) -> pl.DataFrame:
+        return frame.with_columns(
             pl.lit(self.source.device).alias("device"),
             pl.lit(str(path)).alias("origin"),
             pl.lit(GRAIN_ORDER[grain]).alias("grain"),
         )
-        return frame, _problems(str(path), problems)
 
     def _row_reason(self, kind: str, column: str, when: str | None, account: str | None) -> str:
         if not account:

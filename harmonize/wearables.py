@@ -51,7 +51,7 @@ class Metric:
     daily_loinc: str | None
     daily_display: str | None
     daily_unit: str | None
-    day_of: Literal["start", "end"]
+    day_of: Literal["start", "night"]
     category: Literal["vital-signs", "activity"]
     also: tuple[tuple[str, str], ...]
 
@@ -139,10 +139,14 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     known = frame.join(_conversions(), on=["metric", "unit"], how="left", maintain_order="left")
     reason = (
         pl.when(~pl.col("metric").is_in(list(metrics())))
-        .then(pl.format("unknown metric {}; known: {}", pl.col("metric"), pl.lit(", ".join(metrics()))))
+        .then(pl.format("unknown metric {} (not in harmonize/wearable_metrics.toml)", pl.col("metric")))
         .when(pl.col("factor").is_null())
         .then(
-            pl.format("metric {} does not take unit {}", pl.col("metric"), pl.col("unit").fill_null("(none)"))
+            pl.format(
+                "metric {} does not take unit {} (its spellings are in harmonize/wearable_metrics.toml)",
+                pl.col("metric"),
+                pl.col("unit").fill_null("(none)"),
+            )
         )
         .when(~pl.col("value").is_finite())
         .then(pl.format("value {} is not a number", pl.col("value")))

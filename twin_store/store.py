@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import re
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -150,6 +151,12 @@ def connect(root: Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     if read_only and not catalog.exists():
         raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
     root.mkdir(parents=True, exist_ok=True)
+    if not read_only:
+        # Write-ahead logging: a reader's open query (an analyst's notebook, `twinhub sql`)
+        # then never blocks the writer's commit, nor the writer a reader. The mode stays with
+        # the file; setting it again is a no-op.
+        with contextlib.closing(sqlite3.connect(catalog)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
     con = duckdb.connect()
     load_extensions(con)
     con.execute("SET TimeZone = 'UTC'")

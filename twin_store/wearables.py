@@ -40,9 +40,10 @@ SAME = " AND ".join(
     f"i.{c} IS NOT DISTINCT FROM s.{c}"
     for c in ("device", "end_time", "utc_offset_minutes", "value", "unit", "loinc_code")
 )
-LOCAL_DAY = """CAST(CASE WHEN m.day_of = 'end' THEN coalesce(s.end_time, s.start_time) ELSE s.start_time END
-    + to_minutes(coalesce(s.utc_offset_minutes, 0)) AS DATE)"""
-"""The local calendar day a sample counts to (its start's, or for sleep its end's)."""
+LOCAL_DAY = """CAST(CASE WHEN m.day_of = 'night' THEN coalesce(s.end_time, s.start_time) + INTERVAL 6 HOUR
+                         ELSE s.start_time END + to_minutes(coalesce(s.utc_offset_minutes, 0)) AS DATE)"""
+"""The local calendar day a sample counts to: its start's, or for sleep the morning its night
+ends (a stretch ending after 18:00 belongs to the next day's night)."""
 
 
 @functools.cache

@@ -201,3 +201,19 @@ def test_a_needle_is_found_across_scan_steps_and_chunks() -> None:
     assert _may_contain(text.slice(1), b"needle-xx", step=5)
     assert not _may_contain(text, b"needles", step=4)
     assert not _may_contain(pa.chunked_array([], pa.string()), b"needle")
+
+
+def test_a_reader_with_a_query_open_never_blocks_the_writer(tmp_path: Path) -> None:
+    """The catalog runs in SQLite's WAL mode: without it the reader's shared lock made the
+    writer's commit fail with "database is locked"."""
+    with TwinStore(tmp_path) as store:
+        store.finish_run(store.begin_run("src", "sync"), "succeeded")
+    reader = connect(tmp_path)
+    pending = reader.sql("SELECT run_id FROM run_record")
+    assert pending.fetchone() is not None  # the result stays open, rows left unread
+    with TwinStore(tmp_path) as store:
+        run = store.finish_run(store.begin_run("src", "sync"), "succeeded")
+    assert connect(tmp_path).sql(
+        f"SELECT status FROM run_record WHERE run_id = '{run.run_id}'"
+    ).fetchall() == [("succeeded",)]
+    reader.close()

@@ -1,0 +1,192 @@
+"""Fitabase CSV exports read as wearable samples: grains, local times, accounts, bad rows."""
+
+from __future__ import annotations
+
+import gzip
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from pydantic import ValidationError
+
+from connectors.base import Batch
+from connectors.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
+from flows.sync import land_batches
+from tests.conftest import SHARED
+from twin_store import TwinStore, connect
+
+
+def write(folder: Path, name: str, lines: list[str], *, gzipped: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    path = folder / (name + (".csv.gz" if gzipped else ".csv"))
+    path.write_bytes(gzip.compress(text.encode()) if gzipped else text.encode())
+    return path
+
+
+def pull(folder: Path, **config: object) -> tuple[list[Batch], FitbitCsvConnector]:
+    source = FitbitCsvSource(name="fa", kind="fitbit-csv", path=folder, **config)  # type: ignore[arg-type]
+    connector = FitbitCsvConnector(source)
+    return list(connector.pull(None)), connector
+
+
+def samples(batches: list[Batch]) -> pl.DataFrame:
+    frames = [pl.from_arrow(b.samples) for b in batches if b.samples is not None]
+    return pl.concat([f for f in frames if isinstance(f, pl.DataFrame)])
+
+
+def test_the_finest_grain_of_each_day_lands_and_the_coarser_is_counted(tmp_path: Path) -> None:
+    write(tmp_path, "dailyActivity_merged", [
+        "Id,ActivityDate,TotalSteps,TotalDistance,VeryActiveMinutes,FairlyActiveMinutes,Calories",
+        "111,3/12/2016,100,1.5,10,5,2000",
+        "111,3/13/2016,250,2.5,0,1,2100",
+    ])  # fmt: skip
+    write(tmp_path, "hourlySteps_merged", [
+        "Id,ActivityHour,StepTotal", "111,3/12/2016 12:00:00 AM,40", "111,3/12/2016 1:00:00 PM,60",
+    ], gzipped=True)  # fmt: skip
+    write(tmp_path, "minuteStepsWide_merged", [
+        "Id,ActivityHour," + ",".join(f"Steps{m:02}" for m in range(60)),
+        "111,3/12/2016 1:00:00 PM," + ",".join("1" for _ in range(60)),
+    ])  # fmt: skip
+    batches, connector = pull(tmp_path, patients={"111": "p1"})
+    got = samples(batches)
+    steps = got.filter(pl.col("metric") == "steps").sort("start_time")
+    # 3/12: the minute file is finest (60 samples of 1); 3/13: only the daily total
+    assert steps["value"].to_list() == [1.0] * 60 + [250.0]
+    assert steps["start_time"][0] == datetime(2016, 3, 12, 13, 0, tzinfo=UTC)
+    assert steps["end_time"][0] == datetime(2016, 3, 12, 13, 1, tzinfo=UTC)
+    assert steps["start_time"][-1] == datetime(2016, 3, 13, tzinfo=UTC)
+    covered = connector.stats["coarser rows covered by finer ones (not landed twice)"]
+    assert covered == 3, "the 3/12 daily total and both 3/12 hourly rows"
+    active = got.filter(pl.col("metric") == "active_minutes").sort("start_time")["value"].to_list()
+    assert active == [15.0, 1.0], "VeryActiveMinutes + FairlyActiveMinutes"
+    assert set(got["patient_id"]) == {"p1"} and set(got["device"]) == {"Fitbit"}
+
+
+def test_local_times_become_instants_with_their_offset_across_dst(tmp_path: Path) -> None:
+    write(tmp_path, "hourlySteps_merged", [
+        "Id,ActivityHour,StepTotal",
+        "111,3/13/2016 1:00:00 AM,5",  # EST, -300
+        "111,3/13/2016 2:30:00 AM,7",  # does not exist: clocks jump from 2:00 to 3:00
+        "111,3/13/2016 3:00:00 AM,9",  # EDT, -240
+    ])  # fmt: skip
+    batches, _ = pull(tmp_path, patients={"111": "p1"}, timezone="America/New_York")
+    got = samples(batches).sort("start_time")
+    assert got["start_time"].to_list() == [
+        datetime(2016, 3, 13, 6, tzinfo=UTC),
+        datetime(2016, 3, 13, 7, tzinfo=UTC),
+    ]
+    assert got["utc_offset_minutes"].to_list() == [-300, -240]
+    (problem,) = batches[-1].problems.to_pylist()
+    assert (
+        problem["line_no"] == 3
+        and "2:30:00 AM" in problem["reason"]
+        and "America/New_York" in problem["reason"]
+    )
+
+
+def test_rows_of_unmapped_accounts_and_bad_values_are_problems_with_reasons(tmp_path: Path) -> None:
+    write(tmp_path, "hourlySteps_merged", [
+        "Id,ActivityHour,StepTotal", "111,3/12/2016 12:00:00 AM,40", "222,3/12/2016 12:00:00 AM,3",
+        "111,3/12/2016 1:00:00 AM,lots",
+    ])  # fmt: skip
+    batches, _ = pull(tmp_path, patients={"111": "p1"})
+    assert len(samples(batches)) == 1
+    reasons = {p["line_no"]: p["reason"] for p in batches[-1].problems.to_pylist()}
+    assert "account 222 is not in sources.fa.patients" in reasons[3]
+    assert "'lots' is not a number" in reasons[4]
+    with_prefix, _ = pull(tmp_path, patients={"111": "p1"}, patient_prefix="fitabase-")
+    assert set(samples(with_prefix)["patient_id"]) == {"p1", "fitabase-222"}
+
+
+def test_sleep_days_and_weighings_count_to_the_day_they_name(tmp_path: Path) -> None:
+    write(tmp_path, "sleepDay_merged", [
+        "Id,SleepDay,TotalSleepRecords,TotalMinutesAsleep,TotalTimeInBed",
+        "111,4/12/2016 12:00:00 AM,1,327,346",
+    ])  # fmt: skip
+    write(tmp_path, "weightLogInfo_merged", [
+        "Id,Date,WeightKg,WeightPounds,Fat,BMI,IsManualReport,LogId",
+        "111,4/5/2016 11:59:59 PM,53.2999992370605,117.5,,22.97,True,1459900799000",
+    ])  # fmt: skip
+    batches, _ = pull(tmp_path, patients={"111": "p1"})
+    got = {row["metric"]: row for row in samples(batches).to_dicts()}
+    assert sorted(got) == ["body_mass_index", "body_weight", "sleep_asleep", "time_in_bed"], "Fat is empty"
+    assert got["sleep_asleep"]["value"] == 327 and got["sleep_asleep"]["end_time"] is None
+    assert got["body_weight"]["start_time"] == datetime(2016, 4, 5, 23, 59, 59, tzinfo=UTC)
+    assert batches[-1].problems.num_rows == 0, "an empty Fat cell is no value, not a bad one"
+
+
+def test_an_unchanged_export_is_not_read_again_and_a_changed_one_is(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "hourlySteps_merged", ["Id,ActivityHour,StepTotal", "111,3/12/2016 12:00:00 AM,40"]
+    )
+    source = FitbitCsvSource(name="fa", kind="fitbit-csv", path=tmp_path, patients={"111": "p1"})
+    first = list(FitbitCsvConnector(source).pull(None))
+    assert list(FitbitCsvConnector(source).pull(first[-1].watermark)) == []
+    path.write_text("Id,ActivityHour,StepTotal\n111,3/12/2016 12:00:00 AM,41\n")
+    again = list(FitbitCsvConnector(source).pull(first[-1].watermark))
+    assert samples(again)["value"].to_list() == [41.0]
+
+
+def test_a_file_missing_its_columns_is_a_problem_naming_them(tmp_path: Path) -> None:
+    write(tmp_path, "hourlySteps_merged", ["Id,When,Steps", "111,3/12/2016 12:00:00 AM,40"])
+    batches, _ = pull(tmp_path, patients={"111": "p1"})
+    (problem,) = batches[-1].problems.to_pylist()
+    assert "has no column ActivityHour, StepTotal" in problem["reason"]
+
+
+def test_a_bad_time_zone_is_refused_with_an_example() -> None:
+    with pytest.raises(ValidationError, match="America/New_York"):
+        FitbitCsvSource(name="fa", kind="fitbit-csv", path=Path(), timezone="Mars/Olympus")
+
+
+FITABASE = SHARED / "wearables" / "fitbit-fitabase-2016" / "fitabase-2016-03-12_to_2016-04-11"
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_fitabase_hourly_steps_all_land_and_roll_up_to_the_daily_totals(tmp_path: Path) -> None:
+    """Issue 6, point 4: every account's hourly steps land, and wearable_daily's step sums equal
+    dailyActivity_merged's TotalSteps for the same user-days wherever the export's own hourly
+    and daily files agree: on some days Fitbit's daily total differs from the sum of its own
+    hourly rows (both read here from the raw files), which twinhub can only keep as it is."""
+    if not FITABASE.is_dir():
+        pytest.skip(f"shared Fitabase export not found at {FITABASE} (../shared/data is absent)")
+    source = FitbitCsvSource(name="fa", kind="fitbit-csv", path=FITABASE, patient_prefix="fa-")
+    with TwinStore(tmp_path / "store") as store:
+        run = store.begin_run("fa", "sync")
+        land_batches(store, run, FitbitCsvConnector(source).pull(None))
+        store.finish_run(run, "succeeded")
+    con = connect(tmp_path / "store")
+    hourly_csv = f"read_csv('{FITABASE}/hourlySteps_merged.csv.gz', all_varchar = true)"
+    daily_csv = f"read_csv('{FITABASE}/dailyActivity_merged.csv.gz', all_varchar = true)"
+    raw = f"""
+        hourly AS (SELECT 'fa-' || Id AS patient_id,
+                          strptime(ActivityHour, '%m/%d/%Y %I:%M:%S %p')::DATE AS day,
+                          sum(StepTotal::DOUBLE) AS steps
+                   FROM {hourly_csv} GROUP BY ALL),
+        daily AS (SELECT 'fa-' || Id AS patient_id, strptime(ActivityDate, '%m/%d/%Y')::DATE AS day,
+                         TotalSteps::DOUBLE AS steps
+                  FROM {daily_csv})"""
+    (hourly_rows, accounts) = con.sql(
+        f"SELECT count(*), count(DISTINCT Id) FROM {hourly_csv}"
+    ).fetchone() or (
+        0,
+        0,
+    )
+    landed = con.sql(
+        """SELECT count(*), count(DISTINCT patient_id) FROM wearable_sample
+        WHERE metric = 'steps' AND end_time - start_time = INTERVAL 1 HOUR"""
+    ).fetchone()
+    assert landed == (hourly_rows, accounts) and hourly_rows > 20_000
+    (days, same_as_hourly, agree, same_as_daily) = con.sql(
+        f"""WITH {raw}
+        SELECT count(*), count(*) FILTER (w.value = h.steps),
+               count(*) FILTER (h.steps = d.steps), count(*) FILTER (h.steps = d.steps AND w.value = d.steps)
+        FROM hourly h JOIN wearable_daily w
+            ON w.metric = 'steps' AND (w.patient_id, w.day) = (h.patient_id, h.day)
+        LEFT JOIN daily d ON (d.patient_id, d.day) = (h.patient_id, h.day)"""
+    ).fetchone() or (0, 0, 0, 0)
+    assert same_as_hourly == days, "every user-day's sum is exactly its hourly rows'"
+    assert same_as_daily == agree > 300, "equal to dailyActivity wherever the export agrees with itself"
