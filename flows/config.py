@@ -20,15 +20,22 @@ from connectors.fhir_ndjson import FhirNdjsonSource
 from connectors.fhir_search import FhirSearchSource
 from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
+from connectors.openmhealth import OpenMHealthSource
 from connectors.vcf import VcfSource
 from harmonize.lab_codes import CodeMap, code_map_from_json
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[
-    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource | Hl7v2Source | VcfSource,
+    FhirNdjsonSource
+    | FhirSearchSource
+    | FhirBulkSource
+    | LabCsvSource
+    | Hl7v2Source
+    | VcfSource
+    | OpenMHealthSource,
     Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf")
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "openmhealth")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 

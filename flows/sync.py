@@ -25,6 +25,7 @@ from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
+from connectors.openmhealth import OpenMHealthConnector, OpenMHealthSource
 from connectors.vcf import VcfConnector, VcfSource
 from flows.config import Settings, SourceConfig, code_map, load_settings
 from harmonize.genomics_report import Reportable, genomics_reports, reportable_set
@@ -54,6 +55,8 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return Hl7v2Connector(source)
     if isinstance(source, VcfSource):
         return VcfConnector(source)
+    if isinstance(source, OpenMHealthSource):
+        return OpenMHealthConnector(source)
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 
