@@ -47,6 +47,7 @@ from connectors.openmhealth_schemas import (
 )
 
 BOM = b"\xef\xbb\xbf"
+WHOLE_FILE = "the file"
 
 
 class OpenMHealthSource(BaseModel):
@@ -160,13 +161,13 @@ def data_points(path: Path) -> Iterator[Entry]:
         if _is_json(first):
             yield from _lines(io.BytesIO(data))
         else:
-            yield Entry(position=1, where="the file", raw=_text(data), error=f"not JSON ({e})")
+            yield Entry(position=1, where=WHOLE_FILE, raw=_text(data), error=f"not JSON ({e})")
         return
     if isinstance(document, list):
         for n, item in enumerate(document, start=1):
             yield Entry(position=n, where=f"item {n}", raw=orjson.dumps(item).decode(), value=item)
     else:
-        yield Entry(position=1, where="the file", raw=_text(data), value=document)
+        yield Entry(position=1, where=WHOLE_FILE, raw=_text(data), value=document)
 
 
 def _lines(fh: IO[bytes]) -> Iterator[Entry]:
@@ -219,7 +220,7 @@ class _Reader:
             self.problems.append({"file": file, "line_no": entry.position, "raw": entry.raw,
                                   "reason": f"{entry.where}: {e}"})  # fmt: skip
             return
-        origin = f"{file}:{entry.where}"
+        origin = file if entry.where == WHOLE_FILE else f"{file}:{entry.where}"
         for sample in samples:
             for name, value in zip(SAMPLE_SCHEMA.names, (*sample, origin), strict=True):
                 self.columns[name].append(value)

@@ -8,7 +8,10 @@ resolved here:
   `-N.y.json` present (as upstream's own validator does; a stray alias file is ignored).
 - `https://w3id.org/ieee/ieee-1752-schema/...`: the IEEE 1752.1 schemas, not in the folder (see
   `[ieee]` in openmhealth.toml for what stands in for them).
-A ref that neither resolves is reported when a data point needs it, naming the ref.
+A ref that resolves neither way is reported when a data point needs it, naming the ref. The
+`date-time` format is checked as the mapping reads it (RFC 3339, offset required) and `uri` as an
+absolute URI, whatever format packages are installed. Each schema's refs are inlined once, when
+it is first used: jsonschema resolving every ref anew for every data point took most of the time.
 """
 
 from __future__ import annotations

@@ -167,9 +167,27 @@ def test_one_data_point_an_array_or_ndjson_per_file_become_samples(tmp_path: Pat
          "start_time": utc("2024-05-01T16:00:00+00:00"), "end_time": utc("2024-05-01T17:00:00+00:00"),
          "utc_offset_minutes": -420, "origin": f"{data}/many.json:item 2"},
         {**base, "patient_id": "p1", "start_time": hr_at, "utc_offset_minutes": offset, "value": 61.0,
-         "origin": f"{data}/one.json:the file"},
+         "origin": f"{data}/one.json"},
     ]  # fmt: skip
     assert batches[-1].stats["samples"] == 6
+
+
+def test_a_json_file_may_hold_json_lines_and_one_that_is_not_json_is_one_problem(
+    tmp_path: Path, schemas: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = b"\xef\xbb\xbf" + orjson.dumps(point("heart-rate", hr(60))) + b"\r\n"
+    (data / "lines.json").write_bytes(lines + b"[1, 2\r\n" + orjson.dumps(point("heart-rate", hr(62))))
+    (data / "broken.json").write_bytes(b'{\n  "header": {\n')
+    batches = pull(source(data, schemas))
+    assert [(s["origin"], s["value"]) for s in samples_of(batches)] == [
+        (f"{data}/lines.json:line 1", 60.0), (f"{data}/lines.json:line 3", 62.0)]  # fmt: skip
+    problems = pa.concat_tables([b.problems for b in batches]).to_pylist()
+    assert [(p["file"], p["line_no"], p["reason"].split(" (")[0], p["raw"]) for p in problems] == [
+        (str(data / "broken.json"), 1, "the file: not JSON", '{\n  "header": {'),
+        (str(data / "lines.json"), 2, "line 2: not JSON", "[1, 2"),
+    ]  # fmt: skip
 
 
 BERLIN = ZoneInfo("Europe/Berlin")
