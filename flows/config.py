@@ -21,6 +21,7 @@ from connectors.fhir_search import FhirSearchSource
 from connectors.fitbit_csv import FitbitCsvSource
 from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
+from connectors.openmhealth import OpenMHealthSource
 from connectors.vcf import VcfSource
 from harmonize.lab_codes import CodeMap, code_map_from_json
 
@@ -32,10 +33,11 @@ SourceConfig = Annotated[
     | LabCsvSource
     | Hl7v2Source
     | VcfSource
-    | FitbitCsvSource,
+    | FitbitCsvSource
+    | OpenMHealthSource,
     Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit-csv")
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit-csv", "openmhealth")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 

@@ -26,6 +26,7 @@ from connectors.fhir_search import FhirSearchConnector
 from connectors.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
+from connectors.openmhealth import OpenMHealthConnector, OpenMHealthSource
 from connectors.vcf import VcfConnector, VcfSource
 from flows.config import Settings, SourceConfig, code_map, load_settings
 from harmonize.genomics_report import Reportable, genomics_reports, reportable_set
@@ -57,6 +58,8 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return VcfConnector(source)
     if isinstance(source, FitbitCsvSource):
         return FitbitCsvConnector(source)
+    if isinstance(source, OpenMHealthSource):
+        return OpenMHealthConnector(source)
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 
