@@ -14,6 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from connectors.apple_health import AppleHealthSource
 from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
@@ -25,10 +26,16 @@ from harmonize.lab_codes import CodeMap, code_map_from_json
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[
-    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource | Hl7v2Source | VcfSource,
+    FhirNdjsonSource
+    | FhirSearchSource
+    | FhirBulkSource
+    | LabCsvSource
+    | Hl7v2Source
+    | VcfSource
+    | AppleHealthSource,
     Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf")
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "apple-health")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 
