@@ -1,13 +1,16 @@
 """Apple Health exports: the Health app's `export.zip` (read in place) or its `export.xml`,
 streamed in bounded memory whatever their size.
 
-The XML is fed in chunks, straight from the zip member, to defusedxml's parser: a file that
-declares an entity (billion laughs, `<!ENTITY x SYSTEM "file:///...">`) is refused whole. XML
-only allows such declarations before the first element, so nothing of a refused file has been
-read, let alone yielded; Apple's own internal DTD (element and attribute declarations) parses.
-No element tree is built: each top-level `Record` of a mapped type (`apple_health.toml`) becomes
-one row of plain strings, and every `batch_samples` rows become a SAMPLE_SCHEMA table in one
-vectorized step. Records of other types, workouts and activity summaries are counted per type.
+The XML is fed in 1 MiB chunks, straight from the zip member, to the expat parser defusedxml
+sets up: a file that declares an entity (billion laughs, `<!ENTITY x SYSTEM "file:///...">`) is
+refused whole. XML only allows such declarations before the first element, so nothing of a
+refused file has been read, let alone yielded; Apple's own internal DTD (element and attribute
+declarations only) parses, and no DTD is ever fetched. No element tree is built: each top-level
+`Record` of a mapped type (`apple_health.toml`) becomes a row of its attribute strings, turned
+into Arrow a few thousand rows at a time (vectorized: dates, offsets, units, sleep durations),
+and `batch_samples` rows make a batch. Records of other types, workouts and activity summaries
+are counted per type; the Records inside a Correlation are copies of top-level ones (Apple's DTD
+says so) and are not read twice.
 
 A file broken part way (cut short, bad bytes, a damaged zip) keeps the samples read before the
 break; the break is a problem with its line, so nothing is lost silently. Files are read whole,
@@ -233,8 +236,8 @@ def defused_expat() -> XMLParserType:
 
 
 class RecordReader:
-    """The parser's target: top-level Records of mapped types into rows of their attributes,
-    everything else counted; a chunk every `limit` rows."""
+    """The parser's element handlers: top-level Records of mapped types into rows of their
+    attributes, everything else counted; a chunk every `limit` rows."""
 
     def __init__(self, origin: str, patient: str, limit: int, parser: XMLParserType) -> None:
         self.origin, self.patient, self.limit = origin, patient, limit

@@ -4,15 +4,18 @@ devices, safe parsing of hostile files, broken files, watermarks and streaming a
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections import Counter
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +300,10 @@ def test_the_zip_is_read_in_place_and_apples_cda_copy_is_left_out(tmp_path: Path
     assert {r["origin"] for r in rows} == {f"{archive}!/apple_health_export/export.xml"}
     assert len(problems(batches)) == 3  # the three bad records, nothing about the other members
 
+    gzipped = tmp_path / "export.xml.gz"
+    gzipped.write_bytes(gzip.compress(EXPORT.encode()))
+    assert as_expected(samples(pull(gzipped))) == EXPECTED
+
     folder = tmp_path / "apple_health_export"
     folder.mkdir()
     (folder / "export.xml").write_text(EXPORT)
@@ -402,6 +409,33 @@ def test_a_file_declaring_entities_is_refused_whole_and_yields_no_sample(
     assert problem["file"] == origin
     assert problem["reason"].startswith(f"{origin} is refused: {declared}. Entities are never expanded")
     assert list(batches[0].watermark["files"]) == [str(path)]  # not read again until it changes
+
+
+def test_an_external_dtd_is_never_fetched(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'<!ENTITY x "y">')
+
+    server = HTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dtd = f"http://127.0.0.1:{server.server_port}/healthdata.dtd"
+        path = tmp_path / "export.xml"
+        path.write_text(
+            f'<?xml version="1.0"?>\n<!DOCTYPE HealthData SYSTEM "{dtd}">\n<HealthData>\n'
+            + record(f"{Q}StepCount", "7", "count")
+            + END
+        )
+        assert [r["value"] for r in samples(pull(path))] == [7]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == []
 
 
 def test_apples_internal_dtd_parses(tmp_path: Path) -> None:
@@ -582,6 +616,7 @@ def test_a_truncated_export_yields_a_prefix_of_its_samples_and_says_where_it_bro
 
 MEASURE = """
 import json, resource, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from connectors.apple_health import AppleHealthConnector, AppleHealthSource
 
@@ -662,9 +697,11 @@ def test_a_million_record_export_streams_in_bounded_memory(tmp_path: Path) -> No
         check=True,
     )
     measured = json.loads(result.stdout)
+    unpacked = zipfile.ZipFile(path).infolist()[0].file_size
     rate = records / measured["seconds"]
     log.info(
-        f"{records:,} records ({path.stat().st_size / 1e6:.0f} MB zipped): {measured['samples']:,} samples "
+        f"{records:,} records ({unpacked / 1e6:.0f} MB, {path.stat().st_size / 1e6:.0f} MB zipped): "
+        f"{measured['samples']:,} samples "
         f"in {measured['batches']} batches, {measured['seconds']:.1f} s ({rate:,.0f} records/s), "
         f"peak RSS {measured['max_rss_mb']:.0f} MB (run {time.perf_counter() - started:.1f} s)"
     )
