@@ -14,6 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from connectors.apple_health import AppleHealthSource
 from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
@@ -34,10 +35,14 @@ SourceConfig = Annotated[
     | Hl7v2Source
     | VcfSource
     | FitbitCsvSource
-    | OpenMHealthSource,
+    | OpenMHealthSource
+    | AppleHealthSource,
     Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit-csv", "openmhealth")
+KINDS = (
+    "fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit-csv", "openmhealth",
+    "apple-health",
+)  # fmt: skip
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 
+from connectors.apple_health import AppleHealthConnector, AppleHealthSource
 from connectors.base import Batch, Connector
 from connectors.errors import ConfigError, TransientError, TwinhubError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
@@ -60,6 +61,8 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return FitbitCsvConnector(source)
     if isinstance(source, OpenMHealthSource):
         return OpenMHealthConnector(source)
+    if isinstance(source, AppleHealthSource):
+        return AppleHealthConnector(source)
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 
