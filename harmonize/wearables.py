@@ -22,6 +22,7 @@ from typing import Any, Literal
 import orjson
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.base import PROBLEM_SCHEMA, SAMPLE_SCHEMA
 
@@ -134,7 +135,10 @@ def _conversions() -> pl.DataFrame:
 def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     """The samples in their metric's unit with its LOINC code (NORMALIZED_SCHEMA), and the
     samples that cannot land as problems (PROBLEM_SCHEMA) with the reason."""
-    frame = pl.from_arrow(samples.cast(SAMPLE_SCHEMA))
+    samples = samples.cast(SAMPLE_SCHEMA)
+    if (fast := _one_clean_series(samples)) is not None:
+        return fast, PROBLEM_SCHEMA.empty_table()
+    frame = pl.from_arrow(samples)
     assert isinstance(frame, pl.DataFrame)
     known = frame.join(_conversions(), on=["metric", "unit"], how="left", maintain_order="left")
     reason = (
@@ -174,6 +178,36 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     return good.select(NORMALIZED_SCHEMA.names).to_arrow().cast(NORMALIZED_SCHEMA), problems.to_arrow().cast(
         PROBLEM_SCHEMA
     )
+
+
+def _one_clean_series(samples: pa.Table) -> pa.Table | None:
+    """The usual batch (one metric in one unit, every value a number, every time in order)
+    normalized without a join or a copy of its columns; None when it is not that batch."""
+    if not len(samples) or any(pc.count_distinct(samples[c]).as_py() != 1 for c in ("metric", "unit")):
+        return None
+    metric = metrics().get(samples["metric"][0].as_py())
+    if metric is None or (conversion := metric.units.get(samples["unit"][0].as_py())) is None:
+        return None
+    ends, starts = samples["end_time"], samples["start_time"]
+    backwards = pc.any(pc.less(ends, starts)).as_py() if ends.null_count < len(ends) else False
+    if (
+        not pc.all(pc.is_finite(samples["value"])).as_py()
+        or backwards
+        or pc.any(pc.equal(samples["patient_id"], "")).as_py()
+    ):
+        return None
+    factor, offset = conversion
+    value = samples["value"]
+    if (factor, offset) != (1.0, 0.0):
+        value = pc.add(pc.multiply(value, factor), offset)
+    n = len(samples)
+    columns = {name: samples[name] for name in NORMALIZED_SCHEMA.names if name in samples.column_names}
+    columns |= {
+        "value": value,
+        "loinc_code": pa.repeat(pa.scalar(metric.loinc, pa.string()), n),
+        "unit": pa.repeat(pa.scalar(metric.unit, pa.string()), n),
+    }
+    return pa.table([columns[name] for name in NORMALIZED_SCHEMA.names], schema=NORMALIZED_SCHEMA)
 
 
 # -- daily rollups as FHIR --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.base import Window
 from harmonize.wearables import DAILY_SCHEMA, daily_id, metrics, totals
@@ -40,10 +41,12 @@ SAME = " AND ".join(
     f"i.{c} IS NOT DISTINCT FROM s.{c}"
     for c in ("device", "end_time", "utc_offset_minutes", "value", "unit", "loinc_code")
 )
-LOCAL_DAY = """CAST(CASE WHEN m.day_of = 'night' THEN coalesce(s.end_time, s.start_time) + INTERVAL 6 HOUR
-                         ELSE s.start_time END + to_minutes(coalesce(s.utc_offset_minutes, 0)) AS DATE)"""
+LOCAL_DAY = """DATE '1970-01-01' + CAST(floor((epoch_us(CASE WHEN m.day_of = 'night'
+        THEN coalesce(s.end_time, s.start_time) + INTERVAL 6 HOUR ELSE s.start_time END)
+        + 60000000::BIGINT * coalesce(s.utc_offset_minutes, 0)) / 86400000000) AS INTEGER)"""
 """The local calendar day a sample counts to: its start's, or for sleep the morning its night
-ends (a stretch ending after 18:00 belongs to the next day's night)."""
+ends (a stretch ending after 18:00 belongs to the next day's night). Epoch arithmetic, not a
+time-zone cast: the offset is the sample's own."""
 
 
 @functools.cache
@@ -51,6 +54,34 @@ def _metric_info() -> pa.Table:
     rows = [(m.name, m.day_of, m.daily, m.loinc) for m in metrics().values()]
     names, day_of, rollup, loinc = zip(*rows, strict=True)
     return pa.table({"metric": names, "day_of": day_of, "rollup": rollup, "loinc": loinc})
+
+
+DEVICE_DAYS = f"""
+    SELECT s.patient_id, s.metric, {LOCAL_DAY} AS day, s.device, any_value(m.rollup) AS rollup,
+           any_value(s.loinc_code) AS loinc_code, any_value(s.unit) AS unit, count(*) AS n,
+           min(s.value) AS min, max(s.value) AS max, sum(s.value) AS sum,
+           arg_max(s.value, s.start_time) AS last, max(s.start_time) AS last_start,
+           min(s.start_time) AS first_start, max(coalesce(s.end_time, s.start_time)) AS last_end,
+           arg_min(s.utc_offset_minutes, s.start_time) AS utc_offset_minutes
+    FROM {{samples}} s JOIN metric_info m USING (metric) {{where}}
+    GROUP BY ALL"""
+"""Per device first: where two devices count the same thing on a day (a phone and a watch both
+counting steps), a sum takes one device's, the one with most samples, never both."""
+DAILY = """
+    SELECT $source AS source, patient_id, metric, day, any_value(loinc_code) AS loinc_code,
+           any_value(unit) AS unit,
+           CASE any_value(rollup)
+               WHEN 'sum' THEN arg_max(sum, (n, sum)) WHEN 'mean' THEN sum(sum) / sum(n)
+               WHEN 'min' THEN min(min) WHEN 'max' THEN max(max) ELSE arg_max(last, last_start) END AS value,
+           CASE WHEN any_value(rollup) = 'sum' THEN arg_max(n, (n, sum)) ELSE sum(n) END AS samples,
+           CASE WHEN any_value(rollup) = 'sum' THEN arg_max(min, (n, sum)) ELSE min(min) END AS min,
+           CASE WHEN any_value(rollup) = 'sum' THEN arg_max(max, (n, sum)) ELSE max(max) END AS max,
+           CASE WHEN any_value(rollup) = 'sum' THEN arg_max(sum / n, (n, sum))
+                ELSE sum(sum) / sum(n) END AS mean,
+           CASE WHEN any_value(rollup) = 'sum' THEN arg_max(sum, (n, sum)) ELSE sum(sum) END AS sum,
+           min(first_start) AS first_start, max(last_end) AS last_end,
+           arg_min(utc_offset_minutes, first_start) AS utc_offset_minutes, arg_max(device, (n, sum)) AS device
+    FROM ({device_days}) GROUP BY ALL"""
 
 
 @dataclass(kw_only=True)
@@ -69,48 +100,70 @@ class SampleWriter:
     def land(
         self, source: str, run_id: str, samples: pa.Table, counts: Counter[str], window: Window | None
     ) -> pa.Table:
-        """Upsert the samples; returns the daily rows recomputed (DAILY_SCHEMA, plus loinc,
-        unit and observation ids), whose FHIR resources the store lands next."""
+        """Upsert the samples; returns the daily rows recomputed (DAILY_SCHEMA), whose FHIR
+        resources the store lands next."""
+        if window:
+            at = samples["start_time"]
+            kept = samples.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
+            counts["out_of_window"] += len(samples) - len(kept)
+            samples = kept
+        if not len(samples):
+            return DAILY_SCHEMA.empty_table()
         con = self.con
-        con.register("incoming_samples", samples)
+        con.register("incoming", samples)
+        con.register("metric_info", _metric_info())
         try:
-            if window:
-                con.execute(
-                    """CREATE OR REPLACE TEMP TABLE incoming AS
-                    FROM incoming_samples WHERE start_time >= $since AND start_time < $until""",
-                    {"since": window.since, "until": window.until},
-                )
-            else:
-                con.execute("CREATE OR REPLACE TEMP TABLE incoming AS FROM incoming_samples")
+            return self._land(source, run_id, counts)
         finally:
-            con.unregister("incoming_samples")
-        (n,) = _one(con, "SELECT count(*) FROM incoming")
-        counts["out_of_window"] += len(samples) - n
-        self._judge(source)
-        (new, updated, unchanged) = _one(
-            con,
-            """SELECT count(*) FILTER (NOT stored), count(*) FILTER (stored AND NOT same),
-                      count(*) FILTER (same) FROM judged""",
-        )
-        counts.update(inserted=new, updated=updated, unchanged=unchanged)
-        if updated:
-            con.execute(
-                """DELETE FROM twin.wearable_sample s USING judged j
-                WHERE s.source = $source AND j.stored AND NOT j.same AND s.patient_id = j.patient_id
-                  AND s.metric = j.metric AND s.start_time = j.start_time""",
-                {"source": source},
-            )
+            con.unregister("incoming")
+            con.unregister("metric_info")
+
+    def _land(self, source: str, run_id: str, counts: Counter[str]) -> pa.Table:
+        con = self.con
+        params = {"source": source}
+        # Each series' span in the batch, beside the span stored before it.
         con.execute(
-            """INSERT INTO twin.wearable_sample
+            f"""CREATE OR REPLACE TEMP TABLE spans AS
+            SELECT i.*, c.first_start AS stored_first, c.last_start AS stored_last,
+                   coalesce(i.first_start <= c.last_start AND i.last_start >= c.first_start, false)
+                       AS meets_stored
+            FROM (SELECT patient_id, metric, min(start_time) AS first_start, max(start_time) AS last_start
+                  FROM incoming GROUP BY ALL) i
+            LEFT JOIN {self._coverage()} c
+                ON c.source = $source AND (c.patient_id, c.metric) = (i.patient_id, i.metric)""",
+            params,
+        )
+        (overlapping,) = _one(con, "SELECT count(*) FILTER (meets_stored) FROM spans")
+        insert = """INSERT INTO twin.wearable_sample
             SELECT $source, patient_id, device, metric, loinc_code, start_time, end_time,
                    utc_offset_minutes, value, unit, origin, $run_id, now()
-            FROM judged WHERE NOT same""",
-            {"source": source, "run_id": run_id},
-        )
+            FROM {rows}"""
+        if not overlapping:  # new data after old: append, look nothing up
+            con.execute(insert.format(rows="incoming"), params | {"run_id": run_id})
+            (new,) = _one(con, "SELECT count(*) FROM incoming")
+            counts["inserted"] += new
+            written = "incoming"
+        else:
+            self._judge(source)
+            (new, updated, unchanged) = _one(
+                con,
+                """SELECT count(*) FILTER (NOT stored), count(*) FILTER (stored AND NOT same),
+                          count(*) FILTER (same) FROM judged""",
+            )
+            counts.update(inserted=new, updated=updated, unchanged=unchanged)
+            if updated:
+                con.execute(
+                    """DELETE FROM twin.wearable_sample s USING judged j
+                    WHERE s.source = $source AND j.stored AND NOT j.same AND s.patient_id = j.patient_id
+                      AND s.metric = j.metric AND s.start_time = j.start_time""",
+                    params,
+                )
+            con.execute(insert.format(rows="judged WHERE NOT same"), params | {"run_id": run_id})
+            written = "(FROM judged WHERE NOT same)"
         self._cover(source)
-        days = self._roll_up(source, run_id) if new + updated else DAILY_SCHEMA.empty_table()
+        days = self._roll_up(source, run_id, written)
         # Temporary tables live in the transaction: on failure they roll back with it.
-        for table in ("incoming", "judged", "touched", "daily"):
+        for table in ("spans", "judged", "batch_days", "touched", "daily"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
         return days
 
@@ -128,117 +181,97 @@ class SampleWriter:
 
     def _judge(self, source: str) -> None:
         """`judged`: each incoming sample, whether one with its key is stored, and whether that
-        one is the same. Only samples inside a stored series' span are looked up."""
-        con = self.con
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE maybe AS
-            SELECT i.patient_id, i.metric, i.start_time FROM incoming i JOIN {self._coverage()} c
-                ON c.source = $source AND c.patient_id = i.patient_id AND c.metric = i.metric
-               AND i.start_time BETWEEN c.first_start AND c.last_start""",
+        one is the same. Only the series whose spans overlap stored ones are looked up."""
+        self.con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE judged AS
+            WITH stored AS (
+                SELECT s.* FROM twin.wearable_sample s
+                JOIN spans p ON p.meets_stored AND (p.patient_id, p.metric) = (s.patient_id, s.metric)
+                WHERE s.source = $source
+                  AND s.start_time BETWEEN (SELECT min(first_start) FROM spans WHERE meets_stored)
+                                       AND (SELECT max(last_start) FROM spans WHERE meets_stored)
+                  AND s.start_time BETWEEN p.first_start AND p.last_start)
+            SELECT i.*, s.patient_id IS NOT NULL AS stored, s.patient_id IS NOT NULL AND {SAME} AS same
+            FROM incoming i LEFT JOIN stored s USING (patient_id, metric, start_time)""",
             {"source": source},
         )
-        (overlapping, low, high) = con.execute(
-            "SELECT count(*), min(start_time), max(start_time) FROM maybe"
-        ).fetchone() or (0, None, None)
-        if not overlapping:
-            con.execute(
-                "CREATE OR REPLACE TEMP TABLE judged AS SELECT *, false AS stored, false AS same "
-                "FROM incoming"
-            )
-        else:
-            con.execute(
-                f"""CREATE OR REPLACE TEMP TABLE judged AS
-                WITH stored AS (
-                    SELECT s.* FROM twin.wearable_sample s
-                    SEMI JOIN maybe m USING (patient_id, metric, start_time)
-                    WHERE s.source = $source AND s.start_time BETWEEN $low AND $high)
-                SELECT i.*, s.patient_id IS NOT NULL AS stored, s.patient_id IS NOT NULL AND {SAME} AS same
-                FROM incoming i LEFT JOIN stored s USING (patient_id, metric, start_time)""",
-                {"source": source, "low": low, "high": high},
-            )
-        con.execute("DROP TABLE maybe")
 
     def _cover(self, source: str) -> None:
+        """The batch's spans join the stored ones (a stored sample replaced lies within both)."""
         con = self.con
         con.execute(
-            """CREATE OR REPLACE TEMP TABLE spans AS
-            SELECT $source AS source, patient_id, metric, min(start_time) AS first_start,
-                   max(start_time) AS last_start
-            FROM judged WHERE NOT stored GROUP BY ALL""",
+            f"""INSERT INTO {COVERAGE}
+            SELECT $source, patient_id, metric, first_start, last_start
+            FROM spans WHERE stored_first IS NULL""",
             {"source": source},
-        )
-        con.execute(
-            f"""INSERT INTO {COVERAGE} SELECT * FROM spans s WHERE NOT EXISTS (
-                SELECT 1 FROM {COVERAGE} c
-                WHERE (c.source, c.patient_id, c.metric) = (s.source, s.patient_id, s.metric))"""
         )
         con.execute(
             f"""UPDATE {COVERAGE} c SET first_start = least(c.first_start, s.first_start),
                                         last_start = greatest(c.last_start, s.last_start)
-            FROM spans s WHERE (c.source, c.patient_id, c.metric) = (s.source, s.patient_id, s.metric)"""
+            FROM spans s WHERE s.stored_first IS NOT NULL AND c.source = $source
+              AND (c.patient_id, c.metric) = (s.patient_id, s.metric)""",
+            {"source": source},
         )
-        con.execute("DROP TABLE spans")
 
-    def _roll_up(self, source: str, run_id: str) -> pa.Table:
+    def _roll_up(self, source: str, run_id: str, written: str) -> pa.Table:
         """Recompute the daily rows of every (patient, metric, local day) the batch wrote to,
-        then the totals (sleep duration) of those days; returns them for FHIR."""
+        then the totals (sleep duration) of those days; returns them for FHIR. A day far from
+        anything stored before this batch is rolled up from the batch alone, in the one pass
+        over it that finds the days; the others (the day the last batch ended in, a re-pulled
+        day) from the store."""
         con = self.con
-        con.register("metric_info", _metric_info())
         params = {"source": source}
-        try:
-            con.execute(
-                f"""CREATE OR REPLACE TEMP TABLE touched AS
-                SELECT DISTINCT s.patient_id, s.metric, {LOCAL_DAY} AS day
-                FROM judged s JOIN metric_info m USING (metric) WHERE NOT s.same"""
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE batch_days AS
+            SELECT d.*, NOT p.meets_stored AND (p.stored_first IS NULL
+                       OR d.day < CAST(p.stored_first AS DATE) - 2
+                       OR d.day > CAST(p.stored_last AS DATE) + 2) AS fresh
+            FROM ({DEVICE_DAYS.format(samples=written, where="")}) d
+            JOIN spans p USING (patient_id, metric)"""
+        )
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT patient_id, metric, day FROM batch_days"
+        )
+        # A day's samples start within two days of its midnight (UTC offsets reach +-14 h, a
+        # night's sleep ends the next day): the bound lets DuckLake skip other files.
+        (low, high) = con.execute(
+            "SELECT min(day) - INTERVAL 2 DAY, max(day) + INTERVAL 2 DAY FROM batch_days WHERE NOT fresh"
+        ).fetchone() or (None, None)
+        device_days = "SELECT * EXCLUDE (fresh) FROM batch_days WHERE fresh"
+        if low is not None:
+            stored = DEVICE_DAYS.format(
+                samples="twin.wearable_sample",
+                where="SEMI JOIN (SELECT DISTINCT patient_id, metric, day FROM batch_days WHERE NOT fresh) t "
+                f"ON (t.patient_id, t.metric, t.day) = (s.patient_id, s.metric, {LOCAL_DAY}) "
+                "WHERE s.source = $source AND s.start_time BETWEEN $low AND $high",
             )
-            # A day's samples start within two days of its midnight (UTC offsets reach +-14 h,
-            # a night's sleep ends the next day): the bound lets DuckLake skip other files.
-            (low, high) = con.execute(
-                "SELECT min(day) - INTERVAL 2 DAY, max(day) + INTERVAL 2 DAY FROM touched"
-            ).fetchone() or (None, None)
+            device_days += f" UNION ALL BY NAME {stored}"
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE daily AS {DAILY.format(device_days=device_days)}",
+            params | ({} if low is None else {"low": low, "high": high}),
+        )
+        rows = [self._replace("daily", source, run_id)]
+        for total in totals().values():
+            con.register("parts", pa.table({"metric": pa.array(total.sum_of, pa.string())}))
             con.execute(
-                f"""CREATE OR REPLACE TEMP TABLE daily AS
-                SELECT $source AS source, s.patient_id, s.metric, {LOCAL_DAY} AS day,
-                       any_value(s.loinc_code) AS loinc_code, any_value(s.unit) AS unit,
-                       CASE any_value(m.rollup) WHEN 'sum' THEN sum(s.value) WHEN 'mean' THEN avg(s.value)
-                            WHEN 'min' THEN min(s.value) WHEN 'max' THEN max(s.value)
-                            ELSE arg_max(s.value, s.start_time) END AS value,
-                       count(*) AS samples, min(s.value) AS min, max(s.value) AS max, avg(s.value) AS mean,
-                       sum(s.value) AS sum, min(s.start_time) AS first_start,
-                       max(coalesce(s.end_time, s.start_time)) AS last_end,
-                       arg_min(s.utc_offset_minutes, s.start_time) AS utc_offset_minutes,
-                       mode(s.device) AS device
-                FROM twin.wearable_sample s JOIN metric_info m USING (metric)
-                SEMI JOIN touched t
-                    ON t.patient_id = s.patient_id AND t.metric = s.metric AND t.day = {LOCAL_DAY}
-                WHERE s.source = $source AND s.start_time BETWEEN $low AND $high
+                """CREATE OR REPLACE TEMP TABLE daily AS
+                SELECT $source AS source, patient_id, $name AS metric, day, $loinc AS loinc_code,
+                       $unit AS unit, sum(sum) AS value, sum(samples) AS samples, NULL::DOUBLE AS min,
+                       NULL::DOUBLE AS max, NULL::DOUBLE AS mean, sum(sum) AS sum,
+                       min(first_start) AS first_start, max(last_end) AS last_end,
+                       arg_min(utc_offset_minutes, first_start) AS utc_offset_minutes,
+                       arg_max(device, samples) AS device,
+                       list({'metric': metric, 'value': sum} ORDER BY metric) AS parts
+                FROM twin.wearable_daily w
+                WHERE source = $source AND metric IN (FROM parts)
+                  AND (patient_id, day) IN (
+                      SELECT (patient_id, day) FROM touched WHERE metric IN (FROM parts))
                 GROUP BY ALL""",
-                params | {"low": low, "high": high},
+                params | {"name": total.name, "loinc": total.loinc, "unit": total.unit},
             )
-            rows = [self._replace("daily", source, run_id)]
-            for total in totals().values():
-                con.register("parts", pa.table({"metric": pa.array(total.sum_of, pa.string())}))
-                con.execute(
-                    """CREATE OR REPLACE TEMP TABLE daily AS
-                    SELECT $source AS source, patient_id, $name AS metric, day, $loinc AS loinc_code,
-                           $unit AS unit, sum(sum) AS value, sum(samples) AS samples, NULL::DOUBLE AS min,
-                           NULL::DOUBLE AS max, NULL::DOUBLE AS mean, sum(sum) AS sum,
-                           min(first_start) AS first_start, max(last_end) AS last_end,
-                           arg_min(utc_offset_minutes, first_start) AS utc_offset_minutes,
-                           mode(device) AS device,
-                           list({'metric': metric, 'value': sum} ORDER BY metric) AS parts
-                    FROM twin.wearable_daily w
-                    WHERE source = $source AND metric IN (FROM parts)
-                      AND (patient_id, day) IN (
-                          SELECT (patient_id, day) FROM touched WHERE metric IN (FROM parts))
-                    GROUP BY ALL""",
-                    params | {"name": total.name, "loinc": total.loinc, "unit": total.unit},
-                )
-                con.unregister("parts")
-                rows.append(self._replace("daily", source, run_id))
-            return pa.concat_tables([r.select(DAILY_SCHEMA.names).cast(DAILY_SCHEMA) for r in rows])
-        finally:
-            con.unregister("metric_info")
+            con.unregister("parts")
+            rows.append(self._replace("daily", source, run_id))
+        return pa.concat_tables([r.select(DAILY_SCHEMA.names).cast(DAILY_SCHEMA) for r in rows])
 
     def _replace(self, table: str, source: str, run_id: str) -> pa.Table:
         """Write `table`'s daily rows over the stored ones of the same days; returns them."""
