@@ -18,6 +18,7 @@ from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
 from connectors.fhir_search import FhirSearchSource
+from connectors.fitbit import FitbitSource
 from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
 from connectors.vcf import VcfSource
@@ -25,10 +26,16 @@ from harmonize.lab_codes import CodeMap, code_map_from_json
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[
-    FhirNdjsonSource | FhirSearchSource | FhirBulkSource | LabCsvSource | Hl7v2Source | VcfSource,
+    FhirNdjsonSource
+    | FhirSearchSource
+    | FhirBulkSource
+    | LabCsvSource
+    | Hl7v2Source
+    | VcfSource
+    | FitbitSource,
     Field(discriminator="kind"),
 ]
-KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf")
+KINDS = ("fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 
@@ -170,3 +177,24 @@ def code_map(source: LabCsvSource | Hl7v2Source) -> CodeMap | None:
         raise ConfigError(
             key, f"{str(path)!r} {e}; fix the file (examples/lab-codes-conceptmap.json shows the form)"
         ) from None
+
+
+def fitbit_source(settings: Settings, name: str) -> FitbitSource:
+    """The `fitbit` source NAME, or the only one when NAME is the kind itself ("fitbit")."""
+    fitbits = [s for s in settings.sources if isinstance(s, FitbitSource)]
+    for source in fitbits:
+        if source.name == name:
+            return source
+    if name == "fitbit" and len(fitbits) == 1:
+        return fitbits[0]
+    known = ", ".join(s.name for s in fitbits) or "none configured"
+    raise ConfigError(
+        f"sources.{name}",
+        f"no fitbit source of that name (fitbit sources: {known}); add a [[sources]] table with "
+        'kind = "fitbit" (see the README)',
+    )
+
+
+def token_folder(settings: Settings, source: FitbitSource) -> Path:
+    """Where the source's encrypted token files live: `tokens_path`, else in the store folder."""
+    return source.tokens_path or settings.store.path / "secrets" / source.name

@@ -23,10 +23,12 @@ from connectors.errors import ConfigError, TransientError, TwinhubError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
+from connectors.fitbit import FitbitConnector, FitbitSource
+from connectors.fitbit_auth import TokenStore
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
 from connectors.vcf import VcfConnector, VcfSource
-from flows.config import Settings, SourceConfig, code_map, load_settings
+from flows.config import Settings, SourceConfig, code_map, load_settings, token_folder
 from harmonize.genomics_report import Reportable, genomics_reports, reportable_set
 from harmonize.hl7v2_labs import resources_from_messages
 from harmonize.lab_results import observations_from_rows
@@ -54,6 +56,8 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return Hl7v2Connector(source)
     if isinstance(source, VcfSource):
         return VcfConnector(source)
+    if isinstance(source, FitbitSource):
+        return FitbitConnector(source, TokenStore.for_source(source, token_folder(settings, source)))
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-pytest_plugins = ["tests.fhir_server"]  # a real FHIR server (sekmet) for the EHR connector tests
+pytest_plugins = [
+    "tests.fhir_server",  # a real FHIR server (sekmet) for the EHR connector tests
+    "tests.fitbit_server",  # a stand-in Fitbit Web API serving recorded responses
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
