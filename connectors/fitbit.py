@@ -37,10 +37,10 @@ import orjson
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from connectors.base import RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
+from connectors.base import RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window, problems_from
 from connectors.errors import SourceError, TransientError, safe_url
 from connectors.fhir_http import retry_after
-from connectors.fitbit_auth import FitbitOAuth, PatientAuthError, Tokens, TokenStore, error_type
+from connectors.fitbit_auth import FitbitOAuth, PatientAuthError, Tokens, TokenStore, error_type, reconnect
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,15 @@ SCOPE: dict[Data, str] = {
     "spo2": "oxygen_saturation",
     "weight": "weight",
 }
-EXTRA_SCOPES = ("profile", "settings")
-"""The patient's time zone (profile) and devices (settings): without them, `timezone` and
-device "Fitbit" stand in."""
+Scope = Literal[
+    "activity", "heartrate", "location", "nutrition", "oxygen_saturation", "profile",
+    "respiratory_rate", "settings", "sleep", "social", "temperature", "weight",
+]  # fmt: skip
+DEFAULT_SCOPES: tuple[Scope, ...] = (
+    "activity", "heartrate", "sleep", "weight", "oxygen_saturation", "profile", "settings"
+)  # fmt: skip
+"""The data's scopes, and the patient's time zone (profile) and devices (settings): without
+those two, `timezone` and device "Fitbit" stand in."""
 RANGE_DAYS: dict[str, int] = {"heart_rate": 365, "steps": 1095, "sleep": 100, "spo2": 30, "weight": 31}
 """The longest date range Fitbit answers per request, for the kinds asked for by range."""
 SLEEP_LEVEL = {
@@ -67,7 +73,9 @@ SLEEP_LEVEL = {
     "light": "sleep_light",
     "rem": "sleep_rem",
 }
-SECRETS = ("client_secret", "token_key", "access_token", "refresh_token")
+REFRESHABLE = ("expired_token", "invalid_token", None)
+"""A 401 of these kinds (None: no body) gets one refresh and a retry."""
+SECRETS = ("client_secret", "token_key", "access_token", "refresh_token", "token")
 LONG_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{24,}")
 DAY = timedelta(days=1)
 MINUTE = timedelta(minutes=1)
@@ -84,25 +92,30 @@ class FitbitSource(BaseModel):
     redirect_uri: str
     """Exactly as registered with the application at Fitbit."""
     client_secret_file: Path | None = None
-    """Server apps (a client secret); client apps use PKCE alone and set neither."""
+    """Server apps authenticate with a client secret (HTTP Basic); client and personal apps use
+    PKCE alone and send client_id in the body: set neither."""
     client_secret_env: str | None = None
-    token_key_file: Path | None = None
-    """The key that encrypts the patients' tokens (`twinhub wearables key FILE` makes one)."""
-    token_key_env: str | None = None
-    tokens_path: Path | None = None
-    """Where the encrypted token files live (default: secrets/<source name> in the store folder)."""
-    data: list[Data] = Field(default_factory=lambda: list(ALL_DATA))
-    intraday: bool = True
-    start_date: date | None = None
+    scopes: list[Scope] = Field(default_factory=lambda: list(DEFAULT_SCOPES))
+    """What a connection asks for; the data pulled is what these (and the patient) allow."""
+    since: date | None = None
     """The first day pulled for a newly connected patient (default: 30 days before today)."""
+    intraday: bool = True
+    """Per-minute heart rate, steps and SpO2 (Fitbit grants intraday data to personal apps and
+    to apps it approved); false: daily steps, resting heart rate and nightly SpO2, by range."""
     overlap_days: int = Field(default=1, ge=0, le=30)
     timezone: str = "UTC"
     """For patients who did not share their profile (its time zone places their local times)."""
+    token_file: Path | None = None
+    """The encrypted tokens (default: secrets/<source name>.tokens in the store folder)."""
+    token_key_env: str | None = None
+    """The key that encrypts them; else `token_key_file`, else `<token file>.key`, made on first use."""
+    token_key_file: Path | None = None
     max_wait_seconds: float = Field(default=60, ge=0)
     """Wait this long at most for the rate limit; a longer wait leaves the patient for next time."""
-    batch_samples: int = Field(default=200_000, ge=1)
+    batch_samples: int = Field(default=200_000, ge=1, le=500_000)
     api_url: str = "https://api.fitbit.com"
     authorize_url: str = "https://www.fitbit.com/oauth2/authorize"
+    token_url: str = "https://api.fitbit.com/oauth2/token"
     schedule: str | None = None
     timeout_seconds: float = Field(default=60, gt=0)
     retries: int = Field(default=5, ge=0, le=20)
@@ -122,18 +135,15 @@ class FitbitSource(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> FitbitSource:
-        if not self.data:
-            raise ValueError(f"data is empty; list what to pull, any of {', '.join(ALL_DATA)}")
-        if (self.token_key_file is None) == (self.token_key_env is None):
-            raise ValueError(
-                "set exactly one of token_key_file or token_key_env (the key that encrypts the "
-                "patients' tokens; `twinhub wearables key FILE` makes one)"
-            )
-        if self.client_secret_file is not None and self.client_secret_env is not None:
-            raise ValueError("set at most one of client_secret_file or client_secret_env")
+        if not any(SCOPE[d] in self.scopes for d in ALL_DATA):
+            wanted = ", ".join(sorted(SCOPE.values()))
+            raise ValueError(f"scopes allow no data to pull; add at least one of {wanted}")
+        for what in ("client_secret", "token_key"):
+            if getattr(self, f"{what}_file") is not None and getattr(self, f"{what}_env") is not None:
+                raise ValueError(f"set at most one of {what}_file or {what}_env")
         return self
 
-    @field_validator("api_url", "authorize_url", "redirect_uri")
+    @field_validator("api_url", "authorize_url", "token_url", "redirect_uri")
     @classmethod
     def _check_url(cls, url: str) -> str:
         parts = urlsplit(url)
@@ -150,9 +160,13 @@ class FitbitSource(BaseModel):
             raise ValueError(f"timezone {name!r} is not an IANA time zone, e.g. 'Europe/Berlin'") from None
         return name
 
-    def scopes(self) -> list[str]:
-        """The scopes a connection asks for: those of the data pulled, plus profile and settings."""
-        return sorted({SCOPE[d] for d in self.data} | set(EXTRA_SCOPES))
+    def token_path(self, store: Path) -> Path:
+        """Where the encrypted tokens live, given the store folder."""
+        return self.token_file or store / "secrets" / f"{self.name}.tokens"
+
+    def data(self) -> list[Data]:
+        """The kinds of data the configured scopes allow, in pull order."""
+        return [d for d in ALL_DATA if SCOPE[d] in self.scopes]
 
 
 class _Deferred(Exception):  # noqa: N818 (not an error: the patient waits for the next sync)
@@ -166,7 +180,6 @@ class FitbitConnector:
         source: FitbitSource,
         tokens: TokenStore,
         *,
-        transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -174,7 +187,6 @@ class FitbitConnector:
         self.source = source
         self.tokens = tokens
         self.stats: Counter[str] = Counter()
-        self._transport = transport
         self._sleep = sleep
         self._clock = clock
 
@@ -183,14 +195,13 @@ class FitbitConnector:
             raise SourceError(
                 self.name,
                 "no patient is connected yet; connect one: "
-                f"twinhub wearables connect {self.name} --patient ID",
+                f"twinhub wearables connect fitbit --patient ID --source {self.name}",
             )
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
         marks: dict[str, dict[str, str]] = {p: dict(m) for p, m in (since or {}).get("patients", {}).items()}
         refused: list[str] = []
         http = httpx.Client(
-            transport=self._transport,
             timeout=httpx.Timeout(
                 self.source.timeout_seconds, connect=min(10.0, self.source.timeout_seconds)
             ),
@@ -232,7 +243,7 @@ class FitbitConnector:
         if last_sync is not None:
             complete = min(complete, last_sync - DAY)
         mine = marks.setdefault(patient, {})
-        for data in self.source.data:
+        for data in self.source.data():
             if SCOPE[data] not in tokens.scopes:
                 self.stats[f"{data}_not_allowed"] += 1
                 log.warning("%s: patient %s did not allow %s; it is not pulled", self.name, patient, data)
@@ -243,7 +254,7 @@ class FitbitConnector:
                 first = date.fromisoformat(mine[data]) + DAY - self.source.overlap_days * DAY
                 last = today
             else:
-                first = self.source.start_date or today - 30 * DAY
+                first = self.source.since or today - 30 * DAY
                 last = today
             ctx = _Context(patient, zone, scale if data == "weight" else tracker)
             yield from self._pull_data(api, ctx, data, first, last, complete, mine, marks, window)
@@ -294,9 +305,12 @@ class FitbitConnector:
     def _batch(self, samples: _Samples, marks: dict[str, dict[str, str]]) -> Batch:
         table = samples.table()
         self.stats["samples"] += table.num_rows
+        self.stats["problems"] += len(samples.problems)
         return Batch(
             records=RECORD_SCHEMA.empty_table(),
             samples=table,
+            problems=problems_from(samples.problems),
+            stats=samples.stats,
             watermark={"patients": {p: dict(m) for p, m in marks.items()}},
         )
 
@@ -372,16 +386,7 @@ class _Api:
                 continue
             self._note_budget(response)
             status = response.status_code
-            if (
-                status == 401
-                and not refreshed
-                and error_type(_json(response))
-                in (
-                    "expired_token",
-                    "invalid_token",
-                    None,
-                )
-            ):
+            if status == 401 and not refreshed and error_type(_json(response)) in REFRESHABLE:
                 self.c.stats["token_refreshes"] += 1
                 tokens = self._tokens = self.oauth.refresh(self.patient, tokens)
                 refreshed = True
@@ -415,18 +420,15 @@ class _Api:
             raise PatientAuthError(
                 self.c.name,
                 self.patient,
-                f"Fitbit refuses the patient's tokens even fresh ({kind}); they may have revoked access: "
-                f"connect them again: twinhub wearables connect {self.c.name} --patient {self.patient}",
+                f"Fitbit refuses the patient's access token ({kind}); they may have revoked access: "
+                + reconnect(self.c.name, self.patient),
             )
         if status == 403:
-            hint = (
-                "; this Fitbit application has no intraday access: set intraday = false"
-                if "/1d/1min" in path or path.endswith("/all.json")
-                else ""
-            )
-            raise PatientAuthError(
-                self.c.name, self.patient, f"GET {path} answered 403 ({kind}): the grant lacks a scope{hint}"
-            )
+            intraday = "/1d/1min" in path or path.endswith("/all.json")
+            why = "Fitbit gives this application no intraday data: set intraday = false" if intraday else (
+                "the patient's grant lacks the scope for it"
+            )  # fmt: skip
+            raise PatientAuthError(self.c.name, self.patient, f"GET {path} answered 403 ({kind}): {why}")
         detail = _redacted(_message(_json(response))) or kind
         raise SourceError(self.c.name, f"GET {path} answered {status}: {detail}; check api_url")
 
@@ -487,9 +489,18 @@ class _Samples:
 
     def __init__(self) -> None:
         self.cols: dict[str, list[Any]] = {name: [] for name in SAMPLE_SCHEMA.names}
+        self.problems: list[tuple[str, int, str, str]] = []
+        self.stats: Counter[str] = Counter()
+
+    def problem(self, origin: str, reason: str, raw: object) -> None:
+        """What Fitbit sent that cannot become a sample: quarantined with the reason."""
+        self.problems.append((origin, 0, reason, orjson.dumps(raw).decode()))
 
     def __len__(self) -> int:
         return len(self.cols["value"])
+
+    def __bool__(self) -> bool:
+        return bool(self.cols["value"] or self.problems or self.stats)
 
     def add(
         self,
@@ -549,76 +560,91 @@ def _path(data: Data, intraday: bool, start: date, end: date) -> str:
 
 def _heart_intraday(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str) -> None:
     _resting(samples, ctx, body, origin)
-    for day, time_, value in _intraday(body, "activities-heart"):
-        start = datetime.combine(day, time_)
+    for start, value in _intraday(samples, body, "activities-heart", origin):
         samples.add(ctx, "heart_rate", start, start + MINUTE, value, "bpm", origin)
 
 
 def _resting(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str) -> None:
+    """The day's resting heart rate. The 2015-era API sent a plain number as `value` instead, of
+    unstated meaning: that is counted in the stats, not landed."""
     for entry in body.get("activities-heart", []):
         value = entry.get("value")
         day = _day(entry.get("dateTime"))
-        # The 2015-era API sent a plain number here, of unstated meaning: only restingHeartRate lands.
-        if day is not None and isinstance(value, dict) and _number(value.get("restingHeartRate")) is not None:
+        if isinstance(value, dict) and "restingHeartRate" in value:
+            rate = _number(value["restingHeartRate"])
+            if day is None or rate is None:
+                samples.problem(origin, "a resting heart rate without a date or a number", entry)
+                continue
             midnight = datetime.combine(day, datetime.min.time())
-            samples.add(
-                ctx, "resting_heart_rate", midnight, midnight + DAY, value["restingHeartRate"], "bpm", origin
-            )
+            samples.add(ctx, "resting_heart_rate", midnight, midnight + DAY, rate, "bpm", origin)
+        elif not isinstance(value, dict):
+            samples.stats["heart_rate_daily_values_skipped"] += 1
 
 
 def _steps_intraday(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str) -> None:
-    for day, time_, value in _intraday(body, "activities-steps"):
-        start = datetime.combine(day, time_)
+    """Steps per minute. A day whose dataset is empty while its total is not (an app without
+    intraday access gets only the total) lands the total as one day-long sample, so steps are
+    never counted twice and never lost."""
+    before = len(samples)
+    for start, value in _intraday(samples, body, "activities-steps", origin):
         samples.add(ctx, "steps", start, start + MINUTE, value, "steps", origin)
+    if len(samples) == before:
+        _steps_daily(samples, ctx, body, origin, only_positive=True)
 
 
-def _steps_daily(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str) -> None:
+def _steps_daily(
+    samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str, *, only_positive: bool = False
+) -> None:
     for entry in body.get("activities-steps", []):
         day, value = _day(entry.get("dateTime")), _number(entry.get("value"))
-        if day is not None and value is not None:
+        if day is None or value is None:
+            samples.problem(origin, "a daily step count without a date or a number", entry)
+        elif value > 0 or not only_positive:
             midnight = datetime.combine(day, datetime.min.time())
             samples.add(ctx, "steps", midnight, midnight + DAY, value, "steps", origin)
 
 
-def _intraday(body: dict[str, Any], key: str) -> Iterator[tuple[date, Any, float]]:
-    """(day, time of day, value) of an intraday dataset; the day is the summary's dateTime."""
+def _intraday(
+    samples: _Samples, body: dict[str, Any], key: str, origin: str
+) -> Iterator[tuple[datetime, float]]:
+    """(local start, value) of each point of an intraday dataset; its day is the summary's dateTime."""
     summary = body.get(key) or [{}]
     day = _day(summary[0].get("dateTime"))
     dataset = (body.get(f"{key}-intraday") or {}).get("dataset") or []
     if day is None:
+        if dataset:
+            samples.problem(origin, f"an intraday dataset whose {key} summary has no date", summary[0])
         return
     for point in dataset:
         value = _number(point.get("value"))
         try:
             clock = datetime.strptime(str(point.get("time")), "%H:%M:%S").time()
         except ValueError:
+            samples.problem(origin, "an intraday point whose time is not HH:MM:SS", point)
             continue
-        if value is not None:
-            yield day, clock, value
+        if value is None:
+            samples.problem(origin, "an intraday point whose value is not a number", point)
+            continue
+        yield datetime.combine(day, clock), value
 
 
 def _sleep(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str) -> None:
     """Each sleep log's stages (classic or stages levels) as samples of their length, and its
-    time in bed. A stage Fitbit names that twinhub does not know lands as `sleep_<name>`,
-    which harmonize quarantines with the reason rather than dropping."""
+    time in bed."""
     for log_ in body.get("sleep", []):
         start, end = _local(log_.get("startTime")), _local(log_.get("endTime"))
         for segment in (log_.get("levels") or {}).get("data", []):
             begins, seconds = _local(segment.get("dateTime")), _number(segment.get("seconds"))
-            level = str(segment.get("level", ""))
-            if begins is None or seconds is None:
+            metric = SLEEP_LEVEL.get(str(segment.get("level")))
+            if begins is None or seconds is None or metric is None:
+                why = "an unknown sleep level" if metric is None else "a sleep stage without a time or length"
+                samples.problem(origin, f"{why} in sleep log {log_.get('logId')}", segment)
                 continue
-            samples.add(
-                ctx,
-                SLEEP_LEVEL.get(level, f"sleep_{level}"),
-                begins,
-                begins + timedelta(seconds=seconds),
-                seconds,
-                "s",
-                origin,
-            )
+            samples.add(ctx, metric, begins, begins + timedelta(seconds=seconds), seconds, "s", origin)
         in_bed = _number(log_.get("timeInBed"))
-        if start is not None and in_bed is not None:
+        if start is None or in_bed is None:
+            samples.problem(origin, "a sleep log without a start time or time in bed", _summary(log_))
+        else:
             samples.add(ctx, "time_in_bed", start, end, in_bed, "min", origin)
 
 
@@ -626,7 +652,9 @@ def _spo2_intraday(samples: _Samples, ctx: _Context, body: Any, origin: str) -> 
     for entry in body if isinstance(body, list) else [body]:
         for point in entry.get("minutes", []):
             start, value = _local(point.get("minute")), _number(point.get("value"))
-            if start is not None and value is not None:
+            if start is None or value is None:
+                samples.problem(origin, "an SpO2 minute without a time or a number", point)
+            else:
                 samples.add(ctx, "oxygen_saturation", start, start + MINUTE, value, "%", origin)
 
 
@@ -634,29 +662,40 @@ def _spo2_daily(samples: _Samples, ctx: _Context, body: Any, origin: str) -> Non
     """A night's mean SpO2, dated by Fitbit to the day the night ends, spans that day."""
     for entry in body if isinstance(body, list) else [body]:
         day, value = _day(entry.get("dateTime")), entry.get("value")
-        if day is not None and isinstance(value, dict) and _number(value.get("avg")) is not None:
-            midnight = datetime.combine(day, datetime.min.time())
-            samples.add(ctx, "oxygen_saturation", midnight, midnight + DAY, value["avg"], "%", origin)
+        mean = _number(value.get("avg")) if isinstance(value, dict) else None
+        if day is None or mean is None:
+            samples.problem(origin, "a nightly SpO2 without a date or an average", entry)
+            continue
+        midnight = datetime.combine(day, datetime.min.time())
+        samples.add(ctx, "oxygen_saturation", midnight, midnight + DAY, mean, "%", origin)
 
 
 def _weight(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str) -> None:
-    """Weight logs (kg: twinhub asks in Fitbit's metric units), with BMI and body fat when sent."""
+    """Weight logs (kg: no Accept-Language header asks for Fitbit's metric units), with BMI and
+    body fat when sent."""
     for entry in body.get("weight", []):
         when = _local(f"{entry.get('date')}T{entry.get('time', '00:00:00')}")
         if when is None:
+            samples.problem(origin, "a weight log without a date and time", entry)
             continue
         via = entry.get("source")
-        device = f"Fitbit {via}" if isinstance(via, str) and via.lower().startswith("aria") else None
-        if isinstance(via, str) and device is None:
-            device = f"Fitbit ({via} entry)"
-        for key, metric, unit in (
-            ("weight", "body_weight", "kg"),
-            ("bmi", "body_mass_index", "kg/m2"),
-            ("fat", "body_fat_percentage", "%"),
-        ):
-            value = _number(entry.get(key))
-            if value is not None:
+        device = None
+        if isinstance(via, str):
+            device = f"Fitbit {via}" if via.lower().startswith("aria") else f"Fitbit ({via} entry)"
+        for key, metric, unit in (("weight", "body_weight", "kg"), ("bmi", "body_mass_index", "kg/m2"),
+                                  ("fat", "body_fat_percentage", "%")):  # fmt: skip
+            if key not in entry:
+                continue
+            value = _number(entry[key])
+            if value is None:
+                samples.problem(origin, f"a weight log whose {key} is not a number", entry)
+            else:
                 samples.add(ctx, metric, when, None, value, unit, origin, device)
+
+
+def _summary(log_: dict[str, Any]) -> dict[str, Any]:
+    """A sleep log without its (long) levels, for a problem's raw text."""
+    return {k: v for k, v in log_.items() if k != "levels"}
 
 
 _MAP: dict[tuple[Data, bool], Callable[[_Samples, _Context, Any, str], None]] = {

@@ -1,14 +1,14 @@
-"""Fitbit OAuth 2.0: the authorization code grant with PKCE that connects a patient, tokens kept
-per patient in an encrypted file, and refreshes that never strand a patient.
+"""Fitbit OAuth 2.0: the authorization code grant with PKCE that connects a patient, the
+patients' tokens kept in one encrypted file, and refreshes that never strand a patient.
 
 Fitbit refresh tokens are single-use: a refresh answers with a new pair and the old refresh token
-stops working. So the new pair is written (encrypted; a temporary file, fsync, rename) before
-anything uses it, and the old pair is only ever dropped by that rename. Before asking, the file
-notes that a refresh is in flight. A process that dies after Fitbit answered but before the
-rename leaves the old pair in place with that note; the next run presents the old refresh token
-again, which Fitbit answers with the same new pair for a short while after its use. Later than
-that Fitbit refuses it, and the error names the patient and the command that reconnects them.
-Refreshes of one patient are serialized across processes by a lock file.
+stops working. So the new pair is written (encrypted; a temporary file, fsync, rename) the
+moment it arrives, before anything uses it, and the old pair is only ever dropped by that
+rename. Before asking, the file notes that a refresh is in flight. A process that dies after
+Fitbit answered but before the rename leaves the old pair in place with that note; the next run
+presents the old refresh token again at once, which Fitbit is understood to answer with the same
+new pair for a short while after its use. If it refuses, the error names the patient and the
+command that reconnects them. Refreshes are serialized across processes by a lock file.
 
 Tokens never reach a log line, an error message, a repr or the store's tables.
 """
@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +44,8 @@ PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 """A FHIR id (the token file is named after it)."""
 REFRESH_MARGIN = 120.0
 """Refresh an access token this many seconds before Fitbit says it expires."""
-SUFFIX = ".token"
+CODE_LIFETIME = 600.0
+"""Fitbit's authorization codes are valid for 10 minutes."""
 
 
 class PatientAuthError(SourceError):
@@ -78,101 +80,146 @@ class Tokens:
 
 
 class TokenStore:
-    """Encrypted token files, one per patient, in a folder only the owner can read."""
+    """All patients' tokens of one source in one Fernet-encrypted file, readable by its owner
+    only, rewritten whole and atomically under a lock (other processes wait)."""
 
-    def __init__(self, source: str, folder: Path, key: str) -> None:
+    def __init__(self, source: str, path: Path, key: str | Path) -> None:
+        """`key` is the key itself, or the file that holds it (made on first save if missing)."""
         self.source = source
-        self.folder = folder
-        try:
-            self._fernet = Fernet(key.encode())
-        except ValueError:
-            raise SourceError(
-                source,
-                "the token key (token_key_file / token_key_env) is not a Fernet key; make one with "
-                "`twinhub wearables key FILE`",
-            ) from None
+        self.path = path
+        self._key = key
+        self._fernet: Fernet | None = None
 
     @classmethod
-    def for_source(cls, source: FitbitSource, folder: Path) -> TokenStore:
-        """The source's store, its key read now (a missing key fails before any request)."""
-        key = read_secret(source.name, "token_key", source.token_key_file, source.token_key_env, key="")
-        return cls(source.name, folder, key)
+    def for_source(cls, source: FitbitSource, path: Path) -> TokenStore:
+        """The source's store: its key from `token_key_env`, `token_key_file`, or the file beside
+        the token file (`<token file>.key`)."""
+        if source.token_key_env is not None:
+            key = read_secret(source.name, "token_key", None, source.token_key_env, key="")
+            return cls(source.name, path, key)
+        return cls(source.name, path, source.token_key_file or path.with_name(path.name + ".key"))
 
-    def path(self, patient: str) -> Path:
-        if not PATIENT_ID.fullmatch(patient) or patient in (".", ".."):
+    def check_patient(self, patient: str) -> str:
+        if not PATIENT_ID.fullmatch(patient):
             raise SourceError(
                 self.source, f"{patient!r} is not a FHIR Patient id (letters, digits, '-' and '.', 1-64)"
             )
-        return self.folder / f"{patient}{SUFFIX}"
+        return patient
 
     def patients(self) -> list[str]:
         """The patients connected, in order."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(p.name.removesuffix(SUFFIX) for p in self.folder.glob(f"*{SUFFIX}"))
+        return sorted(self._read()["patients"])
 
     def load(self, patient: str) -> Tokens | None:
-        path = self.path(patient)
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            data = orjson.loads(self._fernet.decrypt(blob))
-        except InvalidToken:
-            raise SourceError(
-                self.source,
-                f"cannot decrypt {path} with the configured token key; restore the key it was written "
-                "with, or connect the patient again",
-            ) from None
-        return Tokens(**data)
+        found = self._read()["patients"].get(patient)
+        return Tokens(**found) if found is not None else None
 
     def save(self, tokens: Tokens) -> None:
-        """Replace the patient's tokens all at once: the old file stays whole until the rename."""
-        path = self.path(tokens.patient)
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        blob = self._fernet.encrypt(orjson.dumps(asdict(tokens)))
-        part = path.with_name(f".{path.name}.{os.getpid()}.part")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            part.replace(path)
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Replace one patient's tokens (call under `locked()`): the old file stays whole until
+        the rename."""
+        data = self._read()
+        data["patients"][tokens.patient] = asdict(tokens)
+        data["pending"].pop(tokens.patient, None)
+        self._write(data)
 
-    def delete(self, patient: str) -> bool:
-        path = self.path(patient)
-        existed = path.exists()
-        path.unlink(missing_ok=True)
-        return existed
+    def save_pending(self, patient: str, request: AuthorizationRequest, now: float) -> None:
+        """A connection started and not yet finished (its PKCE verifier, for `--code` later)."""
+        with self.locked():
+            data = self._read()
+            data["pending"][self.check_patient(patient)] = {**asdict(request), "started_at": now}
+            self._write(data)
+
+    def pending(self, patient: str, now: float) -> AuthorizationRequest | None:
+        """The patient's started connection, while Fitbit's code for it can still be valid."""
+        found = dict(self._read()["pending"].get(patient) or {})
+        if not found or now - found.pop("started_at") > CODE_LIFETIME:
+            return None
+        return AuthorizationRequest(**found)
 
     @contextlib.contextmanager
-    def locked(self, patient: str) -> Iterator[None]:
-        """Hold the patient's lock (other processes and threads wait)."""
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = self.path(patient).with_suffix(".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    def locked(self) -> Iterator[None]:
+        """Hold the file's lock: reads and writes of other processes that lock wait."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the lock
 
+    def _read(self) -> dict[str, Any]:
+        try:
+            blob = self.path.read_bytes()
+        except FileNotFoundError:
+            return {"patients": {}, "pending": {}}
+        try:
+            data: dict[str, Any] = orjson.loads(self._cipher(create=False).decrypt(blob))
+        except InvalidToken:
+            raise SourceError(
+                self.source,
+                f"cannot decrypt {self.path} with the configured token key; restore the key it was "
+                "written with, or move the file away and connect the patients again",
+            ) from None
+        return data
+
+    def _write(self, data: dict[str, Any]) -> None:
+        blob = self._cipher(create=True).encrypt(orjson.dumps(data))
+        _write_atomically(self.path, blob)
+
+    def _cipher(self, *, create: bool) -> Fernet:
+        if self._fernet is None:
+            key = self._key if isinstance(self._key, str) else self._key_from_file(self._key, create=create)
+            try:
+                self._fernet = Fernet(key.encode())
+            except ValueError:
+                raise SourceError(
+                    self.source,
+                    "the token key (token_key_env / token_key_file) is not a Fernet key (32 url-safe "
+                    "base64 bytes); leave both unset to have one made beside the token file",
+                ) from None
+        return self._fernet
+
+    def _key_from_file(self, path: Path, *, create: bool) -> str:
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            if not create:
+                raise SourceError(
+                    self.source,
+                    f"the key file {path} of {self.path} is missing; restore it (the tokens cannot be "
+                    "read without it), or move the token file away and connect the patients again",
+                ) from None
+        key = Fernet.generate_key().decode()
+        _write_atomically(path, key.encode() + b"\n")
+        return key
+
+
+def _write_atomically(path: Path, blob: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file (0600), fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        part.replace(path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
 
 @dataclass(frozen=True, kw_only=True)
 class AuthorizationRequest:
     """A started connection: the address the patient opens, and what proves the answer is ours."""
 
-    url: str
+    url: str = field(repr=False)
     state: str = field(repr=False)
     verifier: str = field(repr=False)
     redirect_uri: str
@@ -187,7 +234,7 @@ def authorization_request(source: FitbitSource) -> AuthorizationRequest:
         "response_type": "code",
         "client_id": source.client_id,
         "redirect_uri": source.redirect_uri,
-        "scope": " ".join(source.scopes()),
+        "scope": " ".join(source.scopes),
         "code_challenge": challenge,
         "code_challenge_method": "S256",
         "state": state,
@@ -248,7 +295,7 @@ class FitbitOAuth:
 
     def connect(self, patient: str, request: AuthorizationRequest, code: str) -> Tokens:
         """Exchange the code for the patient's first pair, and save it."""
-        self.store.path(patient)  # a bad patient id fails before the code is spent
+        self.store.check_patient(patient)  # a bad patient id fails before the code is spent
         body = self._token_request(
             patient,
             {
@@ -261,7 +308,7 @@ class FitbitOAuth:
         )
         now = self._clock()
         tokens = _tokens_from(patient, body, now, connected_at=now)
-        with self.store.locked(patient):
+        with self.store.locked():
             self.store.save(tokens)
         return tokens
 
@@ -277,7 +324,7 @@ class FitbitOAuth:
     def refresh(self, patient: str, stale: Tokens) -> Tokens:
         """A new pair for the patient, saved before it is returned. `stale` is the pair that
         failed or expired: when another process has replaced it meanwhile, that pair is used."""
-        with self.store.locked(patient):
+        with self.store.locked():
             tokens = self.store.load(patient)
             if tokens is None:
                 raise PatientAuthError(
@@ -304,7 +351,7 @@ class FitbitOAuth:
     def _token_request(
         self, patient: str, form: dict[str, str], *, what: str, interrupted: float | None = None
     ) -> dict[str, Any]:
-        url = f"{self.source.api_url}/oauth2/token"
+        url = self.source.token_url
         auth: httpx.Auth = httpx.Auth()  # none
         if self._secret is not None:
             auth = httpx.BasicAuth(self.source.client_id, self._secret)
@@ -342,7 +389,12 @@ class FitbitOAuth:
         raise PatientAuthError(self.source.name, patient, f"Fitbit refused {what} ({error}); {hint}")
 
     def _reconnect(self, patient: str) -> str:
-        return f"connect them again: twinhub wearables connect {self.source.name} --patient {patient}"
+        return reconnect(self.source.name, patient)
+
+
+def reconnect(source: str, patient: str) -> str:
+    """The fix for a patient whose grant is gone."""
+    return f"connect them again: twinhub wearables connect fitbit --patient {patient} --source {source}"
 
 
 def error_type(body: dict[str, Any]) -> str | None:
@@ -363,11 +415,6 @@ def _tokens_from(patient: str, body: dict[str, Any], now: float, *, connected_at
         scope=str(body.get("scope", "")),
         connected_at=connected_at,
     )
-
-
-def new_key() -> str:
-    """A fresh key for the token files."""
-    return Fernet.generate_key().decode()
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

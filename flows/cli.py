@@ -257,119 +257,83 @@ def views_doc() -> None:
     sys.stdout.write(schema_doc(settings().views.path))
 
 
-wearables_app = typer.Typer(no_args_is_help=True, help="Wearable accounts: connect patients' Fitbit.")
+wearables_app = typer.Typer(no_args_is_help=True, help="Wearable accounts: connect a patient's Fitbit.")
 app.add_typer(wearables_app, name="wearables")
 
 
 @wearables_app.command("connect")
 def wearables_connect(
-    source: Annotated[str, typer.Argument(help="The fitbit source's name ('fitbit' picks the only one)")],
+    vendor: Annotated[str, typer.Argument(help="fitbit")],
     patient: Annotated[str, typer.Option("--patient", help="The twin's FHIR Patient id")],
+    source: Annotated[
+        str | None, typer.Option("--source", help="The fitbit source (needed when there are several)")
+    ] = None,
+    code: Annotated[
+        str | None,
+        typer.Option("--code", help="Finish a connection started earlier: the redirect address or its code"),
+    ] = None,
 ) -> None:
     """Connect a patient's Fitbit account (OAuth 2.0 with PKCE): prints the address the patient
-    opens, then takes the address Fitbit sends the browser back to."""
+    opens, then takes the address Fitbit sends the browser back to (pasted, or later with --code)."""
+    from connectors.fitbit import FitbitSource
     from connectors.fitbit_auth import FitbitOAuth, TokenStore, authorization_request, code_from_redirect
-    from flows.config import fitbit_source, token_folder
 
+    if vendor != "fitbit":
+        raise TwinhubError(f"cannot connect {vendor!r}: only fitbit accounts are connected this way")
     cfg = settings()
-    src = fitbit_source(cfg, source)
-    store = TokenStore.for_source(src, token_folder(cfg, src))
-    path = store.path(patient)
-    oauth = FitbitOAuth(src, store)
-    try:
+    fitbits = [s for s in cfg.sources if isinstance(s, FitbitSource) and source in (None, s.name)]
+    names = ", ".join(s.name for s in cfg.sources if isinstance(s, FitbitSource)) or "none"
+    if len(fitbits) > 1:
+        raise TwinhubError(f"there are several fitbit sources ({names}); pick one with --source NAME")
+    if not fitbits:
+        named = f" named {source!r}" if source else ""
+        raise TwinhubError(
+            f"no fitbit source{named} in the config (fitbit sources: {names}); add a [[sources]] table "
+            'with kind = "fitbit" (see the README)'
+        )
+    src = fitbits[0]
+    store = TokenStore.for_source(src, src.token_path(cfg.store.path))
+    store.check_patient(patient)
+    later = f"twinhub wearables connect fitbit --patient {patient} --source {src.name} --code CODE"
+    if code is None:
         request = authorization_request(src)
+        store.save_pending(patient, request, time.time())
         out.print(
             f"Connecting patient {patient} with source {src.name!r}. Open this address in a browser, "
             "sign in to Fitbit as the patient and allow access:",
             highlight=False,
         )
         sys.stdout.write(request.url + "\n")  # whole, never wrapped: it is copied
+        out.print("Then paste the address the browser was sent to (or the code in it):", highlight=False)
         sys.stdout.flush()
-        answer = typer.prompt(
-            "Then paste the address the browser was sent to (or the code in it)", prompt_suffix=":\n"
-        )
-        tokens = oauth.connect(patient, request, code_from_redirect(src.name, request, answer))
+        code = sys.stdin.readline().strip()
+        if not code:
+            out.print(f"Nothing pasted; finish within 10 minutes with: {later}", highlight=False)
+            return
+    else:
+        found = store.pending(patient, time.time())
+        if found is None:
+            raise TwinhubError(
+                f"no connection of patient {patient} was started in the last 10 minutes; run the "
+                "command without --code to start one"
+            )
+        request = found
+    oauth = FitbitOAuth(src, store)
+    try:
+        tokens = oauth.connect(patient, request, code_from_redirect(src.name, request, code))
     finally:
         oauth.close()
     out.print(
-        f"Connected patient {patient} to Fitbit user {tokens.user_id}; "
-        f"the tokens are kept encrypted in {path}",
+        f"Connected patient {patient} to Fitbit user {tokens.user_id}; the tokens are kept encrypted "
+        f"in {store.path}",
         highlight=False,
     )
-    if missing := sorted(set(src.scopes()) - tokens.scopes):
+    if missing := sorted(set(src.scopes) - tokens.scopes):
         err.print(
             f"[yellow]warning:[/] the patient did not allow {', '.join(missing)}; what needs it is not "
             "pulled (connect again to ask anew)",
             highlight=False,
         )
-
-
-@wearables_app.command("patients")
-def wearables_patients(
-    source: Annotated[str, typer.Argument(help="The fitbit source's name ('fitbit' picks the only one)")],
-) -> None:
-    """The patients connected to a fitbit source (never their tokens)."""
-    from connectors.fitbit_auth import TokenStore
-    from flows.config import fitbit_source, token_folder
-
-    cfg = settings()
-    src = fitbit_source(cfg, source)
-    store = TokenStore.for_source(src, token_folder(cfg, src))
-    table = Table(title=f"Patients connected to {src.name}")
-    for col in ("patient", "fitbit user", "scopes", "connected", "access token expires", "note"):
-        table.add_column(col)
-    for patient in store.patients():
-        tokens = store.load(patient)
-        if tokens is None:
-            continue
-        when = datetime.fromtimestamp
-        table.add_row(
-            patient,
-            tokens.user_id,
-            " ".join(sorted(tokens.scopes)),
-            f"{when(tokens.connected_at, UTC):%Y-%m-%d %H:%M}",
-            f"{when(tokens.expires_at, UTC):%Y-%m-%d %H:%M}",
-            "a refresh was cut short; the next sync retries it" if tokens.refreshing_since else "",
-        )
-    out.print(table)
-
-
-@wearables_app.command("disconnect")
-def wearables_disconnect(
-    source: Annotated[str, typer.Argument(help="The fitbit source's name ('fitbit' picks the only one)")],
-    patient: Annotated[str, typer.Option("--patient", help="The twin's FHIR Patient id")],
-) -> None:
-    """Forget a patient's Fitbit tokens (what landed stays; the patient can also revoke the app at Fitbit)."""
-    from connectors.fitbit_auth import TokenStore
-    from flows.config import fitbit_source, token_folder
-
-    cfg = settings()
-    src = fitbit_source(cfg, source)
-    if not TokenStore.for_source(src, token_folder(cfg, src)).delete(patient):
-        raise TwinhubError(f"patient {patient} is not connected to source {src.name!r}")
-    out.print(f"Forgot the Fitbit tokens of patient {patient}.", highlight=False)
-
-
-@wearables_app.command("key")
-def wearables_key(
-    file: Annotated[Path, typer.Argument(help="Where to write the key (readable by its owner only)")],
-) -> None:
-    """Make a key that encrypts the patients' tokens; name it in the source's token_key_file."""
-    from connectors.fitbit_auth import new_key
-
-    try:
-        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise TwinhubError(
-            f"{file} exists; a new key would leave the tokens it encrypted unreadable"
-        ) from None
-    except OSError as e:
-        raise TwinhubError(f"cannot write {file} ({e.strerror})") from None
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new_key() + "\n")
-    out.print(
-        f"Wrote a new token key to {file}; keep it (and a copy) as safe as the tokens.", highlight=False
-    )
 
 
 @app.command()

@@ -177,24 +177,3 @@ def code_map(source: LabCsvSource | Hl7v2Source) -> CodeMap | None:
         raise ConfigError(
             key, f"{str(path)!r} {e}; fix the file (examples/lab-codes-conceptmap.json shows the form)"
         ) from None
-
-
-def fitbit_source(settings: Settings, name: str) -> FitbitSource:
-    """The `fitbit` source NAME, or the only one when NAME is the kind itself ("fitbit")."""
-    fitbits = [s for s in settings.sources if isinstance(s, FitbitSource)]
-    for source in fitbits:
-        if source.name == name:
-            return source
-    if name == "fitbit" and len(fitbits) == 1:
-        return fitbits[0]
-    known = ", ".join(s.name for s in fitbits) or "none configured"
-    raise ConfigError(
-        f"sources.{name}",
-        f"no fitbit source of that name (fitbit sources: {known}); add a [[sources]] table with "
-        'kind = "fitbit" (see the README)',
-    )
-
-
-def token_folder(settings: Settings, source: FitbitSource) -> Path:
-    """Where the source's encrypted token files live: `tokens_path`, else in the store folder."""
-    return source.tokens_path or settings.store.path / "secrets" / source.name

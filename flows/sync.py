@@ -28,7 +28,7 @@ from connectors.fitbit_auth import TokenStore
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
 from connectors.vcf import VcfConnector, VcfSource
-from flows.config import Settings, SourceConfig, code_map, load_settings, token_folder
+from flows.config import Settings, SourceConfig, code_map, load_settings
 from harmonize.genomics_report import Reportable, genomics_reports, reportable_set
 from harmonize.hl7v2_labs import resources_from_messages
 from harmonize.lab_results import observations_from_rows
@@ -57,7 +57,7 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
     if isinstance(source, VcfSource):
         return VcfConnector(source)
     if isinstance(source, FitbitSource):
-        return FitbitConnector(source, TokenStore.for_source(source, token_folder(settings, source)))
+        return FitbitConnector(source, TokenStore.for_source(source, source.token_path(settings.store.path)))
     return FhirSearchConnector(source, on_progress=on_progress.get())
 
 

@@ -12,10 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-pytest_plugins = [
-    "tests.fhir_server",  # a real FHIR server (sekmet) for the EHR connector tests
-    "tests.fitbit_server",  # a stand-in Fitbit Web API serving recorded responses
-]
+pytest_plugins = ["tests.fhir_server"]  # a real FHIR server (sekmet) for the EHR connector tests
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

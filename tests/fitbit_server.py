@@ -1,26 +1,29 @@
-"""A stand-in for the Fitbit Web API on 127.0.0.1 (there is no Fitbit server here), serving the
-recorded real Fitbit responses in ../shared/data/wearables/device-api-responses/fitbit/.
+"""A stand-in for the Fitbit Web API on 127.0.0.1 (there is no Fitbit server here).
 
-What it serves:
-- the recorded bodies for the days they were recorded on (intraday heart rate and steps of
-  2015-08-21, the daily steps of 2015-08-23..25, the sleep logs of 2016-12-13, the weight logs of
-  2015-05-13..24); ranges get the recorded entries that fall in them, daily steps a "0" for every
-  other day (as Fitbit answers), and intraday days without a recording an empty dataset;
-- SpO2, profile and devices in the shape Fitbit documents (no recorded response exists for them:
-  these bodies are made here, and say so in `MADE_UP`);
-- OAuth 2.0 as Fitbit runs it: the authorization code grant with PKCE (S256), 8-hour access
-  tokens, single-use refresh tokens (a used one, presented again within `grace_seconds`, gets
-  the same new pair; later, `invalid_grant`), errors in Fitbit's shape that quote the token;
-- the rate limit: `fitbit-rate-limit-limit/-remaining/-reset` on every API answer, 429 with
-  `Retry-After` when a user's hourly budget is spent, and 429s on demand (`fail_next_429`).
+It serves either the recorded real Fitbit responses in
+../shared/data/wearables/device-api-responses/fitbit/ (`recorded=True`, read in place) or small
+bodies of its own in the shape the Fitbit Web API documents (`OWN`, for a fresh clone without
+../shared), under the same names, for the days they hold (intraday heart rate and steps of
+2015-08-21, daily steps of 2015-08-23..25, the sleep of 2016-12-13, weight logs of 2015-05);
+ranges get the entries that fall in them, daily steps a "0" for every other day (as Fitbit
+answers), and other intraday days an empty dataset. SpO2, profile and devices were never
+recorded: those bodies are always made here.
+
+OAuth runs as Fitbit runs it: the authorization code grant with PKCE (S256), 8-hour access tokens,
+single-use refresh tokens (a used one presented again within `grace_seconds` gets the same new
+pair, later `invalid_grant`), client_id in the body or HTTP Basic, errors in Fitbit's shape that
+quote the token. Every API answer carries `fitbit-rate-limit-limit/-remaining/-reset`; a user's
+spent hourly budget gets 429 with `Retry-After`, and so does a request while `fail_next_429` lasts.
 
 Tests drive it through `FitbitServer`: who signs in at the consent page (`authorize`), forced
-token expiry (`expire_access_tokens`), and what it saw (`requests`).
+token expiry (`expire_access_tokens`), and what it saw (`requests`, `statuses`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import copy
 import hashlib
 import secrets
 import threading
@@ -41,7 +44,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ROOT.parent / "shared" / "data" / "wearables" / "device-api-responses" / "fitbit"
 CLIENT_ID = "23TWIN"
-MADE_UP = "made by tests/fitbit_server.py in Fitbit's documented shape; no recorded response exists"
 
 # SpO2 of the night that ends 2016-12-13 (the recorded sleep's night), in the shape of
 # GET /1/user/-/spo2/date/[date]/all.json and .../[start]/[end].json.
@@ -55,8 +57,73 @@ SPO2_MINUTES = [
 SPO2_SUMMARY = {"avg": 95.9, "min": 94.8, "max": 97.0}
 
 
-def recorded(name: str) -> Any:
-    return orjson.loads((RECORDED / name).read_bytes())
+OWN: dict[str, Any] = {
+    "fitbit-activities-heart-1d-1m-intraday.json": {
+        "activities-heart": [
+            {
+                "dateTime": "2015-08-21",
+                "value": {"customHeartRateZones": [], "heartRateZones": [], "restingHeartRate": 58},
+            }
+        ],
+        "activities-heart-intraday": {
+            "dataset": [{"time": f"00:0{m}:00", "value": 60 + m % 3} for m in range(6)],
+            "datasetInterval": 1,
+            "datasetType": "minute",
+        },
+    },
+    "fitbit-activities-steps-1d-1m-intraday.json": {
+        "activities-steps": [{"dateTime": "2015-08-21", "value": "40"}],
+        "activities-steps-intraday": {
+            "dataset": [{"time": f"08:1{m}:00", "value": v} for m, v in enumerate([0, 12, 28, 0])],
+            "datasetInterval": 1,
+            "datasetType": "minute",
+        },
+    },
+    "fitbit-activities-steps-timeseries.json": {
+        "activities-steps": [
+            {"dateTime": "2015-08-23", "value": "1200"},
+            {"dateTime": "2015-08-24", "value": "800"},
+            {"dateTime": "2015-08-25", "value": "0"},
+        ]
+    },
+    "fitbit-sleep-date-range.json": {
+        "sleep": [
+            {
+                "dateOfSleep": "2016-12-13",
+                "duration": 4920000,
+                "endTime": "2016-12-13T00:52:00.000",
+                "isMainSleep": True,
+                "levels": {
+                    "data": [
+                        {"dateTime": "2016-12-12T23:30:00.000", "level": "wake", "seconds": 300},
+                        {"dateTime": "2016-12-12T23:35:00.000", "level": "light", "seconds": 1800},
+                        {"dateTime": "2016-12-13T00:05:00.000", "level": "deep", "seconds": 1200},
+                        {"dateTime": "2016-12-13T00:25:00.000", "level": "rem", "seconds": 900},
+                        {"dateTime": "2016-12-13T00:40:00.000", "level": "light", "seconds": 600},
+                        {"dateTime": "2016-12-13T00:50:00.000", "level": "wake", "seconds": 120},
+                    ],
+                    "shortData": [{"dateTime": "2016-12-12T23:50:00.000", "level": "wake", "seconds": 60}],
+                },
+                "logId": 26013218219,
+                "minutesAsleep": 75,
+                "minutesAwake": 7,
+                "startTime": "2016-12-12T23:30:00.000",
+                "timeInBed": 82,
+                "type": "stages",
+            }
+        ]
+    },
+    "fitbit-body-log-weight.json": {
+        "weight": [
+            {"bmi": 22.1, "date": "2015-05-13", "fat": 18.5, "logId": 1, "source": "Aria", "time": "08:00:00",
+             "weight": 70.5},
+            {"bmi": 22.0, "date": "2015-05-20", "logId": 2, "source": "Web", "time": "07:30:00",
+             "weight": 70.1},
+        ]
+    },
+}  # fmt: skip
+"""Bodies of our own, named as the recordings they stand in for (stages sleep, resting heart
+rate, body fat and a weight source, which the recordings lack)."""
 
 
 @dataclass
@@ -102,19 +169,27 @@ class FitbitState:
     retry_after: str = "2"
     requests: list[tuple[str, str, str]] = field(default_factory=list)
     """(method, path, Fitbit user or '') of every request."""
+    basic_auth: list[str] = field(default_factory=list)
+    """The decoded HTTP Basic credentials of each token request that sent them."""
+    form_client_ids: list[str | None] = field(default_factory=list)
+    """The client_id in the body of each token request (None: not sent)."""
     statuses: Counter[int] = field(default_factory=Counter)
     """How often each status was answered."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class FitbitServer:
-    def __init__(self) -> None:
+    def __init__(self, *, recorded: bool = False) -> None:
+        self.bodies: dict[str, Any] = {name: _recorded_or_own(name, recorded) for name in OWN}
         self.state = FitbitState()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._http.daemon_threads = True
         self._http.state = self.state  # type: ignore[attr-defined]
+        self._http.bodies = self.bodies  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
-        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True, name="fitbit-server")
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, args=(0.05,), daemon=True, name="fitbit-server"
+        )  # a short poll: shutdown() waits for it
         self._thread.start()
 
     def close(self) -> None:
@@ -152,15 +227,20 @@ class FitbitServer:
         )
 
 
-@pytest.fixture
-def fitbit_server() -> Iterator[FitbitServer]:
-    if not RECORDED.is_dir():
+@contextlib.contextmanager
+def serve(*, recorded: bool = False) -> Iterator[FitbitServer]:
+    """A running stand-in; with `recorded`, the test is skipped where ../shared is absent."""
+    if recorded and not RECORDED.is_dir():
         pytest.skip(f"recorded Fitbit responses not found at {RECORDED} (../shared/data is absent)")
-    server = FitbitServer()
+    server = FitbitServer(recorded=recorded)
     try:
         yield server
     finally:
         server.close()
+
+
+def _recorded_or_own(name: str, recorded: bool) -> Any:
+    return orjson.loads((RECORDED / name).read_bytes()) if recorded else copy.deepcopy(OWN[name])
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -187,8 +267,12 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path != "/oauth2/token":
             self._send(404, {"errors": [{"errorType": "not_found", "message": "no such path"}]})
             return
+        basic = self.headers.get("authorization", "")
         with self.st.lock:
             self.st.requests.append(("POST", "/oauth2/token", ""))
+            if basic.startswith("Basic "):
+                self.st.basic_auth.append(base64.b64decode(basic.removeprefix("Basic ")).decode())
+            self.st.form_client_ids.append(form.get("client_id"))
             status, body = self._token(form)
         self._send(status, body)
 
@@ -295,7 +379,7 @@ class _Handler(BaseHTTPRequestHandler):
         if intraday and not self.st.intraday_allowed:
             self._send(403, _error("insufficient_permissions", "Intraday data is not permitted"), limits)
             return
-        body = _route(path, profile)
+        body = _route(path, profile, self.server.bodies)  # type: ignore[attr-defined]
         if body is None:
             self._send(404, _error("not_found", "The API you are requesting could not be found."), limits)
         else:
@@ -340,7 +424,7 @@ def _days(a: str, b: str) -> Iterator[date]:
         day += timedelta(days=1)
 
 
-def _route(path: str, user: User) -> Any:
+def _route(path: str, user: User, bodies: dict[str, Any]) -> Any:
     p = path.split("/")
     if path == "/1/user/-/profile.json":
         return {
@@ -355,34 +439,34 @@ def _route(path: str, user: User) -> Any:
         ]  # fmt: skip
     if path.startswith("/1/user/-/activities/") and path.endswith("/1d/1min.json"):
         kind, day = p[5], p[7]
-        name = f"fitbit-activities-{kind}-1d-1m-intraday.json"
-        body = recorded(name) if (RECORDED / name).exists() else None
+        body = bodies.get(f"fitbit-activities-{kind}-1d-1m-intraday.json")
         if body is None:
             return None
         key = f"activities-{kind}"
         if body[key][0]["dateTime"] == day:
             return body
         empty = {"dataset": [], "datasetInterval": 1, "datasetType": "minute"}
-        return {key: [{"dateTime": day, "value": "0"}], f"{key}-intraday": empty}
+        value = {"customHeartRateZones": [], "heartRateZones": []} if kind == "heart" else "0"
+        return {key: [{"dateTime": day, "value": value}], f"{key}-intraday": empty}
     if path.startswith("/1/user/-/activities/steps/date/"):
         a, b = p[7], p[8].removesuffix(".json")
         have = {
-            e["dateTime"]: e for e in recorded("fitbit-activities-steps-timeseries.json")["activities-steps"]
+            e["dateTime"]: e for e in bodies["fitbit-activities-steps-timeseries.json"]["activities-steps"]
         }
         return {
             "activities-steps": [have.get(str(d), {"dateTime": str(d), "value": "0"}) for d in _days(a, b)]
         }
     if path.startswith("/1/user/-/activities/heart/date/"):
-        return {"activities-heart": []}
+        a, b = p[7], p[8].removesuffix(".json")
+        days = bodies["fitbit-activities-heart-1d-1m-intraday.json"]["activities-heart"]
+        return {"activities-heart": [d for d in days if a <= d["dateTime"] <= b]}
     if path.startswith("/1.2/user/-/sleep/date/"):
         a, b = p[6], p[7].removesuffix(".json")
-        logs = recorded("fitbit-sleep-date-range.json")["sleep"]
+        logs = bodies["fitbit-sleep-date-range.json"]["sleep"]
         return {"sleep": [s for s in logs if a <= s["dateOfSleep"] <= b]}
     if path.startswith("/1/user/-/body/log/weight/date/"):
         a, b = p[8], p[9].removesuffix(".json")
-        return {
-            "weight": [w for w in recorded("fitbit-body-log-weight.json")["weight"] if a <= w["date"] <= b]
-        }
+        return {"weight": [w for w in bodies["fitbit-body-log-weight.json"]["weight"] if a <= w["date"] <= b]}
     if path.startswith("/1/user/-/spo2/date/") and path.endswith("/all.json"):
         day = p[6]
         return {"dateTime": day, "minutes": SPO2_MINUTES if day == SPO2_DAY else []}
