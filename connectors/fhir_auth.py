@@ -102,24 +102,25 @@ def build_auth(source: str, config: AuthConfig, base_url: str, *, timeout: float
     return None
 
 
-def read_secret(source: str, what: str, file: Path | None, env: str | None) -> str:
-    """A secret from exactly one of a file (first line) or an environment variable."""
+def read_secret(source: str, what: str, file: Path | None, env: str | None, *, key: str = "auth.") -> str:
+    """A secret from exactly one of a file (first line) or an environment variable; `key` is
+    where the setting lives, for the messages."""
     if (file is None) == (env is None):
-        raise SourceError(source, f"set exactly one of auth.{what}_file or auth.{what}_env")
+        raise SourceError(source, f"set exactly one of {key}{what}_file or {key}{what}_env")
     if env is not None:
         value = os.environ.get(env, "").strip()
         if not value:
-            raise SourceError(source, f"environment variable {env} (auth.{what}_env) is not set or empty")
+            raise SourceError(source, f"environment variable {env} ({key}{what}_env) is not set or empty")
         return value
     assert file is not None
     try:
         value = file.read_text().strip()
     except OSError as e:
         raise SourceError(
-            source, f"cannot read auth.{what}_file {str(file)!r} ({e.strerror}); check the path"
+            source, f"cannot read {key}{what}_file {str(file)!r} ({e.strerror}); check the path"
         ) from None
     if not value:
-        raise SourceError(source, f"auth.{what}_file {str(file)!r} is empty")
+        raise SourceError(source, f"{key}{what}_file {str(file)!r} is empty")
     return value
 
 

@@ -257,6 +257,85 @@ def views_doc() -> None:
     sys.stdout.write(schema_doc(settings().views.path))
 
 
+wearables_app = typer.Typer(no_args_is_help=True, help="Wearable accounts: connect a patient's Fitbit.")
+app.add_typer(wearables_app, name="wearables")
+
+
+@wearables_app.command("connect")
+def wearables_connect(
+    vendor: Annotated[str, typer.Argument(help="fitbit")],
+    patient: Annotated[str, typer.Option("--patient", help="The twin's FHIR Patient id")],
+    source: Annotated[
+        str | None, typer.Option("--source", help="The fitbit source (needed when there are several)")
+    ] = None,
+    code: Annotated[
+        str | None,
+        typer.Option("--code", help="Finish a connection started earlier: the redirect address or its code"),
+    ] = None,
+) -> None:
+    """Connect a patient's Fitbit account (OAuth 2.0 with PKCE): prints the address the patient
+    opens, then takes the address Fitbit sends the browser back to (pasted, or later with --code)."""
+    from connectors.fitbit import FitbitSource
+    from connectors.fitbit_auth import FitbitOAuth, TokenStore, authorization_request, code_from_redirect
+
+    if vendor != "fitbit":
+        raise TwinhubError(f"cannot connect {vendor!r}: only fitbit accounts are connected this way")
+    cfg = settings()
+    fitbits = [s for s in cfg.sources if isinstance(s, FitbitSource) and source in (None, s.name)]
+    names = ", ".join(s.name for s in cfg.sources if isinstance(s, FitbitSource)) or "none"
+    if len(fitbits) > 1:
+        raise TwinhubError(f"there are several fitbit sources ({names}); pick one with --source NAME")
+    if not fitbits:
+        named = f" named {source!r}" if source else ""
+        raise TwinhubError(
+            f"no fitbit source{named} in the config (fitbit sources: {names}); add a [[sources]] table "
+            'with kind = "fitbit" (see the README)'
+        )
+    src = fitbits[0]
+    store = TokenStore.for_source(src, src.token_path(cfg.store.path))
+    store.check_patient(patient)
+    later = f"twinhub wearables connect fitbit --patient {patient} --source {src.name} --code CODE"
+    if code is None:
+        request = authorization_request(src)
+        store.save_pending(patient, request, time.time())
+        out.print(
+            f"Connecting patient {patient} with source {src.name!r}. Open this address in a browser, "
+            "sign in to Fitbit as the patient and allow access:",
+            highlight=False,
+        )
+        sys.stdout.write(request.url + "\n")  # whole, never wrapped: it is copied
+        out.print("Then paste the address the browser was sent to (or the code in it):", highlight=False)
+        sys.stdout.flush()
+        code = sys.stdin.readline().strip()
+        if not code:
+            out.print(f"Nothing pasted; finish within 10 minutes with: {later}", highlight=False)
+            return
+    else:
+        found = store.pending(patient, time.time())
+        if found is None:
+            raise TwinhubError(
+                f"no connection of patient {patient} was started in the last 10 minutes; run the "
+                "command without --code to start one"
+            )
+        request = found
+    oauth = FitbitOAuth(src, store)
+    try:
+        tokens = oauth.connect(patient, request, code_from_redirect(src.name, request, code))
+    finally:
+        oauth.close()
+    out.print(
+        f"Connected patient {patient} to Fitbit user {tokens.user_id}; the tokens are kept encrypted "
+        f"in {store.path}",
+        highlight=False,
+    )
+    if missing := sorted(set(src.scopes) - tokens.scopes):
+        err.print(
+            f"[yellow]warning:[/] the patient did not allow {', '.join(missing)}; what needs it is not "
+            "pulled (connect again to ask anew)",
+            highlight=False,
+        )
+
+
 @app.command()
 def listen(name: str) -> None:
     """Take HL7 v2 messages over MLLP for hl7v2 source NAME until stopped (Ctrl-C)."""

@@ -19,6 +19,7 @@ from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonSource
 from connectors.fhir_search import FhirSearchSource
+from connectors.fitbit import FitbitSource
 from connectors.fitbit_csv import FitbitCsvSource
 from connectors.hl7v2 import Hl7v2Source
 from connectors.lab_csv import LabCsvSource
@@ -34,14 +35,15 @@ SourceConfig = Annotated[
     | LabCsvSource
     | Hl7v2Source
     | VcfSource
+    | FitbitSource
     | FitbitCsvSource
     | OpenMHealthSource
     | AppleHealthSource,
     Field(discriminator="kind"),
 ]
 KINDS = (
-    "fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit-csv", "openmhealth",
-    "apple-health",
+    "fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit", "fitbit-csv",
+    "openmhealth", "apple-health",
 )  # fmt: skip
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 

@@ -24,6 +24,8 @@ from connectors.errors import ConfigError, TransientError, TwinhubError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
+from connectors.fitbit import FitbitConnector, FitbitSource
+from connectors.fitbit_auth import TokenStore
 from connectors.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
 from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
 from connectors.lab_csv import LabCsvConnector, LabCsvSource
@@ -57,6 +59,8 @@ def build_connector(settings: Settings, source: SourceConfig) -> Connector:
         return Hl7v2Connector(source)
     if isinstance(source, VcfSource):
         return VcfConnector(source)
+    if isinstance(source, FitbitSource):
+        return FitbitConnector(source, TokenStore.for_source(source, source.token_path(settings.store.path)))
     if isinstance(source, FitbitCsvSource):
         return FitbitCsvConnector(source)
     if isinstance(source, OpenMHealthSource):
