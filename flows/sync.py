@@ -144,6 +144,7 @@ def land_batches(
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
         if callback := on_batch.get():
             callback(run)
+    store.make_daily_fhir(run)
 
 
 def noted(batches: Iterator[Batch], run: RunReport) -> Iterator[Batch]:

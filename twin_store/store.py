@@ -633,29 +633,41 @@ class TwinStore:
     def _land_samples(
         self, run: RunReport, samples: pa.Table, counts: Counter[str], window: Window | None
     ) -> None:
-        """Upsert wearable samples, roll up the days they touch, and land those days as FHIR
-        (Observation, Device, Provenance): derived resources, counted apart from lines read."""
+        """Upsert wearable samples and roll up the days they touch (their FHIR comes after
+        the batches: `make_daily_fhir`)."""
         before = counts["inserted"] + counts["updated"]
-        days = self._samples.land(run.source, run.run_id, samples, counts, window)
+        run.changed["wearable_daily"] += self._samples.land(run.source, run.run_id, samples, counts, window)
         run.changed["wearable_sample"] += counts["inserted"] + counts["updated"] - before
-        run.changed["wearable_daily"] += len(days)
-        if not len(days):
-            return
-        activity = f"run {run.run_id} batch {run.batches + 1}"
-        made = daily_resources(days, datetime.now(UTC), activity)
-        checked = check_resources(
-            records_from([("wearable_daily", n, r.decode()) for n, r in enumerate(made, 1)])
-        )
-        if len(checked.problems):  # our own resources: a failed check is a bug, never quarantine
-            raise StoreError(
-                f"daily FHIR resources failed the structural checks: {checked.problems['reason'][0]}"
-            )
-        derived: Counter[str] = Counter()
-        self.con.register(
-            "batch", checked.resources.append_column("pos", pa.array(range(len(made)), pa.int64()))
-        )
-        self._upsert_resources(run, checked.resources, None, derived)
-        run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
+
+    def make_daily_fhir(self, run: RunReport, *, chunk: int = 20_000) -> int:
+        """Land the FHIR of every daily rollup flagged pending (this run's, and any a crash
+        left): Observations, Devices and a Provenance per patient, validated; derived
+        resources, counted apart from lines read. Returns how many days got theirs."""
+        made = 0
+        while len(days := self._samples.pending_days(chunk)):
+            resources = daily_resources(days, datetime.now(UTC), f"run {run.run_id} ({run.source})")
+            records = records_from([("wearable_daily", n, r.decode()) for n, r in enumerate(resources, 1)])
+            checked = check_resources(records)
+            if len(checked.problems):  # our own resources: a failed check is a bug, not bad input
+                raise StoreError(
+                    f"daily FHIR resources failed the structural checks: {checked.problems['reason'][0]}"
+                )
+            derived: Counter[str] = Counter()
+            try:
+                with self._keys_kept(), self._transaction():
+                    self.con.register(
+                        "batch",
+                        checked.resources.append_column("pos", pa.array(range(len(resources)), pa.int64())),
+                    )
+                    self._upsert_resources(run, checked.resources, None, derived)
+                    self._samples.fhir_made(days)
+            finally:
+                for name in ("batch", "changed", "derived"):
+                    with contextlib.suppress(duckdb.Error):
+                        self.con.unregister(name)
+            run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
+            made += len(days)
+        return made
 
     def _warn(self, run: RunReport, warnings: pa.Table) -> int:
         """Keep spec violations of records that landed anyway; a warning already kept (same

@@ -3,7 +3,9 @@
 Samples are keyed on (source, patient_id, metric, start_time): a sample pulled again replaces
 the stored one if it changed and writes nothing if not, so overlapping pulls never double count.
 After each batch the days it touched (the local day of a sample, by its UTC offset) are rolled
-up again, in the batch's transaction; the store makes FHIR Observations of them.
+up again, in the batch's transaction, and flagged `fhir_pending`: the store makes their FHIR
+Observations after the batches (`pending_days`, `fhir_made`), so a crash in between leaves
+flags that the next run clears, never a day without its Observation.
 
 The writer keeps a copy of each series' time span (`temp.sample_coverage`): a batch whose
 samples all fall outside the stored spans (new data after old, the usual case) is appended
@@ -33,7 +35,7 @@ CREATE TABLE IF NOT EXISTS twin.wearable_daily (
     source VARCHAR, patient_id VARCHAR, metric VARCHAR, day DATE, loinc_code VARCHAR, unit VARCHAR,
     value DOUBLE, samples BIGINT, min DOUBLE, max DOUBLE, mean DOUBLE, sum DOUBLE,
     first_start TIMESTAMPTZ, last_end TIMESTAMPTZ, utc_offset_minutes INTEGER, device VARCHAR,
-    observation_id VARCHAR, run_id VARCHAR, computed_at TIMESTAMPTZ
+    observation_id VARCHAR, run_id VARCHAR, computed_at TIMESTAMPTZ, fhir_pending BOOLEAN
 );
 """
 COVERAGE = "temp.sample_coverage"
@@ -99,16 +101,15 @@ class SampleWriter:
 
     def land(
         self, source: str, run_id: str, samples: pa.Table, counts: Counter[str], window: Window | None
-    ) -> pa.Table:
-        """Upsert the samples; returns the daily rows recomputed (DAILY_SCHEMA), whose FHIR
-        resources the store lands next."""
+    ) -> int:
+        """Upsert the samples and roll up their days; returns how many daily rows changed."""
         if window:
             at = samples["start_time"]
             kept = samples.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
             counts["out_of_window"] += len(samples) - len(kept)
             samples = kept
         if not len(samples):
-            return DAILY_SCHEMA.empty_table()
+            return 0
         con = self.con
         con.register("incoming", samples)
         con.register("metric_info", _metric_info())
@@ -118,7 +119,7 @@ class SampleWriter:
             con.unregister("incoming")
             con.unregister("metric_info")
 
-    def _land(self, source: str, run_id: str, counts: Counter[str]) -> pa.Table:
+    def _land(self, source: str, run_id: str, counts: Counter[str]) -> int:
         con = self.con
         params = {"source": source}
         # Each series' span in the batch, beside the span stored before it.
@@ -213,9 +214,9 @@ class SampleWriter:
             {"source": source},
         )
 
-    def _roll_up(self, source: str, run_id: str, written: str) -> pa.Table:
+    def _roll_up(self, source: str, run_id: str, written: str) -> int:
         """Recompute the daily rows of every (patient, metric, local day) the batch wrote to,
-        then the totals (sleep duration) of those days; returns them for FHIR. A day far from
+        then the totals (sleep duration) of those days; returns how many rows. A day far from
         anything stored before this batch is rolled up from the batch alone, in the one pass
         over it that finds the days; the others (the day the last batch ended in, a re-pulled
         day) from the store."""
@@ -250,8 +251,11 @@ class SampleWriter:
             f"CREATE OR REPLACE TEMP TABLE daily AS {DAILY.format(device_days=device_days)}",
             params | ({} if low is None else {"low": low, "high": high}),
         )
-        rows = [self._replace("daily", source, run_id)]
-        for total in totals().values():
+        # A fresh day had no samples stored, so it has no daily row to replace.
+        replace = low is not None
+        rows = [self._replace("daily", source, run_id, replace=replace)]
+        touched = {metric for (metric,) in con.execute("SELECT DISTINCT metric FROM touched").fetchall()}
+        for total in (t for t in totals().values() if touched & set(t.sum_of)):
             con.register("parts", pa.table({"metric": pa.array(total.sum_of, pa.string())}))
             con.execute(
                 """CREATE OR REPLACE TEMP TABLE daily AS
@@ -270,33 +274,65 @@ class SampleWriter:
                 params | {"name": total.name, "loinc": total.loinc, "unit": total.unit},
             )
             con.unregister("parts")
-            rows.append(self._replace("daily", source, run_id))
-        return pa.concat_tables([r.select(DAILY_SCHEMA.names).cast(DAILY_SCHEMA) for r in rows])
+            # A total sums several series: a day fresh for one may hold another's rows already.
+            rows.append(self._replace("daily", source, run_id, replace=True))
+        return sum(rows)
 
-    def _replace(self, table: str, source: str, run_id: str) -> pa.Table:
-        """Write `table`'s daily rows over the stored ones of the same days; returns them."""
+    def _replace(self, table: str, source: str, run_id: str, *, replace: bool) -> int:
+        """Write `table`'s daily rows (over the stored ones of the same days, where some may
+        be stored), flagged for FHIR if they have a LOINC code; returns how many."""
         con = self.con
-        rows = con.execute(f"FROM {table}").to_arrow_table()
-        keys = zip(*(rows[c].to_pylist() for c in ("patient_id", "metric", "day")), strict=True)
-        ids = pa.array([daily_id(source, p, m, d) for p, m, d in keys], pa.string())
-        con.register("replacing", rows.append_column("observation_id", ids))
-        try:
+        if replace:
             con.execute(
-                """DELETE FROM twin.wearable_daily w USING replacing d
+                f"""DELETE FROM twin.wearable_daily w USING {table} d
                 WHERE w.source = $source AND w.patient_id = d.patient_id AND w.metric = d.metric
                   AND w.day = d.day""",
                 {"source": source},
             )
-            con.execute(
-                """INSERT INTO twin.wearable_daily BY NAME
-                SELECT COLUMNS(c -> c <> 'parts'), $run_id AS run_id, now() AS computed_at FROM replacing""",
-                {"run_id": run_id},
+        (written,) = _one(
+            con,
+            f"""INSERT INTO twin.wearable_daily BY NAME
+            SELECT COLUMNS(c -> c <> 'parts'), '{run_id}' AS run_id, now() AS computed_at,
+                   loinc_code IS NOT NULL AS fhir_pending
+            FROM {table}""",
+        )
+        return written
+
+    def pending_days(self, limit: int) -> pa.Table:
+        """Up to `limit` daily rows whose FHIR is not made yet (DAILY_SCHEMA, totals with the
+        parts they sum)."""
+        parts = ", ".join(f"'{m}'" for t in totals().values() for m in t.sum_of) or "NULL"
+        return (
+            self.con.execute(
+                f"""SELECT p.source, p.patient_id, p.metric, p.day, p.utc_offset_minutes, p.value,
+                       p.samples, p.min, p.max, p.device,
+                       CASE WHEN p.metric IN ({", ".join(f"'{t}'" for t in totals()) or "NULL"}) THEN (
+                           SELECT list({{'metric': w.metric, 'value': w.sum}} ORDER BY w.metric)
+                           FROM twin.wearable_daily w
+                           WHERE (w.source, w.patient_id, w.day) = (p.source, p.patient_id, p.day)
+                             AND w.metric IN ({parts})) END AS parts
+                FROM (FROM twin.wearable_daily WHERE fhir_pending
+                      ORDER BY source, patient_id, day, metric LIMIT {int(limit)}) p"""
+            )
+            .to_arrow_table()
+            .cast(DAILY_SCHEMA)
+        )
+
+    def fhir_made(self, days: pa.Table) -> None:
+        """Clear the flags of `days` and name the Observation each got (their FHIR landed in
+        this transaction)."""
+        keys = zip(*(days[c].to_pylist() for c in ("source", "patient_id", "metric", "day")), strict=True)
+        ids = pa.array([daily_id(*key) for key in keys], pa.string())
+        made = days.select(["source", "patient_id", "metric", "day"]).append_column("observation_id", ids)
+        self.con.register("made", made)
+        try:
+            self.con.execute(
+                """UPDATE twin.wearable_daily w SET fhir_pending = false, observation_id = m.observation_id
+                FROM made m
+                WHERE (w.source, w.patient_id, w.metric, w.day) = (m.source, m.patient_id, m.metric, m.day)"""
             )
         finally:
-            con.unregister("replacing")
-        if "parts" not in rows.column_names:
-            rows = rows.append_column("parts", pa.nulls(len(rows), DAILY_SCHEMA.field("parts").type))
-        return rows
+            self.con.unregister("made")
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from connectors.base import RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark
 from flows.sync import land_batches
 from twin_store import RunReport, TwinStore, Window, connect
+from twin_store.wearables import SampleWriter
 
 T0 = datetime(2024, 3, 1, 22, 0, tzinfo=UTC)  # midnight on 2 March at UTC+2
 
@@ -155,6 +156,9 @@ def test_samples_that_cannot_land_are_quarantined_and_the_counts_add_up(tmp_path
 def test_a_batch_that_fails_leaves_the_store_at_the_batch_before_and_the_rerun_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Killed while rolling up the second batch: the first batch stays landed, its days flagged
+    for FHIR that was never made; the rerun resumes after it, adds no duplicate and makes every
+    day's Observation."""
     rows = a_day()
     batches = [batch(rows[:100], 1), batch(rows[100:200], 2), batch(rows[200:], 3)]
 
@@ -162,33 +166,41 @@ def test_a_batch_that_fails_leaves_the_store_at_the_batch_before_and_the_rerun_c
         done = (since or {}).get("mark", 0)
         return (b for b in batches if b.watermark["mark"] > done)
 
-    import harmonize.wearables as wearables
-    import twin_store.store as store_module
-
-    real = wearables.daily_resources
+    real = SampleWriter._roll_up
     calls = 0
 
-    def crash_on_the_second(*args: object) -> list[bytes]:
+    def crash_on_the_second(self: SampleWriter, *args: str) -> int:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise RuntimeError("killed mid-batch")
-        return real(*args)  # type: ignore[arg-type]
+        return real(self, *args)
 
-    monkeypatch.setattr(store_module, "daily_resources", crash_on_the_second)
+    monkeypatch.setattr(SampleWriter, "_roll_up", crash_on_the_second)
     with pytest.raises(RuntimeError, match="killed mid-batch"), TwinStore(tmp_path) as store:
         run = store.begin_run("fit", "sync")
         land_batches(store, run, pulled(None))
     con = connect(tmp_path)
     assert con.sql("SELECT count(*) FROM wearable_sample").fetchall() == [(100,)]
     assert con.sql("SELECT watermark FROM sync_state").fetchall() == [('{"mark":1}',)]
-    monkeypatch.setattr(store_module, "daily_resources", real)
+    assert con.sql("SELECT count(*) FILTER (fhir_pending), count(*) FROM wearable_daily").fetchall() == [
+        (1, 1)
+    ]
+    assert con.sql("SELECT count(*) FROM observation").fetchall() == [(0,)]
+    monkeypatch.setattr(SampleWriter, "_roll_up", real)
     with TwinStore(tmp_path) as store:
         run = store.begin_run("fit", "sync")
         land_batches(store, run, pulled(store.watermark("fit")))
         store.finish_run(run, "succeeded")
     assert run.counts["inserted"] == len(rows) - 100
     assert daily(tmp_path) == daily_of_one_landing(tmp_path.parent / "once", rows)
+    assert con.sql("SELECT count(*) FILTER (fhir_pending) FROM wearable_daily").fetchall() == [(0,)]
+    assert fhir_of(tmp_path) == fhir_of(tmp_path.parent / "once")
+
+
+def fhir_of(root: Path) -> list[tuple[str, str]]:
+    """The daily Observations' ids and values, as analysts see them."""
+    return connect(root).sql("SELECT id, value_numeric FROM observation ORDER BY id").fetchall()
 
 
 def daily_of_one_landing(root: Path, rows: list[dict[str, object]]) -> dict[str, tuple[object, ...]]:
