@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,13 +32,12 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.base import Watermark, Window, records_from
+from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import StoreError
-from harmonize.fhir_checks import check_resources
 from harmonize.fhirpath import MACROS_SQL
-from harmonize.wearables import daily_resources
+from harmonize.wearables import DAILY_SCHEMA, daily_resources
 from twin_store.extensions import load_extensions
-from twin_store.prepare import BY_IDENTIFIER, PreparedBatch
+from twin_store.prepare import BY_IDENTIFIER, PreparedBatch, prepare
 from twin_store.views import standard_views
 from twin_store.wearables import SCHEMA_SQL as WEARABLE_SCHEMA_SQL
 from twin_store.wearables import SampleWriter
@@ -190,6 +190,9 @@ class TwinStore:
         (self._variants_wait,) = _one(self.con, VARIANTS_WAIT)
         self._keys_loaded = False
         self._samples = SampleWriter(con=self.con)
+        # The FHIR of the days each batch rolls up, made in a thread while later batches land.
+        self._fhir_maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daily-fhir")
+        self._fhir_made: list[tuple[pa.Table, Future[list[bytes]]]] = []
         # Batches are checked on one core while the writer lands the one before (flows.sync):
         # leave that core to the checks; DuckDB's extra threads would only contend with them.
         self.con.execute(f"SET threads = {max(1, (os.cpu_count() or 1) - 1)}")
@@ -203,6 +206,7 @@ class TwinStore:
         self.close()
 
     def close(self) -> None:
+        self._fhir_maker.shutdown(cancel_futures=True)
         self.con.close()
         self._lock.close()
 
@@ -261,6 +265,7 @@ class TwinStore:
         resources, problems = batch.checked.resources, batch.checked.problems
         con.register("batch_problems", _printable_reasons(problems))
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
+        days = DAILY_SCHEMA.empty_table()
         try:
             with self._keys_kept(), self._transaction():
                 variants = batch.variants if batch.variants is not None else pa.table({})
@@ -283,7 +288,7 @@ class TwinStore:
                     new, replaced = self._land_variants(run, variants)
                     counts.update(inserted=new, updated=replaced)
                 if batch.samples is not None and len(batch.samples):
-                    self._land_samples(run, batch.samples, counts, window)
+                    days = self._land_samples(run, batch.samples, counts, window)
                 if len(batch.warnings):
                     counts["warnings"] = self._warn(run, batch.warnings)
                 if by_identifier or self._variants_wait:
@@ -306,6 +311,11 @@ class TwinStore:
                     con.unregister(name)
         run.counts.update(counts)
         run.by_type.update(dict(zip(*_value_counts(resources["resource_type"]), strict=True)))
+        if len(days):  # committed: their FHIR is made meanwhile, off the writer's thread
+            activity = f"run {run.run_id} batch {run.batches}"
+            self._fhir_made.append(
+                (days, self._fhir_maker.submit(daily_resources, days, datetime.now(UTC), activity))
+            )
 
     def _link_patients(
         self, run: RunReport, resources: pa.Table, links: pa.Table, counts: Counter[str],
@@ -632,42 +642,56 @@ class TwinStore:
 
     def _land_samples(
         self, run: RunReport, samples: pa.Table, counts: Counter[str], window: Window | None
-    ) -> None:
-        """Upsert wearable samples and roll up the days they touch (their FHIR comes after
-        the batches: `make_daily_fhir`)."""
+    ) -> pa.Table:
+        """Upsert wearable samples and roll up the days they touch; returns the days whose
+        FHIR is to be made (after the batches: `make_daily_fhir`)."""
         before = counts["inserted"] + counts["updated"]
-        run.changed["wearable_daily"] += self._samples.land(run.source, run.run_id, samples, counts, window)
+        changed, days = self._samples.land(run.source, run.run_id, samples, counts, window)
+        run.changed["wearable_daily"] += changed
         run.changed["wearable_sample"] += counts["inserted"] + counts["updated"] - before
+        return days
 
     def make_daily_fhir(self, run: RunReport, *, chunk: int = 20_000) -> int:
-        """Land the FHIR of every daily rollup flagged pending (this run's, and any a crash
-        left): Observations, Devices and a Provenance per patient, validated; derived
-        resources, counted apart from lines read. Returns how many days got theirs."""
+        """Land the FHIR of every daily rollup flagged pending: the days this run's batches
+        rolled up (made meanwhile in a thread; a day rolled up twice lands its last version),
+        then any a crash left. Observations, Devices and a Provenance per patient, validated;
+        derived resources, counted apart from lines read. Returns how many days got theirs."""
         made = 0
+        if self._fhir_made:
+            days = pa.concat_tables([d for d, _ in self._fhir_made])
+            resources = [r for _, future in self._fhir_made for r in future.result()]
+            self._fhir_made.clear()
+            made += self._land_daily_fhir(run, days, resources)
         while len(days := self._samples.pending_days(chunk)):
-            resources = daily_resources(days, datetime.now(UTC), f"run {run.run_id} ({run.source})")
-            records = records_from([("wearable_daily", n, r.decode()) for n, r in enumerate(resources, 1)])
-            checked = check_resources(records)
-            if len(checked.problems):  # our own resources: a failed check is a bug, not bad input
-                raise StoreError(
-                    f"daily FHIR resources failed the structural checks: {checked.problems['reason'][0]}"
-                )
-            derived: Counter[str] = Counter()
-            try:
-                with self._keys_kept(), self._transaction():
-                    self.con.register(
-                        "batch",
-                        checked.resources.append_column("pos", pa.array(range(len(resources)), pa.int64())),
-                    )
-                    self._upsert_resources(run, checked.resources, None, derived)
-                    self._samples.fhir_made(days)
-            finally:
-                for name in ("batch", "changed", "derived"):
-                    with contextlib.suppress(duckdb.Error):
-                        self.con.unregister(name)
-            run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
-            made += len(days)
+            made += self._land_daily_fhir(
+                run, days, daily_resources(days, datetime.now(UTC), f"run {run.run_id}")
+            )
         return made
+
+    def _land_daily_fhir(self, run: RunReport, days: pa.Table, resources: list[bytes]) -> int:
+        records = records_from([("wearable_daily", n, r.decode()) for n, r in enumerate(resources, 1)])
+        checked = prepare(Batch(records=records, watermark={})).checked  # the last copy of each id wins
+        if len(checked.problems):  # our own resources: a failed check is a bug, not bad input
+            raise StoreError(
+                f"daily FHIR resources failed the structural checks: {checked.problems['reason'][0]}"
+            )
+        derived: Counter[str] = Counter()
+        try:
+            with self._keys_kept(), self._transaction():
+                self.con.register(
+                    "batch",
+                    checked.resources.append_column(
+                        "pos", pa.array(range(len(checked.resources)), pa.int64())
+                    ),
+                )
+                self._upsert_resources(run, checked.resources, None, derived)
+                self._samples.fhir_made(days)
+        finally:
+            for name in ("batch", "changed", "derived"):
+                with contextlib.suppress(duckdb.Error):
+                    self.con.unregister(name)
+        run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
+        return len(days)
 
     def _warn(self, run: RunReport, warnings: pa.Table) -> int:
         """Keep spec violations of records that landed anyway; a warning already kept (same

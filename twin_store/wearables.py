@@ -43,29 +43,31 @@ SAME = " AND ".join(
     f"i.{c} IS NOT DISTINCT FROM s.{c}"
     for c in ("device", "end_time", "utc_offset_minutes", "value", "unit", "loinc_code")
 )
-LOCAL_DAY = """DATE '1970-01-01' + CAST(floor((epoch_us(CASE WHEN m.day_of = 'night'
+NIGHT_METRICS = ", ".join(f"'{m.name}'" for m in metrics().values() if m.day_of == "night") or "NULL"
+LOCAL_DAY = f"""DATE '1970-01-01' + CAST((epoch_us(CASE WHEN s.metric IN ({NIGHT_METRICS})
         THEN coalesce(s.end_time, s.start_time) + INTERVAL 6 HOUR ELSE s.start_time END)
-        + 60000000::BIGINT * coalesce(s.utc_offset_minutes, 0)) / 86400000000) AS INTEGER)"""
+        + 60000000::BIGINT * coalesce(s.utc_offset_minutes, 0) + 3155760000000000) // 86400000000 - 36525
+        AS INTEGER)"""
 """The local calendar day a sample counts to: its start's, or for sleep the morning its night
-ends (a stretch ending after 18:00 belongs to the next day's night). Epoch arithmetic, not a
-time-zone cast: the offset is the sample's own."""
+ends (a stretch ending after 18:00 belongs to the next day's night). Epoch arithmetic in whole
+days, not a time-zone cast: the offset is the sample's own (the shift by 36,525 days makes the
+integer division floor for days back to 1870)."""
 
 
 @functools.cache
 def _metric_info() -> pa.Table:
-    rows = [(m.name, m.day_of, m.daily, m.loinc) for m in metrics().values()]
-    names, day_of, rollup, loinc = zip(*rows, strict=True)
-    return pa.table({"metric": names, "day_of": day_of, "rollup": rollup, "loinc": loinc})
+    rows = [(m.name, m.daily) for m in metrics().values()]
+    names, rollup = zip(*rows, strict=True)
+    return pa.table({"metric": names, "rollup": rollup})
 
 
 DEVICE_DAYS = f"""
-    SELECT s.patient_id, s.metric, {LOCAL_DAY} AS day, s.device, any_value(m.rollup) AS rollup,
-           any_value(s.loinc_code) AS loinc_code, any_value(s.unit) AS unit, count(*) AS n,
-           min(s.value) AS min, max(s.value) AS max, sum(s.value) AS sum,
-           arg_max(s.value, s.start_time) AS last, max(s.start_time) AS last_start,
+    SELECT s.patient_id, s.metric, {LOCAL_DAY} AS day, s.device, any_value(s.loinc_code) AS loinc_code,
+           any_value(s.unit) AS unit, count(*) AS n, min(s.value) AS min, max(s.value) AS max,
+           sum(s.value) AS sum, arg_max(s.value, s.start_time) AS last, max(s.start_time) AS last_start,
            min(s.start_time) AS first_start, max(coalesce(s.end_time, s.start_time)) AS last_end,
            arg_min(s.utc_offset_minutes, s.start_time) AS utc_offset_minutes
-    FROM {{samples}} s JOIN metric_info m USING (metric) {{where}}
+    FROM {{samples}} s {{where}}
     GROUP BY ALL"""
 """Per device first: where two devices count the same thing on a day (a phone and a watch both
 counting steps), a sum takes one device's, the one with most samples, never both."""
@@ -83,7 +85,7 @@ DAILY = """
            CASE WHEN any_value(rollup) = 'sum' THEN arg_max(sum, (n, sum)) ELSE sum(sum) END AS sum,
            min(first_start) AS first_start, max(last_end) AS last_end,
            arg_min(utc_offset_minutes, first_start) AS utc_offset_minutes, arg_max(device, (n, sum)) AS device
-    FROM ({device_days}) GROUP BY ALL"""
+    FROM ({device_days}) JOIN metric_info USING (metric) GROUP BY ALL"""
 
 
 @dataclass(kw_only=True)
@@ -101,15 +103,16 @@ class SampleWriter:
 
     def land(
         self, source: str, run_id: str, samples: pa.Table, counts: Counter[str], window: Window | None
-    ) -> int:
-        """Upsert the samples and roll up their days; returns how many daily rows changed."""
+    ) -> tuple[int, pa.Table]:
+        """Upsert the samples and roll up their days; returns how many daily rows changed,
+        and those flagged for FHIR (DAILY_SCHEMA)."""
         if window:
             at = samples["start_time"]
             kept = samples.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
             counts["out_of_window"] += len(samples) - len(kept)
             samples = kept
         if not len(samples):
-            return 0
+            return 0, DAILY_SCHEMA.empty_table()
         con = self.con
         con.register("incoming", samples)
         con.register("metric_info", _metric_info())
@@ -119,7 +122,7 @@ class SampleWriter:
             con.unregister("incoming")
             con.unregister("metric_info")
 
-    def _land(self, source: str, run_id: str, counts: Counter[str]) -> int:
+    def _land(self, source: str, run_id: str, counts: Counter[str]) -> tuple[int, pa.Table]:
         con = self.con
         params = {"source": source}
         # Each series' span in the batch, beside the span stored before it.
@@ -214,9 +217,10 @@ class SampleWriter:
             {"source": source},
         )
 
-    def _roll_up(self, source: str, run_id: str, written: str) -> int:
+    def _roll_up(self, source: str, run_id: str, written: str) -> tuple[int, pa.Table]:
         """Recompute the daily rows of every (patient, metric, local day) the batch wrote to,
-        then the totals (sleep duration) of those days; returns how many rows. A day far from
+        then the totals (sleep duration) of those days; returns how many rows, and those flagged
+        for FHIR (DAILY_SCHEMA). A day far from
         anything stored before this batch is rolled up from the batch alone, in the one pass
         over it that finds the days; the others (the day the last batch ended in, a re-pulled
         day) from the store."""
@@ -276,11 +280,12 @@ class SampleWriter:
             con.unregister("parts")
             # A total sums several series: a day fresh for one may hold another's rows already.
             rows.append(self._replace("daily", source, run_id, replace=True))
-        return sum(rows)
+        return sum(n for n, _ in rows), pa.concat_tables([fhir for _, fhir in rows])
 
-    def _replace(self, table: str, source: str, run_id: str, *, replace: bool) -> int:
+    def _replace(self, table: str, source: str, run_id: str, *, replace: bool) -> tuple[int, pa.Table]:
         """Write `table`'s daily rows (over the stored ones of the same days, where some may
-        be stored), flagged for FHIR if they have a LOINC code; returns how many."""
+        be stored), flagged for FHIR if they have a LOINC code; returns how many, and the
+        flagged ones (DAILY_SCHEMA)."""
         con = self.con
         if replace:
             con.execute(
@@ -296,7 +301,13 @@ class SampleWriter:
                    loinc_code IS NOT NULL AS fhir_pending
             FROM {table}""",
         )
-        return written
+        columns = (
+            "*"
+            if "parts" in con.sql(f"FROM {table} LIMIT 0").columns
+            else "*, NULL::STRUCT(metric VARCHAR, value DOUBLE)[] AS parts"
+        )
+        fhir = con.execute(f"SELECT {columns} FROM {table} WHERE loinc_code IS NOT NULL")
+        return written, fhir.to_arrow_table().select(DAILY_SCHEMA.names).cast(DAILY_SCHEMA)
 
     def pending_days(self, limit: int) -> pa.Table:
         """Up to `limit` daily rows whose FHIR is not made yet (DAILY_SCHEMA, totals with the
