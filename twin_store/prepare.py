@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from connectors.base import DELETION_SCHEMA, PROBLEM_SCHEMA, Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
 from harmonize.wearables import normalize_samples
+from twin_store.wearables import SampleSummary, summarize
 
 LINK_SCHEMA = pa.schema([("pos", pa.int64()), ("system", pa.string()), ("value", pa.string())])
 """Resources (by position in the batch) whose subject names its patient by identifier only."""
@@ -31,6 +32,7 @@ class PreparedBatch:
     variants: pa.Table | None = None
     samples: pa.Table | None = None
     """Wearable samples normalized (harmonize.wearables.NORMALIZED_SCHEMA), one per key."""
+    sample_summary: SampleSummary | None = None
     links: pa.Table = field(default_factory=LINK_SCHEMA.empty_table)
     warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     lines_read: int
@@ -44,10 +46,11 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
     checked = check_resources(batch.records, clinical_dates=backfill)
     latest = _latest_copies(checked.resources)
     problems = [checked.problems.cast(PROBLEM_SCHEMA), batch.problems.cast(PROBLEM_SCHEMA)]
-    samples, superseded = None, len(checked.resources) - len(latest)
+    samples, summary, superseded = None, None, len(checked.resources) - len(latest)
     if batch.samples is not None:
         normalized, bad = normalize_samples(batch.samples)
         samples = _latest_samples(normalized)
+        summary = summarize(samples)
         problems.append(bad)
         superseded += len(normalized) - len(samples)
     return PreparedBatch(
@@ -57,6 +60,7 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         deletions=batch.deletions,
         variants=batch.variants,
         samples=samples,
+        sample_summary=summary,
         links=_links(latest),
         warnings=batch.warnings,
         watermark=batch.watermark,

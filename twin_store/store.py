@@ -40,7 +40,7 @@ from twin_store.extensions import load_extensions
 from twin_store.prepare import BY_IDENTIFIER, PreparedBatch, prepare
 from twin_store.views import standard_views
 from twin_store.wearables import SCHEMA_SQL as WEARABLE_SCHEMA_SQL
-from twin_store.wearables import SampleWriter
+from twin_store.wearables import SampleSummary, SampleWriter
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,8 @@ class TwinStore:
                 if len(variants):
                     new, replaced = self._land_variants(run, variants)
                     counts.update(inserted=new, updated=replaced)
-                if batch.samples is not None and len(batch.samples):
-                    days = self._land_samples(run, batch.samples, counts, window)
+                if batch.samples is not None and batch.sample_summary is not None and len(batch.samples):
+                    days = self._land_samples(run, batch.samples, batch.sample_summary, counts, window)
                 if len(batch.warnings):
                     counts["warnings"] = self._warn(run, batch.warnings)
                 if by_identifier or self._variants_wait:
@@ -641,12 +641,13 @@ class TwinStore:
         return len(variants) - replaced, replaced
 
     def _land_samples(
-        self, run: RunReport, samples: pa.Table, counts: Counter[str], window: Window | None
-    ) -> pa.Table:
+        self, run: RunReport, samples: pa.Table, summary: SampleSummary, counts: Counter[str],
+        window: Window | None,
+    ) -> pa.Table:  # fmt: skip
         """Upsert wearable samples and roll up the days they touch; returns the days whose
         FHIR is to be made (after the batches: `make_daily_fhir`)."""
         before = counts["inserted"] + counts["updated"]
-        changed, days = self._samples.land(run.source, run.run_id, samples, counts, window)
+        changed, days = self._samples.land(run.source, run.run_id, samples, summary, counts, window)
         run.changed["wearable_daily"] += changed
         run.changed["wearable_sample"] += counts["inserted"] + counts["updated"] - before
         return days

@@ -15,6 +15,7 @@ without looking up a single stored sample.
 from __future__ import annotations
 
 import functools
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -88,6 +89,34 @@ DAILY = """
     FROM ({device_days}) JOIN metric_info USING (metric) GROUP BY ALL"""
 
 
+SPANS = """SELECT patient_id, metric, min(start_time) AS first_start, max(start_time) AS last_start
+    FROM {samples} GROUP BY ALL"""
+_engines = threading.local()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleSummary:
+    """What a batch of samples adds up to, worked out before the writer takes it (in the
+    checking thread): each series' span, and each device's day (DEVICE_DAYS)."""
+
+    spans: pa.Table
+    device_days: pa.Table
+
+
+def summarize(samples: pa.Table) -> SampleSummary:
+    """The batch's spans and device-days, on this thread's in-memory DuckDB."""
+    con: duckdb.DuckDBPyConnection | None = getattr(_engines, "con", None)
+    if con is None:
+        con = _engines.con = duckdb.connect(config={"threads": 1})
+    con.register("samples", samples)
+    try:
+        spans = con.execute(SPANS.format(samples="samples")).to_arrow_table()
+        device_days = con.execute(DEVICE_DAYS.format(samples="samples", where="")).to_arrow_table()
+    finally:
+        con.unregister("samples")
+    return SampleSummary(spans=spans, device_days=device_days)
+
+
 @dataclass(kw_only=True)
 class SampleWriter:
     """Lands samples and rolls up the days they touch, on the writer's connection and within
@@ -102,27 +131,30 @@ class SampleWriter:
         self.con.execute(f"DROP TABLE IF EXISTS {COVERAGE}")
 
     def land(
-        self, source: str, run_id: str, samples: pa.Table, counts: Counter[str], window: Window | None
-    ) -> tuple[int, pa.Table]:
+        self, source: str, run_id: str, samples: pa.Table, summary: SampleSummary, counts: Counter[str],
+        window: Window | None,
+    ) -> tuple[int, pa.Table]:  # fmt: skip
         """Upsert the samples and roll up their days; returns how many daily rows changed,
         and those flagged for FHIR (DAILY_SCHEMA)."""
         if window:
             at = samples["start_time"]
             kept = samples.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
             counts["out_of_window"] += len(samples) - len(kept)
-            samples = kept
+            samples, summary = kept, summarize(kept)
         if not len(samples):
             return 0, DAILY_SCHEMA.empty_table()
         con = self.con
-        con.register("incoming", samples)
-        con.register("metric_info", _metric_info())
+        tables = {"incoming": samples, "batch_spans": summary.spans, "batch_device_days": summary.device_days,
+                  "metric_info": _metric_info()}  # fmt: skip
+        for name, table in tables.items():
+            con.register(name, table)
         try:
-            return self._land(source, run_id, counts)
+            return self._land(source, run_id, len(samples), counts)
         finally:
-            con.unregister("incoming")
-            con.unregister("metric_info")
+            for name in tables:
+                con.unregister(name)
 
-    def _land(self, source: str, run_id: str, counts: Counter[str]) -> tuple[int, pa.Table]:
+    def _land(self, source: str, run_id: str, n: int, counts: Counter[str]) -> tuple[int, pa.Table]:
         con = self.con
         params = {"source": source}
         # Each series' span in the batch, beside the span stored before it.
@@ -131,8 +163,7 @@ class SampleWriter:
             SELECT i.*, c.first_start AS stored_first, c.last_start AS stored_last,
                    coalesce(i.first_start <= c.last_start AND i.last_start >= c.first_start, false)
                        AS meets_stored
-            FROM (SELECT patient_id, metric, min(start_time) AS first_start, max(start_time) AS last_start
-                  FROM incoming GROUP BY ALL) i
+            FROM batch_spans i
             LEFT JOIN {self._coverage()} c
                 ON c.source = $source AND (c.patient_id, c.metric) = (i.patient_id, i.metric)""",
             params,
@@ -144,9 +175,8 @@ class SampleWriter:
             FROM {rows}"""
         if not overlapping:  # new data after old: append, look nothing up
             con.execute(insert.format(rows="incoming"), params | {"run_id": run_id})
-            (new,) = _one(con, "SELECT count(*) FROM incoming")
-            counts["inserted"] += new
-            written = "incoming"
+            counts["inserted"] += n
+            device_days = "batch_device_days"
         else:
             self._judge(source)
             (new, updated, unchanged) = _one(
@@ -163,9 +193,9 @@ class SampleWriter:
                     params,
                 )
             con.execute(insert.format(rows="judged WHERE NOT same"), params | {"run_id": run_id})
-            written = "(FROM judged WHERE NOT same)"
+            device_days = f"({DEVICE_DAYS.format(samples='(FROM judged WHERE NOT same)', where='')})"
         self._cover(source)
-        days = self._roll_up(source, run_id, written)
+        days = self._roll_up(source, run_id, device_days)
         # Temporary tables live in the transaction: on failure they roll back with it.
         for table in ("spans", "judged", "batch_days", "touched", "daily"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
@@ -217,12 +247,12 @@ class SampleWriter:
             {"source": source},
         )
 
-    def _roll_up(self, source: str, run_id: str, written: str) -> tuple[int, pa.Table]:
+    def _roll_up(self, source: str, run_id: str, device_days: str) -> tuple[int, pa.Table]:
         """Recompute the daily rows of every (patient, metric, local day) the batch wrote to,
         then the totals (sleep duration) of those days; returns how many rows, and those flagged
         for FHIR (DAILY_SCHEMA). A day far from
-        anything stored before this batch is rolled up from the batch alone, in the one pass
-        over it that finds the days; the others (the day the last batch ended in, a re-pulled
+        anything stored before this batch is rolled up from the batch alone (its device-days,
+        summed up as the batch was checked); the others (the day the last batch ended in, a re-pulled
         day) from the store."""
         con = self.con
         params = {"source": source}
@@ -231,24 +261,27 @@ class SampleWriter:
             SELECT d.*, NOT p.meets_stored AND (p.stored_first IS NULL
                        OR d.day < CAST(p.stored_first AS DATE) - 2
                        OR d.day > CAST(p.stored_last AS DATE) + 2) AS fresh
-            FROM ({DEVICE_DAYS.format(samples=written, where="")}) d
-            JOIN spans p USING (patient_id, metric)"""
+            FROM {device_days} d JOIN spans p USING (patient_id, metric)"""
         )
         con.execute(
             "CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT patient_id, metric, day FROM batch_days"
         )
         # A day's samples start within two days of its midnight (UTC offsets reach +-14 h, a
         # night's sleep ends the next day): the bound lets DuckLake skip other files.
-        (low, high) = con.execute(
-            "SELECT min(day) - INTERVAL 2 DAY, max(day) + INTERVAL 2 DAY FROM batch_days WHERE NOT fresh"
-        ).fetchone() or (None, None)
+        (low, high, patients) = con.execute(
+            """SELECT min(day) - INTERVAL 2 DAY, max(day) + INTERVAL 2 DAY, list(DISTINCT patient_id)
+            FROM batch_days WHERE NOT fresh"""
+        ).fetchone() or (None, None, None)
         device_days = "SELECT * EXCLUDE (fresh) FROM batch_days WHERE fresh"
         if low is not None:
+            # The patients as constants, with the time bound: DuckLake skips the files of others.
+            named = ", ".join("'" + str(p).replace("'", "''") + "'" for p in patients)
             stored = DEVICE_DAYS.format(
                 samples="twin.wearable_sample",
                 where="SEMI JOIN (SELECT DISTINCT patient_id, metric, day FROM batch_days WHERE NOT fresh) t "
                 f"ON (t.patient_id, t.metric, t.day) = (s.patient_id, s.metric, {LOCAL_DAY}) "
-                "WHERE s.source = $source AND s.start_time BETWEEN $low AND $high",
+                "WHERE s.source = $source AND s.start_time BETWEEN $low AND $high "
+                f"AND s.patient_id IN ({named})",
             )
             device_days += f" UNION ALL BY NAME {stored}"
         con.execute(
