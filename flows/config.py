@@ -61,6 +61,18 @@ class ViewsConfig(BaseModel):
     """A folder of the user's own ViewDefinitions (*.json), beside the standard library."""
 
 
+class ModelsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: list[str] = []
+    """Twin models to refresh (names of `twinhub.models` entry points; `twinhub models list`)."""
+    refresh_after_sync: bool = True
+    """Refresh the enabled models in the sync itself. `twinhub serve` leaves it to the trigger on
+    the `twinhub.store.updated` event instead."""
+    retrain_after: dict[str, int] = {}
+    """Model name -> how many new patients make a model that learns fit itself again."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TWINHUB_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -68,6 +80,7 @@ class Settings(BaseSettings):
 
     store: StoreConfig = StoreConfig()
     views: ViewsConfig = ViewsConfig()
+    models: ModelsConfig = ModelsConfig()
     sources: list[SourceConfig] = []
 
     @field_validator("sources")
@@ -139,7 +152,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     store = StoreConfig(path=base / settings.store.path)
     views = ViewsConfig(path=base / settings.views.path if settings.views.path else None)
     sources = [_rebase(s, base) for s in settings.sources]
-    return Settings.model_construct(store=store, views=views, sources=sources)
+    return Settings.model_construct(store=store, views=views, models=settings.models, sources=sources)
 
 
 def _rebase(model: Any, base: Path) -> Any:

@@ -15,12 +15,11 @@ from typing import Any, TypeVar
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 
 from connectors.apple_health import AppleHealthConnector, AppleHealthSource
 from connectors.base import Batch, Connector
-from connectors.errors import ConfigError, TransientError, TwinhubError
+from connectors.errors import ConfigError
 from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
 from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.fhir_search import FhirSearchConnector
@@ -32,6 +31,8 @@ from connectors.lab_csv import LabCsvConnector, LabCsvSource
 from connectors.openmhealth import OpenMHealthConnector, OpenMHealthSource
 from connectors.vcf import VcfConnector, VcfSource
 from flows.config import Settings, SourceConfig, code_map, load_settings
+from flows.refresh import refresh_models
+from flows.retries import is_retryable
 from harmonize.genomics_report import Reportable, genomics_reports, reportable_set
 from harmonize.hl7v2_labs import resources_from_messages
 from harmonize.lab_results import observations_from_rows
@@ -103,12 +104,6 @@ def reportable(source: VcfSource) -> Reportable:
         raise ConfigError(key, str(e)) from None
 
 
-def is_retryable(task: object, task_run: object, state: State[Any]) -> bool:
-    """Retry what may pass (timeouts, lock contention, unknown faults), never a user mistake."""
-    error = state.result(raise_on_failure=False)
-    return not isinstance(error, TwinhubError) or isinstance(error, TransientError)
-
-
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
 def land_source(config: str | None, source_name: str, window: Window | None = None) -> RunReport:
     """Pull, check and land every batch; each batch commits with its watermark, so a retry or
@@ -174,16 +169,23 @@ def event_payload(report: RunReport) -> dict[str, Any]:
         "run_id": report.run_id,
         "snapshot_id": report.snapshot_id,
         "tables": dict(report.changed),
+        "patients": report.patients,
+        "patients_changed": report.patients_changed,
         "counts": dict(report.counts),
         "resource_types": dict(report.by_type),
     }
 
 
 @flow(name="sync")
-def sync(source: str, config: str | None = None) -> RunReport:
-    """Land what is new in one source since its watermark."""
+def sync(source: str, config: str | None = None, refresh: bool | None = None) -> RunReport:
+    """Land what is new in one source since its watermark, then refresh the enabled twin models
+    in-process unless `refresh` is False (`twinhub serve` leaves that to the event's trigger);
+    None follows `[models] refresh_after_sync`."""
     report = land_source(config, source)
     emit_store_updated(report)
+    models = load_settings(Path(config) if config else None).models
+    if models.enabled and (refresh if refresh is not None else models.refresh_after_sync):
+        refresh_models(config, trigger=f"sync {report.run_id}")
     return report
 
 

@@ -37,6 +37,8 @@ from connectors.errors import StoreError
 from harmonize.fhirpath import MACROS_SQL
 from harmonize.wearables import DAILY_SCHEMA, daily_resources
 from twin_store.extensions import load_extensions
+from twin_store.models import SCHEMA_SQL as MODEL_SCHEMA_SQL
+from twin_store.models import patients_changed
 from twin_store.prepare import BY_IDENTIFIER, PreparedBatch, prepare
 from twin_store.views import standard_views
 from twin_store.wearables import SCHEMA_SQL as WEARABLE_SCHEMA_SQL
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CATALOG = "twin"
 RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
-FlowKind = Literal["sync", "backfill"]
+FlowKind = Literal["sync", "backfill", "refresh"]
 
 COUNTS = (
     "lines_read", "inserted", "updated", "unchanged", "superseded", "quarantined", "out_of_window", "held",
@@ -109,6 +111,8 @@ CREATE VIEW IF NOT EXISTS twin.ingest_run AS
 """
 
 
+PATIENTS_LISTED = 1000
+"""A run's event names at most this many changed patients (and counts them all)."""
 STORED_KEYS = "temp.stored_keys"
 """The writer's copy of the keys of `fhir_resource` (type, id, version, hash, lastUpdated), which
 every batch is judged against: a temporary table, so it changes in the batch's own transaction
@@ -140,6 +144,10 @@ class RunReport:
     stats: Counter[str] = field(default_factory=Counter)
     """What the connector reports: pages, files, retries, exports."""
     snapshot_id: int | None = None
+    started_snapshot_id: int | None = None
+    patients: list[str] = field(default_factory=list)
+    """The patients whose rows the run changed (the first PATIENTS_LISTED; `patients_changed` counts all)."""
+    patients_changed: int = 0
     batches: int = 0
     seconds: float = 0.0
     error: str | None = None
@@ -181,6 +189,7 @@ class TwinStore:
         with self._transaction():  # one DuckLake commit, not one per statement
             self.con.execute(SCHEMA_SQL)
             self.con.execute(WEARABLE_SCHEMA_SQL)
+            self.con.execute(MODEL_SCHEMA_SQL)
             # Raw JSON: lz4 writes twice as fast as the default snappy, and smaller.
             self.con.execute(f"CALL {CATALOG}.set_option('parquet_compression', 'lz4_raw')")
         self._migrate()
@@ -229,6 +238,7 @@ class TwinStore:
                 "VALUES (?, ?, ?, now(), 'running')",
                 [run.run_id, source, flow],
             )
+        run.started_snapshot_id = self.snapshot_id()
         return run
 
     def watermark(self, source: str) -> Watermark | None:
@@ -238,6 +248,10 @@ class TwinStore:
     def finish_run(self, run: RunReport, status: RunStatus, error: str | None = None) -> RunReport:
         run.status, run.error = status, error
         run.snapshot_id = self.snapshot_id()
+        if run.started_snapshot_id is not None and run.changed:
+            with contextlib.suppress(duckdb.Error):  # a table the run created has no feed yet
+                changed = patients_changed(self.con, run.changed, run.started_snapshot_id, run.snapshot_id)
+                run.patients, run.patients_changed = sorted(changed)[:PATIENTS_LISTED], len(changed)
         with self._transaction():
             self.con.execute(
                 "UPDATE twin.run_record SET status = ?, finished_at = now(), snapshot_id = ?, error = ? "
@@ -670,29 +684,36 @@ class TwinStore:
         return made
 
     def _land_daily_fhir(self, run: RunReport, days: pa.Table, resources: list[bytes]) -> int:
-        records = records_from([("wearable_daily", n, r.decode()) for n, r in enumerate(resources, 1)])
-        checked = prepare(Batch(records=records, watermark={})).checked  # the last copy of each id wins
+        with self._keys_kept(), self._transaction():
+            derived = self.land_derived(run, resources, origin="wearable_daily")
+            self._samples.fhir_made(days)
+        run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
+        return len(days)
+
+    def land_derived(self, run: RunReport, resources: list[bytes], *, origin: str) -> Counter[str]:
+        """Land resources twinhub made itself (daily rollups, model outputs) in the current
+        transaction, through the same checks and upsert as any: counted apart from lines read.
+        Of several copies of one resource the last wins."""
+        records = records_from([(origin, n, r.decode()) for n, r in enumerate(resources, start=1)])
+        checked = prepare(Batch(records=records, watermark={})).checked
         if len(checked.problems):  # our own resources: a failed check is a bug, not bad input
             raise StoreError(
-                f"daily FHIR resources failed the structural checks: {checked.problems['reason'][0]}"
+                f"{origin}: a resource twinhub made failed the checks: {checked.problems['reason'][0]}"
             )
         derived: Counter[str] = Counter()
+        positions = pa.array(range(len(checked.resources)), pa.int64())
+        self.con.register("batch", checked.resources.append_column("pos", positions))
         try:
-            with self._keys_kept(), self._transaction():
-                self.con.register(
-                    "batch",
-                    checked.resources.append_column(
-                        "pos", pa.array(range(len(checked.resources)), pa.int64())
-                    ),
-                )
-                self._upsert_resources(run, checked.resources, None, derived)
-                self._samples.fhir_made(days)
+            self._upsert_resources(run, checked.resources, None, derived)
         finally:
             for name in ("batch", "changed", "derived"):
                 with contextlib.suppress(duckdb.Error):
                     self.con.unregister(name)
-        run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
-        return len(days)
+        return derived
+
+    def transaction(self) -> _Transaction:
+        """One DuckLake commit for the statements inside (the model runner's outputs)."""
+        return self._transaction()
 
     def _warn(self, run: RunReport, warnings: pa.Table) -> int:
         """Keep spec violations of records that landed anyway; a warning already kept (same

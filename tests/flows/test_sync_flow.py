@@ -86,7 +86,7 @@ def test_only_transient_or_unknown_failures_are_retried() -> None:
     from prefect.states import Failed
 
     from connectors.errors import ConfigError, SourceError, TransientError
-    from flows.sync import is_retryable
+    from flows.retries import is_retryable
 
     assert not is_retryable(None, None, Failed(data=SourceError("s", "path missing")))
     assert not is_retryable(None, None, Failed(data=ConfigError("sources.x", "no such source")))
