@@ -30,6 +30,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 out = Console()
 err = Console(stderr=True)
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
+DEMO_MODELS = ("ascvd-pce",)
 
 
 class Format(StrEnum):
@@ -61,6 +62,8 @@ def main_options(
     # httpx logs every URL with its query (search terms, signed file URLs): ours are redacted.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without a server, flows start a temporary one: on a busy machine it needs more than 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
 
@@ -491,9 +494,10 @@ def demo(
         out.print(f"Generated a synthetic Bulk Data export: {sum(written.values()):,} resources in {folder}")
     demo_config = store.path / "demo.toml"
     store.path.mkdir(parents=True, exist_ok=True)
+    models = ", ".join(f'"{m}"' for m in DEMO_MODELS)
     demo_config.write_text(
-        f'[store]\npath = "{store.path.resolve()}"\n\n[[sources]]\nname = "{source.name}"\n'
-        f'kind = "fhir-ndjson"\npath = "{source.path.resolve()}"\n'
+        f'[store]\npath = "{store.path.resolve()}"\n\n[models]\nenabled = [{models}]\n\n'
+        f'[[sources]]\nname = "{source.name}"\nkind = "fhir-ndjson"\npath = "{source.path.resolve()}"\n'
     )
     State.config = demo_config
     started = time.perf_counter()
@@ -507,6 +511,17 @@ def demo(
     )
     out.print(f'\nExample query (twinhub --config {demo_config} sql "..."):\n[cyan]{example}[/]')
     _show(con.sql(example))
+    _show(
+        con.sql(
+            """SELECT model, version, count(DISTINCT patient_id) FILTER (status = 'ok') AS computed,
+                      count(DISTINCT patient_id) FILTER (status = 'refused') AS refused,
+                      count(DISTINCT patient_id) FILTER (status = 'error') AS errors,
+                      round(median(value) FILTER (status = 'ok'), 4) AS median_value,
+                      max(input_snapshot_id) AS snapshot
+               FROM model_output GROUP BY ALL ORDER BY model"""
+        ),
+        f"Twin models refreshed after the sync (lineage: twinhub --config {demo_config} models history NAME)",
+    )
     out.print(
         f"Done in {time.perf_counter() - started:.1f} s. The store is in {store.path}/ ; "
         "try `twinhub status` and `twinhub sql`."
