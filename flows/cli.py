@@ -160,6 +160,18 @@ def status() -> None:
         ),
         "Quarantine (bad lines, kept with their reason)",
     )
+    (pending,) = con.sql("SELECT count(*) FROM wearable_daily WHERE fhir_pending").fetchone() or (0,)
+    if pending:
+        out.print(f"{pending:,} wearable days wait for their FHIR Observation (the next sync makes them)")
+    _show(
+        con.sql(
+            """SELECT model, version, trigger, finished_at, input_snapshot_id, scope, patients, ok, refused,
+                      errors, round(seconds, 1) AS secs
+               FROM model_run QUALIFY row_number() OVER (PARTITION BY model ORDER BY finished_at DESC) <= 3
+               ORDER BY model, finished_at DESC"""
+        ),
+        "Twin model refreshes (last 3 per model)",
+    )
 
 
 @app.command()
