@@ -1,6 +1,6 @@
 """Fitbit data exported as CSV by Fitabase (the research export of Fitbit accounts): daily
 activity, hourly steps, calories and intensities, minute steps and intensities (wide: one row an
-hour, a column a minute), sleep days and weight logs.
+hour, a column a minute), heart rate every few seconds, sleep days and weight logs.
 
 Times in these files are the account's local clock without an offset: the source's `timezone`
 turns them into instants and keeps the offset. The same quantity often comes at several grains
@@ -60,7 +60,7 @@ class FitbitCsvSource(BaseModel):
         return name
 
 
-# File -> (grain, time column, time format, [(metric, value expression, unit)], end offset).
+# File -> (grain, time column, time format, [(metric, value expression, unit)]).
 # A value expression is a column, or for the wide minute files the column prefix of minutes 00-59.
 FILES: dict[str, tuple[Grain, str, str, list[tuple[str, str, str]]]] = {
     "dailyActivity_merged": ("day", "ActivityDate", LOCAL_DAY, [
@@ -85,15 +85,16 @@ FILES: dict[str, tuple[Grain, str, str, list[tuple[str, str, str]]]] = {
     "sleepDay_merged": ("day", "SleepDay", LOCAL_TIME, [
         ("sleep_asleep", "TotalMinutesAsleep", "min"), ("time_in_bed", "TotalTimeInBed", "min"),
     ]),
+    "heartrate_seconds_merged": ("minute", "Time", LOCAL_TIME, [("heart_rate", "Value", "bpm")]),
     "weightLogInfo_merged": ("minute", "Date", LOCAL_TIME, [
         ("body_weight", "WeightKg", "kg"), ("body_fat_percentage", "Fat", "%"),
         ("body_mass_index", "BMI", "kg/m2"),
     ]),
 }  # fmt: skip
-"""Daily sleep and weight rows are instants (a day's figure, a weighing): they have no end and
-count to the day they name; other rows last their grain."""
+"""Daily sleep, heart rate and weight rows are instants (a day's figure, a reading every few
+seconds, a weighing): they have no end and count to the day they name; other rows last their grain."""
 DURATION = {"minute": "1m", "hour": "1h", "day": "1d"}
-POINTS = {"sleepDay_merged", "weightLogInfo_merged"}
+POINTS = {"sleepDay_merged", "heartrate_seconds_merged", "weightLogInfo_merged"}
 
 
 class FitbitCsvConnector(FileConnector[FitbitCsvSource]):

@@ -190,3 +190,16 @@ def test_fitabase_hourly_steps_all_land_and_roll_up_to_the_daily_totals(tmp_path
     ).fetchone() or (0, 0, 0, 0)
     assert same_as_hourly == days, "every user-day's sum is exactly its hourly rows'"
     assert same_as_daily == agree > 300, "equal to dailyActivity wherever the export agrees with itself"
+
+
+def test_heart_rate_every_few_seconds_lands_as_instants(tmp_path: Path) -> None:
+    write(tmp_path, "heartrate_seconds_merged", [
+        "Id,Time,Value", "111,4/12/2016 7:21:00 AM,97", "111,4/12/2016 7:21:05 AM,102",
+        "111,4/12/2016 7:21:10 AM,x",
+    ])  # fmt: skip
+    batches, _ = pull(tmp_path, patients={"111": "p1"})
+    got = samples(batches).sort("start_time")
+    assert got["value"].to_list() == [97.0, 102.0] and got["end_time"].null_count() == 2
+    assert got["start_time"][1] == datetime(2016, 4, 12, 7, 21, 5, tzinfo=UTC)
+    (problem,) = batches[-1].problems.to_pylist()
+    assert problem["line_no"] == 4 and "'x' is not a number" in problem["reason"]
