@@ -515,6 +515,9 @@ def demo(
     started = time.perf_counter()
     report = _with_progress(source.name, lambda: sync_flow(source.name, str(demo_config)))
     _print_report(report)
+    wearables = _demo_wearables(store.path, demo_config)
+    report = _with_progress(wearables, lambda: sync_flow(wearables, str(demo_config)))
+    _print_report(report)
     con = connect(store.path)
     _show(_table_counts(con), "Rows per table")
     example = (
@@ -538,6 +541,30 @@ def demo(
         f"Done in {time.perf_counter() - started:.1f} s. The store is in {store.path}/ ; "
         "try `twinhub status` and `twinhub sql`."
     )
+
+
+def _demo_wearables(root: Path, config: Path) -> str:
+    """Give five of the demo's twins a Fitbit (a synthetic Fitabase export of their last two
+    weeks) and add it to the demo config as a source; returns its name."""
+    from flows.sample_wearables import write_sample_wearables
+
+    con = connect(root)
+    patients = [p for (p,) in con.sql(
+        """SELECT id FROM patient WHERE deceased_at IS NULL AND NOT coalesce(deceased, false)
+           AND birth_date < '1985-01-01' ORDER BY id LIMIT 5"""
+    ).fetchall()]  # fmt: skip
+    (last,) = con.sql("SELECT max(CAST(effective AS DATE)) FROM observation").fetchone() or (None,)
+    con.close()
+    folder = root / "sample-fitbit"
+    accounts = write_sample_wearables(folder, patients, last_day=last or datetime.now(UTC).date())
+    mapping = "".join(f'"{account}" = "{patient}"\n' for account, patient in accounts.items())
+    with config.open("a") as fh:
+        fh.write(
+            f'\n[[sources]]\nname = "fitbit-demo"\nkind = "fitbit-csv"\npath = "{folder.resolve()}"\n'
+            f"[sources.patients]\n{mapping}"
+        )
+    out.print(f"Generated two weeks of Fitbit data (Fitabase CSVs) for {len(patients)} twins in {folder}")
+    return "fitbit-demo"
 
 
 def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
