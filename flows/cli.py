@@ -30,6 +30,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 out = Console()
 err = Console(stderr=True)
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
+DEMO_MODELS = ("ascvd-pce",)
 
 
 class Format(StrEnum):
@@ -61,6 +62,8 @@ def main_options(
     # httpx logs every URL with its query (search terms, signed file URLs): ours are redacted.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without a server, flows start a temporary one: on a busy machine it needs more than 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
 
@@ -336,6 +339,118 @@ def wearables_connect(
         )
 
 
+models_app = typer.Typer(no_args_is_help=True, help="Twin models: list, run now, and their outputs' history.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Installed models (entry points `twinhub.models`), whether enabled, and their last refresh."""
+    from flows.refresh import installed, load_model
+
+    cfg = settings()
+    last: dict[str, tuple[object, ...]] = {}
+    if (cfg.store.path / "catalog.sqlite").exists():
+        rows = (
+            connect(cfg.store.path)
+            .sql(
+                """SELECT model, version, finished_at, input_snapshot_id, scope, ok, refused, errors
+            FROM model_run
+            QUALIFY row_number() OVER (PARTITION BY model ORDER BY finished_at DESC) = 1"""
+            )
+            .fetchall()
+        )
+        last = {row[0]: row[1:] for row in rows}
+    table = Table(title="Twin models (run one: twinhub models run NAME)")
+    for col in (
+        "name",
+        "version",
+        "enabled",
+        "scope",
+        "reads",
+        "last refresh (snapshot: ok/refused/error)",
+        "about",
+    ):
+        table.add_column(col)
+    for name in installed():
+        try:
+            model = load_model(name)
+        except TwinhubError as e:
+            table.add_row(name, "", "", "", "", "", f"[red]{escape(str(e))}[/]")
+            continue
+        seen = last.get(name)
+        refreshed = (
+            f"{seen[1]:%Y-%m-%d %H:%M} ({seen[2]}: {seen[4]}/{seen[5]}/{seen[6]})" if seen else "never"
+        )
+        table.add_row(
+            name, model.version, "yes" if name in cfg.models.enabled else "no", model.scope,
+            ", ".join(model.reads), refreshed, model.description,
+        )  # fmt: skip
+    out.print(table)
+
+
+@models_app.command("run")
+def models_run(
+    name: str,
+    patient: Annotated[
+        list[str] | None, typer.Option("--patient", help="Compute this patient now (repeatable)")
+    ] = None,
+) -> None:
+    """Refresh model NAME now (what changed since its last run, or --patient whatever changed)."""
+    from flows.refresh import load_model
+    from twin_store import TwinStore
+    from twin_store.models import refresh
+
+    cfg = settings()
+    model = load_model(name)
+    with TwinStore(cfg.store.path) as store:
+        report = refresh(store, model, trigger="cli", retrain_after=cfg.models.retrain_after.get(name),
+                         patients=patient)  # fmt: skip
+    c = report.counts
+    out.print(
+        f"[bold]{name} {report.version}[/]: {report.scope} at snapshot {report.input_snapshot_id} -> "
+        f"{c['ok']:,} ok, {c['refused']:,} refused, {c['error']:,} errors in {report.seconds:.1f} s"
+        + (" (trained anew)" if report.trained else "")
+    )
+    if patient:
+        _show(
+            connect(cfg.store.path).sql(
+                f"""SELECT patient_id, version, status, round(value, 4) AS value, reason, input_snapshot_id
+                FROM model_output
+                WHERE model = {_quoted(name)} AND patient_id IN ({", ".join(_quoted(p) for p in patient)})
+                QUALIFY row_number() OVER (PARTITION BY patient_id ORDER BY input_snapshot_id DESC) = 1"""
+            )
+        )
+
+
+@models_app.command("history")
+def models_history(
+    name: str,
+    patient: Annotated[str | None, typer.Option("--patient", help="Only this patient")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many outputs, newest first")] = 20,
+) -> None:
+    """Outputs of model NAME with their lineage: the input snapshot (time-travel to it) and the rows used."""
+    con = connect(settings().store.path)
+    where = f"AND o.patient_id = {_quoted(patient)}" if patient else ""
+    rel = con.sql(
+        f"""SELECT o.patient_id, o.version, o.status, round(o.value, 4) AS value, o.computed_at,
+                   o.input_snapshot_id, s.snapshot_time AS inputs_as_of,
+                   coalesce(o.reason, o.outputs) AS detail,
+                   len(o.inputs) AS input_rows, o.inputs[1:3] AS first_inputs
+            FROM model_output o LEFT JOIN twin.snapshots() s ON s.snapshot_id = o.input_snapshot_id
+            WHERE o.model = {_quoted(name)} {where}
+            ORDER BY o.computed_at DESC, o.patient_id LIMIT {int(limit)}"""
+    )
+    _show(
+        rel,
+        f"{name}: outputs, newest first (each row's inputs: FROM <table> AT (VERSION => input_snapshot_id))",
+    )
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 @app.command()
 def listen(name: str) -> None:
     """Take HL7 v2 messages over MLLP for hl7v2 source NAME until stopped (Ctrl-C)."""
@@ -379,9 +494,10 @@ def demo(
         out.print(f"Generated a synthetic Bulk Data export: {sum(written.values()):,} resources in {folder}")
     demo_config = store.path / "demo.toml"
     store.path.mkdir(parents=True, exist_ok=True)
+    models = ", ".join(f'"{m}"' for m in DEMO_MODELS)
     demo_config.write_text(
-        f'[store]\npath = "{store.path.resolve()}"\n\n[[sources]]\nname = "{source.name}"\n'
-        f'kind = "fhir-ndjson"\npath = "{source.path.resolve()}"\n'
+        f'[store]\npath = "{store.path.resolve()}"\n\n[models]\nenabled = [{models}]\n\n'
+        f'[[sources]]\nname = "{source.name}"\nkind = "fhir-ndjson"\npath = "{source.path.resolve()}"\n'
     )
     State.config = demo_config
     started = time.perf_counter()
@@ -395,6 +511,17 @@ def demo(
     )
     out.print(f'\nExample query (twinhub --config {demo_config} sql "..."):\n[cyan]{example}[/]')
     _show(con.sql(example))
+    _show(
+        con.sql(
+            """SELECT model, version, count(DISTINCT patient_id) FILTER (status = 'ok') AS computed,
+                      count(DISTINCT patient_id) FILTER (status = 'refused') AS refused,
+                      count(DISTINCT patient_id) FILTER (status = 'error') AS errors,
+                      round(median(value) FILTER (status = 'ok'), 4) AS median_value,
+                      max(input_snapshot_id) AS snapshot
+               FROM model_output GROUP BY ALL ORDER BY model"""
+        ),
+        f"Twin models refreshed after the sync (lineage: twinhub --config {demo_config} models history NAME)",
+    )
     out.print(
         f"Done in {time.perf_counter() - started:.1f} s. The store is in {store.path}/ ; "
         "try `twinhub status` and `twinhub sql`."
@@ -403,7 +530,8 @@ def demo(
 
 def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
     views = sorted(v.name for v in standard_views())
-    tables = ["fhir_resource", *views, "genomic_variant", "fhir_deletion", "quarantine"]
+    tables = ["fhir_resource", *views, "genomic_variant", "wearable_sample", "wearable_daily", "model_output",
+              "fhir_deletion", "quarantine"]  # fmt: skip
     return con.sql(
         " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
     )

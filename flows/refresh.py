@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from prefect import flow, task
@@ -28,31 +28,32 @@ log = logging.getLogger(__name__)
 ENTRY_POINTS = "twinhub.models"
 
 
+def installed() -> dict[str, EntryPoint]:
+    """Every installed model's entry point, by name (loaded only when used: one broken
+    third-party model never stops the others)."""
+    return {point.name: point for point in entry_points(group=ENTRY_POINTS)}
+
+
 @functools.cache
-def registry() -> dict[str, TwinModel]:
-    """Every installed model, by name."""
-    models = {}
-    for point in entry_points(group=ENTRY_POINTS):
+def load_model(name: str) -> TwinModel:
+    points = installed()
+    if name not in points:
+        raise ConfigError("models.enabled", f"no model {name!r}; installed: {', '.join(points) or 'none'}")
+    point = points[name]
+    try:
         model = point.load()
-        if not isinstance(model, TwinModel) or model.name != point.name:
-            raise ConfigError(
-                "models",
-                f"entry point {point.name!r} ({point.value}) must be a TwinModel named {point.name!r}",
-            )
-        models[point.name] = model
-    return models
+    except Exception as e:
+        raise ConfigError("models.enabled", f"model {name!r} ({point.value}) does not load: {e}") from None
+    if not isinstance(model, TwinModel) or model.name != name:
+        raise ConfigError(
+            "models.enabled", f"entry point {name!r} ({point.value}) must be a TwinModel named {name!r}"
+        )
+    return model
 
 
 def enabled_models(settings: Settings, names: list[str] | None = None) -> list[TwinModel]:
-    """The enabled models (or those of `names`), checked against what is installed."""
-    installed = registry()
-    wanted = names if names is not None else settings.models.enabled
-    if unknown := [n for n in wanted if n not in installed]:
-        raise ConfigError(
-            "models.enabled",
-            f"no model {', '.join(map(repr, unknown))}; installed: {', '.join(installed) or 'none'}",
-        )
-    return [installed[n] for n in wanted]
+    """The enabled models (or those of `names`), loaded."""
+    return [load_model(n) for n in (names if names is not None else settings.models.enabled)]
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_retryable, cache_policy=NO_CACHE)

@@ -75,6 +75,7 @@ def _coding(system: str, code: str, display: str) -> dict[str, Any]:
 
 def _patient(rng: random.Random, out: dict[str, list[dict[str, Any]]]) -> None:
     pid = _id(rng)
+    side = random.Random(pid)  # race and smoking: their own draws, the rest of the export unchanged
     born = date(1940, 1, 1) + timedelta(days=rng.randrange(365 * 60))
     gender = rng.choice(["male", "female"])
     out["Patient"].append(
@@ -102,6 +103,7 @@ def _patient(rng: random.Random, out: dict[str, list[dict[str, Any]]]) -> None:
             ],
             "gender": gender,
             "birthDate": born.isoformat(),
+            "extension": [_race(side)],
             "address": [{"city": "Springfield", "state": "MA", "postalCode": "01101", "country": "US"}],
         }
     )
@@ -226,6 +228,8 @@ def _patient(rng: random.Random, out: dict[str, list[dict[str, Any]]]) -> None:
                 "performedPeriod": {"start": stamp, "end": stamp},
             }
         )
+        if visit == 0:
+            out["Observation"].append(_smoking(side, subject, ref, stamp))
         if rng.random() < 0.4:
             code, display = rng.choice(VACCINES)
             out["Immunization"].append(
@@ -240,6 +244,43 @@ def _patient(rng: random.Random, out: dict[str, list[dict[str, Any]]]) -> None:
                     "primarySource": True,
                 }
             )
+
+
+RACES = [("2106-3", "White", 70), ("2054-5", "Black or African American", 14), ("2028-9", "Asian", 7),
+         ("2131-1", "Other Race", 9)]  # fmt: skip
+SMOKING = [("266919005", "Never smoker", 60), ("8517006", "Former smoker", 25),
+           ("449868002", "Current every day smoker", 15)]  # fmt: skip
+
+
+def _race(rng: random.Random) -> dict[str, Any]:
+    ((code, display, _),) = rng.choices(RACES, weights=[w for *_, w in RACES])
+    return {
+        "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+        "extension": [
+            {"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": code,
+                                                    "display": display}},
+            {"url": "text", "valueString": display},
+        ],
+    }  # fmt: skip
+
+
+def _smoking(
+    rng: random.Random, subject: dict[str, str], encounter: dict[str, str], when: str
+) -> dict[str, Any]:
+    ((code, display, _),) = rng.choices(SMOKING, weights=[w for *_, w in SMOKING])
+    return {
+        "resourceType": "Observation",
+        "id": _id(rng),
+        "status": "final",
+        "category": [
+            _coding("http://terminology.hl7.org/CodeSystem/observation-category", "survey", "Survey")
+        ],
+        "code": _coding(LOINC, "72166-2", "Tobacco smoking status"),
+        "subject": subject,
+        "encounter": encounter,
+        "effectiveDateTime": when,
+        "valueCodeableConcept": _coding(SNOMED, code, display),
+    }
 
 
 def _observation(

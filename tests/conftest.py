@@ -12,7 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-pytest_plugins = ["tests.fhir_server"]  # a real FHIR server (sekmet) for the EHR connector tests
+# A real FHIR server (sekmet) for the EHR connector tests; the Fitbit Web API stand-in.
+pytest_plugins = ["tests.fhir_server", "tests.fitbit_server"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -474,3 +474,17 @@ def _route(path: str, user: User, bodies: dict[str, Any]) -> Any:
         a, b = p[6], p[7].removesuffix(".json")
         return [{"dateTime": SPO2_DAY, "value": SPO2_SUMMARY}] if a <= SPO2_DAY <= b else []
     return None
+
+
+@pytest.fixture
+def fitbit_server() -> Iterator[FitbitServer]:
+    """The stand-in with its own Fitbit-shaped fixtures."""
+    with serve() as server:
+        yield server
+
+
+@pytest.fixture
+def recorded_server() -> Iterator[FitbitServer]:
+    """The stand-in serving the recorded real responses (skips without ../shared)."""
+    with serve(recorded=True) as server:
+        yield server

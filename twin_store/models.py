@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS twin.model_training (
     patients BIGINT, metrics VARCHAR, params VARCHAR
 );
 """
-Scope = Literal["full", "changed", "unchanged"]
+Scope = Literal["full", "changed", "unchanged", "requested"]
 
 
 @dataclass(kw_only=True)
@@ -75,9 +75,12 @@ class ModelRunReport:
 
 
 def refresh(
-    store: TwinStore, model: TwinModel, *, trigger: str, retrain_after: int | None = None
-) -> ModelRunReport:
-    """Bring one model's outputs up to the store's current snapshot (see the module doc)."""
+    store: TwinStore, model: TwinModel, *, trigger: str, retrain_after: int | None = None,
+    patients: list[str] | None = None,
+) -> ModelRunReport:  # fmt: skip
+    """Bring one model's outputs up to the store's current snapshot (see the module doc); with
+    `patients`, compute those at the current snapshot whatever changed (an output that exists
+    for that snapshot is not written twice)."""
     started, begun = time.perf_counter(), datetime.now(UTC)
     con = store.con
     now = store.snapshot_id()
@@ -85,40 +88,41 @@ def refresh(
     version = model.version if training is None else f"{model.version}+t{training[0]}"
     last = con.execute(
         """SELECT version, input_snapshot_id FROM twin.model_run
-        WHERE model = ? AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1""",
+        WHERE model = ? AND status = 'succeeded' AND scope <> 'requested'
+        ORDER BY finished_at DESC LIMIT 1""",
         [model.name],
     ).fetchone()
     report = ModelRunReport(
         model=model.name, version=version, model_run_id=f"{begun:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
         trigger=trigger, input_snapshot_id=now, since_snapshot_id=last[1] if last else None, scope="full",
     )  # fmt: skip
+    nothing = pl.DataFrame(schema=OUTPUT_COLUMNS)
     _pin(con, model, now)
     try:
-        patients: list[str] | None = None  # None: everyone
-        if last is not None and last[0] == version:
-            if last[1] >= now:
-                report.scope = "unchanged"
-                return _record(store, model, report, begun, started, pl.DataFrame(schema=OUTPUT_COLUMNS))
-            changed = _changed_patients(con, model, last[1], now)
+        scope: list[str] | None = None  # None: everyone
+        if patients is not None:
+            report.scope, scope = "requested", patients
+        elif last is not None and last[0] == version:
+            changed = _changed_patients(con, model, last[1], now) if last[1] < now else set()
             if changed is not None and not changed:
                 report.scope = "unchanged"
-                return _record(store, model, report, begun, started, pl.DataFrame(schema=OUTPUT_COLUMNS))
+                return _record(store, model, report, begun, started, nothing)
             if changed is not None and model.scope == "patient":
-                report.scope, patients = "changed", sorted(changed)
+                report.scope, scope = "changed", sorted(changed)
         everyone = _everyone(con, model)
         params = None
         if model.trainable:
             params, training = _trained(store, model, training, everyone, now, retrain_after)
             if f"{model.version}+t{training[0]}" != version:  # just (re)trained: everyone again
-                report.version, report.trained, patients = f"{model.version}+t{training[0]}", True, None
-                report.scope = "full"
-        con.register("scope_patients", pa.table({"patient_id": pa.array(patients or everyone, pa.string())}))
+                report.version, report.trained, report.scope = f"{model.version}+t{training[0]}", True, "full"
+                scope = None
+        chosen = everyone if scope is None else scope
+        con.register("scope_patients", pa.table({"patient_id": pa.array(chosen, pa.string())}))
         try:
             rows = con.execute(model.query).pl()
         finally:
             con.unregister("scope_patients")
-        outputs = _compute(model, rows, params)
-        return _record(store, model, report, begun, started, outputs)
+        return _record(store, model, report, begun, started, _compute(model, rows, params))
     finally:
         _unpin(con, model)
 

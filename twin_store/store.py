@@ -113,6 +113,12 @@ CREATE VIEW IF NOT EXISTS twin.ingest_run AS
 
 PATIENTS_LISTED = 1000
 """A run's event names at most this many changed patients (and counts them all)."""
+STORE_TABLES = (
+    "fhir_resource", "fhir_deletion", "genomic_variant", "held_resource", "quarantine", "ingest_warning",
+    "run_record", "ingest_batch", "wearable_sample", "wearable_daily", "model_output", "model_run",
+    "model_training",
+)  # fmt: skip
+"""The tables the schema creates (the views' tables come on top): fewer means one is new."""
 STORED_KEYS = "temp.stored_keys"
 """The writer's copy of the keys of `fhir_resource` (type, id, version, hash, lastUpdated), which
 every batch is judged against: a temporary table, so it changes in the batch's own transaction
@@ -186,12 +192,14 @@ class TwinStore:
         # is not in the default catalog would otherwise cost a DuckLake catalog read each time.
         self.con.execute("USE memory")
         self.con.execute(MACROS_SQL)
-        with self._transaction():  # one DuckLake commit, not one per statement
-            self.con.execute(SCHEMA_SQL)
-            self.con.execute(WEARABLE_SCHEMA_SQL)
-            self.con.execute(MODEL_SCHEMA_SQL)
-            # Raw JSON: lz4 writes twice as fast as the default snappy, and smaller.
-            self.con.execute(f"CALL {CATALOG}.set_option('parquet_compression', 'lz4_raw')")
+        (tables,) = _one(self.con, f"SELECT count(*) FROM duckdb_tables() WHERE database_name = '{CATALOG}'")
+        if tables < len(STORE_TABLES):  # a new store (or a new table): one commit, not one per statement
+            with self._transaction():
+                self.con.execute(SCHEMA_SQL)
+                self.con.execute(WEARABLE_SCHEMA_SQL)
+                self.con.execute(MODEL_SCHEMA_SQL)
+                # Raw JSON: lz4 writes twice as fast as the default snappy, and smaller.
+                self.con.execute(f"CALL {CATALOG}.set_option('parquet_compression', 'lz4_raw')")
         self._migrate()
         self._ensure_view_tables()
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,25 +35,13 @@ from connectors.fitbit_auth import (
     code_from_redirect,
 )
 from harmonize.wearables import normalize_samples
-from tests.fitbit_server import CLIENT_ID, FitbitServer, User, serve
+from tests.fitbit_server import CLIENT_ID, FitbitServer, User
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2016, 12, 15, 12, tzinfo=UTC)
 AUG_23 = datetime(2015, 8, 23, tzinfo=UTC)  # 2015-08-22 in Los Angeles: intraday 08-20..22
 HEART = "fitbit-activities-heart-1d-1m-intraday.json"
 STEPS = "fitbit-activities-steps-1d-1m-intraday.json"
-
-
-@pytest.fixture
-def fitbit_server() -> Iterator[FitbitServer]:
-    with serve() as server:
-        yield server
-
-
-@pytest.fixture
-def recorded_server() -> Iterator[FitbitServer]:
-    with serve(recorded=True) as server:
-        yield server
 
 
 def make_source(server: FitbitServer, tmp_path: Path, *data: Data, **extra: object) -> FitbitSource:

@@ -1,0 +1,86 @@
+"""`twinhub demo`, the README's first command, as a user runs it: sync, then the twin models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED, TWINHUB
+from twin_store import connect
+
+
+def demo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200"}
+    env.pop("PREFECT_API_URL", None)  # embedded defaults: no server
+    result = subprocess.run(
+        [TWINHUB, "demo", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_the_generated_demo_syncs_and_refreshes_the_models(tmp_path: Path) -> None:
+    result = demo(tmp_path, "--generate")
+    assert "Twin models refreshed after the sync" in result.stdout
+    con = connect(tmp_path / ".twinhub")
+    (ok, snapshots, without_inputs) = con.sql(
+        """SELECT count(*) FILTER (status = 'ok'), count(DISTINCT input_snapshot_id),
+                  count(*) FILTER (status = 'ok' AND len(inputs) < 4)
+        FROM model_output WHERE model = 'ascvd-pce'"""
+    ).fetchone() or (0, 0, 0)
+    assert ok > 0 and snapshots == 1 and without_inputs == 0
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_on_synthea_every_eligible_patient_gets_a_risk_with_lineage(tmp_path: Path) -> None:
+    """Issue 7, point 4: eligible here is computed independently, in SQL over the views: alive,
+    40-79 on the day of the latest of their three measurements, every input present and in range."""
+    if not (SHARED / "fhir").is_dir():
+        pytest.skip(f"shared Synthea export not found under {SHARED} (../shared/data is absent)")
+    (tmp_path / "shared").symlink_to(SHARED.parent)
+    (tmp_path / "work").mkdir()
+    demo(tmp_path / "work")
+    con = connect(tmp_path / "work" / ".twinhub")
+    eligible = {
+        p
+        for (p,) in con.sql(
+            """WITH latest AS (
+                SELECT patient_id, arg_max(value_numeric, effective) FILTER (code = '2093-3') AS tc,
+                       arg_max(value_numeric, effective) FILTER (code = '2085-9') AS hdl,
+                       max(effective) FILTER (code IN ('2093-3', '2085-9')) AS lab_at
+                FROM lab_result GROUP BY patient_id),
+            bp AS (SELECT patient_id, arg_max(value_numeric, effective) AS sbp, max(effective) AS bp_at
+                   FROM observation_component WHERE component_code = '8480-6' GROUP BY patient_id),
+            smoking AS (SELECT DISTINCT patient_id FROM observation WHERE code = '72166-2'),
+            dated AS (
+                SELECT p.id AS patient_id, l.tc, l.hdl, b.sbp, p.deceased, p.deceased_at,
+                       CAST(p.birth_date AS DATE) AS born,
+                       CAST(greatest(CAST(l.lab_at AS TIMESTAMPTZ), CAST(b.bp_at AS TIMESTAMPTZ)) AS DATE)
+                           AS as_of
+                FROM patient p JOIN latest l ON l.patient_id = p.id JOIN bp b ON b.patient_id = p.id
+                JOIN smoking s ON s.patient_id = p.id
+                WHERE p.gender IN ('male', 'female') AND p.race_code IS NOT NULL),
+            people AS (
+                SELECT *, date_diff('year', born, as_of)
+                          - CASE WHEN strftime(as_of, '%m%d') < strftime(born, '%m%d') THEN 1 ELSE 0 END
+                          AS age
+                FROM dated)
+            SELECT patient_id FROM people
+            WHERE age BETWEEN 40 AND 79 AND tc BETWEEN 130 AND 320 AND hdl BETWEEN 20 AND 100
+              AND sbp BETWEEN 90 AND 200 AND NOT coalesce(deceased, false) AND deceased_at IS NULL"""
+        ).fetchall()
+    }
+    computed = {p for (p,) in con.sql("SELECT patient_id FROM model_output WHERE status = 'ok'").fetchall()}
+    assert len(eligible) > 100 and computed == eligible
+    history = subprocess.run(
+        [TWINHUB, "--config", ".twinhub/demo.toml", "models", "history", "ascvd-pce", "--limit", "5"],
+        cwd=tmp_path / "work", capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "250"},
+    )  # fmt: skip
+    assert history.returncode == 0, history.stderr
+    assert "input_snapshot_id" in history.stdout and "lab_result/" in history.stdout
