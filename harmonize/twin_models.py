@@ -102,9 +102,10 @@ RESOURCE_OF_TABLE = {
     "observation_component": "Observation", "condition": "Condition",
     "medication_request": "MedicationRequest", "patient": "Patient", "procedure": "Procedure",
     "encounter": "Encounter", "immunization": "Immunization", "diagnostic_report": "DiagnosticReport",
-    "allergy_intolerance": "AllergyIntolerance",
+    "allergy_intolerance": "AllergyIntolerance", "wearable_daily": "Observation",
 }  # fmt: skip
-"""The store's views and the resource type their rows are, for an output's references to its inputs."""
+"""The store's views and the resource type their rows are, for an output's references to its inputs
+(a `wearable_daily` row is named by its `observation_id`, the daily Observation made of it)."""
 
 
 def output_id(model: str, patient_id: str) -> str:

@@ -109,7 +109,7 @@ def refresh(
                 return _record(store, model, report, begun, started, nothing)
             if changed is not None and model.scope == "patient":
                 report.scope, scope = "changed", sorted(changed)
-        everyone = [p for (p,) in con.execute("SELECT id FROM patient ORDER BY id").fetchall()]
+        everyone = _everyone(con, model)
         params = None
         if model.trainable:
             params, training = _trained(store, model, training, everyone, now, retrain_after)
@@ -133,6 +133,17 @@ def _pin(con: duckdb.DuckDBPyConnection, model: TwinModel, snapshot: int) -> Non
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW {table} AS FROM twin.{table} AT (VERSION => {int(snapshot)})"
         )
+
+
+def _everyone(con: duckdb.DuckDBPyConnection, model: TwinModel) -> list[str]:
+    """Every patient the model's (pinned) tables are about: the Patient resources', and those
+    named in its tables with a patient column (a wearable's twin may have no Patient resource)."""
+    selects = ["SELECT id AS patient_id FROM patient"]
+    for table in sorted(set(model.reads) - {"patient"}):
+        if "patient_id" in con.execute(f"FROM {table} LIMIT 0").pl().columns:
+            selects.append(f"SELECT patient_id FROM {table}")
+    query = f"SELECT DISTINCT patient_id FROM ({' UNION ALL '.join(selects)}) WHERE patient_id IS NOT NULL"
+    return [p for (p,) in con.execute(f"{query} ORDER BY 1").fetchall()]
 
 
 def _unpin(con: duckdb.DuckDBPyConnection, model: TwinModel) -> None:
