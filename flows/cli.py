@@ -30,7 +30,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 out = Console()
 err = Console(stderr=True)
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
-DEMO_MODELS = ("ascvd-pce",)
+DEMO_MODELS = ("ascvd-pce", "resting-hr-baseline", "diabetes-risk")
 
 
 class Format(StrEnum):
