@@ -10,17 +10,22 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import pytest
+from prefect.events import DeploymentEventTrigger
 
 from connectors.errors import ConfigError
 from flows.config import load_settings
-from flows.deployments import deployments
+from flows.deployments import REFRESH_TRIGGER, deployments
 from tests.conftest import TWINHUB, run_cli, write_config, write_ndjson
 from twin_store import connect
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 T = TypeVar("T")
 LOINC, SNOMED, UCUM = "http://loinc.org", "http://snomed.info/sct", "http://unitsofmeasure.org"
@@ -78,14 +83,27 @@ def twins_config(tmp_path: Path, models: str, **source: object) -> Path:
     return config
 
 
+@dataclass(frozen=True)
+class RefreshSeen:
+    """A refresh's `model_run` row, and the Prefect flow run that made it."""
+
+    trigger: str
+    scope: str
+    input_snapshot_id: int
+    patients: int
+    ok: int
+    model_run_id: str
+    flow_run: FlowRun
+
+
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, proc: subprocess.Popen[str]) -> T:
     """Poll until `probe` gives something, while `proc` (what should bring it) still runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if (found := probe()) is not None:
             return found
-        time.sleep(0.2)
-    ended = "" if proc.poll() is None else f" ({proc.args[0]} exited with {proc.returncode})"
+        time.sleep(0.5)
+    ended = "" if proc.poll() is None else f" (the process that should bring it exited: {proc.returncode})"
     raise AssertionError(f"no {what} within {timeout:.0f} s{ended}")
 
 
@@ -99,7 +117,7 @@ def stop(proc: subprocess.Popen[str], failed: bool) -> int:
         proc.kill()
         output, _ = proc.communicate()
     if failed:
-        print(f"{' '.join(map(str, proc.args))} said:\n{output}")
+        print(f"{proc.args!r} said:\n{output}")
     return proc.returncode
 
 
@@ -162,6 +180,32 @@ def refresh_of(store: Path, run_id: str) -> tuple[Any, ...] | None:
     return found[0] if found else None
 
 
+def refreshed(store: Path, run_id: str, proc: subprocess.Popen[str], timeout: float = 90) -> RefreshSeen:
+    """Wait for the refresh the event of sync `run_id` started to end, then read its model run.
+    The waiting asks Prefect's API: each look at the store attaches DuckLake (~0.7 s of CPU), and
+    looking several times a second would slow down the very refresh being waited for."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    only = DeploymentFilter(name=DeploymentFilterName(any_=["refresh-models"]))
+    with get_client(sync_client=True) as client:
+
+        def ended() -> FlowRun | None:
+            runs = client.read_flow_runs(deployment_filter=only)
+            mine = [r for r in runs if run_id in str(r.parameters.get("trigger"))]
+            return next((r for r in mine if r.state is not None and r.state.is_final()), None)
+
+        run = wait_for(f"refresh after sync {run_id}", ended, timeout, proc)
+    assert run.state is not None and run.state.is_completed(), run.state
+    found = refresh_of(store, run_id)
+    assert found is not None, f"flow run {run.name} completed without a model run"
+    trigger, scope, input_snapshot_id, patients, ok, model_run_id = found
+    return RefreshSeen(
+        trigger=trigger, scope=scope, input_snapshot_id=input_snapshot_id, patients=patients, ok=ok,
+        model_run_id=model_run_id, flow_run=run,
+    )  # fmt: skip
+
+
 def assert_same_inputs(store: Path, sync_snapshot: int, input_snapshot: int) -> None:
     """The refresh read exactly what the sync landed: no row of a table the model reads changed
     between the sync's snapshot and the refresh's input snapshot. (They differ by one: the sync
@@ -187,8 +231,10 @@ def test_serve_offers_the_refresh_trigger_and_syncs_that_leave_it_to_it(tmp_path
     assert sync_deployment.parameters == {"source": "twins", "config": str(config), "refresh": False}
     assert refresh.name == "refresh-models" and refresh.parameters == {"config": str(config)}
     [trigger] = refresh.triggers
-    assert trigger.expect == {"twinhub.store.updated"}  # type: ignore[union-attr]
-    assert trigger.parameters is not None and trigger.parameters["trigger"].startswith("event ")
+    assert isinstance(trigger, DeploymentEventTrigger)
+    assert trigger.expect == {"twinhub.store.updated"}
+    assert dict(trigger.match.items()) == {"prefect.resource.id": ["twinhub.source.*"]}  # any source
+    assert trigger.parameters == {"config": str(config), "trigger": REFRESH_TRIGGER}
 
     no_models = twins_config(tmp_path, "enabled = []\n", schedule="0 2 * * *")
     [sync_only] = deployments(load_settings(no_models), None)
@@ -212,40 +258,34 @@ def test_the_event_refreshes_the_changed_twins_under_the_test_harness(
         run_cli("--config", str(config), "sync", "twins", "--no-refresh", env=api_env)
         run_id, snapshot = last_sync(store)
         assert query(store, "SELECT count(*) FROM model_run") == [(0,)]  # not refreshed in-process
-        trigger, scope, input_snapshot, patients, ok, _ = wait_for(
-            "refresh after the first sync", lambda: refresh_of(store, run_id), 90, proc
-        )
-        assert trigger == f"event sync {run_id} of twins at snapshot {snapshot}"
-        assert (scope, patients, ok) == ("full", 3, 3)
+        first = refreshed(store, run_id, proc)
+        assert first.trigger == f"event sync {run_id} of twins at snapshot {snapshot}"
+        assert (first.scope, first.patients, first.ok) == ("full", 3, 3)
         assert outputs_per_patient(store) == {"p1": 1, "p2": 1, "p3": 1}
-        assert query(store, "SELECT DISTINCT input_snapshot_id FROM model_output") == [(input_snapshot,)]
-        assert_same_inputs(store, snapshot, input_snapshot)
+        inputs = query(store, "SELECT DISTINCT input_snapshot_id FROM model_output")
+        assert inputs == [(first.input_snapshot_id,)]
+        assert_same_inputs(store, snapshot, first.input_snapshot_id)
 
         run_cli("--config", str(config), "sync", "twins", "--no-refresh", env=api_env)
         unchanged_run, _ = last_sync(store)
-        _, scope, _, patients, _, _ = wait_for(
-            "refresh after the unchanged sync", lambda: refresh_of(store, unchanged_run), 90, proc
-        )
-        assert (scope, patients) == ("unchanged", 0)
+        again = refreshed(store, unchanged_run, proc)
+        assert (again.scope, again.patients) == ("unchanged", 0)
         assert outputs_per_patient(store) == {"p1": 1, "p2": 1, "p3": 1}
 
         write_twins(tmp_path / "export", CHOLESTEROL | {"p2": 262.0})
         run_cli("--config", str(config), "sync", "twins", "--no-refresh", env=api_env)
         changed_run, changed_snapshot = last_sync(store)
-        _, scope, input_snapshot, patients, _, model_run = wait_for(
-            "refresh after one patient's new cholesterol", lambda: refresh_of(store, changed_run), 90, proc
-        )
-        assert (scope, patients) == ("changed", 1)
+        one = refreshed(store, changed_run, proc)
+        assert (one.scope, one.patients) == ("changed", 1)
         assert outputs_per_patient(store) == {"p1": 1, "p2": 2, "p3": 1}
         newest = query(
             store,
             "SELECT patient_id, input_snapshot_id, outputs->>'$.age_years' FROM model_output "
             "WHERE model_run_id = ?",
-            [model_run],
+            [one.model_run_id],
         )
-        assert [(p, age) for p, _, age in newest] == [("p2", "59")]
-        assert newest[0][1] == input_snapshot
-        assert_same_inputs(store, changed_snapshot, input_snapshot)
+        assert newest == [("p2", one.input_snapshot_id, "59")]
+        assert_same_inputs(store, changed_snapshot, one.input_snapshot_id)
 
 
 @contextmanager
@@ -305,17 +345,19 @@ def test_serve_refreshes_after_a_sync_against_a_real_prefect_server(tmp_path: Pa
             run_cli("--config", str(config), "sync", "twins", env=env)
             returned = time.monotonic()
             run_id, _ = last_sync(store)
-            wait_for("refresh after the sync", lambda: refresh_of(store, run_id), 120, proc)
-            seen = time.monotonic() - returned
-    [(latency, outputs)] = query(
+            seen = refreshed(store, run_id, proc, timeout=120)
+            noticed = time.monotonic() - returned
+    [(ended, latency, outputs)] = query(
         store,
-        """SELECT epoch(m.finished_at - r.finished_at), m.ok FROM model_run m, run_record r
-        WHERE r.run_id = ? AND m.trigger LIKE 'event sync ' || r.run_id || ' %'""",
-        [run_id],
+        """SELECT r.finished_at, epoch(m.finished_at - r.finished_at), m.ok FROM model_run m, run_record r
+        WHERE r.run_id = ? AND m.model_run_id = ?""",
+        [run_id, seen.model_run_id],
     )
-    print(
-        f"\nsync end -> outputs landed: {latency:.1f} s (polling saw them {seen:.1f} s after sync returned)"
-    )
+    run = seen.flow_run
+    assert run.created is not None and run.start_time is not None
+    stages = [("flow run created", run.created), ("its process running", run.start_time)]
+    steps = ", ".join(f"{name} +{(when - ended).total_seconds():.1f} s" for name, when in stages)
+    print(f"\nsync end -> outputs landed: {latency:.1f} s ({steps}; noticed {noticed:.1f} s after the sync)")
     assert outputs == 3
     assert outputs_per_patient(store) == {"p1": 1, "p2": 1, "p3": 1}
     assert latency < 15
