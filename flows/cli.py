@@ -72,12 +72,22 @@ def settings() -> Settings:
 
 
 @app.command()
-def sync(name: str) -> None:
+def sync(
+    name: str,
+    refresh: Annotated[
+        bool | None,
+        typer.Option(
+            "--refresh/--no-refresh",
+            help="Refresh the enabled models after landing (default: the config's "
+            "models.refresh_after_sync); --no-refresh while `twinhub serve` runs: its trigger refreshes them",
+        ),
+    ] = None,
+) -> None:
     """Land what is new in source NAME."""
     from flows.sync import sync as sync_flow
 
     _preflight(name)
-    _print_report(_with_progress(name, lambda: sync_flow(name, _config_arg())))
+    _print_report(_with_progress(name, lambda: sync_flow(name, _config_arg(), refresh=refresh)))
 
 
 @app.command()
@@ -476,10 +486,19 @@ def listen(name: str) -> None:
 
 @app.command()
 def serve() -> None:
-    """Serve one scheduled deployment per source with a `schedule` (stops on SIGTERM)."""
+    """Serve one scheduled sync per source with a `schedule`, and the refresh of the enabled
+    models on every sync's event (stops on SIGTERM)."""
     from flows.deployments import serve_sources
 
-    serve_sources(settings(), _config_arg())
+    cfg = settings()
+    if cfg.models.enabled and cfg.models.refresh_after_sync:
+        err.print(
+            "note: syncs started outside this serve also refresh the models themselves; give them "
+            "--no-refresh, or set refresh_after_sync = false under [models], to leave it to the trigger",
+            highlight=False,
+            markup=False,
+        )
+    serve_sources(cfg, _config_arg())
 
 
 @app.command()
