@@ -55,7 +55,11 @@ def deployments(settings: Settings, config: str | None) -> list[RunnerDeployment
             description="Refresh the enabled twin models after a sync or backfill lands data",
             expect={STORE_UPDATED},
             match={"prefect.resource.id": "twinhub.source.*"},
-            parameters={"config": config, "trigger": REFRESH_TRIGGER},
+            parameters={
+                "config": config,
+                "trigger": REFRESH_TRIGGER,
+                "snapshot_id": "{{ event.payload.snapshot_id }}",
+            },
         )
         served.append(
             made(

@@ -57,12 +57,15 @@ def enabled_models(settings: Settings, names: list[str] | None = None) -> list[T
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
-def refresh_model(config: str | None, name: str, trigger: str) -> ModelRunReport:
+def refresh_model(
+    config: str | None, name: str, trigger: str, snapshot_id: int | None = None
+) -> ModelRunReport:
     """One model's refresh, in its own store session (the writer lock serializes it with syncs)."""
     settings = load_settings(Path(config) if config else None)
     (model,) = enabled_models(settings, [name])
     with TwinStore(settings.store.path) as store:
-        report = refresh(store, model, trigger=trigger, retrain_after=settings.models.retrain_after.get(name))
+        retrain_after = settings.models.retrain_after.get(name)
+        report = refresh(store, model, trigger=trigger, retrain_after=retrain_after, at=snapshot_id)
     log.info(
         "model %s %s: %s from snapshot %s, %s", name, report.version, report.scope, report.input_snapshot_id,
         dict(report.counts),
@@ -72,8 +75,10 @@ def refresh_model(config: str | None, name: str, trigger: str) -> ModelRunReport
 
 @flow(name="refresh-models")
 def refresh_models(
-    config: str | None = None, trigger: str = "manual", models: list[str] | None = None
-) -> list[ModelRunReport]:
-    """Refresh the enabled models (or `models`) to the store's latest snapshot."""
+    config: str | None = None, trigger: str = "manual", models: list[str] | None = None,
+    snapshot_id: int | None = None,
+) -> list[ModelRunReport]:  # fmt: skip
+    """Refresh the enabled models (or `models`) to the store's latest snapshot, or to
+    `snapshot_id` (a sync's, named by its event)."""
     settings = load_settings(Path(config) if config else None)
-    return [refresh_model(config, model.name, trigger) for model in enabled_models(settings, models)]
+    return [refresh_model(config, m.name, trigger, snapshot_id) for m in enabled_models(settings, models)]

@@ -185,7 +185,7 @@ def sync(source: str, config: str | None = None, refresh: bool | None = None) ->
     emit_store_updated(report)
     models = load_settings(Path(config) if config else None).models
     if models.enabled and (refresh if refresh is not None else models.refresh_after_sync):
-        refresh_models(config, trigger=f"sync {report.run_id}")
+        refresh_models(config, trigger=f"sync {report.run_id}", snapshot_id=report.snapshot_id)
     return report
 
 

@@ -76,14 +76,14 @@ class ModelRunReport:
 
 def refresh(
     store: TwinStore, model: TwinModel, *, trigger: str, retrain_after: int | None = None,
-    patients: list[str] | None = None,
+    patients: list[str] | None = None, at: int | None = None,
 ) -> ModelRunReport:  # fmt: skip
-    """Bring one model's outputs up to the store's current snapshot (see the module doc); with
-    `patients`, compute those at the current snapshot whatever changed (an output that exists
-    for that snapshot is not written twice)."""
+    """Bring one model's outputs up to the store's current snapshot, or to snapshot `at` (the
+    one a sync's event names), see the module doc; with `patients`, compute those whatever
+    changed (an output that exists for that snapshot is not written twice)."""
     started, begun = time.perf_counter(), datetime.now(UTC)
     con = store.con
-    now = store.snapshot_id()
+    now = store.snapshot_id() if at is None else min(at, store.snapshot_id())
     training = _latest_training(con, model) if model.trainable else None
     version = model.version if training is None else f"{model.version}+t{training[0]}"
     last = con.execute(
@@ -103,6 +103,7 @@ def refresh(
         if patients is not None:
             report.scope, scope = "requested", patients
         elif last is not None and last[0] == version:
+            # An event may come late, after a later snapshot was computed: nothing is older news.
             changed = _changed_patients(con, model, last[1], now) if last[1] < now else set()
             if changed is not None and not changed:
                 report.scope = "unchanged"
