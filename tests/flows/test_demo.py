@@ -80,7 +80,12 @@ def test_on_synthea_every_eligible_patient_gets_a_risk_with_lineage(tmp_path: Pa
               AND sbp BETWEEN 90 AND 200 AND NOT coalesce(deceased, false) AND deceased_at IS NULL"""
         ).fetchall()
     }
-    computed = {p for (p,) in con.sql("SELECT patient_id FROM model_output WHERE status = 'ok'").fetchall()}
+    computed = {
+        p
+        for (p,) in con.sql(
+            "SELECT patient_id FROM model_output WHERE model = 'ascvd-pce' AND status = 'ok'"
+        ).fetchall()
+    }
     assert len(eligible) > 100 and computed == eligible
     history = subprocess.run(
         [TWINHUB, "--config", ".twinhub/demo.toml", "models", "history", "ascvd-pce", "--limit", "5"],
