@@ -20,9 +20,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing import get_context
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Self
@@ -208,7 +209,7 @@ class TwinStore:
         self._keys_loaded = False
         self._samples = SampleWriter(con=self.con)
         # The FHIR of the days each batch rolls up, made in a thread while later batches land.
-        self._fhir_maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daily-fhir")
+        self._fhir_maker: ProcessPoolExecutor | None = None
         self._fhir_made: list[tuple[pa.Table, Future[list[bytes]]]] = []
         # Batches are checked on one core while the writer lands the one before (flows.sync):
         # leave that core to the checks; DuckDB's extra threads would only contend with them.
@@ -223,7 +224,8 @@ class TwinStore:
         self.close()
 
     def close(self) -> None:
-        self._fhir_maker.shutdown(cancel_futures=True)
+        if self._fhir_maker is not None:
+            self._fhir_maker.shutdown(cancel_futures=True)
         self.con.close()
         self._lock.close()
 
@@ -333,8 +335,13 @@ class TwinStore:
                     con.unregister(name)
         run.counts.update(counts)
         run.by_type.update(dict(zip(*_value_counts(resources["resource_type"]), strict=True)))
-        if len(days):  # committed: their FHIR is made meanwhile, off the writer's thread
+        if len(days):  # committed: their FHIR is made meanwhile, beside the writer
             activity = f"run {run.run_id} batch {run.batches}"
+            if self._fhir_maker is None:
+                # A process of its own: validating is pure Python, and in a thread it would hold
+                # the GIL the writer needs between its statements. Spawned, not forked: the
+                # writer runs DuckDB threads.
+                self._fhir_maker = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
             self._fhir_made.append(
                 (days, self._fhir_maker.submit(daily_resources, days, datetime.now(UTC), activity))
             )

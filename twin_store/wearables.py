@@ -7,7 +7,7 @@ up again, in the batch's transaction, and flagged `fhir_pending`: the store make
 Observations after the batches (`pending_days`, `fhir_made`), so a crash in between leaves
 flags that the next run clears, never a day without its Observation.
 
-The writer keeps a copy of each series' time span (`temp.sample_coverage`): a batch whose
+The writer keeps a copy of each series' time span (`SampleWriter.coverage`): a batch whose
 samples all fall outside the stored spans (new data after old, the usual case) is appended
 without looking up a single stored sample.
 """
@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -39,7 +41,7 @@ CREATE TABLE IF NOT EXISTS twin.wearable_daily (
     observation_id VARCHAR, run_id VARCHAR, computed_at TIMESTAMPTZ, fhir_pending BOOLEAN
 );
 """
-COVERAGE = "temp.sample_coverage"
+SPAN_KEYS = ("patient_id", "metric", "first_start", "last_start")
 SAME = " AND ".join(
     f"i.{c} IS NOT DISTINCT FROM s.{c}"
     for c in ("device", "end_time", "utc_offset_minutes", "value", "unit", "loinc_code")
@@ -123,12 +125,13 @@ class SampleWriter:
     the batch's transaction (the caller's)."""
 
     con: duckdb.DuckDBPyConnection
-    coverage_loaded: bool = False
+    coverage: dict[tuple[str, str, str], tuple[datetime, datetime]] | None = None
+    """(source, patient, metric) -> the first and last start stored: the writer's copy."""
+    batch_spans: pa.Table = field(default_factory=lambda: pa.table({}))
 
     def forget_coverage(self) -> None:
         """After a failed batch: the copy may hold what was rolled back."""
-        self.coverage_loaded = False
-        self.con.execute(f"DROP TABLE IF EXISTS {COVERAGE}")
+        self.coverage = None
 
     def land(
         self, source: str, run_id: str, samples: pa.Table, summary: SampleSummary, counts: Counter[str],
@@ -144,8 +147,12 @@ class SampleWriter:
         if not len(samples):
             return 0, DAILY_SCHEMA.empty_table()
         con = self.con
-        tables = {"incoming": samples, "batch_spans": summary.spans, "batch_device_days": summary.device_days,
-                  "metric_info": _metric_info()}  # fmt: skip
+        self.batch_spans = summary.spans
+        tables = {
+            "incoming": samples,
+            "batch_device_days": summary.device_days,
+            "metric_info": _metric_info(),
+        }
         for name, table in tables.items():
             con.register(name, table)
         try:
@@ -157,23 +164,13 @@ class SampleWriter:
     def _land(self, source: str, run_id: str, n: int, counts: Counter[str]) -> tuple[int, pa.Table]:
         con = self.con
         params = {"source": source}
-        # Each series' span in the batch, beside the span stored before it.
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE spans AS
-            SELECT i.*, c.first_start AS stored_first, c.last_start AS stored_last,
-                   coalesce(i.first_start <= c.last_start AND i.last_start >= c.first_start, false)
-                       AS meets_stored
-            FROM batch_spans i
-            LEFT JOIN {self._coverage()} c
-                ON c.source = $source AND (c.patient_id, c.metric) = (i.patient_id, i.metric)""",
-            params,
-        )
-        (overlapping,) = _one(con, "SELECT count(*) FILTER (meets_stored) FROM spans")
+        spans = self._spans(source)
+        con.register("spans", spans)
         insert = """INSERT INTO twin.wearable_sample
             SELECT $source, patient_id, device, metric, loinc_code, start_time, end_time,
                    utc_offset_minutes, value, unit, origin, $run_id, now()
             FROM {rows}"""
-        if not overlapping:  # new data after old: append, look nothing up
+        if not pc.any(spans["meets_stored"]).as_py():  # new data after old: append, look nothing up
             con.execute(insert.format(rows="incoming"), params | {"run_id": run_id})
             counts["inserted"] += n
             device_days = "batch_device_days"
@@ -194,24 +191,38 @@ class SampleWriter:
                 )
             con.execute(insert.format(rows="judged WHERE NOT same"), params | {"run_id": run_id})
             device_days = f"({DEVICE_DAYS.format(samples='(FROM judged WHERE NOT same)', where='')})"
-        self._cover(source)
+        self._cover(source, spans)
         days = self._roll_up(source, run_id, device_days)
+        con.unregister("spans")
         # Temporary tables live in the transaction: on failure they roll back with it.
-        for table in ("spans", "judged", "batch_days", "touched", "daily"):
+        for table in ("judged", "batch_days", "touched", "daily"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
         return days
 
-    def _coverage(self) -> str:
+    def _coverage(self) -> dict[tuple[str, str, str], tuple[datetime, datetime]]:
         """Each stored series' span, read from the store on first use."""
-        if not self.coverage_loaded:
-            self.con.execute(
-                f"""CREATE OR REPLACE TEMP TABLE {COVERAGE} AS
-                SELECT source, patient_id, metric, min(start_time) AS first_start,
-                       max(start_time) AS last_start
+        if self.coverage is None:
+            rows = self.con.execute(
+                """SELECT source, patient_id, metric, min(start_time), max(start_time)
                 FROM twin.wearable_sample GROUP BY ALL"""
-            )
-            self.coverage_loaded = True
-        return COVERAGE
+            ).fetchall()
+            self.coverage = {(s, p, m): (first, last) for s, p, m, first, last in rows}
+        return self.coverage
+
+    def _spans(self, source: str) -> pa.Table:
+        """Each series' span in the batch beside the span stored before it, and whether they meet."""
+        coverage = self._coverage()
+        rows = []
+        for patient, metric, first, last in zip(
+            *(self.batch_spans[c].to_pylist() for c in SPAN_KEYS), strict=True
+        ):
+            stored_first, stored_last = coverage.get((source, patient, metric), (None, None))
+            meets = stored_first is not None and first <= stored_last and last >= stored_first
+            rows.append((patient, metric, first, last, stored_first, stored_last, meets))
+        names = [*SPAN_KEYS, "stored_first", "stored_last", "meets_stored"]
+        columns: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+        types = [pa.string(), pa.string(), *[pa.timestamp("us", tz="UTC")] * 4, pa.bool_()]
+        return pa.table([pa.array(c, t) for c, t in zip(columns, types, strict=True)], names=names)
 
     def _judge(self, source: str) -> None:
         """`judged`: each incoming sample, whether one with its key is stored, and whether that
@@ -230,22 +241,14 @@ class SampleWriter:
             {"source": source},
         )
 
-    def _cover(self, source: str) -> None:
+    def _cover(self, source: str, spans: pa.Table) -> None:
         """The batch's spans join the stored ones (a stored sample replaced lies within both)."""
-        con = self.con
-        con.execute(
-            f"""INSERT INTO {COVERAGE}
-            SELECT $source, patient_id, metric, first_start, last_start
-            FROM spans WHERE stored_first IS NULL""",
-            {"source": source},
-        )
-        con.execute(
-            f"""UPDATE {COVERAGE} c SET first_start = least(c.first_start, s.first_start),
-                                        last_start = greatest(c.last_start, s.last_start)
-            FROM spans s WHERE s.stored_first IS NOT NULL AND c.source = $source
-              AND (c.patient_id, c.metric) = (s.patient_id, s.metric)""",
-            {"source": source},
-        )
+        coverage = self._coverage()
+        for patient, metric, first, last in zip(*(spans[c].to_pylist() for c in SPAN_KEYS), strict=True):
+            stored = coverage.get((source, patient, metric))
+            coverage[(source, patient, metric)] = (
+                (min(first, stored[0]), max(last, stored[1])) if stored else (first, last)
+            )
 
     def _roll_up(self, source: str, run_id: str, device_days: str) -> tuple[int, pa.Table]:
         """Recompute the daily rows of every (patient, metric, local day) the batch wrote to,
