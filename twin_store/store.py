@@ -260,7 +260,9 @@ class TwinStore:
         run.snapshot_id = self.snapshot_id()
         if run.started_snapshot_id is not None and run.changed:
             with contextlib.suppress(duckdb.Error):  # a table the run created has no feed yet
-                changed = patients_changed(self.con, run.changed, run.started_snapshot_id, run.snapshot_id)
+                # wearable_daily names the same patients as the (far larger) wearable_sample.
+                tables = [t for t in run.changed if t != "wearable_sample"]
+                changed = patients_changed(self.con, tables, run.started_snapshot_id, run.snapshot_id)
                 run.patients, run.patients_changed = sorted(changed)[:PATIENTS_LISTED], len(changed)
         with self._transaction():
             self.con.execute(
