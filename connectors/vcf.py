@@ -206,24 +206,34 @@ def header_assembly(header: str) -> str | None:
 def variant_rows(
     record: Any, file: str, samples: list[str], patients: dict[str, str], assembly: str | None
 ) -> list[tuple[Any, ...]]:
-    """The rows of one VCF record: each sample's carried alternate alleles."""
-    if not samples or "GT" not in record.FORMAT:
+    """The rows of one VCF record: each sample's carried alternate alleles. Most records of a
+    genome carry none (hom-ref or no-call), so those cost one look at their genotypes."""
+    if not samples:
+        return []
+    try:
+        genotypes = record.genotypes
+    except Exception:
+        if "GT" in record.FORMAT:  # reading FORMAT costs more than the genotypes: only here
+            raise
         return []  # no calls: the record says nothing about any sample
-    calls = [(s, call) for s, call in enumerate(record.genotypes) if max(call[:-1], default=-1) > 0]
+    calls = [(s, call) for s, call in enumerate(genotypes) if max(call[:-1], default=-1) > 0]
     if not calls:
         return []
-    annotations = _annotations(record)
     info = record.INFO
     gene = (info.get("GENEINFO") or "").split(":")[0] or None
     significance, allele_id = info.get("CLNSIG"), info.get("ALLELEID")
-    phase_sets = _phase_sets(record, len(samples))
+    significance = None if significance is None else str(significance)
+    allele_id = None if allele_id is None else str(allele_id)
+    annotations = _annotations(info)
+    phase_sets = _phase_sets(record, len(samples)) if any(call[-1] for _, call in calls) else []
+    chrom, pos, variant_id, ref, alts = record.CHROM, record.POS, record.ID, record.REF, record.ALT
+    quality, filters = record.QUAL, record.FILTER or "PASS"
     rows = []
     for s, call in calls:
         *alleles, phased = call
-        carried = {a for a in alleles if a > 0}
         genotype = ("|" if phased else "/").join("." if a < 0 else str(a) for a in alleles)
-        for a in sorted(carried):
-            alt = record.ALT[a - 1] if a <= len(record.ALT) else "."  # a call on an allele ALT omits
+        for a in sorted({a for a in alleles if a > 0}):
+            alt = alts[a - 1] if a <= len(alts) else "."  # a call on an allele ALT omits
             zygosity = (
                 "hemizygous"
                 if len(alleles) == 1
@@ -233,19 +243,17 @@ def variant_rows(
             )
             hgvs_c, hgvs_p, ann_gene = annotations.get(alt, (None, None, None))
             rows.append((
-                file, samples[s], patients.get(samples[s]), assembly, record.CHROM, record.POS, record.ID,
-                record.REF, alt, genotype, zygosity, phase_sets[s] if phased else None, record.QUAL,
-                record.FILTER or "PASS", gene or ann_gene, hgvs_c, hgvs_p,
-                None if significance is None else str(significance),
-                None if allele_id is None else str(allele_id),
+                file, samples[s], patients.get(samples[s]), assembly, chrom, pos, variant_id, ref, alt,
+                genotype, zygosity, phase_sets[s] if phased else None, quality, filters, gene or ann_gene,
+                hgvs_c, hgvs_p, significance, allele_id,
             ))  # fmt: skip
     return rows
 
 
-def _annotations(record: Any) -> dict[str, tuple[str | None, str | None, str | None]]:
+def _annotations(info: Any) -> dict[str, tuple[str | None, str | None, str | None]]:
     """SnpEff ANN per allele: (HGVS.c, HGVS.p, gene) of its first annotation."""
     found: dict[str, tuple[str | None, str | None, str | None]] = {}
-    for annotation in str(record.INFO.get("ANN") or "").split(","):
+    for annotation in str(info.get("ANN") or "").split(","):
         parts = annotation.split("|")
         if len(parts) > 10 and parts[0] not in found:
             found[parts[0]] = (parts[9] or None, parts[10] or None, parts[3] or None)
