@@ -118,6 +118,21 @@ def test_calls_landed_again_by_the_same_writer_replace_the_first(tmp_path: Path)
     )
 
 
+def test_an_annotation_key_the_header_does_not_declare_is_still_read(tmp_path: Path) -> None:
+    """Records are asked only for the annotation keys the header declares, unless one turns up."""
+    undeclared = RECORDS[1].replace("\t.\tGT:PS", "\tALLELEID=15041;GENEINFO=MUTYH:4595\tGT:PS")
+    path = write_vcf(tmp_path / "calls.vcf", [RECORDS[0], undeclared])
+    sync(tmp_path / "store", VcfSource(name="seq", kind="vcf", path=path))
+    rows = connect(tmp_path / "store").sql(
+        "SELECT pos, alt, gene, clinvar_allele_id FROM genomic_variant WHERE sample = 'S1' ORDER BY ALL"
+    )
+    assert rows.fetchall() == [
+        (112841059, "A", "APC", None),
+        (112841100, "C", "MUTYH", "15041"),
+        (112841100, "T", "MUTYH", "15041"),
+    ]
+
+
 def test_a_record_without_genotypes_makes_no_rows(tmp_path: Path) -> None:
     no_gt = "chr5\t112841150\t.\tC\tG\t.\tPASS\t.\tPS\t7\t8"
     report = sync(tmp_path / "store", VcfSource(name="seq", kind="vcf", path=write_vcf(
