@@ -517,14 +517,18 @@ def _rules_sql(table: str, rules: list[tuple[str, str]]) -> str:
     return f"SELECT line_no, {reason} AS reason FROM ({failing})"
 
 
-def _all_rules_sql() -> str:
+def _all_rules_sql(but: tuple[str, ...] = ()) -> str:
     tables: dict[str, list[tuple[str, str]]] = {}
     for table, reason, condition in RECORD_RULES:
-        tables.setdefault(table, []).append((reason, condition))
+        if table not in but:
+            tables.setdefault(table, []).append((reason, condition))
     return " UNION ALL ".join(_rules_sql(table, rules) for table, rules in tables.items())
 
 
 RULES_SQL = _all_rules_sql()
+CLEAN_CELLS_RULES_SQL = _all_rules_sql(but=("cell", "value"))
+"""When every sample column matched its shape's regex: planning the rules costs more than
+running them, and those on sample columns and values would have nothing to judge."""
 
 
 @functools.cache
@@ -573,7 +577,9 @@ class RecordChecker:
             con.execute(SPLIT)
             shapes = con.execute(SHAPE_KEYS, {"shapes": MAX_SHAPES}).fetchall()
             con.execute(CELLS.replace("$clean", _clean_cells(shapes)))
-            found = con.execute(f"({RULES_SQL}) UNION ALL ({ORDER_RULES})", self.params).fetchall()
+            (looked_at,) = con.execute("SELECT count(*) FROM cell").fetchone() or (0,)
+            rules = RULES_SQL if looked_at else CLEAN_CELLS_RULES_SQL
+            found = con.execute(f"({rules}) UNION ALL ({ORDER_RULES})", self.params).fetchall()
         finally:
             con.unregister("body")
         return [(n, reason, lines[n - first_line]) for n, reason in found]
