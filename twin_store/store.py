@@ -680,10 +680,8 @@ class TwinStore:
                 """INSERT INTO twin.ingest_warning
                 SELECT $run_id, $source, w.file, w.line_no, w.reason, w.raw, now()
                 FROM (SELECT DISTINCT * FROM batch_warnings) w
-                WHERE NOT EXISTS (
-                    SELECT 1 FROM twin.ingest_warning k
-                    WHERE k.source = $source AND k.file = w.file AND k.line_no = w.line_no
-                      AND k.reason = w.reason)""",
+                ANTI JOIN (SELECT file, line_no, reason FROM twin.ingest_warning WHERE source = $source)
+                USING (file, line_no, reason)""",
                 {"run_id": run.run_id, "source": run.source},
             ).fetchone()
         finally:
