@@ -284,7 +284,9 @@ def _call(call: tuple[int, ...]) -> tuple[str, tuple[tuple[int, str], ...]]:
 def _annotations(ann: Any) -> dict[str, tuple[str | None, str | None, str | None]]:
     """SnpEff ANN per allele: (HGVS.c, HGVS.p, gene) of its first annotation."""
     found: dict[str, tuple[str | None, str | None, str | None]] = {}
-    for annotation in str(ann or "").split(","):
+    if not ann:
+        return found
+    for annotation in str(ann).split(","):
         parts = annotation.split("|")
         if len(parts) > 10 and parts[0] not in found:
             found[parts[0]] = (parts[9] or None, parts[10] or None, parts[3] or None)
