@@ -318,6 +318,8 @@ SELECT row_number() OVER () AS cell, format, n_alt, sample, ploidy, string_split
        string_split(sample, ':') AS vals
 FROM (SELECT DISTINCT format, n_alt, sample, ploidy FROM sample_at JOIN shape USING (format, n_alt, ploidy)
       WHERE NOT ($clean));
+"""
+VALUES = """
 CREATE OR REPLACE TEMP TABLE cell_value AS  -- only the values a declared Type or Number constrains
 SELECT c.* FROM (
     SELECT cell, n_alt, ploidy, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val FROM cell) c
@@ -527,8 +529,8 @@ def _all_rules_sql(but: tuple[str, ...] = ()) -> str:
 
 RULES_SQL = _all_rules_sql()
 CLEAN_CELLS_RULES_SQL = _all_rules_sql(but=("cell", "value"))
-"""When every sample column matched its shape's regex: planning the rules costs more than
-running them, and those on sample columns and values would have nothing to judge."""
+"""When every sample column matched its shape's regex, the rules on sample columns and values
+have nothing to judge (and planning them costs more than running them)."""
 
 
 @functools.cache
@@ -578,6 +580,8 @@ class RecordChecker:
             shapes = con.execute(SHAPE_KEYS, {"shapes": MAX_SHAPES}).fetchall()
             con.execute(CELLS.replace("$clean", _clean_cells(shapes)))
             (looked_at,) = con.execute("SELECT count(*) FROM cell").fetchone() or (0,)
+            if looked_at:
+                con.execute(VALUES)
             rules = RULES_SQL if looked_at else CLEAN_CELLS_RULES_SQL
             found = con.execute(f"({rules}) UNION ALL ({ORDER_RULES})", self.params).fetchall()
         finally:
