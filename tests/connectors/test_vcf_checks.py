@@ -157,6 +157,7 @@ def sample_lines(draw: st.DrawFn) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sample_lines())
 def test_sample_columns_judged_by_their_shape_get_the_warnings_of_value_by_value(lines: list[str]) -> None:
