@@ -9,8 +9,9 @@ are read whole, once each (a changed file is read again).
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +38,8 @@ VARIANT_SCHEMA = pa.schema(
     ]
 )  # fmt: skip
 """One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
+ANNOTATIONS = ("GENEINFO", "CLNSIG", "ALLELEID", "ANN")
+"""The INFO keys rows take their gene, ClinVar and HGVS annotations from."""
 
 
 def _region(text: str) -> str:
@@ -140,13 +143,23 @@ class VcfConnector(FileConnector[VcfSource]):
                 raise
             return checked.result(), chunks
 
-    def _variants(self, path: Path) -> Iterator[pa.Table]:
+    def _variants(self, path: Path) -> list[pa.Table]:
+        """The file's variant rows, `batch_variants` at a time. Each record is asked only for
+        the annotation keys the header declares; htslib declares a key the header lacks once a
+        record uses it, and then the file is read again asking for all of them."""
         vcf = VCF(str(path), strict_gt=True)
+        declared = [key for key in ANNOTATIONS if vcf.contains(key)]
+        chunks = list(self._chunks(vcf, path, declared))
+        if any(vcf.contains(key) for key in ANNOTATIONS if key not in declared):
+            chunks = list(self._chunks(VCF(str(path), strict_gt=True), path, ANNOTATIONS))
+        return chunks
+
+    def _chunks(self, vcf: VCF, path: Path, annotations: Sequence[str]) -> Iterator[pa.Table]:
         assembly = self.source.assembly or header_assembly(vcf.raw_header)
         samples = list(vcf.samples)
         rows: list[tuple[Any, ...]] = []
         for record in vcf:
-            rows += variant_rows(record, str(path), samples, self.source.samples, assembly)
+            rows += variant_rows(record, str(path), samples, self.source.samples, assembly, annotations)
             if len(rows) >= self.source.batch_variants:
                 yield self._linked(_table(rows))
                 rows = []
@@ -204,48 +217,76 @@ def header_assembly(header: str) -> str | None:
 
 
 def variant_rows(
-    record: Any, file: str, samples: list[str], patients: dict[str, str], assembly: str | None
+    record: Any,
+    file: str,
+    samples: list[str],
+    patients: dict[str, str],
+    assembly: str | None,
+    annotations: Sequence[str],
 ) -> list[tuple[Any, ...]]:
-    """The rows of one VCF record: each sample's carried alternate alleles."""
-    if not samples or "GT" not in record.FORMAT:
+    """The rows of one VCF record: each sample's carried alternate alleles. Most records of a
+    genome carry none (hom-ref or no-call), so those cost one look at their genotypes."""
+    if not samples:
+        return []
+    try:
+        genotypes = record.genotypes
+    except Exception:
+        if "GT" in record.FORMAT:  # reading FORMAT costs more than the genotypes: only here
+            raise
         return []  # no calls: the record says nothing about any sample
-    calls = [(s, call) for s, call in enumerate(record.genotypes) if max(call[:-1], default=-1) > 0]
+    calls = [(s, call) for s, call in enumerate(genotypes) if max(call[:-1], default=-1) > 0]
     if not calls:
         return []
-    annotations = _annotations(record)
     info = record.INFO
-    gene = (info.get("GENEINFO") or "").split(":")[0] or None
-    significance, allele_id = info.get("CLNSIG"), info.get("ALLELEID")
-    phase_sets = _phase_sets(record, len(samples))
+    found = {key: info.get(key) for key in annotations}  # a key the record lacks costs a raise
+    gene = (found.get("GENEINFO") or "").split(":")[0] or None
+    significance, allele_id = found.get("CLNSIG"), found.get("ALLELEID")
+    significance = None if significance is None else str(significance)
+    allele_id = None if allele_id is None else str(allele_id)
+    hgvs = _annotations(found.get("ANN"))
+    phase_sets = _phase_sets(record, len(samples)) if any(call[-1] for _, call in calls) else []
+    chrom, pos, variant_id, ref, alts = record.CHROM, record.POS, record.ID, record.REF, record.ALT
+    quality, filters = record.QUAL, record.FILTER or "PASS"
     rows = []
     for s, call in calls:
-        *alleles, phased = call
-        carried = {a for a in alleles if a > 0}
-        genotype = ("|" if phased else "/").join("." if a < 0 else str(a) for a in alleles)
-        for a in sorted(carried):
-            alt = record.ALT[a - 1] if a <= len(record.ALT) else "."  # a call on an allele ALT omits
-            zygosity = (
-                "hemizygous"
-                if len(alleles) == 1
-                else "homozygous"
-                if all(x == a for x in alleles)
-                else "heterozygous"
-            )
-            hgvs_c, hgvs_p, ann_gene = annotations.get(alt, (None, None, None))
+        genotype, carried = _call(tuple(call))
+        for a, zygosity in carried:
+            alt = alts[a - 1] if a <= len(alts) else "."  # a call on an allele ALT omits
+            hgvs_c, hgvs_p, ann_gene = hgvs.get(alt, (None, None, None))
             rows.append((
-                file, samples[s], patients.get(samples[s]), assembly, record.CHROM, record.POS, record.ID,
-                record.REF, alt, genotype, zygosity, phase_sets[s] if phased else None, record.QUAL,
-                record.FILTER or "PASS", gene or ann_gene, hgvs_c, hgvs_p,
-                None if significance is None else str(significance),
-                None if allele_id is None else str(allele_id),
+                file, samples[s], patients.get(samples[s]), assembly, chrom, pos, variant_id, ref, alt,
+                genotype, zygosity, phase_sets[s] if call[-1] else None, quality, filters, gene or ann_gene,
+                hgvs_c, hgvs_p, significance, allele_id,
             ))  # fmt: skip
     return rows
 
 
-def _annotations(record: Any) -> dict[str, tuple[str | None, str | None, str | None]]:
+@functools.lru_cache(maxsize=4096)
+def _call(call: tuple[int, ...]) -> tuple[str, tuple[tuple[int, str], ...]]:
+    """A call (alleles, then whether phased) as the file writes its genotype (0|1, 1/1), and the
+    alternate alleles it carries with their zygosity: a genome has few distinct calls."""
+    *alleles, phased = call
+    genotype = ("|" if phased else "/").join("." if a < 0 else str(a) for a in alleles)
+    carried = tuple(
+        (
+            a,
+            "hemizygous"
+            if len(alleles) == 1
+            else "homozygous"
+            if all(x == a for x in alleles)
+            else "heterozygous",
+        )
+        for a in sorted({a for a in alleles if a > 0})
+    )
+    return genotype, carried
+
+
+def _annotations(ann: Any) -> dict[str, tuple[str | None, str | None, str | None]]:
     """SnpEff ANN per allele: (HGVS.c, HGVS.p, gene) of its first annotation."""
     found: dict[str, tuple[str | None, str | None, str | None]] = {}
-    for annotation in str(record.INFO.get("ANN") or "").split(","):
+    if not ann:
+        return found
+    for annotation in str(ann).split(","):
         parts = annotation.split("|")
         if len(parts) > 10 and parts[0] not in found:
             found[parts[0]] = (parts[9] or None, parts[10] or None, parts[3] or None)

@@ -7,16 +7,21 @@ connector quarantines the file whole. Everything a record breaks (its CHROM, POS
 QUAL, FILTER, INFO, FORMAT and sample columns, duplicates and sort order) is a warning: the
 record still lands, and `check_text` says which line broke which rule.
 
-Record rules (`RECORD_RULES`) are SQL predicates run by DuckDB over a chunk of lines at once:
-one row per line, per distinct FORMAT, per distinct INFO entry and per distinct sample value
-(values repeat from line to line, so each is judged once and only failing ones are traced back
-to their lines). No Python loop per record. Sort order and duplicates are checked within a chunk
-(500,000 lines).
+Record rules (`RECORD_RULES`) are SQL predicates run by DuckDB over a chunk of lines at once,
+all in one query: per line (POS, the column count), per distinct value of a column (CHROM, ID,
+REF, ALT, QUAL, FILTER, FORMAT, INFO), per distinct INFO entry, GT and sample value. Values
+repeat from line to line, so each is judged once and only from a failing one the way back to
+its lines is taken. A sample column that fully matches the regex made for its shape (FORMAT,
+number of ALT alleles, ploidy) from the declared Types and Numbers breaks no value rule, so only
+the others are split into values. No Python loop per record. Sort order and duplicates are
+checked within a chunk (500,000 lines).
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -256,48 +261,6 @@ def _check_columns(header: Header, n: int, line: str) -> None:
 
 # -- records ----------------------------------------------------------------------------------
 
-SPLIT = """
-CREATE OR REPLACE TEMP TABLE rec AS
-SELECT line_no, f[1] AS chrom, f[2] AS pos, f[3] AS id, f[4] AS ref, f[5] AS alt, f[6] AS qual,
-       f[7] AS filter, f[8] AS info, f[9] AS format, f[10:] AS samples, len(f) AS n_fields,
-       CASE WHEN f[5] = '.' THEN [] ELSE string_split(f[5], ',') END AS alts,
-       CASE WHEN f[5] = '.' THEN 0 ELSE len(string_split(f[5], ',')) END AS n_alt,
-       string_split(f[9], ':') AS keys
-FROM (SELECT line_no, string_split(line, chr(9)) AS f FROM body);
-CREATE OR REPLACE TEMP TABLE format_at AS SELECT line_no, format FROM rec WHERE n_fields > 8;
-CREATE OR REPLACE TEMP TABLE format AS
-SELECT format, string_split(format, ':') AS keys FROM (SELECT DISTINCT format FROM format_at);
-CREATE OR REPLACE TEMP TABLE info_at AS
-SELECT line_no, n_alt, entry FROM (
-    SELECT line_no, n_alt, unnest(string_split(info, ';')) AS entry FROM rec
-    WHERE info <> '.' AND n_fields >= 8);
-CREATE OR REPLACE TEMP TABLE info AS  -- each distinct entry once: most repeat from line to line
-SELECT i.*, d.number, d.kind, 2 AS ploidy FROM (
-    SELECT entry, n_alt, split_part(entry, '=', 1) AS key,
-           CASE WHEN contains(entry, '=') THEN entry[strpos(entry, '=') + 1:] END AS val
-    FROM (SELECT DISTINCT entry, n_alt FROM info_at)) i
-LEFT JOIN info_decl d USING (key);
-CREATE OR REPLACE TEMP TABLE cell AS
-SELECT line_no, n_alt, keys, s, vals,
-       CASE WHEN keys[1] = 'GT' THEN len(regexp_split_to_array(vals[1], '[/|]')) ELSE 2 END AS ploidy
-FROM (SELECT line_no, n_alt, keys, s, string_split(sample, ':') AS vals FROM (
-    SELECT line_no, n_alt, keys, unnest(samples) AS sample, unnest(range(1, len(samples) + 1)) AS s
-    FROM rec WHERE n_fields >= 10));
-CREATE OR REPLACE TEMP TABLE gt AS
-SELECT line_no, n_alt, s, vals[1] AS gt,
-       list_transform(regexp_split_to_array(vals[1], '[/|]'), a -> TRY_CAST(a AS INTEGER)) AS alleles
-FROM cell WHERE keys[1] = 'GT';
-CREATE OR REPLACE TEMP TABLE value_at AS  -- only the values a declared Type or Number constrains
-SELECT c.* FROM (
-    SELECT line_no, n_alt, s, ploidy, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val
-    FROM cell) c
-SEMI JOIN format_decl d ON c.key = d.key AND (d.kind <> 'String' OR d.number <> '.')
-WHERE c.key <> 'GT';
-CREATE OR REPLACE TEMP TABLE value AS  -- each distinct value once
-SELECT v.*, d.number, d.kind FROM (SELECT DISTINCT key, val, n_alt, ploidy FROM value_at) v
-JOIN format_decl d USING (key);
-"""
-
 # Which count a Number asks for, given n_alt alternate alleles and a ploidy.
 EXPECTED = """CASE WHEN number = '.' OR n_alt = 0 AND number IN ('A', 'R', 'G') THEN NULL
     ELSE CASE number WHEN 'A' THEN n_alt WHEN 'R' THEN n_alt + 1
@@ -306,6 +269,99 @@ EXPECTED = """CASE WHEN number = '.' OR n_alt = 0 AND number IN ('A', 'R', 'G') 
     ELSE TRY_CAST(number AS BIGINT) END END"""
 COUNT = "(length(val) - length(replace(val, ',', '')) + 1)"
 """How many comma-separated values a value holds."""
+
+
+SPLIT = """
+CREATE OR REPLACE TEMP TABLE rec AS
+SELECT *, len(alts) AS n_alt, TRY_CAST(pos AS BIGINT) AS position FROM (
+    SELECT line_no, f[1] AS chrom, f[2] AS pos, f[3] AS id, f[4] AS ref, f[5] AS alt, f[6] AS qual,
+           f[7] AS filter, f[8] AS info, f[9] AS format, f[10:] AS samples, len(f) AS n_fields,
+           CASE WHEN f[5] = '.' THEN [] ELSE string_split(f[5], ',') END AS alts
+    FROM (SELECT line_no, string_split(line, chr(9)) AS f FROM body));
+CREATE OR REPLACE TEMP TABLE info_line AS  -- each distinct INFO once: many lines share one
+SELECT row_number() OVER () AS info_line, info, n_alt
+FROM (SELECT DISTINCT info, n_alt FROM rec WHERE info <> '.' AND n_fields >= 8);
+CREATE OR REPLACE TEMP TABLE info_entry AS
+SELECT info_line, n_alt, entry, split_part(entry, '=', 1) AS key
+FROM (SELECT info_line, n_alt, unnest(string_split(info, ';')) AS entry FROM info_line);
+CREATE OR REPLACE TEMP TABLE info AS  -- each distinct entry once
+SELECT i.*, d.number, d.kind, 2 AS ploidy FROM (
+    SELECT entry, n_alt, key, CASE WHEN contains(entry, '=') THEN entry[strpos(entry, '=') + 1:] END AS val
+    FROM (SELECT DISTINCT entry, n_alt, key FROM info_entry)) i
+LEFT JOIN info_decl d USING (key);
+CREATE OR REPLACE TEMP TABLE sample_at AS
+SELECT *, CASE WHEN gt IS NULL THEN 2 ELSE strlen(gt) - strlen(replace(replace(gt, '/', ''), '|', '')) + 1
+          END AS ploidy
+FROM (SELECT line_no, n_alt, format, sample, s,
+             CASE WHEN split_part(format, ':', 1) = 'GT' THEN split_part(sample, ':', 1) END AS gt
+      FROM (SELECT line_no, n_alt, format, unnest(samples) AS sample, unnest(range(1, len(samples) + 1)) AS s
+            FROM rec WHERE n_fields >= 10));
+CREATE OR REPLACE TEMP TABLE gt AS  -- each distinct GT once
+SELECT gt, n_alt,
+       list_transform(regexp_split_to_array(gt, '[/|]'), a -> TRY_CAST(a AS INTEGER)) AS alleles
+FROM (SELECT DISTINCT gt, n_alt FROM sample_at WHERE gt IS NOT NULL);
+CREATE OR REPLACE TEMP TABLE shape AS  -- each distinct (FORMAT, n_alt, ploidy) of a sample column
+SELECT row_number() OVER (ORDER BY count(*) DESC, format, n_alt, ploidy) AS shape, format, n_alt, ploidy
+FROM sample_at GROUP BY format, n_alt, ploidy;
+"""
+SHAPE_KEYS = f"""
+SELECT shape, key, kind, number, {EXPECTED.replace("ploidy", "coalesce(ploidy, 2)")} AS expected FROM (
+    SELECT shape, n_alt, ploidy, unnest(string_split(format, ':')) AS key,
+           unnest(range(1, len(string_split(format, ':')) + 1)) AS position
+    FROM shape WHERE shape <= $shapes) LEFT JOIN format_decl USING (key)
+ORDER BY shape, position
+"""
+"""The keys of the commonest shapes, with what their values must be."""
+CELLS = """
+CREATE OR REPLACE TEMP TABLE cell AS  -- each distinct sample column that needs a closer look, once
+SELECT row_number() OVER () AS cell, format, n_alt, sample, ploidy, string_split(format, ':') AS keys,
+       string_split(sample, ':') AS vals
+FROM (SELECT DISTINCT format, n_alt, sample, ploidy FROM sample_at JOIN shape USING (format, n_alt, ploidy)
+      WHERE NOT ($clean));
+"""
+VALUES = """
+CREATE OR REPLACE TEMP TABLE cell_value AS  -- only the values a declared Type or Number constrains
+SELECT c.* FROM (
+    SELECT cell, n_alt, ploidy, unnest(keys[:len(vals)]) AS key, unnest(vals[:len(keys)]) AS val FROM cell) c
+SEMI JOIN (SELECT key FROM format_decl WHERE kind <> 'String' OR number <> '.') USING (key)
+WHERE c.key <> 'GT';
+CREATE OR REPLACE TEMP TABLE value AS  -- each distinct value once
+SELECT v.*, d.number, d.kind FROM (SELECT DISTINCT key, val, n_alt, ploidy FROM cell_value) v
+JOIN format_decl d USING (key);
+"""
+CLEAN_ITEMS = {"Integer": "[+-]?[0-9]{1,9}", "Float": FLOAT, "Character": "[^,:]", "String": "[^,:]*"}
+"""Values of each Type that surely pass its rules (an Integer of at most 9 digits is in range)."""
+MAX_SHAPES = MAX_KEYS = MAX_COUNT = 64
+"""Regexes for at most this many shapes of a chunk, of at most this many keys and values each."""
+
+
+def _clean_cells(keys: list[tuple[int, str, str | None, str | None, int | None]]) -> str:
+    """SQL: true for a sample column that surely breaks no sample or value rule, because it fully
+    matches a regex made for its shape from each key's Type and count. The rest (and shapes
+    with no regex) are judged value by value; most columns of a file share a few shapes."""
+    shapes: dict[int, list[str | None]] = {}
+    for shape, key, kind, number, expected in keys:
+        shapes.setdefault(shape, []).append(_clean_value(key, kind, number, expected))
+    cases = []
+    for shape, values in shapes.items():
+        if len(values) <= MAX_KEYS and all(values):
+            pattern = ""
+            for value in reversed(values[1:]):  # a column may end before its last keys
+                pattern = f"(:({value}){pattern})?"
+            cases.append(f"WHEN {shape} THEN regexp_full_match(sample, '({values[0]}){pattern}')")
+    return f"CASE shape {' '.join(cases)} ELSE false END" if cases else "false"
+
+
+def _clean_value(key: str, kind: str | None, number: str | None, expected: int | None) -> str | None:
+    """A regex for the values of `key` that pass the value rules, or None when there is none."""
+    if key == "GT" or kind is None or (kind == "String" and number == "."):
+        return "[^:]*"  # not judged as a value (GT has rules of its own)
+    if kind not in CLEAN_ITEMS or (expected is not None and expected > MAX_COUNT):
+        return None
+    item = f"(({CLEAN_ITEMS[kind]})|\\.)?"
+    if expected is None:
+        return f"{item}(,{item})*"
+    return "\\." if expected == 0 else f"\\.|{item}(,{item}){{{expected - 1}}}"
 
 
 def _listed(pattern: str) -> str:
@@ -328,18 +384,19 @@ RECORD_RULES: list[tuple[str, str, str]] = [
     # (table, reason: a SQL text expression, the condition that breaks the rule)
     ("rec", "'a data line must have ' || $n_columns || ' tab-separated columns, not ' || n_fields",
      "n_fields <> $n_columns"),
-    ("rec", "'CHROM ' || chrom || ' is not a valid contig name'", "NOT regexp_full_match(chrom, $chrom)"),
-    ("rec", "'POS ' || pos || ' is not a positive integer'", "coalesce(TRY_CAST(pos AS BIGINT) < 0, true)"),
-    ("rec", "'ID ' || id || ' must be . or ;-separated names without whitespace'",
+    ("chrom", "'CHROM ' || chrom || ' is not a valid contig name'", "NOT regexp_full_match(chrom, $chrom)"),
+    ("rec", "'POS ' || pos || ' is not a positive integer'", "coalesce(position < 0, true)"),
+    ("id", "'ID ' || id || ' must be . or ;-separated names without whitespace'",
      r"id <> '.' AND NOT regexp_full_match(id, '[^\s;]+(;[^\s;]+)*')"),
-    ("rec", "'ID ' || id || ' names one identifier twice'",
+    ("id", "'ID ' || id || ' names one identifier twice'",
      "id <> '.' AND len(list_distinct(string_split(id, ';'))) <> len(string_split(id, ';'))"),
-    ("rec", "'REF ' || ref || ' must be bases (A, C, G, T, N)'", f"NOT regexp_full_match(ref, '{BASES}')"),
-    ("rec", "'ALT ' || alt || ' is not a list of alleles (bases, *, <ID> or breakends)'",
-     f"alt <> '.' AND NOT list_bool_and(list_transform(alts, a -> regexp_full_match(a, '{ALLELE}')))"),
-    ("rec", "'QUAL ' || qual || ' must be . or a number >= 0'",
+    ("ref", "'REF ' || ref || ' must be bases (A, C, G, T, N)'", f"NOT regexp_full_match(ref, '{BASES}')"),
+    ("alt", "'ALT ' || alt || ' is not a list of alleles (bases, *, <ID> or breakends)'",
+     f"alt <> '.' AND NOT list_bool_and(list_transform(string_split(alt, ','),"
+     f" a -> regexp_full_match(a, '{ALLELE}')))"),
+    ("qual", "'QUAL ' || qual || ' must be . or a number >= 0'",
      f"qual <> '.' AND (NOT regexp_full_match(qual, '{FLOAT}') OR TRY_CAST(qual AS DOUBLE) < 0)"),
-    ("rec", "'FILTER ' || filter || ' must be PASS, . or ;-separated filter names'",
+    ("filter", "'FILTER ' || filter || ' must be PASS, . or ;-separated filter names'",
      r"filter <> '.' AND (NOT regexp_full_match(filter, '[^\s;]+(;[^\s;]+)*') OR contains(filter, ';.')"
      r" OR filter LIKE '.;%' OR list_contains(string_split(filter, ';'), '0')"
      " OR len(list_distinct(string_split(filter, ';'))) <> len(string_split(filter, ';')))"),
@@ -348,9 +405,7 @@ RECORD_RULES: list[tuple[str, str, str]] = [
      " OR (list_contains(keys, 'GT') AND keys[1] <> 'GT') OR len(list_distinct(keys)) <> len(keys))"),
     ("info", "'INFO ' || entry || ' is not key or key=value with a valid key'",
      rf"NOT regexp_full_match(key, '{KEY}') OR regexp_matches(entry, '\s')"),
-    ("rec", "'INFO ' || info || ' names a key more than once'",
-     "info <> '.' AND len(list_distinct(list_transform(string_split(info, ';'), e -> split_part(e, '=', 1))))"
-     " <> len(string_split(info, ';'))"),
+    ("info_line", "'INFO ' || info || ' names a key more than once'", "repeats > 1"),
     ("info", "'INFO ' || entry || ': ' || key || ' is a Flag and takes no value'",
      "kind = 'Flag' AND val IS NOT NULL AND val NOT IN ('0', '1')"),
     ("info", "'INFO ' || entry || ': ' || key || ' needs a value'", "val IS NULL AND kind <> 'Flag'"),
@@ -374,61 +429,127 @@ RECORD_RULES: list[tuple[str, str, str]] = [
      " || 'its Number says'",
      f"val <> '.' AND {COUNT} <> ({EXPECTED.replace('ploidy', 'coalesce(ploidy, 2)')})"),
 ]  # fmt: skip
+"""The rules' tables: `rec` has a row per data line; the others hold each distinct value once
+(`JUDGED_ONCE`)."""
 
 ORDER_RULES = """
-WITH alleles AS (
-    SELECT line_no, chrom, TRY_CAST(pos AS BIGINT) AS pos, ref, unnest(alts) AS alt FROM rec),
+WITH alleles AS (SELECT line_no, chrom, position AS pos, ref, unnest(alts) AS alt FROM rec),
 trimmed AS (  -- one spelling per variant: drop the shared last bases, then the shared first ones
-    SELECT *, len(list_filter(range(1, least(length(r), length(a))),
-                              i -> r[1:i] = a[1:i])) AS head
+    SELECT *, CASE WHEN least(length(r), length(a)) > 1
+                   THEN len(list_filter(range(1, least(length(r), length(a))), i -> r[1:i] = a[1:i]))
+                   ELSE 0 END AS head
     FROM (SELECT *, ref[:length(ref) - tail] AS r, alt[:length(alt) - tail] AS a FROM (
-        SELECT *, len(list_filter(range(1, least(length(ref), length(alt))),
-                                  i -> ref[-i:] = alt[-i:])) AS tail
+        SELECT *, CASE WHEN least(length(ref), length(alt)) > 1  -- a SNV or a 1-base REF or ALT: none
+                       THEN len(list_filter(range(1, least(length(ref), length(alt))),
+                                            i -> ref[-i:] = alt[-i:]))
+                       ELSE 0 END AS tail
         FROM alleles WHERE regexp_full_match(alt, '[ACGTNacgtn]+') AND pos IS NOT NULL))),
+variant AS MATERIALIZED (
+    SELECT line_no, chrom, pos + head AS start, r[head + 1:] AS trimmed_ref, a[head + 1:] AS trimmed_alt
+    FROM trimmed),
+twice AS (  -- a hash lookup finds the few variants spelled more than once
+    SELECT chrom, start, upper(trimmed_ref) AS ref, upper(trimmed_alt) AS alt FROM variant
+    GROUP BY ALL HAVING count(*) > 1),
 dup AS (
-    SELECT line_no, 'variant ' || chrom || ':' || (pos + head) || ' ' || r[head + 1:] || '>'
-           || a[head + 1:] || ' is also on line ' || first_value(line_no) OVER w AS reason,
+    SELECT line_no, chrom, start, trimmed_ref, trimmed_alt, first_value(line_no) OVER w AS first_line,
            row_number() OVER w AS nth
-    FROM trimmed WINDOW w AS (PARTITION BY chrom, pos + head, upper(r[head + 1:]), upper(a[head + 1:])
-                              ORDER BY line_no)),
+    FROM variant v SEMI JOIN twice t ON v.chrom = t.chrom AND v.start = t.start
+        AND upper(v.trimmed_ref) = t.ref AND upper(v.trimmed_alt) = t.alt
+    WINDOW w AS (PARTITION BY chrom, start, upper(trimmed_ref), upper(trimmed_alt) ORDER BY line_no)),
 runs AS (
-    SELECT *, sum(CASE WHEN chrom IS DISTINCT FROM before THEN 1 ELSE 0 END) OVER (ORDER BY line_no) AS run
-    FROM (SELECT line_no, chrom, TRY_CAST(pos AS BIGINT) AS pos,
-                 lag(chrom) OVER (ORDER BY line_no) AS before,
-                 lag(TRY_CAST(pos AS BIGINT)) OVER (ORDER BY line_no) AS pos_before
-          FROM rec WHERE NOT starts_with(chrom, '<')))
-SELECT line_no, reason FROM dup WHERE nth > 1
+    SELECT line_no, chrom, position AS pos, lag(chrom) OVER (ORDER BY line_no) AS before,
+           lag(position) OVER (ORDER BY line_no) AS pos_before
+    FROM rec WHERE NOT starts_with(chrom, '<')),
+starts AS (  -- the first line of each run of one CHROM, and which run of that CHROM it starts
+    SELECT line_no, chrom, row_number() OVER (PARTITION BY chrom ORDER BY line_no) AS nth
+    FROM runs WHERE chrom IS DISTINCT FROM before)
+SELECT line_no, 'variant ' || chrom || ':' || start || ' ' || trimmed_ref || '>' || trimmed_alt
+       || ' is also on line ' || first_line
+FROM dup WHERE nth > 1
 UNION ALL
 SELECT line_no, 'records are not sorted: POS ' || pos || ' comes after ' || pos_before
 FROM runs WHERE chrom = before AND pos < pos_before
 UNION ALL
-SELECT line_no, 'records of ' || chrom || ' are not contiguous (it appeared before)'
-FROM runs r WHERE chrom IS DISTINCT FROM before
-    AND EXISTS (SELECT 1 FROM runs o WHERE o.chrom = r.chrom AND o.run < r.run)
+SELECT line_no, 'records of ' || chrom || ' are not contiguous (it appeared before)' FROM starts WHERE nth > 1
 """
 
 
-DISTINCT = {"format": "format", "info": "entry, n_alt", "value": "key, val, n_alt, ploidy"}
-"""Tables that hold each distinct value once, and how to find the lines (in `<table>_at`)."""
+def _column(name: str) -> tuple[str, list[tuple[str, str]]]:
+    """A column of the data lines, each distinct value once."""
+    return f"SELECT DISTINCT {name} FROM rec", [(f"SELECT line_no, {name} FROM rec", name)]
 
 
-def _rule_sql(table: str, reason: str, condition: str) -> str:
-    """The lines that break one rule, with the reason. Rules on a table of distinct values are
-    judged once per value, then the lines that hold a failing value are looked up."""
-    where = f"coalesce({condition}, false)"
-    reason = f"coalesce({reason}, 'a {table} rule fails')"
-    if table not in DISTINCT:
-        return f"SELECT line_no, {reason} AS reason FROM {table} WHERE {where}"
-    failing = f"SELECT * FROM {table} WHERE {where}"
-    return f"SELECT line_no, {reason} AS reason FROM {table}_at JOIN ({failing}) USING ({DISTINCT[table]})"
+LINES_OF_INFO = ("SELECT line_no, info, n_alt FROM rec", "info, n_alt")
+LINES_OF_CELL = ("SELECT line_no, s, format, n_alt, sample FROM sample_at", "format, n_alt, sample")
+JUDGED_ONCE: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    # table: (its distinct values, the way back to the lines (and samples) that hold one)
+    "chrom": _column("chrom"),
+    "id": _column("id"),
+    "ref": _column("ref"),
+    "alt": _column("alt"),
+    "qual": _column("qual"),
+    "filter": _column("filter"),
+    "format": ("SELECT format, string_split(format, ':') AS keys FROM rec WHERE n_fields > 8 GROUP BY format",
+               [("SELECT line_no, format FROM rec", "format")]),
+    "info_line": ("SELECT info_line, max(n) AS repeats FROM (SELECT info_line, count(*) AS n FROM info_entry"
+                  " GROUP BY info_line, key) GROUP BY info_line",
+                  [("FROM info_line", "info_line"), LINES_OF_INFO]),
+    "info": ("FROM info", [("SELECT info_line, entry, n_alt FROM info_entry", "entry, n_alt"),
+                           ("SELECT info_line, info FROM info_line", "info_line"), LINES_OF_INFO]),
+    "cell": ("FROM cell", [LINES_OF_CELL]),
+    "gt": ("FROM gt", [("SELECT line_no, s, gt, n_alt FROM sample_at", "gt, n_alt")]),
+    "value": ("FROM value", [("FROM cell_value", "key, val, n_alt, ploidy"),
+                             ("SELECT cell, format, sample FROM cell", "cell"), LINES_OF_CELL]),
+}  # fmt: skip
+"""Values repeat from line to line (a no-call's sample column, PASS, an INFO of no-calls), so
+each is judged once, and only from a failing one the way back to its lines is taken (in that
+order: the lines are not joined to anything first)."""
+
+
+def _rules_sql(table: str, rules: list[tuple[str, str]]) -> str:
+    """The lines that break the rules of one table, with the reasons. Each row (each distinct
+    value) is judged once against every rule, and a reason is written only for what fails."""
+    broken = ", ".join(f"CASE WHEN {condition} THEN {n} END" for n, (_, condition) in enumerate(rules))
+    reasons = " ".join(f"WHEN {n} THEN {reason}" for n, (reason, _) in enumerate(rules))
+    values, way_back = JUDGED_ONCE.get(table, (f"FROM {table}", []))
+    failing = f"SELECT * FROM (SELECT *, unnest([{broken}]) AS rule FROM ({values})) WHERE rule IS NOT NULL"
+    for relation, shared in way_back:
+        failing = f"SELECT * FROM ({relation}) JOIN ({failing}) USING ({shared})"
+    reason = f"coalesce(CASE rule {reasons} END, 'a {table} rule fails')"
+    return f"SELECT line_no, {reason} AS reason FROM ({failing})"
+
+
+def _all_rules_sql(but: tuple[str, ...] = ()) -> str:
+    tables: dict[str, list[tuple[str, str]]] = {}
+    for table, reason, condition in RECORD_RULES:
+        if table not in but:
+            tables.setdefault(table, []).append((reason, condition))
+    return " UNION ALL ".join(_rules_sql(table, rules) for table, rules in tables.items())
+
+
+RULES_SQL = _all_rules_sql()
+CLEAN_CELLS_RULES_SQL = _all_rules_sql(but=("cell", "value"))
+"""When every sample column matched its shape's regex, the rules on sample columns and values
+have nothing to judge (and planning them costs more than running them)."""
+
+
+@functools.cache
+def _database() -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(config={"threads": 1})
+
+
+_OPENING = threading.Lock()
 
 
 class RecordChecker:
-    """Runs the record rules over chunks of data lines of one file; one DuckDB connection."""
+    """Runs the record rules over chunks of data lines of one file, on a connection of its own
+    (its own temp tables) to the process's one in-memory DuckDB: opening a database costs more
+    than checking a small file, a connection to an open one next to nothing."""
 
     def __init__(self, header: Header) -> None:
         self.header = header
-        self.con = duckdb.connect(config={"threads": 1})
+        with _OPENING:
+            self.con = _database().cursor()
         info = {**RESERVED_INFO, **header.info}
         fmt = {**RESERVED_FORMAT, **header.format}
         for name, decl in (("info_decl", info), ("format_decl", fmt)):
@@ -442,7 +563,6 @@ class RecordChecker:
             "format_key": KEY,
             "n_columns": 8 + (len(header.samples) + 1 if header.samples else 0),
         }
-        self.sql = " UNION ALL ".join(_rule_sql(*rule) for rule in RECORD_RULES)
 
     def close(self) -> None:
         self.con.close()
@@ -457,14 +577,16 @@ class RecordChecker:
         con.register("body", body)
         try:
             con.execute(SPLIT)
-            found = con.execute(
-                f"""SELECT line_no, b.line, reason FROM (({self.sql}) UNION ALL ({ORDER_RULES}))
-                JOIN body b USING (line_no) ORDER BY line_no""",
-                self.params,
-            ).fetchall()
+            shapes = con.execute(SHAPE_KEYS, {"shapes": MAX_SHAPES}).fetchall()
+            con.execute(CELLS.replace("$clean", _clean_cells(shapes)))
+            (looked_at,) = con.execute("SELECT count(*) FROM cell").fetchone() or (0,)
+            if looked_at:
+                con.execute(VALUES)
+            rules = RULES_SQL if looked_at else CLEAN_CELLS_RULES_SQL
+            found = con.execute(f"({rules}) UNION ALL ({ORDER_RULES})", self.params).fetchall()
         finally:
             con.unregister("body")
-        return [(int(n), reason, line) for n, line, reason in found]
+        return [(n, reason, lines[n - first_line]) for n, reason in found]
 
 
 def file_warnings(file: str, rows: Iterable[tuple[int, str, str]], limit: int = 1000) -> pa.Table:

@@ -134,6 +134,12 @@ VARIANTS_WAIT = (
     "WHERE patient_id IS NULL AND patient_identifier IS NOT NULL"
 )
 """Whether some variant call's sample names a patient identifier no Patient has yet."""
+CALLED_SAMPLES = (
+    "SELECT source, sample, bool_or(patient_id IS NULL AND patient_identifier IS NOT NULL) "
+    "FROM twin.genomic_variant GROUP BY ALL"
+)
+"""The samples each source has calls of (as VARIANTS_WAIT, whether some call waits), read once
+when the writer opens: a sample's first calls have no stored call to replace."""
 
 
 @dataclass(kw_only=True)
@@ -205,7 +211,11 @@ class TwinStore:
         self._ensure_view_tables()
         (self._has_tombstones,) = _one(self.con, "SELECT count(*) > 0 FROM twin.fhir_deletion")
         (self._has_held,) = _one(self.con, "SELECT count(*) > 0 FROM twin.held_resource")
-        (self._variants_wait,) = _one(self.con, VARIANTS_WAIT)
+        called = self.con.execute(CALLED_SAMPLES).fetchall()
+        self._variants_wait = int(any(waiting for _, _, waiting in called))
+        # (source, sample) of the stored variant calls. After a batch rolls back it may still name
+        # samples the batch added, which only costs a look for calls to replace; it never misses one.
+        self._called = {(source, sample) for source, sample, _ in called}
         self._keys_loaded = False
         self._samples = SampleWriter(con=self.con)
         # The FHIR of the days each batch rolls up, made in a thread while later batches land.
@@ -647,15 +657,18 @@ class TwinStore:
         """Upsert variant rows on (source, sample, assembly, chrom, pos, ref, alt); returns how
         many were new and how many replaced a row from an earlier read."""
         con = self.con
+        samples = {(run.source, sample) for sample in pc.unique(variants["sample"]).to_pylist()}
         con.register("variants", variants)
         try:
             key = "v.sample, v.assembly, v.chrom, v.pos, v.ref, v.alt"
             match = f"""t.source = $source AND (t.sample, t.assembly, t.chrom, t.pos, t.ref, t.alt)
                         IS NOT DISTINCT FROM ({key})"""
             existing = f"SELECT 1 FROM twin.genomic_variant t WHERE {match}"
-            (replaced,) = con.execute(
-                f"SELECT count(*) FROM variants v WHERE EXISTS ({existing})", {"source": run.source}
-            ).fetchone() or (0,)
+            replaced = 0
+            if samples & self._called:  # else these are the first calls of their samples
+                (replaced,) = con.execute(
+                    f"SELECT count(*) FROM variants v WHERE EXISTS ({existing})", {"source": run.source}
+                ).fetchone() or (0,)
             if replaced:
                 con.execute(
                     f"DELETE FROM twin.genomic_variant t USING variants v WHERE {match}",
@@ -668,6 +681,7 @@ class TwinStore:
             )
         finally:
             con.unregister("variants")
+        self._called |= samples
         run.changed["genomic_variant"] += len(variants)
         return len(variants) - replaced, replaced
 
@@ -741,10 +755,8 @@ class TwinStore:
                 """INSERT INTO twin.ingest_warning
                 SELECT $run_id, $source, w.file, w.line_no, w.reason, w.raw, now()
                 FROM (SELECT DISTINCT * FROM batch_warnings) w
-                WHERE NOT EXISTS (
-                    SELECT 1 FROM twin.ingest_warning k
-                    WHERE k.source = $source AND k.file = w.file AND k.line_no = w.line_no
-                      AND k.reason = w.reason)""",
+                ANTI JOIN (SELECT file, line_no, reason FROM twin.ingest_warning WHERE source = $source)
+                USING (file, line_no, reason)""",
                 {"run_id": run.run_id, "source": run.source},
             ).fetchone()
         finally:

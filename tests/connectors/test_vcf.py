@@ -93,6 +93,55 @@ def test_a_changed_file_replaces_its_rows_and_an_unreadable_one_is_quarantined(t
     )
 
 
+def test_calls_landed_again_by_the_same_writer_replace_the_first(tmp_path: Path) -> None:
+    """The writer skips the look for calls to replace only for samples it has no calls of yet;
+    a sample landed earlier in the same session (another file, a changed one) is looked at."""
+    folder = tmp_path / "vcfs"
+    folder.mkdir()
+    write_vcf(folder / "a.vcf", RECORDS)
+    write_vcf(folder / "b.vcf", RECORDS[:1])  # S1's and S2's calls at 112841059 again
+    source = VcfSource(name="seq", kind="vcf", path=folder, batch_variants=2)
+    with TwinStore(tmp_path / "store") as store:
+        first = store.begin_run("seq", "sync")
+        land_batches(store, first, VcfConnector(source).pull(None))
+        store.finish_run(first, "succeeded")
+        write_vcf(folder / "a.vcf", RECORDS[1:])
+        again = store.begin_run("seq", "sync")
+        land_batches(store, again, VcfConnector(source).pull(store.watermark("seq")))
+        store.finish_run(again, "succeeded")
+    assert (first.counts["inserted"], first.counts["updated"]) == (5, 2)
+    assert (again.counts["inserted"], again.counts["updated"]) == (0, 3)
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT count(*), count(DISTINCT (sample, pos, alt)) FROM genomic_variant").fetchone() == (
+        5,
+        5,
+    )
+
+
+def test_an_annotation_key_the_header_does_not_declare_is_still_read(tmp_path: Path) -> None:
+    """Records are asked only for the annotation keys the header declares, unless one turns up."""
+    undeclared = RECORDS[1].replace("\t.\tGT:PS", "\tALLELEID=15041;GENEINFO=MUTYH:4595\tGT:PS")
+    path = write_vcf(tmp_path / "calls.vcf", [RECORDS[0], undeclared])
+    sync(tmp_path / "store", VcfSource(name="seq", kind="vcf", path=path))
+    rows = connect(tmp_path / "store").sql(
+        "SELECT pos, alt, gene, clinvar_allele_id FROM genomic_variant WHERE sample = 'S1' ORDER BY ALL"
+    )
+    assert rows.fetchall() == [
+        (112841059, "A", "APC", None),
+        (112841100, "C", "MUTYH", "15041"),
+        (112841100, "T", "MUTYH", "15041"),
+    ]
+
+
+def test_a_record_without_genotypes_makes_no_rows(tmp_path: Path) -> None:
+    no_gt = "chr5\t112841150\t.\tC\tG\t.\tPASS\t.\tPS\t7\t8"
+    report = sync(tmp_path / "store", VcfSource(name="seq", kind="vcf", path=write_vcf(
+        tmp_path / "calls.vcf", [RECORDS[0], no_gt, RECORDS[2]])))  # fmt: skip
+    rows = connect(tmp_path / "store").sql("SELECT pos, sample FROM genomic_variant ORDER BY ALL").fetchall()
+    assert (report.counts["inserted"], report.counts["quarantined"]) == (3, 0)
+    assert rows == [(112841059, "S1"), (112841059, "S2"), (112841200, "S2")]
+
+
 def test_a_record_that_breaks_the_spec_lands_with_a_warning_kept_once(tmp_path: Path) -> None:
     bad = RECORDS[1].replace("\t50\t", "\t-50\t")  # QUAL cannot be negative
     path = write_vcf(tmp_path / "calls.vcf", [RECORDS[0], bad, RECORDS[2]])

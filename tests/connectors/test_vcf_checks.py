@@ -4,7 +4,10 @@ line and rule; a record that breaks a rule is named in a warning."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from connectors import vcf_checks
 from connectors.vcf_checks import VcfSpecError, check_text
 
 HEADER = [
@@ -108,6 +111,9 @@ def test_a_reserved_key_declared_with_another_type_is_a_warning_on_its_line() ->
         (9, "0/1:3.5:10,0,20", "GQ=3.5 is not of Type Integer"),
         (9, "0/1:30:10,0", "PL=10,0 does not have the number of values"),
         (9, "0/1:30:10,0,20:5", "has more fields than FORMAT has keys"),
+        (9, "0/1:2147483648:10,0,20", "GQ=2147483648 is not of Type Integer"),
+        (9, "1:30:10,0,20", "PL=10,0,20 does not have the number of values"),  # haploid: 2 likelihoods
+        (9, "0/1:30:10,0,2e", "PL=10,0,2e is not of Type Integer"),
     ],
 )
 def test_a_record_that_breaks_a_rule_is_named_in_a_warning(column: int, value: str, expected: str) -> None:
@@ -116,6 +122,54 @@ def test_a_record_that_breaks_a_rule_is_named_in_a_warning(column: int, value: s
     found = reasons(text(records=["\t".join(fields), *RECORDS[1:]]))
     assert {n for n, _ in found} == {len(HEADER) + 1}, found
     assert any(expected in reason for _, reason in found), found
+
+
+def test_sample_columns_with_odd_but_valid_values_have_no_warnings() -> None:
+    columns = ["1:30:10,0", "0/1:0000000030:10,0,20", "0/1", "./.:.:.", "0/1::10,.,20", "0|1:-0:+1,0,2"]
+    records = [f"1\t{100 + n}\t.\tA\tG\t.\t.\t.\tGT:GQ:PL\t{c}\t0/0" for n, c in enumerate(columns)]
+    assert reasons(text(records=records)) == []
+
+
+SAMPLE_KEYS = {  # a FORMAT key per Type and Number
+    "I1": ("1", "Integer"), "I2": ("2", "Integer"), "IA": ("A", "Integer"), "IR": ("R", "Integer"),
+    "IG": ("G", "Integer"), "IX": (".", "Integer"), "I0": ("0", "Integer"), "F1": ("1", "Float"),
+    "FA": ("A", "Float"), "C2": ("2", "Character"), "SR": ("R", "String"), "SX": (".", "String"),
+}  # fmt: skip
+ATOMS = ["0", "7", "-1", "+5", "999999999", "2147483647", "2147483648", "-2147483641", "00012345678901", ".",
+         "", "1.5", "1e5", "-1e-3", ".5", "inf", "NaN", "a", "é", "1x"]  # fmt: skip
+
+
+@st.composite
+def sample_lines(draw: st.DrawFn) -> list[str]:
+    """Data lines whose sample columns hold values of every Type and Number, mostly valid."""
+    lines = []
+    for n in range(draw(st.integers(1, 12))):
+        keys = ["GT", *draw(st.lists(st.sampled_from(sorted(SAMPLE_KEYS)), max_size=4))]
+        alt = draw(st.sampled_from([".", "C", "C,G", "C,G,T"]))
+        columns = []
+        for _ in range(2):
+            values = [draw(st.sampled_from(["0/1", "1|1", "1", "./.", "0/0/1", "2", "0/x"]))]
+            for _ in keys[1:]:
+                count = draw(st.integers(1, 4))
+                values.append(",".join(draw(st.sampled_from(ATOMS)) for _ in range(count)))
+            columns.append(":".join(values[: draw(st.integers(1, len(values) + 1))]))
+        lines.append(f"1\t{100 + n}\t.\tA\t{alt}\t.\t.\t.\t{':'.join(keys)}\t{columns[0]}\t{columns[1]}")
+    return lines
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sample_lines())
+def test_sample_columns_judged_by_their_shape_get_the_warnings_of_value_by_value(lines: list[str]) -> None:
+    """A sample column that matches its shape's regex is never judged value by value: the regex
+    must let through only what every value rule lets through."""
+    header = [*HEADER[:6], *(f'##FORMAT=<ID={k},Number={n},Type={t},Description="x">' for k, (n, t) in
+                             SAMPLE_KEYS.items()), *HEADER[6:]]  # fmt: skip
+    vcf = text(header, lines)
+    by_shape = reasons(vcf)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vcf_checks, "_clean_cells", lambda keys: "false")  # every column value by value
+        assert reasons(vcf) == by_shape
 
 
 def test_order_duplicates_columns_and_the_last_newline() -> None:
