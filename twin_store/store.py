@@ -39,7 +39,6 @@ from harmonize.fhirpath import MACROS_SQL
 from harmonize.wearables import DAILY_SCHEMA, daily_resources
 from twin_store.extensions import load_extensions
 from twin_store.models import SCHEMA_SQL as MODEL_SCHEMA_SQL
-from twin_store.models import patients_changed
 from twin_store.prepare import BY_IDENTIFIER, PreparedBatch, prepare
 from twin_store.views import standard_views
 from twin_store.wearables import SCHEMA_SQL as WEARABLE_SCHEMA_SQL
@@ -157,7 +156,8 @@ class RunReport:
     stats: Counter[str] = field(default_factory=Counter)
     """What the connector reports: pages, files, retries, exports."""
     snapshot_id: int | None = None
-    started_snapshot_id: int | None = None
+    patient_ids: set[str] = field(default_factory=set)
+    """The patients whose rows the run changed, gathered as its batches land."""
     patients: list[str] = field(default_factory=list)
     """The patients whose rows the run changed (the first PATIENTS_LISTED; `patients_changed` counts all)."""
     patients_changed: int = 0
@@ -258,7 +258,6 @@ class TwinStore:
                 "VALUES (?, ?, ?, now(), 'running')",
                 [run.run_id, source, flow],
             )
-        run.started_snapshot_id = self.snapshot_id()
         return run
 
     def watermark(self, source: str) -> Watermark | None:
@@ -268,12 +267,7 @@ class TwinStore:
     def finish_run(self, run: RunReport, status: RunStatus, error: str | None = None) -> RunReport:
         run.status, run.error = status, error
         run.snapshot_id = self.snapshot_id()
-        if run.started_snapshot_id is not None and run.changed:
-            with contextlib.suppress(duckdb.Error):  # a table the run created has no feed yet
-                # wearable_daily names the same patients as the (far larger) wearable_sample.
-                tables = [t for t in run.changed if t != "wearable_sample"]
-                changed = patients_changed(self.con, tables, run.started_snapshot_id, run.snapshot_id)
-                run.patients, run.patients_changed = sorted(changed)[:PATIENTS_LISTED], len(changed)
+        run.patients, run.patients_changed = sorted(run.patient_ids)[:PATIENTS_LISTED], len(run.patient_ids)
         with self._transaction():
             self.con.execute(
                 "UPDATE twin.run_record SET status = ?, finished_at = now(), snapshot_id = ?, error = ? "
@@ -532,9 +526,15 @@ class TwinStore:
             if view.subset_of:  # the superset's rows, computed just before, of those that pass
                 passing = f'SELECT id FROM passes_{view.subset_of} WHERE "{view.name}"'
                 rows = f"FROM rows_{view.subset_of} WHERE id IN ({passing})"
-            if subsets[view.name]:
+            if not view.subset_of:  # kept a moment: its patients are the run's news too
                 con.execute(f"CREATE OR REPLACE TEMP TABLE rows_{view.name} AS {rows}")
                 rows = f"FROM rows_{view.name}"
+                patient = "patient_id" if view.name not in ("patient", "patient_identifier") else "id"
+                named = con.execute(
+                    f"SELECT DISTINCT {patient} FROM rows_{view.name} WHERE {patient} NOT NULL"
+                )
+                run.patient_ids.update(p for (p,) in named.fetchall())
+            if subsets[view.name]:
                 # Every subset's `where` in one pass: they often read the same elements (the
                 # category codes), which DuckDB then extracts from the JSON once, not per subset.
                 wheres = ", ".join(f'{v.where} AS "{v.name}"' for v in subsets[view.name])
@@ -543,7 +543,7 @@ class TwinStore:
                 )
             (written,) = _one(con, f"INSERT INTO twin.{view.name} {rows}")
             run.changed[view.name] += written
-        for name in (name for name, of in subsets.items() if of):
+        for name in (view.name for view in views if not view.subset_of):
             con.execute(f"DROP TABLE IF EXISTS rows_{name}")
             con.execute(f"DROP TABLE IF EXISTS passes_{name}")
 
@@ -683,6 +683,7 @@ class TwinStore:
             con.unregister("variants")
         self._called |= samples
         run.changed["genomic_variant"] += len(variants)
+        run.patient_ids.update(p for p in pc.unique(variants["patient_id"]).to_pylist() if p is not None)
         return len(variants) - replaced, replaced
 
     def _land_samples(
@@ -693,6 +694,8 @@ class TwinStore:
         FHIR is to be made (after the batches: `make_daily_fhir`)."""
         before = counts["inserted"] + counts["updated"]
         changed, days = self._samples.land(run.source, run.run_id, samples, summary, counts, window)
+        if changed:
+            run.patient_ids.update(summary.spans["patient_id"].to_pylist())
         run.changed["wearable_daily"] += changed
         run.changed["wearable_sample"] += counts["inserted"] + counts["updated"] - before
         return days

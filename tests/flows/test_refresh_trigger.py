@@ -221,7 +221,11 @@ def test_serve_offers_the_refresh_trigger_and_syncs_that_leave_it_to_it(tmp_path
     assert isinstance(trigger, DeploymentEventTrigger)
     assert trigger.expect == {"twinhub.store.updated"}
     assert dict(trigger.match.items()) == {"prefect.resource.id": ["twinhub.source.*"]}  # any source
-    assert trigger.parameters == {"config": str(config), "trigger": REFRESH_TRIGGER}
+    assert trigger.parameters == {
+        "config": str(config),
+        "trigger": REFRESH_TRIGGER,
+        "snapshot_id": "{{ event.payload.snapshot_id }}",  # pinned to the snapshot the event names
+    }
 
     no_models = twins_config(tmp_path, "enabled = []\n", schedule="0 2 * * *")
     [sync_only] = deployments(load_settings(no_models), None)
