@@ -13,9 +13,8 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -68,16 +67,14 @@ IDS = uuid.UUID("5b0d7c7e-2f4c-4d8e-9c62-6a3c0a1f9e21")
 def resources_from_messages(batch: Batch, source: Hl7v2Source, codes: CodeMap | None = None) -> Batch:
     """The batch's messages as FHIR records (several per message), bad messages as problems;
     Observations' codes and units normalized (`harmonize.lab_codes`), `codes` the local code map."""
-    noted: Counter[str] = Counter()
-    mapped = map_records(
+    return map_records(
         batch,
-        lambda message: message_resources(
-            message, source.timezone, codes, noted,
+        partial(
+            message_resources, timezone=source.timezone, codes=codes,
             patient_systems=source.patient_systems, create_patients=source.create_patients,
         ),
         "message",
     )  # fmt: skip
-    return replace(mapped, stats=noted)
 
 
 def message_resources(

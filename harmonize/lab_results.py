@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections import Counter
-from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import orjson
@@ -34,16 +34,18 @@ TWINHUB_IDS = uuid.UUID("8f0c5a52-4a5e-4a53-9a39-0b1e6d0f7c11")
 def observations_from_rows(batch: Batch, source: LabCsvSource, codes: CodeMap | None = None) -> Batch:
     """The batch's rows (JSON objects, header -> text) as Observation records, bad rows as
     problems; codes and units normalized (`harmonize.lab_codes`), with `codes` as the local code map."""
-    noted: Counter[str] = Counter()
+    return map_records(batch, partial(row_observation, source=source, codes=codes))
 
-    def to_fhir(raw: str) -> list[bytes]:
-        notes: list[str] = []
-        resource = observation(orjson.loads(raw), source, codes, notes)
-        Observation.model_validate_json(resource)
-        noted.update(notes)
-        return [resource]
 
-    return replace(map_records(batch, to_fhir), stats=noted)
+def row_observation(
+    raw: str, *, source: LabCsvSource, codes: CodeMap | None, noted: Counter[str]
+) -> list[bytes]:
+    """One row (a JSON object) as its validated Observation."""
+    notes: list[str] = []
+    resource = observation(orjson.loads(raw), source, codes, notes)
+    Observation.model_validate_json(resource)
+    noted.update(notes)
+    return [resource]
 
 
 def observation(

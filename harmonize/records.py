@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from typing import Any
+from functools import cache
+from itertools import repeat
+from multiprocessing import get_context
+from typing import Any, Protocol
 
 import pyarrow as pa
 from pydantic import ValidationError
@@ -13,25 +18,63 @@ from connectors.base import Batch, problems_from, records_from
 
 MAPPING_ERRORS = (ValueError, IndexError, KeyError)
 """What a mapping raises for a bad record (a pydantic ValidationError is a ValueError)."""
+PARALLEL_FROM = 1_000
+"""A batch of at least this many records is mapped on every core: validating with the R4B
+models is pure Python (~5k resources/s a core), and the GIL keeps threads to one core. Smaller
+batches map in this process, where starting the workers would cost more than it saves."""
+
+Row = tuple[str, int, str]
+Mapped = tuple[list[Row], list[tuple[str, int, str, str]], Counter[str]]
 
 
-def map_records(batch: Batch, to_fhir: Callable[[str], list[bytes]], label: str = "") -> Batch:
+class Mapper(Protocol):
+    """One record's text -> its resources (JSON), validated; what normalizing did goes in
+    `noted`. Raises a MAPPING_ERROR saying what is wrong. Picklable: the workers run it."""
+
+    def __call__(self, raw: str, *, noted: Counter[str]) -> list[bytes]: ...
+
+
+def map_records(batch: Batch, to_fhir: Mapper, label: str = "") -> Batch:
     """`to_fhir` applied to each record's text: its resources land, or the record is a problem
-    with the reason (prefixed `<label> <number>: ` when a label is given)."""
-    good: list[tuple[str, int, str]] = []
-    bad: list[tuple[str, int, str, str]] = []
-    for file, number, raw in zip(
+    with the reason (prefixed `<label> <number>: ` when a label is given). What the mapping
+    noted is added to the batch's stats."""
+    rows = list(zip(
         batch.records["file"].to_pylist(), batch.records["line_no"].to_pylist(),
         batch.records["raw"].to_pylist(), strict=True,
-    ):  # fmt: skip
+    ))  # fmt: skip
+    cores = os.cpu_count() or 1
+    if len(rows) < PARALLEL_FROM or cores == 1:
+        parts = [_map(to_fhir, label, rows)]
+    else:  # in order, a contiguous share of the rows per core
+        share = -(-len(rows) // cores)
+        chunks = [rows[at : at + share] for at in range(0, len(rows), share)]
+        parts = list(_workers().map(_map, repeat(to_fhir), repeat(label), chunks))
+    good = [row for part in parts for row in part[0]]
+    bad = [problem for part in parts for problem in part[1]]
+    problems = pa.concat_tables([batch.problems, problems_from(bad)])
+    noted = sum((part[2] for part in parts), Counter[str]())
+    return replace(batch, records=records_from(good), problems=problems, stats=batch.stats + noted)
+
+
+def _map(to_fhir: Mapper, label: str, rows: list[Row]) -> Mapped:
+    good: list[Row] = []
+    bad: list[tuple[str, int, str, str]] = []
+    noted: Counter[str] = Counter()
+    for file, number, raw in rows:
         try:
-            resources = to_fhir(raw)
+            resources = to_fhir(raw, noted=noted)
         except MAPPING_ERRORS as e:
             bad.append((file, number, f"{label} {number}: {reason(e)}" if label else reason(e), raw))
         else:
             good += [(file, number, r.decode()) for r in resources]
-    problems = pa.concat_tables([batch.problems, problems_from(bad)])
-    return replace(batch, records=records_from(good), problems=problems)
+    return good, bad, noted
+
+
+@cache
+def _workers() -> ProcessPoolExecutor:
+    """One worker per core, started on first use and kept for the process's life. Spawned,
+    not forked: the store's DuckDB runs threads in this process."""
+    return ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=get_context("spawn"))
 
 
 def reason(error: Exception) -> str:
