@@ -711,7 +711,7 @@ class TwinStore:
             resources = [r for _, future in self._fhir_made for r in future.result()]
             self._fhir_made.clear()
             made += self._land_daily_fhir(run, days, resources)
-        while len(days := self._samples.pending_days(chunk)):
+        while self._samples.any_pending() and len(days := self._samples.pending_days(chunk)):
             made += self._land_daily_fhir(
                 run, days, daily_resources(days, datetime.now(UTC), f"run {run.run_id}")
             )
