@@ -37,14 +37,7 @@ class _AuthBase(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secrets(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in SECRET_KEYS:
-                if key in data:
-                    raise ValueError(
-                        f"secrets never go in the config file: remove `{key}` and put it in a file "
-                        f"(`{key}_file = ...`) or an environment variable (`{key}_env = ...`)"
-                    )
-        return data
+        return refuse_inline_secrets(data, SECRET_KEYS)
 
 
 class NoAuth(_AuthBase):
@@ -100,6 +93,18 @@ def build_auth(source: str, config: AuthConfig, base_url: str, *, timeout: float
     if isinstance(config, SmartAuth):
         return SmartBackendAuth(source, config, base_url, timeout=timeout)
     return None
+
+
+def refuse_inline_secrets(data: Any, keys: tuple[str, ...]) -> Any:
+    """A config table's raw `data`, unless it holds one of the secret `keys` itself."""
+    if isinstance(data, dict):
+        for key in keys:
+            if key in data:
+                raise ValueError(
+                    f"secrets never go in the config file: remove `{key}` and put it in a file "
+                    f"(`{key}_file = ...`) or an environment variable (`{key}_env = ...`)"
+                )
+    return data
 
 
 def read_secret(source: str, what: str, file: Path | None, env: str | None, *, key: str = "auth.") -> str:
@@ -186,7 +191,7 @@ class SmartBackendAuth(httpx.Auth):
         response = http.post(token_url, data=form, auth=auth)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientError(f"got {response.status_code} from the SMART token endpoint")
-        body = _json(response)
+        body = json_object(response)
         if not response.is_success or not isinstance(body.get("access_token"), str):
             reason = f"{body.get('error', response.status_code)}: {body.get('error_description', '')}"
             raise SourceError(
@@ -202,7 +207,7 @@ class SmartBackendAuth(httpx.Auth):
         response = http.get(url)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientError(f"got {response.status_code} from {safe_url(url)}")
-        endpoint = _json(response).get("token_endpoint") if response.is_success else None
+        endpoint = json_object(response).get("token_endpoint") if response.is_success else None
         if not isinstance(endpoint, str):
             raise SourceError(
                 self.source,
@@ -267,7 +272,8 @@ def _import_pem(text: str) -> RSAKey | ECKey:
         return import_key(text, "EC")
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """The response's JSON object, or {} when its body is not one (an error page, say)."""
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from connectors.base import RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window, problems_from
 from connectors.errors import SourceError, TransientError, safe_url
+from connectors.fhir_auth import json_object, refuse_inline_secrets
 from connectors.fhir_http import retry_after
 from connectors.fitbit_auth import FitbitOAuth, PatientAuthError, Tokens, TokenStore, error_type, reconnect
 
@@ -124,14 +125,7 @@ class FitbitSource(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secrets(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in SECRETS:
-                if key in data:
-                    raise ValueError(
-                        f"secrets never go in the config file: remove `{key}` and put it in a file "
-                        f"(`{key}_file = ...`) or an environment variable (`{key}_env = ...`)"
-                    )
-        return data
+        return refuse_inline_secrets(data, SECRETS)
 
     @model_validator(mode="after")
     def _check(self) -> FitbitSource:
@@ -386,7 +380,7 @@ class _Api:
                 continue
             self._note_budget(response)
             status = response.status_code
-            if status == 401 and not refreshed and error_type(_json(response)) in REFRESHABLE:
+            if status == 401 and not refreshed and error_type(json_object(response)) in REFRESHABLE:
                 self.c.stats["token_refreshes"] += 1
                 tokens = self._tokens = self.oauth.refresh(self.patient, tokens)
                 refreshed = True
@@ -415,7 +409,7 @@ class _Api:
 
     def _fail(self, response: httpx.Response, path: str) -> None:
         status = response.status_code
-        kind = error_type(_json(response)) or response.reason_phrase
+        kind = error_type(json_object(response)) or response.reason_phrase
         if status == 401:
             raise PatientAuthError(
                 self.c.name,
@@ -429,7 +423,7 @@ class _Api:
                 "the patient's grant lacks the scope for it"
             )  # fmt: skip
             raise PatientAuthError(self.c.name, self.patient, f"GET {path} answered 403 ({kind}): {why}")
-        detail = _redacted(_message(_json(response))) or kind
+        detail = _redacted(_message(json_object(response))) or kind
         raise SourceError(self.c.name, f"GET {path} answered {status}: {detail}; check api_url")
 
     def _retry(self, failures: int, what: str, wait: float | None, url: str) -> None:
@@ -737,14 +731,6 @@ def _number(value: object) -> float | None:
         except ValueError:
             return None
     return None
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 def _message(body: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
 from connectors.errors import SourceError, TransientError, safe_url
-from connectors.fhir_auth import read_secret
+from connectors.fhir_auth import json_object, read_secret
 
 if TYPE_CHECKING:
     from connectors.fitbit import FitbitSource
@@ -369,7 +369,7 @@ class FitbitOAuth:
                 f"source {self.source.name!r}: {what} for patient {patient} answered "
                 f"{response.status_code}; the saved tokens are kept, the next run tries again"
             )
-        body = _json(response)
+        body = json_object(response)
         if response.is_success and isinstance(body.get("access_token"), str):
             return body
         error = error_type(body) or str(response.status_code)
@@ -415,11 +415,3 @@ def _tokens_from(patient: str, body: dict[str, Any], now: float, *, connected_at
         scope=str(body.get("scope", "")),
         connected_at=connected_at,
     )
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        return {}
-    return body if isinstance(body, dict) else {}
