@@ -42,7 +42,7 @@ def map_records(batch: Batch, to_fhir: Mapper, label: str = "") -> Batch:
         batch.records["file"].to_pylist(), batch.records["line_no"].to_pylist(),
         batch.records["raw"].to_pylist(), strict=True,
     ))  # fmt: skip
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if len(rows) < PARALLEL_FROM or cores == 1:
         parts = [_map(to_fhir, label, rows)]
     else:  # in order, a contiguous share of the rows per core
@@ -70,11 +70,16 @@ def _map(to_fhir: Mapper, label: str, rows: list[Row]) -> Mapped:
     return good, bad, noted
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @cache
 def _workers() -> ProcessPoolExecutor:
     """One worker per core, started on first use and kept for the process's life. Spawned,
     not forked: the store's DuckDB runs threads in this process."""
-    return ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=usable_cores(), mp_context=get_context("spawn"))
 
 
 def reason(error: Exception) -> str:

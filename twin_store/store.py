@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import StoreError
 from harmonize.fhirpath import MACROS_SQL
+from harmonize.records import usable_cores
 from harmonize.wearables import DAILY_SCHEMA, daily_resources
 from twin_store.extensions import load_extensions
 from twin_store.models import SCHEMA_SQL as MODEL_SCHEMA_SQL
@@ -218,12 +219,12 @@ class TwinStore:
         self._called = {(source, sample) for source, sample, _ in called}
         self._keys_loaded = False
         self._samples = SampleWriter(con=self.con)
-        # The FHIR of the days each batch rolls up, made in a thread while later batches land.
+        # The FHIR of the days each batch rolls up, made in a process while later batches land.
         self._fhir_maker: ProcessPoolExecutor | None = None
         self._fhir_made: list[tuple[pa.Table, Future[list[bytes]]]] = []
         # Batches are checked on one core while the writer lands the one before (flows.sync):
         # leave that core to the checks; DuckDB's extra threads would only contend with them.
-        self.con.execute(f"SET threads = {max(1, (os.cpu_count() or 1) - 1)}")
+        self.con.execute(f"SET threads = {max(1, usable_cores() - 1)}")
 
     def __enter__(self) -> Self:
         return self
@@ -702,7 +703,7 @@ class TwinStore:
 
     def make_daily_fhir(self, run: RunReport, *, chunk: int = 20_000) -> int:
         """Land the FHIR of every daily rollup flagged pending: the days this run's batches
-        rolled up (made meanwhile in a thread; a day rolled up twice lands its last version),
+        rolled up (made meanwhile in a process; a day rolled up twice lands its last version),
         then any a crash left. Observations, Devices and a Provenance per patient, validated;
         derived resources, counted apart from lines read. Returns how many days got theirs."""
         made = 0
