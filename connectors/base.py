@@ -105,6 +105,11 @@ class Batch:
     """Rows for the columnar `genomic_variant` table (VCF sources; see `connectors.vcf`)."""
     samples: pa.Table | None = None
     """Wearable samples (SAMPLE_SCHEMA) for the columnar `wearable_sample` table."""
+    reported: pa.Table | None = None
+    """The vendor's own figure for a day whose samples land at a finer grain (SAMPLE_SCHEMA, one
+    day-long row each: Fitabase's dailyActivity beside its hourly steps). Kept beside the samples
+    in `wearable_reported`, and the day's value where there is one: a device's daily total may
+    count what its intraday data misses."""
     stats: Counter[str] = field(default_factory=Counter)
     """What mapping the records noted, for the run's summary (e.g. lab codes left unmapped)."""
     warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
@@ -113,7 +118,7 @@ class Batch:
 
     def __len__(self) -> int:
         variants = self.variants.num_rows if self.variants is not None else 0
-        samples = self.samples.num_rows if self.samples is not None else 0
+        samples = sum(t.num_rows for t in (self.samples, self.reported) if t is not None)
         return int(self.records.num_rows + self.problems.num_rows + variants + samples)
 
 

@@ -297,12 +297,14 @@ class FitbitConnector:
             yield self._batch(samples, marks)
 
     def _batch(self, samples: _Samples, marks: dict[str, dict[str, str]]) -> Batch:
-        table = samples.table()
+        table, reported = samples.table(), samples.table(reported=True)
         self.stats["samples"] += table.num_rows
+        self.stats["daily totals beside intraday samples"] += reported.num_rows
         self.stats["problems"] += len(samples.problems)
         return Batch(
             records=RECORD_SCHEMA.empty_table(),
             samples=table,
+            reported=reported,
             problems=problems_from(samples.problems),
             stats=samples.stats,
             watermark={"patients": {p: dict(m) for p, m in marks.items()}},
@@ -483,6 +485,8 @@ class _Samples:
 
     def __init__(self) -> None:
         self.cols: dict[str, list[Any]] = {name: [] for name in SAMPLE_SCHEMA.names}
+        self.reported: dict[str, list[Any]] = {name: [] for name in SAMPLE_SCHEMA.names}
+        """Fitbit's own totals of days whose intraday samples land (see `Batch.reported`)."""
         self.problems: list[tuple[str, int, str, str]] = []
         self.stats: Counter[str] = Counter()
 
@@ -494,7 +498,7 @@ class _Samples:
         return len(self.cols["value"])
 
     def __bool__(self) -> bool:
-        return bool(self.cols["value"] or self.problems or self.stats)
+        return bool(self.cols["value"] or self.reported["value"] or self.problems or self.stats)
 
     def add(
         self,
@@ -506,11 +510,13 @@ class _Samples:
         unit: str,
         origin: str,
         device: str | None = None,
+        *,
+        reported: bool = False,
     ) -> None:
         """`start` and `end` are the patient's local clock times (naive), as Fitbit sends them."""
         aware = start.replace(tzinfo=ctx.zone)
         offset = aware.utcoffset() or timedelta()
-        c = self.cols
+        c = self.reported if reported else self.cols
         c["patient_id"].append(ctx.patient)
         c["device"].append(device or ctx.device)
         c["metric"].append(metric)
@@ -523,9 +529,10 @@ class _Samples:
         c["unit"].append(unit)
         c["origin"].append(origin)
 
-    def table(self) -> pa.Table:
+    def table(self, *, reported: bool = False) -> pa.Table:
+        cols = self.reported if reported else self.cols
         return pa.table(
-            {name: pa.array(col, SAMPLE_SCHEMA.field(name).type) for name, col in self.cols.items()},
+            {name: pa.array(col, SAMPLE_SCHEMA.field(name).type) for name, col in cols.items()},
             schema=SAMPLE_SCHEMA,
         )
 
@@ -576,7 +583,8 @@ def _resting(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str
 
 
 def _steps_intraday(samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str) -> None:
-    """Steps per minute. A day whose dataset is empty while its total is not (an app without
+    """Steps per minute, and the day's total as Fitbit's reported figure (it may count steps
+    the minutes miss). A day whose dataset is empty while its total is not (an app without
     intraday access gets only the total) lands the total as one day-long sample, so steps are
     never counted twice and never lost."""
     before = len(samples)
@@ -584,18 +592,21 @@ def _steps_intraday(samples: _Samples, ctx: _Context, body: dict[str, Any], orig
         samples.add(ctx, "steps", start, start + MINUTE, value, "steps", origin)
     if len(samples) == before:
         _steps_daily(samples, ctx, body, origin, only_positive=True)
+    else:
+        _steps_daily(samples, ctx, body, origin, reported=True)
 
 
 def _steps_daily(
-    samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str, *, only_positive: bool = False
-) -> None:
+    samples: _Samples, ctx: _Context, body: dict[str, Any], origin: str, *, only_positive: bool = False,
+    reported: bool = False,
+) -> None:  # fmt: skip
     for entry in body.get("activities-steps", []):
         day, value = _day(entry.get("dateTime")), _number(entry.get("value"))
         if day is None or value is None:
             samples.problem(origin, "a daily step count without a date or a number", entry)
         elif value > 0 or not only_positive:
             midnight = datetime.combine(day, datetime.min.time())
-            samples.add(ctx, "steps", midnight, midnight + DAY, value, "steps", origin)
+            samples.add(ctx, "steps", midnight, midnight + DAY, value, "steps", origin, reported=reported)
 
 
 def _intraday(

@@ -4,10 +4,12 @@ hour, a column a minute), heart rate every few seconds, sleep days and weight lo
 
 Times in these files are the account's local clock without an offset: the source's `timezone`
 turns them into instants and keeps the offset. The same quantity often comes at several grains
-(daily totals, hourly, by the minute); per account, metric and day only the finest lands, so a
-day's steps are never counted twice, and the coarser rows it covers are counted in the run's
-stats. The files of a source are read together (they decide together which grain wins), again only
-when one of them changed.
+(daily totals, hourly, by the minute); per account, metric and day only the finest lands as
+samples, so a day's steps are never counted twice. A daily total it covers is Fitbit's own figure
+for the day and may hold more (steps the hourly files miss): it is kept as the day's reported
+value (`Batch.reported`); hourly rows covered by minute ones are only counted in the run's
+stats. The files of a source are read together (they decide together which grain wins), again
+only when one of them changed.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
         prints = {str(p): fingerprint(p) for p in paths}
         if (since or {}).get("files") == prints:
             return
-        samples, problems = self._read_all(paths)
+        samples, reported, problems = self._read_all(paths)
         size = self.source.batch_samples
         for start in range(0, max(len(samples), 1), size):
             last = start + size >= len(samples)
@@ -116,11 +118,13 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
                 records=RECORD_SCHEMA.empty_table(),
                 watermark={"files": prints if last else (since or {}).get("files", {})},
                 samples=samples.slice(start, size),
+                reported=reported if last else None,
                 problems=problems if last else PROBLEM_SCHEMA.empty_table(),
             )
 
-    def _read_all(self, paths: list[Path]) -> tuple[pa.Table, pa.Table]:
-        """The samples at the finest grain per account, metric and day, and the problems."""
+    def _read_all(self, paths: list[Path]) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """The samples at the finest grain per account, metric and day; the daily totals those
+        cover (Fitbit's own figure for the day); and the problems."""
         frames, problems = [], []
         for path in paths:
             self.stats["files"] += 1
@@ -130,14 +134,15 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
         every = pl.concat(frames)
         # The finest grain of each (account, metric, day) wins: a day is never counted twice.
         finest = every.group_by("patient_id", "metric", "day").agg(pl.col("grain").min().alias("finest"))
-        kept = every.join(finest, on=["patient_id", "metric", "day"]).filter(
-            pl.col("grain") == pl.col("finest")
+        every = every.join(finest, on=["patient_id", "metric", "day"])
+        kept = every.filter(pl.col("grain") == pl.col("finest"))
+        covered = pl.col("finest") < pl.col("grain")
+        reported = every.filter(covered & (pl.col("grain") == GRAIN_ORDER["day"]))
+        self.stats["daily totals kept beside finer samples"] += len(reported)
+        self.stats["hourly rows covered by minute ones (not landed twice)"] += (
+            len(every) - len(kept) - len(reported)
         )
-        self.stats["coarser rows covered by finer ones (not landed twice)"] += len(every) - len(kept)
-        table = (
-            kept.sort("patient_id", "start_time").select(SAMPLE_SCHEMA.names).to_arrow().cast(SAMPLE_SCHEMA)
-        )
-        return table, pa.concat_tables(problems).cast(PROBLEM_SCHEMA)
+        return _table(kept), _table(reported), pa.concat_tables(problems).cast(PROBLEM_SCHEMA)
 
     def _read_file(self, path: Path) -> tuple[pl.DataFrame, pa.Table]:
         kind = _kind(path)
@@ -268,6 +273,10 @@ def _measure(rows: pl.DataFrame, metric: str, spec: str, unit: str) -> pl.DataFr
             .alias("value"),
         )
     return long.with_columns(pl.lit(metric).alias("metric"), pl.lit(unit).alias("unit")).select(COLUMNS)
+
+
+def _table(frame: pl.DataFrame) -> pa.Table:
+    return frame.sort("patient_id", "start_time").select(SAMPLE_SCHEMA.names).to_arrow().cast(SAMPLE_SCHEMA)
 
 
 def _problems(file: str, rows: list[tuple[int, str, str]]) -> pa.Table:

@@ -588,8 +588,11 @@ def _demo_wearables(root: Path, config: Path) -> str:
 
 def _table_counts(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
     views = sorted(v.name for v in standard_views())
-    tables = ["fhir_resource", *views, "genomic_variant", "wearable_sample", "wearable_daily", "model_output",
-              "fhir_deletion", "quarantine"]  # fmt: skip
+    tables = ["fhir_resource", *views, "genomic_variant", "wearable_sample", "wearable_daily",
+              "wearable_reported", "model_output", "fhir_deletion", "quarantine"]  # fmt: skip
+    # A store an earlier twinhub wrote lacks the newer tables until the next sync writes to it.
+    present = {name for (name,) in con.sql("SELECT table_name FROM information_schema.tables").fetchall()}
+    tables = [t for t in tables if t in present]
     return con.sql(
         " UNION ALL ".join(f"SELECT '{t}' AS table_name, count(*) AS rows FROM {t}" for t in tables)
     )

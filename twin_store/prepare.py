@@ -34,6 +34,8 @@ class PreparedBatch:
     samples: pa.Table | None = None
     """Wearable samples normalized (harmonize.wearables.NORMALIZED_SCHEMA), one per key."""
     sample_summary: SampleSummary | None = None
+    reported: pa.Table | None = None
+    """The vendor's figures for days, normalized as the samples are, one per day."""
     links: pa.Table = field(default_factory=LINK_SCHEMA.empty_table)
     warnings: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     lines_read: int
@@ -63,6 +65,12 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         summary = summarize(samples)
         problems.append(bad)
         superseded += len(normalized) - len(samples)
+    reported = None
+    if batch.reported is not None and len(batch.reported):
+        normalized, bad = normalize_samples(batch.reported)
+        reported = _latest_samples(normalized)
+        problems.append(bad)
+        superseded += len(normalized) - len(reported)
     return PreparedBatch(
         checked=Checked(resources=latest, problems=pa.concat_tables(problems)),
         lines_read=len(batch),
@@ -71,6 +79,7 @@ def prepare(batch: Batch, *, backfill: bool = False) -> PreparedBatch:
         variants=batch.variants,
         samples=samples,
         sample_summary=summary,
+        reported=reported,
         links=_links(latest),
         warnings=batch.warnings,
         watermark=batch.watermark,

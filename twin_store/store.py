@@ -116,8 +116,8 @@ PATIENTS_LISTED = 1000
 """A run's event names at most this many changed patients (and counts them all)."""
 STORE_TABLES = (
     "fhir_resource", "fhir_deletion", "genomic_variant", "held_resource", "quarantine", "ingest_warning",
-    "run_record", "ingest_batch", "wearable_sample", "wearable_daily", "model_output", "model_run",
-    "model_training",
+    "run_record", "ingest_batch", "wearable_sample", "wearable_daily", "wearable_reported", "model_output",
+    "model_run", "model_training",
 )  # fmt: skip
 """The tables the schema creates (the views' tables come on top): fewer means one is new."""
 STORED_KEYS = "temp.stored_keys"
@@ -318,8 +318,12 @@ class TwinStore:
                 if len(variants):
                     new, replaced = self._land_variants(run, variants)
                     counts.update(inserted=new, updated=replaced)
+                if batch.reported is not None and len(batch.reported):
+                    days = self._land_reported(run, batch.reported, counts, window)
                 if batch.samples is not None and batch.sample_summary is not None and len(batch.samples):
-                    days = self._land_samples(run, batch.samples, batch.sample_summary, counts, window)
+                    # After the reports: a day both touch is rolled up once more, with its report.
+                    rolled = self._land_samples(run, batch.samples, batch.sample_summary, counts, window)
+                    days = pa.concat_tables([days, rolled])
                 if len(batch.warnings):
                     counts["warnings"] = self._warn(run, batch.warnings)
                 if by_identifier or self._variants_wait:
@@ -701,6 +705,16 @@ class TwinStore:
         run.changed["wearable_sample"] += counts["inserted"] + counts["updated"] - before
         return days
 
+    def _land_reported(
+        self, run: RunReport, reported: pa.Table, counts: Counter[str], window: Window | None
+    ) -> pa.Table:
+        """Land the vendor's figures for days; returns the days whose FHIR is to be made."""
+        changed, days = self._samples.report(run.source, run.run_id, reported, counts, window)
+        if changed:
+            run.patient_ids.update(pc.unique(reported["patient_id"]).to_pylist())
+        run.changed["wearable_daily"] += changed
+        return days
+
     def make_daily_fhir(self, run: RunReport, *, chunk: int = 20_000) -> int:
         """Land the FHIR of every daily rollup flagged pending: the days this run's batches
         rolled up (made meanwhile in a process; a day rolled up twice lands its last version),
@@ -794,6 +808,9 @@ class TwinStore:
         if ("genomic_variant", "patient_identifier") not in columns:
             with self._transaction():
                 self.con.execute("ALTER TABLE twin.genomic_variant ADD COLUMN patient_identifier VARCHAR")
+        if ("wearable_daily", "reported") not in columns:
+            with self._transaction():
+                self.con.execute("ALTER TABLE twin.wearable_daily ADD COLUMN reported DOUBLE")
         if all(("ingest_run", count) in columns for count in COUNTS):
             return
         with self._transaction():

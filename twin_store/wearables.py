@@ -7,6 +7,11 @@ up again, in the batch's transaction, and flagged `fhir_pending`: the store make
 Observations after the batches (`pending_days`, `fhir_made`), so a crash in between leaves
 flags that the next run clears, never a day without its Observation.
 
+Where the vendor reports its own figure for a day (Fitbit's daily total beside its hourly
+steps), that lands in `wearable_reported` and is the day's `value`, with the samples' own in
+`sum`: a device's daily total may count what its intraday data misses (the days the two differ
+show where). Reports and samples may come in either order, and either one updates the day.
+
 The writer keeps a copy of each series' time span (`SampleWriter.coverage`): a batch whose
 samples all fall outside the stored spans (new data after old, the usual case) is appended
 without looking up a single stored sample.
@@ -38,7 +43,13 @@ CREATE TABLE IF NOT EXISTS twin.wearable_daily (
     source VARCHAR, patient_id VARCHAR, metric VARCHAR, day DATE, loinc_code VARCHAR, unit VARCHAR,
     value DOUBLE, samples BIGINT, min DOUBLE, max DOUBLE, mean DOUBLE, sum DOUBLE,
     first_start TIMESTAMPTZ, last_end TIMESTAMPTZ, utc_offset_minutes INTEGER, device VARCHAR,
-    observation_id VARCHAR, run_id VARCHAR, computed_at TIMESTAMPTZ, fhir_pending BOOLEAN
+    observation_id VARCHAR, run_id VARCHAR, computed_at TIMESTAMPTZ, fhir_pending BOOLEAN,
+    reported DOUBLE
+);
+CREATE TABLE IF NOT EXISTS twin.wearable_reported (
+    source VARCHAR, patient_id VARCHAR, metric VARCHAR, day DATE, loinc_code VARCHAR, unit VARCHAR,
+    value DOUBLE, start_time TIMESTAMPTZ, end_time TIMESTAMPTZ, utc_offset_minutes INTEGER,
+    device VARCHAR, origin VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ
 );
 """
 SPAN_KEYS = ("patient_id", "metric", "first_start", "last_start")
@@ -128,10 +139,88 @@ class SampleWriter:
     coverage: dict[tuple[str, str, str], tuple[datetime, datetime]] | None = None
     """(source, patient, metric) -> the first and last start stored: the writer's copy."""
     batch_spans: pa.Table = field(default_factory=lambda: pa.table({}))
+    reporting: set[str] | None = None
+    """The sources with a vendor-reported day stored: only their rollups look for one."""
 
     def forget_coverage(self) -> None:
-        """After a failed batch: the copy may hold what was rolled back."""
-        self.coverage = None
+        """After a failed batch: the copies may hold what was rolled back."""
+        self.coverage = self.reporting = None
+
+    def report(
+        self, source: str, run_id: str, reported: pa.Table, counts: Counter[str], window: Window | None
+    ) -> tuple[int, pa.Table]:
+        """Upsert the vendor's figures for days (normalized day-long samples) and make each the
+        value of its day, whether or not samples of the day are stored yet; returns how many
+        daily rows changed, and those flagged for FHIR (DAILY_SCHEMA)."""
+        if window:
+            at = reported["start_time"]
+            kept = reported.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
+            counts["out_of_window"] += len(reported) - len(kept)
+            reported = kept
+        con, params = self.con, {"source": source}
+        con.register("incoming", reported)
+        try:
+            con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE reported AS
+                SELECT s.patient_id, s.metric, {LOCAL_DAY} AS day, s.loinc_code, s.unit, s.value,
+                       s.start_time, s.end_time, s.utc_offset_minutes, s.device, s.origin,
+                       r.value IS NOT NULL AS stored
+                FROM incoming s
+                LEFT JOIN (FROM twin.wearable_reported WHERE source = $source) r
+                    ON (r.patient_id, r.metric, r.day) = (s.patient_id, s.metric, {LOCAL_DAY})""",
+                params,
+            )
+            # Kept only where it changes something.
+            con.execute(
+                """DELETE FROM reported n USING twin.wearable_reported r
+                WHERE r.source = $source AND (r.patient_id, r.metric, r.day) = (n.patient_id, n.metric, n.day)
+                  AND r.value = n.value AND r.unit IS NOT DISTINCT FROM n.unit""",
+                params,
+            )
+        finally:
+            con.unregister("incoming")
+        (new, updated) = _one(
+            con, "SELECT count(*) FILTER (NOT stored), count(*) FILTER (stored) FROM reported"
+        )
+        counts.update(inserted=new, updated=updated, unchanged=len(reported) - new - updated)
+        if not new + updated:
+            con.execute("DROP TABLE reported")
+            return 0, DAILY_SCHEMA.empty_table()
+        self._reporting().add(source)
+        con.execute(
+            """DELETE FROM twin.wearable_reported r USING reported n
+            WHERE r.source = $source AND (r.patient_id, r.metric, r.day) = (n.patient_id, n.metric, n.day)""",
+            params,
+        )
+        con.execute(
+            """INSERT INTO twin.wearable_reported
+            SELECT $source, * EXCLUDE (stored), $run_id, now() FROM reported""",
+            params | {"run_id": run_id},
+        )
+        # The day's row: the stored one with the reported value, or the report alone.
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE daily AS
+            SELECT $source AS source, n.patient_id, n.metric, n.day, n.loinc_code, n.unit, n.value,
+                   coalesce(w.samples, 0) AS samples, w.min, w.max, w.mean, w.sum,
+                   coalesce(w.first_start, n.start_time) AS first_start,
+                   coalesce(w.last_end, n.end_time) AS last_end,
+                   coalesce(w.utc_offset_minutes, n.utc_offset_minutes) AS utc_offset_minutes,
+                   coalesce(w.device, n.device) AS device, n.value AS reported
+            FROM reported n LEFT JOIN twin.wearable_daily w ON w.source = $source
+                AND (w.patient_id, w.metric, w.day) = (n.patient_id, n.metric, n.day)""",
+            params,
+        )
+        days = self._replace("daily", source, run_id, replace=True)
+        # Temporary tables live in the transaction: on failure they roll back with it.
+        con.execute("DROP TABLE reported")
+        con.execute("DROP TABLE daily")
+        return days
+
+    def _reporting(self) -> set[str]:
+        if self.reporting is None:
+            rows = self.con.execute("SELECT DISTINCT source FROM twin.wearable_reported").fetchall()
+            self.reporting = {source for (source,) in rows}
+        return self.reporting
 
     def land(
         self, source: str, run_id: str, samples: pa.Table, summary: SampleSummary, counts: Counter[str],
@@ -287,12 +376,19 @@ class SampleWriter:
                 f"AND s.patient_id IN ({named})",
             )
             device_days += f" UNION ALL BY NAME {stored}"
+        daily = DAILY.format(device_days=device_days)
+        reported = source in self._reporting()
+        if reported:  # the vendor's figure, where it gave one, is the day's value
+            daily = f"""SELECT d.* REPLACE (coalesce(r.value, d.value) AS value), r.value AS reported
+                FROM ({daily}) d LEFT JOIN twin.wearable_reported r ON r.source = $source
+                    AND (r.patient_id, r.metric, r.day) = (d.patient_id, d.metric, d.day)"""
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE daily AS {DAILY.format(device_days=device_days)}",
+            f"CREATE OR REPLACE TEMP TABLE daily AS {daily}",
             params | ({} if low is None else {"low": low, "high": high}),
         )
-        # A fresh day had no samples stored, so it has no daily row to replace.
-        replace = low is not None
+        # A fresh day had no samples stored, so it has no daily row to replace, unless a
+        # report made one.
+        replace = low is not None or reported
         rows = [self._replace("daily", source, run_id, replace=replace)]
         touched = {metric for (metric,) in con.execute("SELECT DISTINCT metric FROM touched").fetchall()}
         for total in (t for t in totals().values() if touched & set(t.sum_of)):

@@ -151,6 +151,12 @@ def test_recorded_responses_yield_the_samples_they_hold(
         "heart_rate": intraday_points(server, HEART),
         "steps": intraday_points(server, STEPS),
     }
+    # The day's total beside its minutes is Fitbit's own figure: 3212 steps, the minutes 59.
+    reported = pa.concat_tables([b.reported for b in minutes if b.reported is not None]).to_pylist()
+    (total,) = server.bodies[STEPS]["activities-steps"]
+    assert [(r["metric"], r["value"], r["end_time"] - r["start_time"]) for r in reported] == [
+        ("steps", float(total["value"]), timedelta(days=1))
+    ]
     heart = frame(minutes).filter(pl.col("metric") == "heart_rate").sort("start_time").row(0, named=True)
     first = server.bodies[HEART]["activities-heart-intraday"]["dataset"][0]
     local = datetime.fromisoformat(f"2015-08-21T{first['time']}")

@@ -36,7 +36,7 @@ def samples(batches: list[Batch]) -> pl.DataFrame:
     return pl.concat([f for f in frames if isinstance(f, pl.DataFrame)])
 
 
-def test_the_finest_grain_of_each_day_lands_and_the_coarser_is_counted(tmp_path: Path) -> None:
+def test_the_finest_grain_of_each_day_lands_and_a_covered_daily_total_is_reported(tmp_path: Path) -> None:
     write(tmp_path, "dailyActivity_merged", [
         "Id,ActivityDate,TotalSteps,TotalDistance,VeryActiveMinutes,FairlyActiveMinutes,Calories",
         "111,3/12/2016,100,1.5,10,5,2000",
@@ -57,8 +57,13 @@ def test_the_finest_grain_of_each_day_lands_and_the_coarser_is_counted(tmp_path:
     assert steps["start_time"][0] == datetime(2016, 3, 12, 13, 0, tzinfo=UTC)
     assert steps["end_time"][0] == datetime(2016, 3, 12, 13, 1, tzinfo=UTC)
     assert steps["start_time"][-1] == datetime(2016, 3, 13, tzinfo=UTC)
-    covered = connector.stats["coarser rows covered by finer ones (not landed twice)"]
-    assert covered == 3, "the 3/12 daily total and both 3/12 hourly rows"
+    covered = connector.stats["hourly rows covered by minute ones (not landed twice)"]
+    assert covered == 2, "both 3/12 hourly rows"
+    reported = pl.from_arrow(batches[-1].reported)
+    assert isinstance(reported, pl.DataFrame)
+    assert reported.select("metric", "value", "start_time", "end_time").rows() == [
+        ("steps", 100.0, datetime(2016, 3, 12, tzinfo=UTC), datetime(2016, 3, 13, tzinfo=UTC)),
+    ], "3/12's daily steps, covered by finer samples, are kept as the day's reported figure"
     active = got.filter(pl.col("metric") == "active_minutes").sort("start_time")["value"].to_list()
     assert active == [15.0, 1.0], "VeryActiveMinutes + FairlyActiveMinutes"
     assert set(got["patient_id"]) == {"p1"} and set(got["device"]) == {"Fitbit"}
@@ -147,10 +152,10 @@ FITABASE = SHARED / "wearables" / "fitbit-fitabase-2016" / "fitabase-2016-03-12_
 @pytest.mark.shared
 @pytest.mark.slow
 def test_fitabase_hourly_steps_all_land_and_roll_up_to_the_daily_totals(tmp_path: Path) -> None:
-    """Issue 6, point 4: every account's hourly steps land, and wearable_daily's step sums equal
-    dailyActivity_merged's TotalSteps for the same user-days wherever the export's own hourly
-    and daily files agree: on some days Fitbit's daily total differs from the sum of its own
-    hourly rows (both read here from the raw files), which twinhub can only keep as it is."""
+    """Issue 6, point 4: every account's hourly steps land, and wearable_daily's step values
+    equal dailyActivity_merged's TotalSteps on every user-day it lists. On about a fifth of them
+    Fitbit's daily total is more than its own hourly rows add up to (both read here from the raw
+    files): the total is the day's value, the hourly rows' sum stays beside it."""
     if not FITABASE.is_dir():
         pytest.skip(f"shared Fitabase export not found at {FITABASE} (../shared/data is absent)")
     source = FitbitCsvSource(name="fa", kind="fitbit-csv", path=FITABASE, patient_prefix="fa-")
@@ -161,35 +166,31 @@ def test_fitabase_hourly_steps_all_land_and_roll_up_to_the_daily_totals(tmp_path
     con = connect(tmp_path / "store")
     hourly_csv = f"read_csv('{FITABASE}/hourlySteps_merged.csv.gz', all_varchar = true)"
     daily_csv = f"read_csv('{FITABASE}/dailyActivity_merged.csv.gz', all_varchar = true)"
-    raw = f"""
-        hourly AS (SELECT 'fa-' || Id AS patient_id,
-                          strptime(ActivityHour, '%m/%d/%Y %I:%M:%S %p')::DATE AS day,
-                          sum(StepTotal::DOUBLE) AS steps
-                   FROM {hourly_csv} GROUP BY ALL),
-        daily AS (SELECT 'fa-' || Id AS patient_id, strptime(ActivityDate, '%m/%d/%Y')::DATE AS day,
-                         TotalSteps::DOUBLE AS steps
-                  FROM {daily_csv})"""
     (hourly_rows, accounts) = con.sql(
         f"SELECT count(*), count(DISTINCT Id) FROM {hourly_csv}"
-    ).fetchone() or (
-        0,
-        0,
-    )
+    ).fetchone() or (0, 0)
     landed = con.sql(
         """SELECT count(*), count(DISTINCT patient_id) FROM wearable_sample
         WHERE metric = 'steps' AND end_time - start_time = INTERVAL 1 HOUR"""
     ).fetchone()
     assert landed == (hourly_rows, accounts) and hourly_rows > 20_000
-    (days, same_as_hourly, agree, same_as_daily) = con.sql(
-        f"""WITH {raw}
-        SELECT count(*), count(*) FILTER (w.value = h.steps),
-               count(*) FILTER (h.steps = d.steps), count(*) FILTER (h.steps = d.steps AND w.value = d.steps)
-        FROM hourly h JOIN wearable_daily w
-            ON w.metric = 'steps' AND (w.patient_id, w.day) = (h.patient_id, h.day)
-        LEFT JOIN daily d ON (d.patient_id, d.day) = (h.patient_id, h.day)"""
-    ).fetchone() or (0, 0, 0, 0)
-    assert same_as_hourly == days, "every user-day's sum is exactly its hourly rows'"
-    assert same_as_daily == agree > 300, "equal to dailyActivity wherever the export agrees with itself"
+    (hourly_days, same_sum) = con.sql(
+        f"""SELECT count(*), count(*) FILTER (w.sum = h.steps)
+        FROM (SELECT 'fa-' || Id AS patient_id, strptime(ActivityHour, '%m/%d/%Y %I:%M:%S %p')::DATE AS day,
+                     sum(StepTotal::DOUBLE) AS steps
+              FROM {hourly_csv} GROUP BY ALL) h
+        LEFT JOIN wearable_daily w ON w.metric = 'steps' AND (w.patient_id, w.day) = (h.patient_id, h.day)"""
+    ).fetchone() or (0, 0)
+    assert same_sum == hourly_days > 1000, "every user-day's sum is exactly its hourly rows'"
+    (listed, same_value, above_hourly) = con.sql(
+        f"""SELECT count(*), count(*) FILTER (w.value = d.steps), count(*) FILTER (w.value > w.sum)
+        FROM (SELECT 'fa-' || Id AS patient_id, strptime(ActivityDate, '%m/%d/%Y')::DATE AS day,
+                     TotalSteps::DOUBLE AS steps
+              FROM {daily_csv}) d
+        LEFT JOIN wearable_daily w ON w.metric = 'steps' AND (w.patient_id, w.day) = (d.patient_id, d.day)"""
+    ).fetchone() or (0, 0, 0)
+    assert same_value == listed > 400, "the day's value is Fitbit's daily total on every day it lists"
+    assert 50 < above_hourly < listed / 2, "where the hourly rows miss steps, the total shows it"
 
 
 def test_heart_rate_every_few_seconds_lands_as_instants(tmp_path: Path) -> None:

@@ -44,7 +44,10 @@ def test_recorded_fitbit_responses_land_with_their_counts_and_a_repull_adds_noth
     pulled, _ = pull(source, tokens, now=AUG_23)
     first = land(tmp_path / "store", "fitbit", pulled)
     assert stored_counts(tmp_path / "store") == counts(pulled)
-    assert first.counts["inserted"] == sum(counts(pulled).values()) and first.counts["quarantined"] == 0
+    reported = sum(b.reported.num_rows for b in pulled if b.reported is not None)
+    assert reported == 1, "the steps day's own total"
+    assert first.counts["inserted"] == sum(counts(pulled).values()) + reported
+    assert first.counts["quarantined"] == 0
     again = FitbitConnector(source, tokens, clock=AUG_23.timestamp, sleep=lambda s: None).pull(None)
     second = land(tmp_path / "store", "fitbit", again)
     assert second.counts["inserted"] == 0 and second.counts["unchanged"] == first.counts["inserted"]
@@ -57,6 +60,8 @@ def test_recorded_fitbit_responses_land_with_their_counts_and_a_repull_adds_noth
     assert days > 0 and observations == days, "every coded day has its Observation"
     heart = con.sql("SELECT count(*) FROM vital_sign WHERE code = '8867-4'").fetchone()
     assert heart is not None and heart[0] >= 1
+    steps = con.sql("SELECT value, sum, samples FROM wearable_daily WHERE metric = 'steps'").fetchall()
+    assert steps == [(3212.0, 59.0, 3)], "Fitbit's total for the day, beside its 3 recorded minutes"
 
 
 @pytest.mark.shared

@@ -213,3 +213,77 @@ def test_a_backfill_keeps_only_the_samples_in_its_window(tmp_path: Path) -> None
     report = land(tmp_path, [batch(a_day())], window=window)
     assert report.counts["inserted"] == 60 + 30, "the first hour's heart rate and steps"
     assert report.counts["out_of_window"] == 275 - 90
+
+
+def reported(value: float, *, days: int = 0) -> Batch:
+    """Fitbit's own step total for a local day (by default the day of `a_day`)."""
+    row = sample("steps", 24 * 60 * days, value, "steps", minutes=24 * 60)
+    return Batch(
+        records=RECORD_SCHEMA.empty_table(),
+        watermark={"mark": 9},
+        reported=pa.Table.from_pylist([row], SAMPLE_SCHEMA),
+    )
+
+
+def steps_days(root: Path) -> list[tuple[object, ...]]:
+    return sorted(
+        connect(root)
+        .sql("SELECT day, value, sum, samples, reported FROM wearable_daily WHERE metric = 'steps'")
+        .fetchall()
+    )
+
+
+@pytest.mark.parametrize("order", ["report first", "samples first", "one batch"])
+def test_a_reported_daily_total_is_the_days_value_in_whichever_order_it_comes(
+    tmp_path: Path, order: str
+) -> None:
+    """The hourly or minute samples of a day miss steps its device counted (Fitabase exports
+    show it on a fifth of days): the vendor's own total is the day's value, their sum stays beside."""
+    day = datetime(2024, 3, 2).date()
+    if order == "one batch":
+        both = Batch(
+            records=RECORD_SCHEMA.empty_table(),
+            watermark={"mark": 1},
+            samples=batch(a_day()).samples,
+            reported=reported(1000).reported,
+        )
+        reports = [land(tmp_path, [both])]
+    else:
+        first, second = [reported(1000)], [batch(a_day())]
+        reports = [land(tmp_path, first if order == "report first" else second),
+                   land(tmp_path, second if order == "report first" else first)]  # fmt: skip
+    assert steps_days(tmp_path) == [(day, 1000.0, 900.0, 90, 1000.0)]
+    assert fhir_of_code(tmp_path, "41950-7") == [1000.0]
+    for report in reports:
+        c = report.counts
+        assert c["lines_read"] == c["inserted"] + c["updated"] + c["unchanged"] + c["superseded"]
+    stored = connect(tmp_path).sql("SELECT day, value, unit FROM wearable_reported").fetchall()
+    assert stored == [(day, 1000.0, "{steps}")]
+
+
+def test_a_report_pulled_again_changes_nothing_and_a_changed_one_updates_its_day(tmp_path: Path) -> None:
+    land(tmp_path, [batch(a_day()), reported(1000)])
+    again = land(tmp_path, [reported(1000)])
+    assert (again.counts["unchanged"], again.changed["wearable_daily"]) == (1, 0)
+    changed = land(tmp_path, [reported(1200)])
+    assert (changed.counts["updated"], changed.changed["wearable_daily"]) == (1, 1)
+    assert steps_days(tmp_path)[0][1:] == (1200.0, 900.0, 90, 1200.0)
+    assert fhir_of_code(tmp_path, "41950-7") == [1200.0]
+    assert connect(tmp_path).sql("SELECT count(*) FROM wearable_reported").fetchone() == (1,)
+    # Samples of the day pulled again: the day is rolled up again and keeps its reported value
+    rows = a_day()
+    rows[200] = sample("steps", 40, 30, "steps", minutes=1)  # was 10
+    land(tmp_path, [batch(rows)])
+    assert steps_days(tmp_path)[0][1:] == (1200.0, 920.0, 90, 1200.0)
+
+
+def test_a_reported_day_without_samples_has_its_row_and_fhir(tmp_path: Path) -> None:
+    land(tmp_path, [batch(a_day()), reported(4321, days=1)])
+    days = steps_days(tmp_path)
+    assert days[1] == (datetime(2024, 3, 3).date(), 4321.0, None, 0, 4321.0)
+    assert sorted(fhir_of_code(tmp_path, "41950-7")) == [900.0, 4321.0]
+
+
+def fhir_of_code(root: Path, code: str) -> list[float]:
+    rows = connect(root).sql(f"SELECT value_numeric FROM observation WHERE code = '{code}'").fetchall()
+    return [value for (value,) in rows]
