@@ -4,11 +4,11 @@ hour, a column a minute), heart rate every few seconds, sleep days and weight lo
 
 Times in these files are the account's local clock without an offset: the source's `timezone`
 turns them into instants and keeps the offset. The same quantity often comes at several grains
-(daily totals, hourly, by the minute); per account, metric and day only the finest lands as
-samples, so a day's steps are never counted twice. A daily total it covers is Fitbit's own figure
-for the day and may hold more (steps the hourly files miss): it is kept as the day's reported
-value (`Batch.reported`); hourly rows covered by minute ones are only counted in the run's
-stats. The files of a source are read together (they decide together which grain wins), again
+(daily totals, hourly, by the minute); of an hour or a day that finer rows cover, only the
+finer land as samples, so a day's steps are never counted twice. A daily total they cover is
+Fitbit's own figure for the day and may hold more (steps the hourly files miss): it is kept as
+the day's reported value (`Batch.reported`); hourly rows covered by minute ones are only counted
+in the run's stats. The files of a source are read together (they decide together which grain wins), again
 only when one of them changed.
 """
 
@@ -131,14 +131,18 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
             samples, bad = self._read_file(path)
             frames.append(samples)
             problems.append(bad)
-        every = pl.concat(frames)
-        # The finest grain of each (account, metric, day) wins: a day is never counted twice.
-        finest = every.group_by("patient_id", "metric", "day").agg(pl.col("grain").min().alias("finest"))
-        every = every.join(finest, on=["patient_id", "metric", "day"])
-        kept = every.filter(pl.col("grain") == pl.col("finest"))
-        covered = pl.col("finest") < pl.col("grain")
-        reported = every.filter(covered & (pl.col("grain") == GRAIN_ORDER["day"]))
+        every = pl.concat(frames).with_columns(pl.col("start_time").dt.truncate("1h").alias("hour"))
+        # A row is covered where a finer one falls in its span (an hour's minutes, a day's hours
+        # or minutes): only the finest lands, so nothing is counted twice.
+        series = ["patient_id", "metric"]
+        for span in ("hour", "day"):
+            finest = every.group_by(*series, span).agg(pl.col("grain").min().alias(f"finest_{span}"))
+            every = every.join(finest, on=[*series, span])
+        daily = pl.col("grain") == GRAIN_ORDER["day"]
+        covered = pl.when(daily).then(pl.col("finest_day")).otherwise(pl.col("finest_hour")) < pl.col("grain")
+        reported = every.filter(covered & daily)
         self.stats["daily totals kept beside finer samples"] += len(reported)
+        kept = every.filter(~covered)
         self.stats["hourly rows covered by minute ones (not landed twice)"] += (
             len(every) - len(kept) - len(reported)
         )

@@ -52,13 +52,13 @@ def test_the_finest_grain_of_each_day_lands_and_a_covered_daily_total_is_reporte
     batches, connector = pull(tmp_path, patients={"111": "p1"})
     got = samples(batches)
     steps = got.filter(pl.col("metric") == "steps").sort("start_time")
-    # 3/12: the minute file is finest (60 samples of 1); 3/13: only the daily total
-    assert steps["value"].to_list() == [1.0] * 60 + [250.0]
-    assert steps["start_time"][0] == datetime(2016, 3, 12, 13, 0, tzinfo=UTC)
-    assert steps["end_time"][0] == datetime(2016, 3, 12, 13, 1, tzinfo=UTC)
+    # 3/12: midnight's hour has only its hourly row, 1 PM its minutes; 3/13: only the daily total
+    assert steps["value"].to_list() == [40.0] + [1.0] * 60 + [250.0]
+    assert steps["start_time"][1] == datetime(2016, 3, 12, 13, 0, tzinfo=UTC)
+    assert steps["end_time"][1] == datetime(2016, 3, 12, 13, 1, tzinfo=UTC)
     assert steps["start_time"][-1] == datetime(2016, 3, 13, tzinfo=UTC)
     covered = connector.stats["hourly rows covered by minute ones (not landed twice)"]
-    assert covered == 2, "both 3/12 hourly rows"
+    assert covered == 1, "the 1 PM hourly row"
     reported = pl.from_arrow(batches[-1].reported)
     assert isinstance(reported, pl.DataFrame)
     assert reported.select("metric", "value", "start_time", "end_time").rows() == [
