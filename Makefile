@@ -7,7 +7,7 @@ SEKMET_VERSION := 0.1.1
 SEKMET_VENV := .venv-sekmet
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test lint bench clean $(SEKMET_VENV)
+.PHONY: demo test test-slow lint bench clean $(SEKMET_VENV)
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The default run skips the tests marked slow (about 9 minutes on 2 cores); CI runs both.
 test: lint $(SEKMET_VENV)
-	TWINHUB_REQUIRE_SEKMET=1 $(BIN)/pytest
+	TWINHUB_REQUIRE_SEKMET=1 $(BIN)/pytest -m "not slow"
+
+test-slow: $(BIN)/.installed $(SEKMET_VENV)
+	TWINHUB_REQUIRE_SEKMET=1 $(BIN)/pytest -m slow
 
 bench: $(BIN)/.installed $(SEKMET_VENV)
 	$(BIN)/python bench/land_bulk.py
