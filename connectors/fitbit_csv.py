@@ -8,8 +8,8 @@ turns them into instants and keeps the offset. The same quantity often comes at 
 finer land as samples, so a day's steps are never counted twice. A daily total they cover is
 Fitbit's own figure for the day and may hold more (steps the hourly files miss): it is kept as
 the day's reported value (`Batch.reported`); hourly rows covered by minute ones are only counted
-in the run's stats. The files of a source are read together (they decide together which grain wins), again
-only when one of them changed.
+in the run's stats. The files of a source are read together (they decide together which grain
+wins), again only when one of them changed.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
             )
 
     def _read_all(self, paths: list[Path]) -> tuple[pa.Table, pa.Table, pa.Table]:
-        """The samples at the finest grain per account, metric and day; the daily totals those
-        cover (Fitbit's own figure for the day); and the problems."""
+        """The samples no finer row covers; the daily totals finer rows cover (Fitbit's own
+        figure for the day); and the problems."""
         frames, problems = [], []
         for path in paths:
             self.stats["files"] += 1

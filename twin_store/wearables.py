@@ -153,28 +153,19 @@ class SampleWriter:
         value of its day, whether or not samples of the day are stored yet; returns how many
         daily rows changed, and those flagged for FHIR (DAILY_SCHEMA)."""
         if window:
-            at = reported["start_time"]
-            kept = reported.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
-            counts["out_of_window"] += len(reported) - len(kept)
-            reported = kept
+            reported = _in_window(reported, window, counts)
         con, params = self.con, {"source": source}
         con.register("incoming", reported)
-        try:
+        try:  # only the reports that change something
             con.execute(
                 f"""CREATE OR REPLACE TEMP TABLE reported AS
-                SELECT s.patient_id, s.metric, {LOCAL_DAY} AS day, s.loinc_code, s.unit, s.value,
-                       s.start_time, s.end_time, s.utc_offset_minutes, s.device, s.origin,
-                       r.value IS NOT NULL AS stored
-                FROM incoming s
+                SELECT n.*, r.value IS NOT NULL AS stored
+                FROM (SELECT s.patient_id, s.metric, {LOCAL_DAY} AS day, s.loinc_code, s.unit, s.value,
+                             s.start_time, s.end_time, s.utc_offset_minutes, s.device, s.origin
+                      FROM incoming s) n
                 LEFT JOIN (FROM twin.wearable_reported WHERE source = $source) r
-                    ON (r.patient_id, r.metric, r.day) = (s.patient_id, s.metric, {LOCAL_DAY})""",
-                params,
-            )
-            # Kept only where it changes something.
-            con.execute(
-                """DELETE FROM reported n USING twin.wearable_reported r
-                WHERE r.source = $source AND (r.patient_id, r.metric, r.day) = (n.patient_id, n.metric, n.day)
-                  AND r.value = n.value AND r.unit IS NOT DISTINCT FROM n.unit""",
+                    USING (patient_id, metric, day)
+                WHERE r.value IS DISTINCT FROM n.value OR r.unit IS DISTINCT FROM n.unit""",
                 params,
             )
         finally:
@@ -229,10 +220,8 @@ class SampleWriter:
         """Upsert the samples and roll up their days; returns how many daily rows changed,
         and those flagged for FHIR (DAILY_SCHEMA)."""
         if window:
-            at = samples["start_time"]
-            kept = samples.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
-            counts["out_of_window"] += len(samples) - len(kept)
-            samples, summary = kept, summarize(kept)
+            samples = _in_window(samples, window, counts)
+            summary = summarize(samples)
         if not len(samples):
             return 0, DAILY_SCHEMA.empty_table()
         con = self.con
@@ -483,6 +472,14 @@ class SampleWriter:
             )
         finally:
             self.con.unregister("made")
+
+
+def _in_window(table: pa.Table, window: Window, counts: Counter[str]) -> pa.Table:
+    """The rows that start within a backfill's window; the others are counted out."""
+    at = table["start_time"]
+    kept = table.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
+    counts["out_of_window"] += len(table) - len(kept)
+    return kept
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:
