@@ -203,8 +203,8 @@ def timed(marks: dict[str, float], key: str, fn: Callable[..., T]) -> Callable[.
 
 
 def twinhub(base: str, types: list[str], work: Path, expected: int) -> dict[str, Any]:
-    from connectors.fhir_bulk import FhirBulkConnector
-    from connectors.fhir_http import FhirClient
+    from connectors.fhir.bulk import FhirBulkConnector
+    from connectors.fhir.client import FhirClient
     from flows.sync import land_source
 
     marks: dict[str, float] = {}

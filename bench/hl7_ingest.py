@@ -17,9 +17,9 @@ from pathlib import Path
 
 import hl7
 
-from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
+from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
 from flows.sync import harmonized, land_batches
-from harmonize.hl7v2_labs import message_resources
+from harmonize.labs.hl7v2 import message_resources
 from twin_store import TwinStore
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared/data/labs/hl7v2"

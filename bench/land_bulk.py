@@ -22,7 +22,7 @@ SYNTHEA = Path(__file__).resolve().parents[2] / "shared/data/fhir/bulk-ndjson/sy
 
 
 def twinhub(store: Path) -> dict[str, float]:
-    from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+    from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
     from flows.sync import land_batches
     from twin_store import TwinStore
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cyvcf2 import VCF
 
-from connectors.vcf import VcfConnector, VcfSource, spec_warnings
+from connectors.genomics.vcf import VcfConnector, VcfSource, spec_warnings
 from flows.sync import land_batches
 from twin_store import TwinStore
 
@@ -41,7 +41,7 @@ def bare() -> tuple[float, int]:
 
 
 def checks() -> float:
-    """The spec checks alone (connectors.vcf_checks), part of the twinhub time above."""
+    """The spec checks alone (connectors.genomics.vcf_checks), part of the twinhub time above."""
     started = time.perf_counter()
     spec_warnings(FILE)
     return time.perf_counter() - started

@@ -17,8 +17,8 @@ import time
 import duckdb
 import orjson
 
-from harmonize.fhirpath import MACROS_SQL
-from harmonize.view_definition import compile_view
+from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
+from harmonize.sql_on_fhir.view_definition import compile_view
 
 VIEW = {
     "resource": "Observation",

@@ -102,7 +102,7 @@ class Batch:
     problems: pa.Table = field(default_factory=PROBLEM_SCHEMA.empty_table)
     """Records already found bad before the structural checks (e.g. a lab row that cannot map)."""
     variants: pa.Table | None = None
-    """Rows for the columnar `genomic_variant` table (VCF sources; see `connectors.vcf`)."""
+    """Rows for the columnar `genomic_variant` table (VCF sources; see `connectors.genomics.vcf`)."""
     samples: pa.Table | None = None
     """Wearable samples (SAMPLE_SCHEMA) for the columnar `wearable_sample` table."""
     reported: pa.Table | None = None

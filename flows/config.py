@@ -14,18 +14,18 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from connectors.apple_health import AppleHealthSource
 from connectors.errors import ConfigError
-from connectors.fhir_bulk import FhirBulkSource
-from connectors.fhir_ndjson import FhirNdjsonSource
-from connectors.fhir_search import FhirSearchSource
-from connectors.fitbit import FitbitSource
-from connectors.fitbit_csv import FitbitCsvSource
-from connectors.hl7v2 import Hl7v2Source
-from connectors.lab_csv import LabCsvSource
-from connectors.openmhealth import OpenMHealthSource
-from connectors.vcf import VcfSource
-from harmonize.lab_codes import CodeMap, code_map_from_json
+from connectors.fhir.bulk import FhirBulkSource
+from connectors.fhir.ndjson import FhirNdjsonSource
+from connectors.fhir.search import FhirSearchSource
+from connectors.genomics.vcf import VcfSource
+from connectors.labs.hl7v2 import Hl7v2Source
+from connectors.labs.lab_csv import LabCsvSource
+from connectors.wearables.apple_health import AppleHealthSource
+from connectors.wearables.fitbit.api import FitbitSource
+from connectors.wearables.fitbit_csv import FitbitCsvSource
+from connectors.wearables.openmhealth import OpenMHealthSource
+from harmonize.labs.codes import CodeMap, code_map_from_json
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 SourceConfig = Annotated[

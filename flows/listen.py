@@ -13,10 +13,10 @@ from pathlib import Path
 
 from connectors.base import Batch, records_from
 from connectors.errors import ConfigError
-from connectors.hl7v2 import Hl7v2Source
-from connectors.mllp import serve
+from connectors.labs.hl7v2 import Hl7v2Source
+from connectors.labs.mllp import serve
 from flows.config import code_map, load_settings
-from harmonize.hl7v2_labs import resources_from_messages
+from harmonize.labs.hl7v2 import resources_from_messages
 from twin_store import TwinStore, prepare
 
 

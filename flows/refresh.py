@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from connectors.errors import ConfigError
 from flows.config import Settings, load_settings
 from flows.retries import is_retryable
-from harmonize.twin_models import TwinModel
+from harmonize.models.twin_model import TwinModel
 from twin_store import TwinStore
 from twin_store.models import ModelRunReport, refresh
 

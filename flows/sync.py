@@ -17,25 +17,25 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from connectors.apple_health import AppleHealthConnector, AppleHealthSource
 from connectors.base import Batch, Connector
 from connectors.errors import ConfigError
-from connectors.fhir_bulk import FhirBulkConnector, FhirBulkSource
-from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
-from connectors.fhir_search import FhirSearchConnector
-from connectors.fitbit import FitbitConnector, FitbitSource
-from connectors.fitbit_auth import TokenStore
-from connectors.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
-from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
-from connectors.lab_csv import LabCsvConnector, LabCsvSource
-from connectors.openmhealth import OpenMHealthConnector, OpenMHealthSource
-from connectors.vcf import VcfConnector, VcfSource
+from connectors.fhir.bulk import FhirBulkConnector, FhirBulkSource
+from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.fhir.search import FhirSearchConnector
+from connectors.genomics.vcf import VcfConnector, VcfSource
+from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source
+from connectors.labs.lab_csv import LabCsvConnector, LabCsvSource
+from connectors.wearables.apple_health import AppleHealthConnector, AppleHealthSource
+from connectors.wearables.fitbit.api import FitbitConnector, FitbitSource
+from connectors.wearables.fitbit.oauth import TokenStore
+from connectors.wearables.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
+from connectors.wearables.openmhealth import OpenMHealthConnector, OpenMHealthSource
 from flows.config import Settings, SourceConfig, code_map, load_settings
 from flows.refresh import refresh_models
 from flows.retries import is_retryable
-from harmonize.genomics_report import Reportable, genomics_reports, reportable_set
-from harmonize.hl7v2_labs import resources_from_messages
-from harmonize.lab_results import observations_from_rows
+from harmonize.genomics.report import Reportable, genomics_reports, reportable_set
+from harmonize.labs.hl7v2 import resources_from_messages
+from harmonize.labs.rows import observations_from_rows
 from twin_store import RunReport, TwinStore, Window, prepare
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from harmonize.twin_models import OUTPUT_COLUMNS, TwinModel, output_id, output_resources
+from harmonize.models.twin_model import OUTPUT_COLUMNS, TwinModel, output_id, output_resources
 
 if TYPE_CHECKING:
     from twin_store.store import RunReport, TwinStore

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from connectors.base import DELETION_SCHEMA, PROBLEM_SCHEMA, RECORD_SCHEMA, Batch, Watermark
 from harmonize.fhir_checks import Checked, check_resources
-from harmonize.wearables import normalize_samples
+from harmonize.wearables.metrics import normalize_samples
 from twin_store.wearables import SampleSummary, summarize
 
 LINK_SCHEMA = pa.schema([("pos", pa.int64()), ("system", pa.string()), ("value", pa.string())])
@@ -32,7 +32,7 @@ class PreparedBatch:
     deletions: pa.Table = field(default_factory=DELETION_SCHEMA.empty_table)
     variants: pa.Table | None = None
     samples: pa.Table | None = None
-    """Wearable samples normalized (harmonize.wearables.NORMALIZED_SCHEMA), one per key."""
+    """Wearable samples normalized (harmonize.wearables.metrics.NORMALIZED_SCHEMA), one per key."""
     sample_summary: SampleSummary | None = None
     reported: pa.Table | None = None
     """The vendor's figures for days, normalized as the samples are, one per day."""

@@ -35,9 +35,9 @@ import pyarrow.compute as pc
 
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import StoreError
-from harmonize.fhirpath import MACROS_SQL
 from harmonize.records import usable_cores
-from harmonize.wearables import DAILY_SCHEMA, daily_resources
+from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
+from harmonize.wearables.metrics import DAILY_SCHEMA, daily_resources
 from twin_store.extensions import load_extensions
 from twin_store.models import SCHEMA_SQL as MODEL_SCHEMA_SQL
 from twin_store.prepare import BY_IDENTIFIER, PreparedBatch, prepare

@@ -14,8 +14,8 @@ import duckdb
 import orjson
 
 from connectors.errors import TwinhubError
-from harmonize.fhirpath import MACROS_SQL
-from harmonize.view_definition import compile_view
+from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
+from harmonize.sql_on_fhir.view_definition import compile_view
 
 LIBRARY = Path(__file__).with_name("view_library")
 RESOURCES_SQL = (

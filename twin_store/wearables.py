@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import Window
-from harmonize.wearables import DAILY_SCHEMA, daily_id, metrics, totals
+from harmonize.wearables.metrics import DAILY_SCHEMA, daily_id, metrics, totals
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS twin.wearable_sample (

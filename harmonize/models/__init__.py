@@ -1,2 +1,2 @@
-"""twinhub's reference twin models, each a `harmonize.twin_models.TwinModel` (found by the
+"""twinhub's reference twin models, each a `harmonize.models.twin_model.TwinModel` (found by the
 `twinhub.models` entry points in pyproject.toml)."""

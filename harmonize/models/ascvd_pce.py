@@ -1,4 +1,4 @@
-"""ASCVD risk: the ACC/AHA Pooled Cohort Equations (harmonize.ascvd) on each twin's latest risk
+"""ASCVD risk: the ACC/AHA Pooled Cohort Equations (harmonize.models.ascvd) on each twin's latest risk
 factors.
 
 Per patient: the latest total cholesterol, HDL and systolic blood pressure (alone or from a blood
@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 import polars as pl
 
-from harmonize.ascvd import PceInputs, Race, Refusal, Sex, ten_year_risk
-from harmonize.twin_models import FhirOutput, TwinModel, output_frame
+from harmonize.models.ascvd import PceInputs, Race, Refusal, Sex, ten_year_risk
+from harmonize.models.twin_model import FhirOutput, TwinModel, output_frame
 
 CODES = tomllib.loads(Path(__file__).with_name("ascvd_inputs.toml").read_text())
 

@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from harmonize.twin_models import FhirOutput, Trained, TwinModel, output_frame
+from harmonize.models.twin_model import FhirOutput, Trained, TwinModel, output_frame
 
 CONFIG = tomllib.loads(Path(__file__).with_name("diabetes_risk.toml").read_text())
 OUTCOME, TRAINING, SOURCES = CONFIG["outcome"], CONFIG["training"], CONFIG["features"]

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from harmonize.twin_models import FhirOutput, TwinModel, output_frame
+from harmonize.models.twin_model import FhirOutput, TwinModel, output_frame
 
 SETTINGS = tomllib.loads(Path(__file__).with_name("resting_hr.toml").read_text())
 WEAR, CLINIC, FLAG = SETTINGS["wearable"], SETTINGS["vital_sign"], SETTINGS["flag"]

@@ -24,12 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.apple_health import AppleHealthConnector, AppleHealthSource
 from connectors.base import PROBLEM_SCHEMA, SAMPLE_SCHEMA, Batch
 from connectors.errors import ConfigError, SourceError
+from connectors.wearables.apple_health import AppleHealthConnector, AppleHealthSource
 from flows.config import load_settings
 from flows.sync import build_connector
-from harmonize.wearables import metrics, normalize_samples
+from harmonize.wearables.metrics import metrics, normalize_samples
 from tests.conftest import ROOT, SHARED
 
 log = logging.getLogger(__name__)
@@ -618,7 +618,7 @@ MEASURE = """
 import json, resource, sys, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from connectors.apple_health import AppleHealthConnector, AppleHealthSource
+from connectors.wearables.apple_health import AppleHealthConnector, AppleHealthSource
 
 source = AppleHealthSource(name="big", kind="apple-health", path=Path(sys.argv[1]), patient="p1")
 started, counted = time.perf_counter(), {"samples": 0, "problems": 0, "batches": 0}

@@ -12,7 +12,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from connectors.errors import SourceError
-from connectors.fhir_auth import SmartAuth, SmartBackendAuth, build_auth
+from connectors.fhir.auth import SmartAuth, SmartBackendAuth, build_auth
 
 
 def smart(tmp_path: Path, key_text: str, **extra: object) -> SmartAuth:
@@ -78,7 +78,7 @@ def test_key_mistakes_are_one_line(tmp_path: Path, make: object, extra: dict[str
 def test_secrets_come_from_exactly_one_of_file_or_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from connectors.fhir_auth import BearerAuth
+    from connectors.fhir.auth import BearerAuth
 
     with pytest.raises(SourceError, match=r"set exactly one of auth\.token_file or auth\.token_env"):
         build_auth("ehr", BearerAuth(type="bearer"), "https://x/fhir")

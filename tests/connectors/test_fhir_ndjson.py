@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from connectors.errors import SourceError
-from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from tests.conftest import write_ndjson
 
 

@@ -25,8 +25,8 @@ from cryptography.fernet import Fernet
 
 from connectors.base import SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
-from connectors.fitbit import SCOPE, SLEEP_LEVEL, Data, FitbitConnector, FitbitSource
-from connectors.fitbit_auth import (
+from connectors.wearables.fitbit.api import SCOPE, SLEEP_LEVEL, Data, FitbitConnector, FitbitSource
+from connectors.wearables.fitbit.oauth import (
     FitbitOAuth,
     PatientAuthError,
     Tokens,
@@ -34,7 +34,7 @@ from connectors.fitbit_auth import (
     authorization_request,
     code_from_redirect,
 )
-from harmonize.wearables import normalize_samples
+from harmonize.wearables.metrics import normalize_samples
 from tests.fitbit_server import CLIENT_ID, FitbitServer, User
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -444,8 +444,8 @@ def _crash_mid_refresh(source: FitbitSource, tmp_path: Path) -> subprocess.Compl
         "import os, sys\n"
         "from datetime import datetime, UTC\n"
         "from pathlib import Path\n"
-        "from connectors.fitbit import FitbitConnector, FitbitSource\n"
-        "from connectors.fitbit_auth import FitbitOAuth, TokenStore\n"
+        "from connectors.wearables.fitbit.api import FitbitConnector, FitbitSource\n"
+        "from connectors.wearables.fitbit.oauth import FitbitOAuth, TokenStore\n"
         "FitbitOAuth._persist = lambda self, tokens: os._exit(17)\n"
         "source = FitbitSource.model_validate_json(sys.argv[1])\n"
         "store = TokenStore.for_source(source, source.token_path(Path('unused')))\n"

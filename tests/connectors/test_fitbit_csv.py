@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from connectors.base import Batch
-from connectors.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
+from connectors.wearables.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
 from flows.sync import land_batches
 from tests.conftest import SHARED
 from twin_store import TwinStore, connect

@@ -20,8 +20,8 @@ import pytest
 
 from connectors.base import SAMPLE_SCHEMA, Batch
 from connectors.errors import ConfigError, SourceError
-from connectors.openmhealth import OpenMHealthConnector, OpenMHealthSource, time_frame
-from connectors.openmhealth_schemas import rules
+from connectors.wearables.openmhealth import OpenMHealthConnector, OpenMHealthSource, time_frame
+from connectors.wearables.openmhealth_schemas import rules
 from tests.conftest import SHARED
 
 D4 = "http://json-schema.org/draft-04/schema#"
@@ -441,7 +441,7 @@ OMH_UNITS = {
 
 def test_the_wearable_catalogue_takes_every_mapped_metric_in_every_spelling_open_mhealth_uses() -> None:
     """Downstream, a sample whose metric or unit the catalogue lacks is quarantined."""
-    from harmonize.wearables import normalize_samples
+    from harmonize.wearables.metrics import normalize_samples
 
     mapped = {f["metric"] for fields in rules()["measures"]["omh"].values() for f in fields.values()}
     assert mapped == set(OMH_UNITS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.vcf import VcfConnector, VcfSource
+from connectors.genomics.vcf import VcfConnector, VcfSource
 from flows.sync import land_batches
 from tests.conftest import SHARED
 from twin_store import RunReport, TwinStore, connect

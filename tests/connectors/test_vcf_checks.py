@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors import vcf_checks
-from connectors.vcf_checks import VcfSpecError, check_text
+from connectors.genomics import vcf_checks
+from connectors.genomics.vcf_checks import VcfSpecError, check_text
 
 HEADER = [
     "##fileformat=VCFv4.3",

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from connectors.vcf import VcfConnector, VcfSource
+from connectors.genomics.vcf import VcfConnector, VcfSource
 from flows.sync import land_batches
 from tests.connectors.test_vcf import HEADER, RECORDS
 from twin_store import TwinStore

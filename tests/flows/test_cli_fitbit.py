@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from connectors.errors import ConfigError, SourceError
-from connectors.fitbit import FitbitConnector, FitbitSource
-from connectors.fitbit_auth import TokenStore
+from connectors.wearables.fitbit.api import FitbitConnector, FitbitSource
+from connectors.wearables.fitbit.oauth import TokenStore
 from flows.config import load_settings
 from flows.sync import build_connector
 from tests.conftest import TWINHUB, run_cli

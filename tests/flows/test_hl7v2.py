@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
+from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
 from flows.sync import harmonized, land_batches
-from harmonize.hl7v2_labs import message_resources
+from harmonize.labs.hl7v2 import message_resources
 from tests.conftest import SHARED
 from twin_store import TwinStore, connect
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not HL7.is_dir(), reason=f"shared HL7 v2 samples
 #   the message's own offset. The instants are compared.
 # - we map every OBX: the Converter leaves out RP/ED results and some OUL ones, and sometimes
 #   drops a reference range or unit the message sends. Its Observations must all be among ours.
-# - units (harmonize.lab_codes): `unit` keeps the text the message sends, as the Converter's does;
+# - units (harmonize.labs.codes): `unit` keeps the text the message sends, as the Converter's does;
 #   we add the UCUM system and code where the unit is UCUM or a known spelling (beats/min -> /min,
 #   giga.l-1 -> 10*9/L, g/l-1 -> g/L). None of the 11 messages sends a result that lab_units.toml
 #   converts, so no value or unit differs here; local OBX-3 codes (3DHISTECH_*^L) are also tagged

@@ -9,7 +9,7 @@ import pytest
 from orjson import loads as orjson_loads
 
 from connectors.errors import SourceError
-from connectors.lab_csv import LabCsvColumns, LabCsvConnector, LabCsvSource
+from connectors.labs.lab_csv import LabCsvColumns, LabCsvConnector, LabCsvSource
 from flows.sync import harmonized, land_batches
 from tests.conftest import SHARED, SYNTHEA
 from twin_store import RunReport, TwinStore, connect
@@ -89,7 +89,7 @@ def test_the_shared_lab_csv_lands_every_row_linked_to_a_synthea_patient(tmp_path
     next and every result links to its patient; none is orphaned or lost."""
     if not (LAB_CSV.exists() and SYNTHEA.is_dir()):
         pytest.skip(f"shared lab CSV or Synthea set not found under {SHARED}")
-    from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+    from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 
     mrn_system = "http://hospital.smarthealthit.org"
     mrn_of = {}
@@ -137,7 +137,7 @@ def test_the_shared_lab_csv_lands_every_row_linked_to_a_synthea_patient(tmp_path
 
 
 def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tmp_path: Path) -> None:
-    from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+    from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
     from tests.conftest import write_ndjson
 
     mrn = "urn:oid:1.2.36.146.595.217.0.1"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hl7.mllp import open_hl7_connection
 
-from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
-from connectors.mllp import ack
+from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
+from connectors.labs.mllp import ack
 from flows.sync import harmonized, land_batches
 from tests.conftest import SHARED, TWINHUB
 from twin_store import TwinStore, connect

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
-from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source
-from connectors.vcf import VcfConnector
+from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.genomics.vcf import VcfConnector
+from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source
 from flows.sync import harmonized, land_batches
 from tests.conftest import run_cli, write_ndjson
 from tests.harmonize.test_hl7v2_labs import MESSAGE
@@ -79,7 +79,7 @@ def test_status_shows_results_waiting_for_their_patient(tmp_path: Path) -> None:
 
 
 def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tmp_path: Path) -> None:
-    from connectors.vcf import VcfReportable, VcfSource
+    from connectors.genomics.vcf import VcfReportable, VcfSource
     from tests.connectors.test_vcf import RECORDS, write_vcf
 
     genome = VcfSource(

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from connectors.errors import ConfigError
-from connectors.vcf import VcfConnector, VcfReportable, VcfSource
+from connectors.genomics.vcf import VcfConnector, VcfReportable, VcfSource
 from flows.config import load_settings
 from flows.sync import harmonized
 from tests.conftest import SHARED, run_cli
@@ -105,7 +105,7 @@ def test_the_genes_alone_find_the_same_variants_as_vcf2fhirs_regions() -> None:
 @needs_vcf2fhir
 def test_gene_spans_lie_in_vcf2fhirs_conversion_regions_of_those_genes() -> None:
     """A check of genomics_reference.toml's GRCh38 spans against vcf2fhir's ACMG-gene BED."""
-    from harmonize.genomics_report import REFERENCE, parse_bed, parse_region
+    from harmonize.genomics.report import REFERENCE, parse_bed, parse_region
 
     regions = parse_bed((VCF2FHIR / "NB6TK328_conversion_region.bed").read_text())
     for gene, known in REFERENCE["genes"].items():

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.apple_health import AppleHealthConnector, AppleHealthSource
 from connectors.base import Batch
-from connectors.fitbit import FitbitConnector
+from connectors.wearables.apple_health import AppleHealthConnector, AppleHealthSource
+from connectors.wearables.fitbit.api import FitbitConnector
 from flows.sync import land_batches
 from tests.conftest import SHARED
 from tests.connectors.test_fitbit import AUG_23, NOW, connect, counts, make_source, pull, token_store

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from harmonize.ascvd import EQUATIONS, PCE_FILE, RANGES, PceInputs, Refusal, Risk, load_pce, ten_year_risk
+from harmonize.models.ascvd import (
+    EQUATIONS,
+    PCE_FILE,
+    RANGES,
+    PceInputs,
+    Refusal,
+    Risk,
+    load_pce,
+    ten_year_risk,
+)
 
 EXAMPLE = PceInputs(
     age_years=55,

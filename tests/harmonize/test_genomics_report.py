@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from connectors.base import Batch
-from connectors.vcf import VcfConnector, VcfReportable, VcfSource
-from harmonize.genomics_report import (
+from connectors.genomics.vcf import VcfConnector, VcfReportable, VcfSource
+from harmonize.genomics.report import (
     Region,
     _change_type,
     genomics_reports,

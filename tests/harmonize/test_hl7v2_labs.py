@@ -5,9 +5,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from connectors.hl7v2 import split_messages
-from harmonize.hl7v2_labs import fhir_datetime, message_resources
-from harmonize.lab_codes import loinc_is_valid
+from connectors.labs.hl7v2 import split_messages
+from harmonize.labs.codes import loinc_is_valid
+from harmonize.labs.hl7v2 import fhir_datetime, message_resources
 
 MESSAGE = "\r".join(
     [

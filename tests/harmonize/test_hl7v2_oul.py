@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from harmonize.hl7v2_labs import message_resources
+from harmonize.labs.hl7v2 import message_resources
 
 MSH = "MSH|^~\\&|LIS|LAB||TWIN|20240301093000+0100||{}|C1|P|2.5.1"
 PID = "PID|1||MRN9^^^ACME^MR||Roe^Ann||19700101|F"

@@ -10,8 +10,8 @@ import hl7
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from connectors.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
-from harmonize.hl7v2_segments import Segment, segments
+from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
+from harmonize.labs.hl7v2_segments import Segment, segments
 from tests.conftest import SHARED
 from tests.harmonize.test_hl7v2_labs import MESSAGE
 from tests.harmonize.test_mangled_input import mangled_messages

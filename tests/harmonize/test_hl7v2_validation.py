@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harmonize.hl7v2_labs import message_resources, validate
+from harmonize.labs.hl7v2 import message_resources, validate
 from tests.harmonize.test_hl7v2_labs import MESSAGE
 
 

@@ -12,16 +12,16 @@ import pytest
 from fhir.resources.R4B.observation import Observation
 
 from connectors.base import Batch, records_from
-from connectors.lab_csv import LabCsvColumns, LabCsvSource
-from harmonize.hl7v2_labs import message_resources
-from harmonize.lab_codes import (
+from connectors.labs.lab_csv import LabCsvColumns, LabCsvSource
+from harmonize.labs.codes import (
     ORIGINAL_QUANTITY,
     CodeMap,
     code_map_from_json,
     normalize_observation,
     ucum_code,
 )
-from harmonize.lab_results import observation, observations_from_rows
+from harmonize.labs.hl7v2 import message_resources
+from harmonize.labs.rows import observation, observations_from_rows
 
 LOCAL = "urn:twinhub:hl7v2:codesystem:L"
 UNMAPPED = {"system": "urn:twinhub:tag", "code": "unmapped-code", "display": "Code not mapped to LOINC"}
@@ -316,7 +316,7 @@ def test_normalizing_twice_changes_nothing() -> None:
 def test_every_unit_the_data_file_names_is_valid_ucum() -> None:
     from ucumvert import get_ucum_parser, parse_ucum
 
-    from harmonize.lab_codes import conversions, spellings
+    from harmonize.labs.codes import conversions, spellings
 
     parser = get_ucum_parser()
     for unit in {*spellings()[0].values(), *(target for target, _ in conversions().values())}:

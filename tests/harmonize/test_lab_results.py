@@ -6,8 +6,8 @@ import orjson
 import pytest
 from fhir.resources.R4B.observation import Observation
 
-from connectors.lab_csv import LabCsvColumns, LabCsvSource
-from harmonize.lab_results import observation
+from connectors.labs.lab_csv import LabCsvColumns, LabCsvSource
+from harmonize.labs.rows import observation
 
 SOURCE = LabCsvSource(
     name="lab",

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.base import RECORD_SCHEMA, Batch
-from connectors.hl7v2 import Hl7v2Source
-from harmonize.hl7v2_labs import resources_from_messages
-from harmonize.lab_results import observation
+from connectors.labs.hl7v2 import Hl7v2Source
+from harmonize.labs.hl7v2 import resources_from_messages
+from harmonize.labs.rows import observation
 from tests.harmonize.test_hl7v2_labs import MESSAGE
 from tests.harmonize.test_lab_results import ROW, SOURCE
 

@@ -9,8 +9,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from harmonize.fhirpath import MACROS_SQL
-from harmonize.view_definition import ViewError, compile_view
+from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
+from harmonize.sql_on_fhir.view_definition import ViewError, compile_view
 from tests.conftest import SHARED
 
 SUITE = SHARED.parent / "sql-on-fhir"

@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from flows.sync import land_batches
 from harmonize.models.ascvd_pce import MODEL as PCE
-from harmonize.twin_models import TwinModel, output_frame
+from harmonize.models.twin_model import TwinModel, output_frame
 from tests.conftest import write_ndjson
 from twin_store import TwinStore, connect
 from twin_store.models import ModelRunReport, refresh

@@ -16,10 +16,10 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from connectors.base import RECORD_SCHEMA, SAMPLE_SCHEMA, Batch
-from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from flows.sync import land_batches
 from harmonize.models import diabetes_risk, resting_hr
-from harmonize.twin_models import output_id
+from harmonize.models.twin_model import output_id
 from tests.conftest import write_ndjson
 from tests.harmonize.test_diabetes_risk import Patient, population
 from twin_store import TwinStore, connect

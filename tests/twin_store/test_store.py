@@ -7,7 +7,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from connectors.fhir_ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from tests.conftest import write_ndjson
 from twin_store import RunReport, TwinStore, Window, connect, prepare
 from twin_store.prepare import _may_contain

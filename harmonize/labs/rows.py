@@ -19,8 +19,8 @@ import orjson
 from fhir.resources.R4B.observation import Observation
 
 from connectors.base import Batch
-from connectors.lab_csv import LabCsvSource
-from harmonize.lab_codes import CodeMap, normalize_observation
+from connectors.labs.lab_csv import LabCsvSource
+from harmonize.labs.codes import CodeMap, normalize_observation
 from harmonize.records import map_records, patient_reference
 
 UCUM = "http://unitsofmeasure.org"
@@ -33,7 +33,7 @@ TWINHUB_IDS = uuid.UUID("8f0c5a52-4a5e-4a53-9a39-0b1e6d0f7c11")
 
 def observations_from_rows(batch: Batch, source: LabCsvSource, codes: CodeMap | None = None) -> Batch:
     """The batch's rows (JSON objects, header -> text) as Observation records, bad rows as
-    problems; codes and units normalized (`harmonize.lab_codes`), with `codes` as the local code map."""
+    problems; codes and units normalized (`harmonize.labs.codes`), with `codes` as the local code map."""
     return map_records(batch, partial(row_observation, source=source, codes=codes))
 
 

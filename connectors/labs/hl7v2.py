@@ -1,6 +1,6 @@
 """HL7 v2 messages in files: one or many per file, CR, LF or CRLF segment ends, an optional BOM
 and MLLP framing. Each message becomes one record (its segments joined by CR), numbered by its
-place in the file; `harmonize.hl7v2_labs` maps them to FHIR.
+place in the file; `harmonize.labs.hl7v2` maps them to FHIR.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
 from connectors.base import Batch, Watermark, Window, records_from
-from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
 
 SEGMENT_END = re.compile(r"\r\n|\n|\r")
 MLLP_FRAMING = str.maketrans("", "", "\x0b\x1c")

@@ -35,10 +35,10 @@ import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
 from connectors.errors import SourceError, TransientError, safe_url
-from connectors.fhir_auth import json_object, read_secret
+from connectors.fhir.auth import json_object, read_secret
 
 if TYPE_CHECKING:
-    from connectors.fitbit import FitbitSource
+    from connectors.wearables.fitbit.api import FitbitSource
 
 PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 """A FHIR id (the token file is named after it)."""

@@ -22,7 +22,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from connectors.errors import TwinhubError, safe_url
-from connectors.fhir_ndjson import FhirNdjsonSource
+from connectors.fhir.ndjson import FhirNdjsonSource
 from flows.config import Settings, StoreConfig, load_settings
 from twin_store import RunReport, connect, standard_views
 
@@ -235,7 +235,7 @@ def views_show(
     view: Annotated[str, typer.Argument(help="A view name (see views list) or a JSON file")],
 ) -> None:
     """Print the DuckDB SQL a ViewDefinition compiles to."""
-    from harmonize.view_definition import compile_view
+    from harmonize.sql_on_fhir.view_definition import compile_view
     from twin_store.views import load_view
 
     sys.stdout.write(compile_view(load_view(view, settings().views.path)).typed_sql + "\n")
@@ -300,8 +300,13 @@ def wearables_connect(
 ) -> None:
     """Connect a patient's Fitbit account (OAuth 2.0 with PKCE): prints the address the patient
     opens, then takes the address Fitbit sends the browser back to (pasted, or later with --code)."""
-    from connectors.fitbit import FitbitSource
-    from connectors.fitbit_auth import FitbitOAuth, TokenStore, authorization_request, code_from_redirect
+    from connectors.wearables.fitbit.api import FitbitSource
+    from connectors.wearables.fitbit.oauth import (
+        FitbitOAuth,
+        TokenStore,
+        authorization_request,
+        code_from_redirect,
+    )
 
     if vendor != "fitbit":
         raise TwinhubError(f"cannot connect {vendor!r}: only fitbit accounts are connected this way")

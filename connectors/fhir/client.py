@@ -26,7 +26,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from connectors.errors import SourceError, TransientError, safe_url
-from connectors.fhir_auth import AuthConfig, NoAuth, build_auth
+from connectors.fhir.auth import AuthConfig, NoAuth, build_auth
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors.errors import TwinhubError
-from harmonize.fhirpath import (
+from harmonize.sql_on_fhir.fhirpath import (
     FhirPathError,
     Scope,
     compile_boolean,

@@ -26,9 +26,9 @@ from fhir.resources.R4B.specimen import Specimen
 from pydantic import BaseModel
 
 from connectors.base import Batch
-from connectors.hl7v2 import Hl7v2Source
-from harmonize.hl7v2_segments import Segment, segments
-from harmonize.lab_codes import CodeMap, loinc_is_valid, normalize_observation
+from connectors.labs.hl7v2 import Hl7v2Source
+from harmonize.labs.codes import CodeMap, loinc_is_valid, normalize_observation
+from harmonize.labs.hl7v2_segments import Segment, segments
 from harmonize.records import map_records, patient_reference
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -66,7 +66,7 @@ IDS = uuid.UUID("5b0d7c7e-2f4c-4d8e-9c62-6a3c0a1f9e21")
 
 def resources_from_messages(batch: Batch, source: Hl7v2Source, codes: CodeMap | None = None) -> Batch:
     """The batch's messages as FHIR records (several per message), bad messages as problems;
-    Observations' codes and units normalized (`harmonize.lab_codes`), `codes` the local code map."""
+    Observations' codes and units normalized (`harmonize.labs.codes`), `codes` the local code map."""
     return map_records(
         batch,
         partial(
@@ -364,7 +364,7 @@ def _unit(obx: Segment) -> dict[str, Any]:
     unit: dict[str, Any] = {"unit": text or code}
     if system.upper() in ("UCUM", "ANSI+"):
         unit |= {"system": "http://unitsofmeasure.org", "code": code}
-    elif code:  # kept for harmonize.lab_codes, which makes it UCUM where it can (or drops it)
+    elif code:  # kept for harmonize.labs.codes, which makes it UCUM where it can (or drops it)
         unit |= {"system": f"urn:twinhub:hl7v2:codesystem:{system or 'local'}", "code": code}
     return unit
 

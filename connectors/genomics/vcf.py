@@ -2,7 +2,7 @@
 
 Each file becomes rows of the columnar `genomic_variant` table: one per sample and alternate
 allele the sample carries, never one FHIR resource per variant. Its text is checked against the
-spec first (`connectors.vcf_checks`): a file whose header is broken, or that htslib cannot read,
+spec first (`connectors.genomics.vcf_checks`): a file whose header is broken, or that htslib cannot read,
 goes to quarantine whole with the reason; a record that breaks a rule lands with a warning. Files
 are read whole, once each (a changed file is read again).
 """
@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 from cyvcf2 import VCF
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window, problems_from
-from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
-from connectors.vcf_checks import VcfSpecError, check_text
+from connectors.genomics.vcf_checks import VcfSpecError, check_text
 
 Assembly = Literal["GRCh37", "GRCh38"]
 ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}

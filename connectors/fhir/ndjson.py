@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors._files import FileConnector, open_maybe_gzipped, resume_point
 from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
-from connectors.local_files import FileConnector, open_maybe_gzipped, resume_point
 
 READ_HINT = 4 << 20
 FIRST_BATCH = 4 << 20

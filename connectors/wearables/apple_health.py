@@ -40,9 +40,9 @@ from defusedxml.ElementTree import DefusedXMLParser
 from isal import isal_zlib
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
-from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
 
 log = logging.getLogger(__name__)
 

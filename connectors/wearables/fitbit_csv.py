@@ -23,8 +23,8 @@ import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
-from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
 
 Grain = Literal["minute", "hour", "day"]
 GRAIN_ORDER = {"minute": 0, "hour": 1, "day": 2}

@@ -1,7 +1,7 @@
 """Lab results exported as CSV: one row per result, columns named in the source's config.
 
 The connector only reads: each row becomes a record holding the row as a JSON object (header ->
-text), numbered by its line in the file; `harmonize.lab_results` turns rows into Observations.
+text), numbered by its line in the file; `harmonize.labs.rows` turns rows into Observations.
 Files are read once each; a file that changed (size or mtime) is read again from its first row,
 and a file cut short by a crash resumes after its last landed row.
 """
@@ -17,9 +17,9 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors._files import FileConnector, open_maybe_gzipped, resume_point
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import SourceError
-from connectors.local_files import FileConnector, open_maybe_gzipped, resume_point
 
 
 class LabCsvColumns(BaseModel):

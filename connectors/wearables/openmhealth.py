@@ -1,6 +1,6 @@
 """Open mHealth data points in JSON files: one per file, a JSON array of them, or NDJSON (one a
 line), plain or gzipped. Each is validated against the schemas its header names (the folder
-`schemas`, see `connectors.openmhealth_schemas`) and its body becomes wearable samples, columnar,
+`schemas`, see `connectors.wearables.openmhealth_schemas`) and its body becomes wearable samples, columnar,
 named as in `harmonize/wearable_metrics.toml` (`openmhealth.toml` says which schema maps to which
 metric). A data point that cannot become samples is a problem with the reason, never dropped:
 
@@ -35,9 +35,9 @@ import orjson
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
-from connectors.local_files import FileConnector, fingerprint, open_maybe_gzipped
-from connectors.openmhealth_schemas import (
+from connectors.wearables.openmhealth_schemas import (
     SchemaFolder,
     SchemaGapError,
     SchemaId,

@@ -25,12 +25,12 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 from xxhash import xxh3_64_hexdigest
 
+from connectors._files import open_maybe_gzipped
 from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError, safe_url
-from connectors.fhir_history import Deletion, deleted_entry, deletions_table, history_deletions, iso
-from connectors.fhir_http import FhirClient, FhirServerSource, check_server, outcome_text, retry_after
-from connectors.fhir_ndjson import line_chunks, records_table
-from connectors.local_files import open_maybe_gzipped
+from connectors.fhir.client import FhirClient, FhirServerSource, check_server, outcome_text, retry_after
+from connectors.fhir.history import Deletion, deleted_entry, deletions_table, history_deletions, iso
+from connectors.fhir.ndjson import line_chunks, records_table
 
 log = logging.getLogger(__name__)
 

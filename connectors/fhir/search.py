@@ -25,9 +25,9 @@ from pydantic import Field, field_validator, model_validator
 
 from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
-from connectors.fhir_history import history_deletions, iso
-from connectors.fhir_http import FhirClient, FhirServerSource, check_server, next_link, server_time
-from connectors.fhir_ndjson import records_table
+from connectors.fhir.client import FhirClient, FhirServerSource, check_server, next_link, server_time
+from connectors.fhir.history import history_deletions, iso
+from connectors.fhir.ndjson import records_table
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
 from connectors.base import Batch, problems_from, records_from
-from connectors.vcf import VcfReportable
-from harmonize.lab_results import TWINHUB_IDS
+from connectors.genomics.vcf import VcfReportable
+from harmonize.labs.rows import TWINHUB_IDS
 from harmonize.records import MAPPING_ERRORS, patient_reference, reason
 
 REFERENCE: dict[str, Any] = tomllib.loads(Path(__file__).with_name("genomics_reference.toml").read_text())

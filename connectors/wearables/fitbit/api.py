@@ -1,7 +1,7 @@
 """Fitbit Web API: every connected patient's heart rate, steps, sleep, SpO2 and weight, as
 wearable samples (SAMPLE_SCHEMA, in the units Fitbit sends).
 
-Patients are connected one by one (`twinhub wearables connect`, see `connectors.fitbit_auth`);
+Patients are connected one by one (`twinhub wearables connect`, see `connectors.wearables.fitbit.oauth`);
 a pull walks each connected patient by date windows from their own watermark: per kind of data,
 the last local day known complete (before today in the patient's time zone, and before the day
 their tracker last synced). The next sync asks again from `overlap_days` before that, since a
@@ -39,9 +39,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from connectors.base import RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window, problems_from
 from connectors.errors import SourceError, TransientError, safe_url
-from connectors.fhir_auth import json_object, refuse_inline_secrets
-from connectors.fhir_http import retry_after
-from connectors.fitbit_auth import FitbitOAuth, PatientAuthError, Tokens, TokenStore, error_type, reconnect
+from connectors.fhir.auth import json_object, refuse_inline_secrets
+from connectors.fhir.client import retry_after
+from connectors.wearables.fitbit.oauth import (
+    FitbitOAuth,
+    PatientAuthError,
+    Tokens,
+    TokenStore,
+    error_type,
+    reconnect,
+)
 
 log = logging.getLogger(__name__)
 

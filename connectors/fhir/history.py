@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from connectors.base import DELETION_SCHEMA
 from connectors.errors import safe_url
-from connectors.fhir_http import FhirClient, next_link, server_time
+from connectors.fhir.client import FhirClient, next_link, server_time
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Genomic variants: VCF files, checked against the VCF specification as they are read."""

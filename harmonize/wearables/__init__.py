@@ -1,0 +1,1 @@
+"""Wearable samples to standard codes and units, and each day's rollup to FHIR Observations."""
