@@ -10,6 +10,7 @@ from typing import IO, Any, Generic, Protocol, TypeVar, cast
 
 from isal import igzip  # zlib-compatible, about twice as fast as gzip
 
+from connectors.base import Watermark
 from connectors.errors import SourceError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -92,3 +93,12 @@ def open_maybe_gzipped(path: Path) -> IO[bytes]:
     if gzipped:
         return cast(IO[bytes], igzip.open(path, "rb"))  # type: ignore[no-untyped-call]
     return path.open("rb")
+
+
+def describe_files(watermark: Watermark) -> str:
+    """How far a source of files got: files read whole, and lines (or rows) landed."""
+    files = watermark.get("files", {})
+    # Files that land whole per batch (HL7 v2, VCF) keep no line count or `complete` flag.
+    done = sum(1 for f in files.values() if f.get("complete", True))
+    lines = sum(f.get("lines", f.get("rows", 0)) for f in files.values())
+    return f"{done}/{len(files)} files complete" + (f", {lines:,} lines" if lines else "")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -15,36 +15,9 @@ from pydantic_settings import (
 )
 
 from connectors.errors import ConfigError
-from connectors.fhir.bulk import FhirBulkSource
-from connectors.fhir.ndjson import FhirNdjsonSource
-from connectors.fhir.search import FhirSearchSource
-from connectors.genomics.vcf import VcfSource
-from connectors.labs.hl7v2 import Hl7v2Source
-from connectors.labs.lab_csv import LabCsvSource
-from connectors.wearables.apple_health import AppleHealthSource
-from connectors.wearables.fitbit.api import FitbitSource
-from connectors.wearables.fitbit_csv import FitbitCsvSource
-from connectors.wearables.openmhealth import OpenMHealthSource
-from harmonize.labs.codes import CodeMap, code_map_from_json
+from connectors.kinds import MappingFile, SourceConfig, kind_names, source_kind
 
 DEFAULT_CONFIG = Path("twinhub.toml")
-SourceConfig = Annotated[
-    FhirNdjsonSource
-    | FhirSearchSource
-    | FhirBulkSource
-    | LabCsvSource
-    | Hl7v2Source
-    | VcfSource
-    | FitbitSource
-    | FitbitCsvSource
-    | OpenMHealthSource
-    | AppleHealthSource,
-    Field(discriminator="kind"),
-]
-KINDS = (
-    "fhir-ndjson", "fhir-search", "fhir-bulk", "lab-csv", "hl7v2", "vcf", "fitbit", "fitbit-csv",
-    "openmhealth", "apple-health",
-)  # fmt: skip
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
 
 
@@ -82,25 +55,7 @@ class Settings(BaseSettings):
     views: ViewsConfig = ViewsConfig()
     models: ModelsConfig = ModelsConfig()
     sources: list[SourceConfig] = []
-
-    @field_validator("sources")
-    @classmethod
-    def _check_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
-        names = [s.name for s in sources]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"source names must be unique; {', '.join(dupes)} appear twice")
-        from prefect.client.schemas.schedules import CronSchedule  # Prefect is slow to import
-
-        for source in sources:
-            if source.schedule is not None:
-                try:
-                    CronSchedule(cron=source.schedule)
-                except ValidationError:
-                    raise ValueError(
-                        f"schedule {source.schedule!r} of source {source.name!r} is not a cron "
-                        "expression; use five fields, e.g. '0 2 * * *' for 02:00 daily"
-                    ) from None
-        return sources
+    """Each of its kind's config model (`connectors.kinds`), checked by `load_settings`."""
 
     def source(self, name: str) -> SourceConfig:
         for source in self.sources:
@@ -126,6 +81,8 @@ def load_settings(path: Path | None = None) -> Settings:
         )
 
     class FileSettings(Settings):
+        sources: list[dict[str, Any]] = []  # type: ignore[assignment]  # each checked by its kind below
+
         @classmethod
         def settings_customise_sources(
             cls,
@@ -139,12 +96,47 @@ def load_settings(path: Path | None = None) -> Settings:
             return env_settings, toml, init_settings
 
     try:
-        settings: Settings = FileSettings()
+        raw = FileSettings()
     except ValidationError as e:
         raise _config_error(file, e) from None
     except ValueError as e:  # TOML syntax
         raise ConfigError("file", f"{str(file)!r} is not valid TOML ({e}); fix the syntax") from None
+    sources = [_source(file, n, table) for n, table in enumerate(raw.sources)]
+    _check_sources(sources)
+    settings = Settings.model_construct(store=raw.store, views=raw.views, models=raw.models, sources=sources)
     return _resolve_paths(settings, file.resolve().parent)
+
+
+def _source(file: Path, n: int, table: dict[str, Any]) -> SourceConfig:
+    """One `[[sources]]` table, checked by the config model of the kind it names."""
+    kind = table.get("kind")
+    if kind is None:
+        raise ConfigError(f"sources[{n}].kind", f"is required; add `kind = ...` there in {file}")
+    if kind not in kind_names():
+        raise ConfigError(f"sources[{n}]", f"unknown kind {kind!r}; use one of: {', '.join(kind_names())}")
+    try:
+        config: SourceConfig = source_kind(kind).config.model_validate(table)
+    except ValidationError as e:
+        raise _config_error(file, e, at=("sources", n)) from None
+    return config
+
+
+def _check_sources(sources: list[SourceConfig]) -> None:
+    names = [s.name for s in sources]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError("sources", f"source names must be unique; {', '.join(dupes)} appear twice")
+    from prefect.client.schemas.schedules import CronSchedule  # Prefect is slow to import
+
+    for source in sources:
+        if source.schedule is not None:
+            try:
+                CronSchedule(cron=source.schedule)
+            except ValidationError:
+                raise ConfigError(
+                    "sources",
+                    f"schedule {source.schedule!r} of source {source.name!r} is not a cron "
+                    "expression; use five fields, e.g. '0 2 * * *' for 02:00 daily",
+                ) from None
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
@@ -164,15 +156,14 @@ def _rebase(model: Any, base: Path) -> Any:
     return model.model_copy(update=update) if update else model
 
 
-def _config_error(file: Path, error: ValidationError) -> ConfigError:
-    """The first problem as one line: which key, what is wrong, how to fix it."""
+def _config_error(file: Path, error: ValidationError, at: tuple[str | int, ...] = ()) -> ConfigError:
+    """The first problem as one line: which key (under `at`), what is wrong, how to fix it."""
     first: Any = error.errors()[0]
-    loc = [p for p in first["loc"] if p not in KINDS + AUTH_TYPES]
+    loc = [*at, *(p for p in first["loc"] if p not in AUTH_TYPES)]
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "file"
     if first["type"] == "union_tag_invalid":
         tag, field = first["ctx"]["tag"], first["ctx"]["discriminator"].strip("'")
-        known = AUTH_TYPES if field == "type" else KINDS
-        return ConfigError(key, f"unknown {field} {tag!r}; use one of: {', '.join(known)}")
+        return ConfigError(key, f"unknown {field} {tag!r}; use one of: {', '.join(AUTH_TYPES)}")
     if first["type"] == "missing":
         return ConfigError(key, f"is required; add `{loc[-1]} = ...` there in {file}")
     if first["type"] == "extra_forbidden":
@@ -180,22 +171,17 @@ def _config_error(file: Path, error: ValidationError) -> ConfigError:
     return ConfigError(key, f"{first['msg'].removeprefix('Value error, ')} (in {file})")
 
 
-def code_map(source: LabCsvSource | Hl7v2Source) -> CodeMap | None:
-    """The source's local-code ConceptMap, read and checked; a ConfigError naming the file and
-    the fix when it cannot be used."""
-    path = source.concept_map
-    if path is None:
-        return None
-    key = f"sources.{source.name}.concept_map"
+def mapping_files(source: SourceConfig) -> dict[str, bytes]:
+    """The contents of the source's mapping files (a ConceptMap, a BED file), read now, so a
+    missing one fails the sync before anything lands."""
+    return {key: _read(source, key, file) for key, file in source.mapping_files().items()}
+
+
+def _read(source: SourceConfig, key: str, file: MappingFile) -> bytes:
     try:
-        data = path.read_bytes()
+        return file.path.read_bytes()
     except OSError as e:
         raise ConfigError(
-            key, f"cannot read {str(path)!r} ({e.strerror}); point it at a FHIR ConceptMap JSON file"
-        ) from None
-    try:
-        return code_map_from_json(data)
-    except ValueError as e:
-        raise ConfigError(
-            key, f"{str(path)!r} {e}; fix the file (examples/lab-codes-conceptmap.json shows the form)"
+            f"sources.{source.name}.{key}",
+            f"cannot read {str(file.path)!r} ({e.strerror}); point it at {file.about}",
         ) from None

@@ -18,24 +18,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from connectors.base import Batch, Connector
-from connectors.errors import ConfigError
-from connectors.fhir.bulk import FhirBulkConnector, FhirBulkSource
-from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
-from connectors.fhir.search import FhirSearchConnector
-from connectors.genomics.vcf import VcfConnector, VcfSource
-from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source
-from connectors.labs.lab_csv import LabCsvConnector, LabCsvSource
-from connectors.wearables.apple_health import AppleHealthConnector, AppleHealthSource
-from connectors.wearables.fitbit.api import FitbitConnector, FitbitSource
-from connectors.wearables.fitbit.oauth import TokenStore
-from connectors.wearables.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
-from connectors.wearables.openmhealth import OpenMHealthConnector, OpenMHealthSource
-from flows.config import Settings, SourceConfig, code_map, load_settings
+from connectors.kinds import Context, SourceConfig, source_kind
+from flows.config import Settings, load_settings, mapping_files
 from flows.refresh import refresh_models
 from flows.retries import is_retryable
-from harmonize.genomics.report import Reportable, genomics_reports, reportable_set
-from harmonize.labs.hl7v2 import resources_from_messages
-from harmonize.labs.rows import observations_from_rows
+from harmonize.formats import harmonizer
 from twin_store import RunReport, TwinStore, Window, prepare
 
 log = logging.getLogger(__name__)
@@ -49,59 +36,16 @@ X-Progress); flows run the same without them."""
 
 
 def build_connector(settings: Settings, source: SourceConfig) -> Connector:
-    if isinstance(source, FhirNdjsonSource):
-        return FhirNdjsonConnector(source)
-    if isinstance(source, FhirBulkSource):
-        landing = settings.store.path / "landing" / source.name
-        return FhirBulkConnector(source, landing=landing, on_progress=on_progress.get())
-    if isinstance(source, LabCsvSource):
-        return LabCsvConnector(source)
-    if isinstance(source, Hl7v2Source):
-        return Hl7v2Connector(source)
-    if isinstance(source, VcfSource):
-        return VcfConnector(source)
-    if isinstance(source, FitbitSource):
-        return FitbitConnector(source, TokenStore.for_source(source, source.token_path(settings.store.path)))
-    if isinstance(source, FitbitCsvSource):
-        return FitbitCsvConnector(source)
-    if isinstance(source, OpenMHealthSource):
-        return OpenMHealthConnector(source)
-    if isinstance(source, AppleHealthSource):
-        return AppleHealthConnector(source)
-    return FhirSearchConnector(source, on_progress=on_progress.get())
+    """The source's connector, as its kind builds it."""
+    context = Context(store=settings.store.path, on_progress=on_progress.get())
+    return source_kind(source.kind).build(source, context)
 
 
 def harmonized(source: SourceConfig, batches: Iterator[Batch]) -> Iterator[Batch]:
-    """FHIR lands as it comes; lab rows and HL7 v2 messages become FHIR resources first (the
-    source's ConceptMap is read here, once, so a bad one fails the sync before anything lands),
-    and reportable variant calls gain Genomics Reporting resources beside their table rows."""
-    if isinstance(source, LabCsvSource):
-        codes = code_map(source)
-        return (observations_from_rows(batch, source, codes) for batch in batches)
-    if isinstance(source, Hl7v2Source):
-        codes = code_map(source)
-        return (resources_from_messages(batch, source, codes) for batch in batches)
-    if isinstance(source, VcfSource) and source.reportable is not None:
-        return genomics_reports(batches, source.name, reportable(source))
-    return batches
-
-
-def reportable(source: VcfSource) -> Reportable:
-    """The source's reportable set, with its BED file read (harmonize reads no files)."""
-    assert source.reportable is not None
-    config, key = source.reportable, f"sources.{source.name}.reportable"
-    bed = None
-    if config.bed is not None:
-        try:
-            bed = config.bed.read_text()
-        except OSError as e:
-            raise ConfigError(
-                f"{key}.bed", f"cannot read {str(config.bed)!r} ({e.strerror}); fix the path"
-            ) from None
-    try:
-        return reportable_set(config, bed)
-    except ValueError as e:
-        raise ConfigError(key, str(e)) from None
+    """The batches as they land, harmonized by the format of records the source's kind emits
+    (its mapping files are read here, once, so a bad one fails the sync before anything lands)."""
+    harmonize = harmonizer(source_kind(source.kind).records, source, mapping_files(source))
+    return harmonize(batches)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_retryable, cache_policy=NO_CACHE)

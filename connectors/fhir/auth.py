@@ -8,7 +8,6 @@ itself, and live only in memory: no log line, error or store row holds one.
 from __future__ import annotations
 
 import base64
-import os
 import threading
 import time
 import uuid
@@ -23,6 +22,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey, import_key
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from connectors._http import json_object
+from connectors._secrets import read_secret, refuse_inline_secrets
 from connectors.errors import SourceError, TransientError, safe_url
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -93,40 +94,6 @@ def build_auth(source: str, config: AuthConfig, base_url: str, *, timeout: float
     if isinstance(config, SmartAuth):
         return SmartBackendAuth(source, config, base_url, timeout=timeout)
     return None
-
-
-def refuse_inline_secrets(data: Any, keys: tuple[str, ...]) -> Any:
-    """A config table's raw `data`, unless it holds one of the secret `keys` itself."""
-    if isinstance(data, dict):
-        for key in keys:
-            if key in data:
-                raise ValueError(
-                    f"secrets never go in the config file: remove `{key}` and put it in a file "
-                    f"(`{key}_file = ...`) or an environment variable (`{key}_env = ...`)"
-                )
-    return data
-
-
-def read_secret(source: str, what: str, file: Path | None, env: str | None, *, key: str = "auth.") -> str:
-    """A secret from exactly one of a file (first line) or an environment variable; `key` is
-    where the setting lives, for the messages."""
-    if (file is None) == (env is None):
-        raise SourceError(source, f"set exactly one of {key}{what}_file or {key}{what}_env")
-    if env is not None:
-        value = os.environ.get(env, "").strip()
-        if not value:
-            raise SourceError(source, f"environment variable {env} ({key}{what}_env) is not set or empty")
-        return value
-    assert file is not None
-    try:
-        value = file.read_text().strip()
-    except OSError as e:
-        raise SourceError(
-            source, f"cannot read {key}{what}_file {str(file)!r} ({e.strerror}); check the path"
-        ) from None
-    if not value:
-        raise SourceError(source, f"{key}{what}_file {str(file)!r} is empty")
-    return value
 
 
 class _HeaderAuth(httpx.Auth):
@@ -270,12 +237,3 @@ def _import_pem(text: str) -> RSAKey | ECKey:
         return import_key(text, "RSA")
     except (JoseError, ValueError, TypeError):
         return import_key(text, "EC")
-
-
-def json_object(response: httpx.Response) -> dict[str, Any]:
-    """The response's JSON object, or {} when its body is not one (an error page, say)."""
-    try:
-        body = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        return {}
-    return body if isinstance(body, dict) else {}

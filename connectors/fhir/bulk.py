@@ -26,11 +26,13 @@ from pydantic import Field, model_validator
 from xxhash import xxh3_64_hexdigest
 
 from connectors._files import open_maybe_gzipped
+from connectors._http import outcome_text, retry_after
 from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError, safe_url
-from connectors.fhir.client import FhirClient, FhirServerSource, check_server, outcome_text, retry_after
+from connectors.fhir.client import FhirClient, FhirServerSource, check_server
 from connectors.fhir.history import Deletion, deleted_entry, deletions_table, history_deletions, iso
 from connectors.fhir.ndjson import line_chunks, records_table
+from connectors.kinds import SourceKind
 
 log = logging.getLogger(__name__)
 
@@ -356,3 +358,28 @@ def _since(value: str | None) -> datetime | None:
 
 def _snapshot(state: dict[str, Any]) -> Watermark:
     return orjson.loads(orjson.dumps(state))  # type: ignore[no-any-return]
+
+
+def describe(watermark: Watermark) -> str:
+    """How far the exports got: up to when, and the job in progress (its files landed)."""
+    text = f"exported up to {watermark['since']}" if watermark.get("since") else "no export finished yet"
+    if job := watermark.get("job"):
+        files = job["files"].values()
+        text += (
+            f"; export job {safe_url(job['status_url'])} in progress, "
+            f"{sum(f['complete'] for f in files)} files landed"
+        )
+    return text
+
+
+KIND = SourceKind(
+    kind="fhir-bulk",
+    modality="ehr",
+    summary="A FHIR server's Bulk Data `$export` (system, group or patient level), incremental by `_since`",
+    config=FhirBulkSource,
+    build=lambda source, context: FhirBulkConnector(
+        source, landing=context.store / "landing" / source.name, on_progress=context.on_progress
+    ),
+    records="fhir",
+    describe=describe,
+)

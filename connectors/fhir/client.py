@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import random
 import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,28 +22,24 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from connectors._http import RETRY_STATUS, Retrying, outcome_text
 from connectors.errors import SourceError, TransientError, safe_url
 from connectors.fhir.auth import AuthConfig, NoAuth, build_auth
+from connectors.kinds import SourceConfig
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 FHIR_JSON = "application/fhir+json"
-MAX_RETRY_AFTER = 600.0
 
 
-class FhirServerSource(BaseModel):
+class FhirServerSource(SourceConfig):
     """What every source that talks to a FHIR server shares."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     base_url: str
     resource_types: list[str] = Field(default_factory=list)
     auth: AuthConfig = NoAuth()
-    schedule: str | None = None
     batch_mb: int = Field(default=32, ge=1, le=1024)
     timeout_seconds: float = Field(default=60, gt=0)
     max_connections: int = Field(default=4, ge=1, le=64)
@@ -91,7 +86,13 @@ class FhirClient:
         self.name = source.name
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
-        self._sleep = sleep
+        self._retrying = Retrying(
+            source.name,
+            retries=source.retries,
+            backoff_seconds=source.backoff_seconds,
+            sleep=sleep,
+            count=self.count,
+        )
         self.http = httpx.Client(
             auth=build_auth(source.name, source.auth, source.base_url, timeout=source.timeout_seconds),
             timeout=httpx.Timeout(source.timeout_seconds, connect=min(10.0, source.timeout_seconds)),
@@ -126,7 +127,7 @@ class FhirClient:
         did not act on it: it was never connected, or it answered 429 or 503."""
         if not idempotent:
             retry_on = retry_on & {429, 503}
-        for attempt in self._attempts(method, url, idempotent=idempotent):
+        for attempt in self._retrying.attempts(method, url, idempotent=idempotent):
             with attempt:
                 response = self.http.request(method, url, params=params, headers=headers)
                 attempt.check(response, retry_on)
@@ -144,7 +145,7 @@ class FhirClient:
         part = dest.with_name(dest.name + ".part")
         headers = {"Accept": "application/fhir+ndjson", "Accept-Encoding": "gzip"}
         auth: Any = httpx.USE_CLIENT_DEFAULT if with_token else None
-        for attempt in self._attempts("GET", url):
+        for attempt in self._retrying.attempts("GET", url):
             with attempt, self.http.stream("GET", url, headers=headers, auth=auth) as response:
                 attempt.check(response, RETRY_STATUS)
                 self.raise_for_status(response)
@@ -194,73 +195,6 @@ class FhirClient:
             )
         return body
 
-    def _attempts(self, method: str, url: str, *, idempotent: bool = True) -> Iterator[_Attempt]:
-        """Attempts at one request; each one that fails transiently waits, then yields the next."""
-        for n in range(self.source.retries + 1):
-            attempt = _Attempt(
-                last=n == self.source.retries,
-                what=f"source {self.name!r}: {method} {safe_url(url)}",
-                idempotent=idempotent,
-            )
-            yield attempt
-            if not attempt.failure:
-                return
-            wait = attempt.retry_after
-            if wait is None:
-                wait = _backoff(self.source.backoff_seconds, n)
-            self.count("retries")
-            log.warning(
-                "%s: %s %s %s; retry %d of %d in %.1f s",
-                self.name,
-                method,
-                safe_url(url),
-                attempt.failure,
-                n + 1,
-                self.source.retries,
-                wait,
-            )
-            self._sleep(wait)
-
-
-class _Attempt:
-    """Context of one try: turns transient failures into a wait, or, on the last try, an error."""
-
-    def __init__(self, *, last: bool, what: str, idempotent: bool) -> None:
-        self.last = last
-        self.what = what
-        self.idempotent = idempotent
-        self.failure = ""
-        self.retry_after: float | None = None
-
-    def check(self, response: httpx.Response, retry_on: frozenset[int]) -> None:
-        if response.status_code in retry_on:
-            if isinstance(response.stream, httpx.SyncByteStream):
-                response.read()
-            raise _RetryableError(response)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> bool:
-        if isinstance(e, _RetryableError):
-            response = e.response
-            status = f"{response.status_code} {response.reason_phrase}"
-            self.failure = f"answered {status}: {outcome_text(response)}"
-            self.retry_after = retry_after(response)
-        elif isinstance(e, TransientError):
-            self.failure = str(e)
-        elif isinstance(e, httpx.TransportError):
-            self.failure = f"failed ({type(e).__name__})"  # its text may repeat the URL's query
-            if not self.idempotent and not isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
-                raise TransientError(
-                    f"{self.what} {self.failure}; not retried, as the server may have acted on it"
-                )
-        else:
-            return False
-        if self.last:
-            raise TransientError(f"{self.what}: gave up after retries; the last try {self.failure}") from None
-        return True
-
 
 class _LineCount:
     """Counts the lines of a download as it streams (decompressing a gzip body to count, and
@@ -286,54 +220,6 @@ class _LineCount:
     @property
     def total(self) -> int:
         return self._newlines + (self._last != b"\n")
-
-
-class _RetryableError(Exception):
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-
-
-def _backoff(base: float, attempt: int) -> float:
-    """Exponential backoff with full jitter, capped at a minute."""
-    return random.uniform(0, min(60.0, base * 2**attempt))
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """Seconds the server asked us to wait (delta-seconds or an HTTP date), capped."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-
-
-def outcome_text(response: httpx.Response) -> str:
-    """The server's explanation: OperationOutcome issues, an OAuth error, or the start of the body."""
-    try:
-        body = orjson.loads(response.content)
-    except (orjson.JSONDecodeError, httpx.ResponseNotRead):
-        body = None
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-        issues = [
-            f"{i.get('severity', 'error')}: "
-            + (i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code", "?"))
-            for i in body.get("issue", [])
-        ]
-        return "; ".join(issues) or "an empty OperationOutcome"
-    if isinstance(body, dict) and "error" in body:
-        return f"{body['error']}: {body.get('error_description', '')}".rstrip(": ")
-    try:
-        text = " ".join(response.text.split())
-    except httpx.ResponseNotRead:
-        return "no details"
-    return text[:200] or "no details"
 
 
 def server_time(response: httpx.Response) -> datetime:

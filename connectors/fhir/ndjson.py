@@ -12,24 +12,21 @@ from typing import IO, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from connectors._files import FileConnector, open_maybe_gzipped, resume_point
+from connectors._files import FileConnector, describe_files, open_maybe_gzipped, resume_point
 from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
+from connectors.kinds import SourceConfig, SourceKind
 
 READ_HINT = 4 << 20
 FIRST_BATCH = 4 << 20
 
 
-class FhirNdjsonSource(BaseModel):
+class FhirNdjsonSource(SourceConfig):
     """Config of a `fhir-ndjson` source: a file, a folder of files or a glob."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     kind: Literal["fhir-ndjson"]
     path: Path
-    schedule: str | None = None
     batch_mb: int = Field(default=32, ge=1, le=1024)
 
 
@@ -117,3 +114,14 @@ def _batch(chunks: list[pa.Table], progress: dict[str, Any]) -> Batch:
     records = pa.concat_tables(chunks) if chunks else RECORD_SCHEMA.empty_table()
     snapshot = {path: dict(state) for path, state in progress.items()}
     return Batch(records=records, watermark={"files": snapshot})
+
+
+KIND = SourceKind(
+    kind="fhir-ndjson",
+    modality="ehr",
+    summary="FHIR Bulk Data NDJSON files (plain or gzip): one file, a folder of them or a glob",
+    config=FhirNdjsonSource,
+    build=lambda source, context: FhirNdjsonConnector(source),
+    records="fhir",
+    describe=describe_files,
+)

@@ -28,6 +28,7 @@ from connectors.errors import SourceError
 from connectors.fhir.client import FhirClient, FhirServerSource, check_server, next_link, server_time
 from connectors.fhir.history import history_deletions, iso
 from connectors.fhir.ndjson import records_table
+from connectors.kinds import SourceKind
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +228,22 @@ def _whole(walk: dict[str, Any]) -> bool:
 
 def _copy(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {rtype: dict(st) for rtype, st in state.items()}
+
+
+def describe(watermark: Watermark) -> str:
+    """How far each resource type got: up to when, or the page a walk is on."""
+    return "; ".join(
+        f"{t} walking (page {st['walk']['page']})" if "walk" in st else f"{t} up to {st.get('since', '?')}"
+        for t, st in watermark.get("types", {}).items()
+    )
+
+
+KIND = SourceKind(
+    kind="fhir-search",
+    modality="ehr",
+    summary="A FHIR server read by search, per resource type, incremental by `_lastUpdated`",
+    config=FhirSearchSource,
+    build=lambda source, context: FhirSearchConnector(source, on_progress=context.on_progress),
+    records="fhir",
+    describe=describe,
+)

@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 from cyvcf2 import VCF
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window, problems_from
 from connectors.genomics.vcf_checks import VcfSpecError, check_text
+from connectors.kinds import MappingFile, SourceConfig, SourceKind
 
 Assembly = Literal["GRCh37", "GRCh38"]
 ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}
@@ -65,26 +66,27 @@ class VcfReportable(BaseModel):
     source_class: Literal["germline", "somatic"] = "germline"
 
 
-class VcfSource(BaseModel):
+class VcfSource(SourceConfig):
     """Config of a `vcf` source: a VCF file, a folder of them or a glob."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     kind: Literal["vcf"]
     path: Path
     assembly: Assembly | None = None
     """When the header does not say (##reference, ##assembly or contig lines)."""
-    samples: dict[str, str] = {}
+    samples: dict[str, str] = Field(default_factory=dict)
     """Sample name -> the FHIR Patient id it belongs to (unlisted samples keep no patient), or
     with `patient_system` the patient's identifier in that system (an MRN)."""
     patient_system: str | None = None
     """Calls then name their patient by identifier (`patient_identifier`, `system|value`) and get
     its `patient_id` once a Patient with that identifier is in the store."""
-    schedule: str | None = None
     batch_variants: int = Field(default=200_000, ge=1)
     reportable: VcfReportable | None = None
     """Without it no FHIR resources are made, only `genomic_variant` rows."""
+
+    def mapping_files(self) -> dict[str, MappingFile]:
+        if self.reportable is None or self.reportable.bed is None:
+            return {}
+        return {"reportable.bed": MappingFile(self.reportable.bed, "a BED file of regions")}
 
 
 class VcfConnector(FileConnector[VcfSource]):
@@ -316,3 +318,14 @@ def _no_records() -> pa.Table:
     from connectors.base import RECORD_SCHEMA
 
     return RECORD_SCHEMA.empty_table()
+
+
+KIND = SourceKind(
+    kind="vcf",
+    modality="genomics",
+    summary="VCF files (plain, bgzip or BCF), spec-checked; reportable calls become Genomics Reporting FHIR",
+    config=VcfSource,
+    build=lambda source, context: VcfConnector(source),
+    records="vcf",
+    describe=describe_files,
+)

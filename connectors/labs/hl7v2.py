@@ -10,29 +10,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
 from connectors.base import Batch, Watermark, Window, records_from
+from connectors.kinds import MappingFile, SourceConfig, SourceKind
+from connectors.labs.mllp import MllpListener
 
 SEGMENT_END = re.compile(r"\r\n|\n|\r")
 MLLP_FRAMING = str.maketrans("", "", "\x0b\x1c")
 SUFFIXES = (".hl7", ".txt", ".hl7.gz")
+CONCEPT_MAP = "a FHIR ConceptMap JSON file"
 
 
-class Hl7v2Source(BaseModel):
+class Hl7v2Source(SourceConfig):
     """Config of an `hl7v2` source: a file of messages, a folder of them or a glob."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     kind: Literal["hl7v2"]
     path: Path
     timezone: str = "UTC"
     """For times a message sends without an offset (FHIR needs one wherever there is a time)."""
     concept_map: Path | None = None
     """A FHIR ConceptMap (JSON) from the source's local codes to LOINC; read when a sync starts."""
-    patient_systems: dict[str, str] = {}
+    patient_systems: dict[str, str] = Field(default_factory=dict)
     """PID-3 assigning authority -> the identifier system it stands for (e.g. MRN =
     "http://hospital.example.org/mrn"); others get urn:twinhub:hl7v2:<authority>."""
     create_patients: bool = True
@@ -41,8 +41,10 @@ class Hl7v2Source(BaseModel):
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=0, le=65535)
     """Where `twinhub listen` takes MLLP connections (0: any free port, printed at start)."""
-    schedule: str | None = None
     batch_messages: int = Field(default=5_000, ge=1)
+
+    def mapping_files(self) -> dict[str, MappingFile]:
+        return {"concept_map": MappingFile(self.concept_map, CONCEPT_MAP)} if self.concept_map else {}
 
 
 class Hl7v2Connector(FileConnector[Hl7v2Source]):
@@ -83,3 +85,15 @@ def split_messages(path: Path) -> list[str]:
 
 def _batch(records: list[tuple[str, int, str]], progress: dict[str, Any]) -> Batch:
     return Batch(records=records_from(records), watermark={"files": dict(progress)})
+
+
+KIND = SourceKind(
+    kind="hl7v2",
+    modality="labs",
+    summary="HL7 v2 ORU/OUL lab messages from files, or live over MLLP (`twinhub listen`)",
+    config=Hl7v2Source,
+    build=lambda source, context: Hl7v2Connector(source),
+    records="hl7v2",
+    describe=describe_files,
+    listen=lambda source, context: MllpListener(source.name, source.host, source.port),
+)

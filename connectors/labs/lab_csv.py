@@ -17,9 +17,11 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors._files import FileConnector, open_maybe_gzipped, resume_point
+from connectors._files import FileConnector, describe_files, open_maybe_gzipped, resume_point
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import SourceError
+from connectors.kinds import MappingFile, SourceConfig, SourceKind
+from connectors.labs.hl7v2 import CONCEPT_MAP
 
 
 class LabCsvColumns(BaseModel):
@@ -54,12 +56,9 @@ class LabCsvColumns(BaseModel):
     """An HL7 v3 ObservationInterpretation code (H, L, N, A, ...)."""
 
 
-class LabCsvSource(BaseModel):
+class LabCsvSource(SourceConfig):
     """Config of a `lab-csv` source: a CSV file (plain or gzip), a folder of them or a glob."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     kind: Literal["lab-csv"]
     path: Path
     columns: LabCsvColumns
@@ -71,8 +70,10 @@ class LabCsvSource(BaseModel):
     concept_map: Path | None = None
     """A FHIR ConceptMap (JSON) from the source's local codes to LOINC; read when a sync starts."""
     delimiter: str = Field(default=",", min_length=1, max_length=1)
-    schedule: str | None = None
     batch_rows: int = Field(default=50_000, ge=1)
+
+    def mapping_files(self) -> dict[str, MappingFile]:
+        return {"concept_map": MappingFile(self.concept_map, CONCEPT_MAP)} if self.concept_map else {}
 
 
 class LabCsvConnector(FileConnector[LabCsvSource]):
@@ -129,3 +130,14 @@ class LabCsvConnector(FileConnector[LabCsvSource]):
 
 def _batch(rows: list[tuple[str, int, str]], progress: dict[str, Any]) -> Batch:
     return Batch(records=records_from(rows), watermark={"files": {p: dict(s) for p, s in progress.items()}})
+
+
+KIND = SourceKind(
+    kind="lab-csv",
+    modality="labs",
+    summary="Lab results in CSV files (plain or gzip), columns mapped in the config",
+    config=LabCsvSource,
+    build=lambda source, context: LabCsvConnector(source),
+    records="lab-rows",
+    describe=describe_files,
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,10 +20,40 @@ from datetime import UTC, datetime
 from hl7.mllp import start_hl7_server
 from hl7.mllp.exceptions import InvalidBlockError
 
+from connectors.base import Batch, records_from
+from connectors.errors import ConfigError
+from connectors.kinds import Land as LandBatch
+
 log = logging.getLogger(__name__)
 
 Land = Callable[[list[tuple[int, str]]], dict[int, str]]
 """(sequence number, message) pairs in; the reasons of those that failed out."""
+
+
+class MllpListener:
+    """An hl7v2 source's listener: each batch of messages received, as records to land."""
+
+    def __init__(self, source: str, host: str, port: int | None) -> None:
+        if port is None:
+            raise ConfigError(
+                f"sources.{source}.port", "an hl7v2 source needs `port = 2575` (0: any) to listen"
+            )
+        self.host, self.port = host, port
+
+    def listen(self, land: LandBatch, *, ready: Callable[[int], None] | None = None) -> None:
+        origin = f"mllp://{self.host}:{self.port}"
+
+        def land_messages(messages: list[tuple[int, str]]) -> dict[int, str]:
+            records = records_from([(origin, n, message) for n, message in messages])
+            return dict(land(Batch(records=records, watermark={})))
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            await serve(self.host, self.port, land_messages, ready=ready, stop=stop)
+
+        asyncio.run(main())
 
 
 @dataclass

@@ -38,11 +38,12 @@ import pyarrow as pa
 from defusedxml.common import EntitiesForbidden, ExternalReferenceForbidden
 from defusedxml.ElementTree import DefusedXMLParser
 from isal import isal_zlib
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
+from connectors.kinds import SourceConfig, SourceKind
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +72,14 @@ Chunk = tuple[pa.Table, pa.Table, Counter[str]]
 """Samples, problems and what was counted, of a batch's worth of records."""
 
 
-class AppleHealthSource(BaseModel):
+class AppleHealthSource(SourceConfig):
     """Config of an `apple-health` source: one person's export (export.zip or export.xml), a
     folder of them or a glob."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     kind: Literal["apple-health"]
     path: Path
     patient: str = Field(min_length=1)
     """The twin's Patient id: an export is one person's."""
-    schedule: str | None = None
     batch_samples: int = Field(default=250_000, ge=1)
 
 
@@ -428,3 +425,14 @@ def _batch(chunk: Chunk, progress: dict[str, Any]) -> Batch:
         problems=problems,
         stats=stats,
     )
+
+
+KIND = SourceKind(
+    kind="apple-health",
+    modality="wearables",
+    summary="Apple Health exports (export.zip or export.xml), one person each",
+    config=AppleHealthSource,
+    build=lambda source, context: AppleHealthConnector(source),
+    records="samples",
+    describe=describe_files,
+)

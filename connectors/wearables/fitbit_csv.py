@@ -21,10 +21,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import polars as pl
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
+from connectors.kinds import SourceConfig, SourceKind
 
 Grain = Literal["minute", "hour", "day"]
 GRAIN_ORDER = {"minute": 0, "hour": 1, "day": 2}
@@ -32,16 +33,13 @@ LOCAL_TIME = "%m/%d/%Y %I:%M:%S %p"
 LOCAL_DAY = "%m/%d/%Y"
 
 
-class FitbitCsvSource(BaseModel):
+class FitbitCsvSource(SourceConfig):
     """Config of a `fitbit-csv` source: a folder of Fitabase CSV exports (plain or gzip), a
     file or a glob."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     kind: Literal["fitbit-csv"]
     path: Path
-    patients: dict[str, str] = {}
+    patients: dict[str, str] = Field(default_factory=dict)
     """Fitbit account id (the files' `Id`) -> the twin's Patient id."""
     patient_prefix: str | None = None
     """For accounts not in `patients`: the Patient id is this prefix and the account id
@@ -49,7 +47,6 @@ class FitbitCsvSource(BaseModel):
     timezone: str = "UTC"
     """The IANA zone of the accounts' local clocks (the files carry no offset)."""
     device: str = "Fitbit"
-    schedule: str | None = None
     batch_samples: int = Field(default=500_000, ge=1)
 
     @field_validator("timezone")
@@ -298,3 +295,14 @@ def _empty() -> pl.DataFrame:
                 "line_no": pl.UInt32, "metric": pl.String, "value": pl.Float64, "unit": pl.String,
                 "text": pl.String}
     )  # fmt: skip
+
+
+KIND = SourceKind(
+    kind="fitbit-csv",
+    modality="wearables",
+    summary="Fitbit data exported as Fitabase CSV files (minute, hour and day grains)",
+    config=FitbitCsvSource,
+    build=lambda source, context: FitbitCsvConnector(source),
+    records="samples",
+    describe=describe_files,
+)

@@ -33,10 +33,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from connectors._files import FileConnector, fingerprint, open_maybe_gzipped
+from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
+from connectors.kinds import SourceConfig, SourceKind
 from connectors.wearables.openmhealth_schemas import (
     SchemaFolder,
     SchemaGapError,
@@ -50,24 +51,20 @@ BOM = b"\xef\xbb\xbf"
 WHOLE_FILE = "the file"
 
 
-class OpenMHealthSource(BaseModel):
+class OpenMHealthSource(SourceConfig):
     """Config of an `openmhealth` source: JSON files of data points, a folder of them or a glob."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     kind: Literal["openmhealth"]
     path: Path
     schemas: Path
     """The Open mHealth schemas' `schema/` folder (omh/<name>-<version>.json), e.g. a checkout of
     github.com/openmhealth/schemas: the data points are validated against it."""
-    patients: dict[str, str] = {}
+    patients: dict[str, str] = Field(default_factory=dict)
     """A data point's header.user_id -> the twin's Patient id."""
     patient: str | None = None
     """The Patient id of data points whose user_id is absent or not in `patients`."""
     timezone: str = "UTC"
     """Where a time interval of date + part_of_day (which has no offset) was lived."""
-    schedule: str | None = None
     batch_samples: int = Field(default=200_000, ge=1)
     """Samples (and problems) per batch at most, so memory stays bounded whatever the files."""
 
@@ -391,3 +388,14 @@ def _period(frame: Any) -> str:
 def _mapped() -> str:
     measures = rules()["measures"]
     return "it maps " + ", ".join(f"{ns}:{name}" for ns, names in measures.items() for name in names)
+
+
+KIND = SourceKind(
+    kind="openmhealth",
+    modality="wearables",
+    summary="Open mHealth / IEEE 1752 data points (JSON files), validated against their schemas",
+    config=OpenMHealthSource,
+    build=lambda source, context: OpenMHealthConnector(source),
+    records="samples",
+    describe=describe_files,
+)

@@ -25,7 +25,8 @@ from cryptography.fernet import Fernet
 
 from connectors.base import SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
-from connectors.wearables.fitbit.api import SCOPE, SLEEP_LEVEL, Data, FitbitConnector, FitbitSource
+from connectors.wearables.fitbit.api import FitbitConnector
+from connectors.wearables.fitbit.config import SCOPE, Data, FitbitSource
 from connectors.wearables.fitbit.oauth import (
     FitbitOAuth,
     PatientAuthError,
@@ -34,6 +35,7 @@ from connectors.wearables.fitbit.oauth import (
     authorization_request,
     code_from_redirect,
 )
+from connectors.wearables.fitbit.samples import SLEEP_LEVEL
 from harmonize.wearables.metrics import normalize_samples
 from tests.fitbit_server import CLIENT_ID, FitbitServer, User
 
@@ -444,7 +446,8 @@ def _crash_mid_refresh(source: FitbitSource, tmp_path: Path) -> subprocess.Compl
         "import os, sys\n"
         "from datetime import datetime, UTC\n"
         "from pathlib import Path\n"
-        "from connectors.wearables.fitbit.api import FitbitConnector, FitbitSource\n"
+        "from connectors.wearables.fitbit.api import FitbitConnector\n"
+        "from connectors.wearables.fitbit.config import FitbitSource\n"
         "from connectors.wearables.fitbit.oauth import FitbitOAuth, TokenStore\n"
         "FitbitOAuth._persist = lambda self, tokens: os._exit(17)\n"
         "source = FitbitSource.model_validate_json(sys.argv[1])\n"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from connectors.errors import ConfigError, SourceError
-from connectors.wearables.fitbit.api import FitbitConnector, FitbitSource
+from connectors.wearables.fitbit.api import FitbitConnector
+from connectors.wearables.fitbit.config import FitbitSource
 from connectors.wearables.fitbit.oauth import TokenStore
 from flows.config import load_settings
 from flows.sync import build_connector

@@ -32,7 +32,7 @@ def test_paths_are_relative_to_the_file_and_env_overrides(
     [
         (
             '[[sources]]\nname = "s"\nkind = "hl7"\npath = "x"\n',
-            "config sources[0]: unknown kind 'hl7'; use one of: fhir-ndjson",
+            "config sources[0]: unknown kind 'hl7'; use one of: apple-health, fhir-bulk, fhir-ndjson,",
         ),
         (SOURCE, "config sources[0].path: is required; add `path = ...`"),
         (

@@ -15,30 +15,27 @@ Tokens never reach a log line, an error message, a repr or the store's tables.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
-import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from typing import Any
 
 import httpx
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
+from connectors import _oauth
+from connectors._http import json_object
+from connectors._oauth import AuthorizationRequest
+from connectors._secrets import read_secret, write_private
 from connectors.errors import SourceError, TransientError, safe_url
-from connectors.fhir.auth import json_object, read_secret
-
-if TYPE_CHECKING:
-    from connectors.wearables.fitbit.api import FitbitSource
+from connectors.kinds import Connected, Context
+from connectors.wearables.fitbit.config import FitbitSource
 
 PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 """A FHIR id (the token file is named after it)."""
@@ -164,7 +161,7 @@ class TokenStore:
 
     def _write(self, data: dict[str, Any]) -> None:
         blob = self._cipher(create=True).encrypt(orjson.dumps(data))
-        _write_atomically(self.path, blob)
+        write_private(self.path, blob)
 
     def _cipher(self, *, create: bool) -> Fernet:
         if self._fernet is None:
@@ -190,81 +187,23 @@ class TokenStore:
                     "read without it), or move the token file away and connect the patients again",
                 ) from None
         key = Fernet.generate_key().decode()
-        _write_atomically(path, key.encode() + b"\n")
+        write_private(path, key.encode() + b"\n")
         return key
 
 
-def _write_atomically(path: Path, blob: bytes) -> None:
-    """Write `path` whole or not at all: a temporary file (0600), fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        part.replace(path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuthorizationRequest:
-    """A started connection: the address the patient opens, and what proves the answer is ours."""
-
-    url: str = field(repr=False)
-    state: str = field(repr=False)
-    verifier: str = field(repr=False)
-    redirect_uri: str
-
-
 def authorization_request(source: FitbitSource) -> AuthorizationRequest:
-    """The authorization URL with a fresh PKCE verifier (S256) and state."""
-    verifier = secrets.token_urlsafe(96)[:128]
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    state = secrets.token_urlsafe(24)
-    query = {
-        "response_type": "code",
-        "client_id": source.client_id,
-        "redirect_uri": source.redirect_uri,
-        "scope": " ".join(source.scopes),
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "state": state,
-    }
-    url = f"{source.authorize_url}?{urlencode(query, quote_via=quote)}"
-    return AuthorizationRequest(url=url, state=state, verifier=verifier, redirect_uri=source.redirect_uri)
+    """The address a patient opens to allow the source's scopes, with a fresh PKCE verifier."""
+    return _oauth.authorization_request(
+        authorize_url=source.authorize_url,
+        client_id=source.client_id,
+        redirect_uri=source.redirect_uri,
+        scopes=list(source.scopes),
+    )
 
 
 def code_from_redirect(source: str, request: AuthorizationRequest, answer: str) -> str:
     """The authorization code from the address Fitbit redirected the browser to (or the bare code)."""
-    answer = answer.strip()
-    if not answer:
-        raise SourceError(source, "no redirect address given; paste the address the browser was sent to")
-    if "://" not in answer and "?" not in answer and "=" not in answer:
-        return answer  # the code alone: the state cannot be checked, the PKCE verifier still binds it
-    query = parse_qs(urlsplit(answer).query or answer.lstrip("?"))
-    if "error" in query:
-        why = query.get("error_description", query["error"])[0]
-        raise SourceError(
-            source, f"Fitbit did not authorize ({query['error'][0]}: {why}); start the connection again"
-        )
-    if query.get("state", [None])[0] != request.state:
-        raise SourceError(
-            source,
-            "the redirect's state does not match this connection (an old or foreign link); start again",
-        )
-    codes = query.get("code")
-    if not codes or not codes[0]:
-        raise SourceError(source, "the redirect address holds no code; paste the whole address")
-    return codes[0]
+    return _oauth.code_from_redirect(source, request, answer, vendor="Fitbit")
 
 
 class FitbitOAuth:
@@ -415,3 +354,48 @@ def _tokens_from(patient: str, body: dict[str, Any], now: float, *, connected_at
         scope=str(body.get("scope", "")),
         connected_at=connected_at,
     )
+
+
+class FitbitAccount:
+    """Connecting a patient's Fitbit (`twinhub wearables connect fitbit`): the address they open,
+    then the code Fitbit sends their browser back with, exchanged for tokens kept encrypted."""
+
+    vendor = "Fitbit"
+
+    def __init__(self, source: FitbitSource, store: TokenStore) -> None:
+        self.source = source
+        self.store = store
+
+    @classmethod
+    def for_source(cls, source: FitbitSource, context: Context) -> FitbitAccount:
+        return cls(source, TokenStore.for_source(source, source.token_path(context.store)))
+
+    def start(self, patient: str) -> str:
+        request = authorization_request(self.source)
+        self.store.save_pending(self.store.check_patient(patient), request, time.time())
+        return request.url
+
+    def finish(self, patient: str, answer: str) -> Connected:
+        request = self.store.pending(self.store.check_patient(patient), time.time())
+        if request is None:
+            raise SourceError(
+                self.source.name,
+                f"no connection of patient {patient} was started in the last 10 minutes; run the "
+                "command without --code to start one",
+            )
+        oauth = FitbitOAuth(self.source, self.store)
+        try:
+            tokens = oauth.connect(patient, request, code_from_redirect(self.source.name, request, answer))
+        finally:
+            oauth.close()
+        warnings: tuple[str, ...] = ()
+        if missing := sorted(set(self.source.scopes) - tokens.scopes):
+            warnings = (
+                f"the patient did not allow {', '.join(missing)}; what needs it is not pulled "
+                "(connect again to ask anew)",
+            )
+        return Connected(
+            summary=f"Connected patient {patient} to Fitbit user {tokens.user_id}; the tokens are kept "
+            f"encrypted in {self.store.path}",
+            warnings=warnings,
+        )
