@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import duckdb
 import orjson
@@ -31,28 +31,11 @@ import polars as pl
 import pyarrow as pa
 
 from harmonize.models.twin_model import OUTPUT_COLUMNS, TwinModel, output_id, output_resources
-
-if TYPE_CHECKING:
-    from twin_store.store import RunReport, TwinStore
+from twin_store.runs import RunReport
+from twin_store.store import TwinStore
 
 log = logging.getLogger(__name__)
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS twin.model_output (
-    model VARCHAR, version VARCHAR, patient_id VARCHAR, computed_at TIMESTAMPTZ, input_snapshot_id BIGINT,
-    status VARCHAR, value DOUBLE, outputs VARCHAR, reason VARCHAR, inputs VARCHAR[], resource_id VARCHAR,
-    model_run_id VARCHAR
-);
-CREATE TABLE IF NOT EXISTS twin.model_run (
-    model_run_id VARCHAR, model VARCHAR, version VARCHAR, trigger VARCHAR, started_at TIMESTAMPTZ,
-    finished_at TIMESTAMPTZ, since_snapshot_id BIGINT, input_snapshot_id BIGINT, scope VARCHAR,
-    patients BIGINT, ok BIGINT, refused BIGINT, errors BIGINT, seconds DOUBLE, status VARCHAR, error VARCHAR
-);
-CREATE TABLE IF NOT EXISTS twin.model_training (
-    model VARCHAR, version VARCHAR, training INTEGER, trained_at TIMESTAMPTZ, training_snapshot_id BIGINT,
-    patients BIGINT, metrics VARCHAR, params VARCHAR
-);
-"""
 Scope = Literal["full", "changed", "unchanged", "requested"]
 
 
@@ -320,6 +303,4 @@ def _record(
 
 
 def _as_run(report: ModelRunReport) -> RunReport:
-    from twin_store.store import RunReport
-
     return RunReport(run_id=report.model_run_id, source=f"model:{report.model}", flow="refresh")

@@ -18,9 +18,6 @@ from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
 from harmonize.sql_on_fhir.view_definition import compile_view
 
 LIBRARY = Path(__file__).with_name("view_library")
-RESOURCES_SQL = (
-    "CREATE OR REPLACE TEMP VIEW resources AS SELECT resource_type, resource FROM twin.fhir_resource"
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,8 +98,14 @@ def view_relation(con: duckdb.DuckDBPyConnection, view: dict[str, Any]) -> duckd
     """The view's rows, typed, as a lazy relation (write it to a file, a frame or a table)."""
     compiled = compile_view(view)
     con.execute(MACROS_SQL)
-    con.execute(RESOURCES_SQL)
+    views_read(con, "SELECT resource_type, resource FROM twin.fhir_resource")
     return con.sql(compiled.typed_sql)
+
+
+def views_read(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+    """Point the compiled views at `relation` (a query of `resource_type, resource`): they read
+    the temporary view `resources`, which this replaces."""
+    con.execute(f"CREATE OR REPLACE TEMP VIEW resources AS {relation}")
 
 
 def schema_doc(user_folder: Path | None = None) -> str:

@@ -32,26 +32,8 @@ import pyarrow.compute as pc
 
 from connectors.base import Window
 from harmonize.wearables.metrics import DAILY_SCHEMA, daily_id, metrics, totals
+from twin_store.connection import one
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS twin.wearable_sample (
-    source VARCHAR, patient_id VARCHAR, device VARCHAR, metric VARCHAR, loinc_code VARCHAR,
-    start_time TIMESTAMPTZ, end_time TIMESTAMPTZ, utc_offset_minutes INTEGER, value DOUBLE,
-    unit VARCHAR, origin VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ
-);
-CREATE TABLE IF NOT EXISTS twin.wearable_daily (
-    source VARCHAR, patient_id VARCHAR, metric VARCHAR, day DATE, loinc_code VARCHAR, unit VARCHAR,
-    value DOUBLE, samples BIGINT, min DOUBLE, max DOUBLE, mean DOUBLE, sum DOUBLE,
-    first_start TIMESTAMPTZ, last_end TIMESTAMPTZ, utc_offset_minutes INTEGER, device VARCHAR,
-    observation_id VARCHAR, run_id VARCHAR, computed_at TIMESTAMPTZ, fhir_pending BOOLEAN,
-    reported DOUBLE
-);
-CREATE TABLE IF NOT EXISTS twin.wearable_reported (
-    source VARCHAR, patient_id VARCHAR, metric VARCHAR, day DATE, loinc_code VARCHAR, unit VARCHAR,
-    value DOUBLE, start_time TIMESTAMPTZ, end_time TIMESTAMPTZ, utc_offset_minutes INTEGER,
-    device VARCHAR, origin VARCHAR, run_id VARCHAR, ingested_at TIMESTAMPTZ
-);
-"""
 SPAN_KEYS = ("patient_id", "metric", "first_start", "last_start")
 SAME = " AND ".join(
     f"i.{c} IS NOT DISTINCT FROM s.{c}"
@@ -170,7 +152,7 @@ class SampleWriter:
             )
         finally:
             con.unregister("incoming")
-        (new, updated) = _one(
+        (new, updated) = one(
             con, "SELECT count(*) FILTER (NOT stored), count(*) FILTER (stored) FROM reported"
         )
         counts.update(inserted=new, updated=updated, unchanged=len(reported) - new - updated)
@@ -254,7 +236,7 @@ class SampleWriter:
             device_days = "batch_device_days"
         else:
             self._judge(source)
-            (new, updated, unchanged) = _one(
+            (new, updated, unchanged) = one(
                 con,
                 """SELECT count(*) FILTER (NOT stored), count(*) FILTER (stored AND NOT same),
                           count(*) FILTER (same) FROM judged""",
@@ -415,7 +397,7 @@ class SampleWriter:
                   AND w.day = d.day""",
                 {"source": source},
             )
-        (written,) = _one(
+        (written,) = one(
             con,
             f"""INSERT INTO twin.wearable_daily BY NAME
             SELECT COLUMNS(c -> c <> 'parts'), '{run_id}' AS run_id, now() AS computed_at,
@@ -480,9 +462,3 @@ def _in_window(table: pa.Table, window: Window, counts: Counter[str]) -> pa.Tabl
     kept = table.filter(pc.and_(pc.greater_equal(at, window.since), pc.less(at, window.until)))
     counts["out_of_window"] += len(table) - len(kept)
     return kept
-
-
-def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:
-    row = con.execute(sql).fetchone()
-    assert row is not None
-    return tuple(int(v) for v in row)

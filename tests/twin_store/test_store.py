@@ -11,6 +11,7 @@ from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from tests.conftest import write_ndjson
 from twin_store import RunReport, TwinStore, Window, connect, prepare
 from twin_store.prepare import _may_contain
+from twin_store.resources import ResourceWriter
 
 
 def land_folder(store: TwinStore, folder: Path, *, window: Window | None = None) -> RunReport:
@@ -177,7 +178,7 @@ def test_a_failed_batch_leaves_no_trace_in_what_the_writer_knows(tmp_path: Path,
             raise RuntimeError("crash after the raw upsert")
 
         with monkeypatch.context() as patched:
-            patched.setattr(TwinStore, "_materialize", boom)
+            patched.setattr(ResourceWriter, "_materialize", boom)
             with pytest.raises(RuntimeError):
                 land_folder(store, data)
         again = land_folder(store, data)

@@ -1,0 +1,117 @@
+"""How a process opens the store: DuckDB with the DuckLake and SQLite extensions loaded from their
+PyPI wheels (nothing is ever downloaded at run time), the DuckLake catalog attached as `twin`;
+and, for the one writer, its lock file and its transactions."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import sqlite3
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import duckdb
+
+from connectors.errors import StoreError
+
+CATALOG = "twin"
+EXTENSIONS = ("sqlite_scanner", "ducklake")
+
+
+def connect(root: Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the store attached as `twin` and selected (read-only default)."""
+    catalog = root / "catalog.sqlite"
+    if read_only and not catalog.exists():
+        raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
+    root.mkdir(parents=True, exist_ok=True)
+    if not read_only:
+        # Write-ahead logging: a reader's open query (an analyst's notebook, `twinhub sql`)
+        # then never blocks the writer's commit, nor the writer a reader. The mode stays with
+        # the file; setting it again is a no-op.
+        with contextlib.closing(sqlite3.connect(catalog)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+    con = duckdb.connect()
+    load_extensions(con)
+    con.execute("SET TimeZone = 'UTC'")
+    options = "READ_ONLY" if read_only else f"DATA_PATH '{root / 'data'}/'"
+    con.execute(f"ATTACH 'ducklake:sqlite:{catalog}' AS {CATALOG} ({options})")
+    con.execute(f"USE {CATALOG}")
+    return con
+
+
+def load_extensions(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    for name in EXTENSIONS:
+        con.execute(f"LOAD '{extension_path(name)}'")
+
+
+def extension_path(name: str) -> Path:
+    """Where the `duckdb-extension-<name>` wheel put the extension for this DuckDB version."""
+    spec = importlib.util.find_spec(f"duckdb_extension_{name}")
+    if spec is None or not spec.submodule_search_locations:
+        raise StoreError(
+            f"DuckDB extension {name!r} is not installed; run `pip install "
+            f"duckdb-extension-{name.replace('_', '-')}=={duckdb.__version__}`"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not path.exists():
+        raise StoreError(
+            f"DuckDB extension {name!r} does not match DuckDB {duckdb.__version__} ({path} is "
+            f"missing); install duckdb-extension-{name.replace('_', '-')}=={duckdb.__version__}"
+        )
+    return path
+
+
+def writer_lock(path: Path, timeout: float) -> IO[str]:
+    """Serialize writers: DuckLake writers to one table conflict at commit."""
+    fh = path.open("a+")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            return fh
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                raise StoreError(
+                    f"another twinhub process is writing to {str(path.parent)!r}; wait for it "
+                    "to finish (readers like `twinhub sql` are never blocked)"
+                ) from None
+            time.sleep(0.2)
+
+
+class Transaction:
+    """One DuckLake commit for the statements inside; a rollback when they raise."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+
+    def __enter__(self) -> None:
+        self.con.execute("BEGIN")
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.con.execute("ROLLBACK" if et else "COMMIT")
+
+
+def one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[int, ...]:
+    """The one row `sql` returns, as integers (counts, flags)."""
+    row = con.execute(sql).fetchone()
+    assert row is not None
+    return tuple(int(v) for v in row)
+
+
+def literal(text: str) -> str:
+    """`text` as a SQL string literal (for statements that take no parameters, like COMMENT)."""
+    return "'" + text.replace("'", "''") + "'"
