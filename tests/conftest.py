@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 # A real FHIR server (sekmet) for the EHR connector tests; the Fitbit Web API stand-in.
-pytest_plugins = ["tests.fhir_server", "tests.fitbit_server"]
+pytest_plugins = ["tests.support.fhir_server", "tests.support.fitbit_server"]
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-SYNTHEA = SHARED / "fhir" / "bulk-ndjson" / "synthea-r4-617-bundles-derived"
-TWINHUB = str(Path(sys.executable).with_name("twinhub"))
+from tests.support.data import SYNTHEA  # noqa: E402 (after the plugins they need)
 
 
 @pytest.fixture(scope="session")
@@ -45,41 +39,6 @@ def prefect_api() -> Iterator[str]:
 def api_env(prefect_api: str) -> dict[str, str]:
     """Environment for CLI subprocesses: use the test Prefect server, not a temporary one each."""
     return {"PREFECT_API_URL": prefect_api}
-
-
-def write_ndjson(path: Path, lines: list[dict[str, object] | str]) -> Path:
-    """One line per item: dicts as compact JSON, strings verbatim (for broken lines)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(
-        b"".join((item.encode() if isinstance(item, str) else orjson.dumps(item)) + b"\n" for item in lines)
-    )
-    return path
-
-
-def write_config(folder: Path, source_path: Path, name: str = "src", **extra: object) -> Path:
-    options = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in extra.items())
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "twinhub.toml"
-    config.write_text(
-        f'[store]\npath = "{folder / "store"}"\n\n[[sources]]\nname = "{name}"\n'
-        f'kind = "fhir-ndjson"\npath = "{source_path}"\n{options}'
-    )
-    return config
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [TWINHUB, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"twinhub {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 CONFORMANCE: Counter[str] = Counter()

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from tests.fault_proxy import FaultProxy, free_port
+from tests.support.fault_proxy import FaultProxy, free_port
 
 if TYPE_CHECKING:  # imported as a plugin (below) first, so pytest rewrites its asserts
-    from tests.fhir_server import FhirServer, SekmetTemplate
+    from tests.support.fhir_server import FhirServer, SekmetTemplate
 
-pytest_plugins = ["tests.fhir_server"]
+pytest_plugins = ["tests.support.fhir_server"]
 
 
 @pytest.fixture(scope="module")

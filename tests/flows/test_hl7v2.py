@@ -13,7 +13,7 @@ import pytest
 from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
 from flows.sync import harmonized, land_batches
 from harmonize.labs.hl7v2 import message_resources
-from tests.conftest import SHARED
+from tests.support.data import SHARED
 from twin_store import TwinStore, connect
 
 HL7 = SHARED / "labs" / "hl7v2"

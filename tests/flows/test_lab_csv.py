@@ -11,7 +11,7 @@ from orjson import loads as orjson_loads
 from connectors.errors import SourceError
 from connectors.labs.lab_csv import LabCsvColumns, LabCsvConnector, LabCsvSource
 from flows.sync import harmonized, land_batches
-from tests.conftest import SHARED, SYNTHEA
+from tests.support.data import SHARED, SYNTHEA
 from twin_store import RunReport, TwinStore, connect
 
 COLUMNS = LabCsvColumns(id="id", patient="patient", code="loinc", time="when", value="value", ucum="unit")
@@ -138,7 +138,7 @@ def test_the_shared_lab_csv_lands_every_row_linked_to_a_synthea_patient(tmp_path
 
 def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tmp_path: Path) -> None:
     from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
-    from tests.conftest import write_ndjson
+    from tests.support.data import write_ndjson
 
     mrn = "urn:oid:1.2.36.146.595.217.0.1"
 

@@ -13,7 +13,8 @@ from hl7.mllp import open_hl7_connection
 from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
 from connectors.labs.mllp import ack
 from flows.sync import harmonized, land_batches
-from tests.conftest import SHARED, TWINHUB
+from tests.support.cli import TWINHUB
+from tests.support.data import SHARED
 from twin_store import TwinStore, connect
 
 HL7 = SHARED / "labs" / "hl7v2"

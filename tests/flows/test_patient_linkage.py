@@ -12,8 +12,9 @@ from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from connectors.genomics.vcf import VcfConnector
 from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source
 from flows.sync import harmonized, land_batches
-from tests.conftest import run_cli, write_ndjson
-from tests.harmonize.test_hl7v2_labs import MESSAGE
+from tests.support.cli import run_cli
+from tests.support.data import write_ndjson
+from tests.support.hl7v2 import MESSAGE
 from twin_store import RunReport, TwinStore, Window, connect, prepare
 
 MRN = "http://hospital.example.org/mrn"
@@ -80,7 +81,7 @@ def test_status_shows_results_waiting_for_their_patient(tmp_path: Path) -> None:
 
 def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tmp_path: Path) -> None:
     from connectors.genomics.vcf import VcfReportable, VcfSource
-    from tests.connectors.test_vcf import RECORDS, write_vcf
+    from tests.support.vcf import RECORDS, write_vcf
 
     genome = VcfSource(
         name="seq", kind="vcf", path=write_vcf(tmp_path / "calls.vcf", RECORDS),

@@ -21,7 +21,8 @@ from prefect.events import DeploymentEventTrigger
 from connectors.errors import ConfigError
 from flows.config import load_settings
 from flows.deployments import REFRESH_TRIGGER, deployments
-from tests.conftest import TWINHUB, run_cli, write_config, write_ndjson
+from tests.support.cli import TWINHUB, run_cli
+from tests.support.data import write_config, write_ndjson
 from twin_store import connect
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import pytest
 
 from flows.sample_export import write_sample_export
 from flows.sync import STORE_UPDATED, backfill, sync
-from tests.conftest import write_config
+from tests.support.data import write_config
 from twin_store import connect
 
 

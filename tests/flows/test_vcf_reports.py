@@ -23,7 +23,8 @@ from connectors.errors import ConfigError
 from connectors.genomics.vcf import VcfConnector, VcfReportable, VcfSource
 from flows.config import load_settings
 from flows.sync import harmonized
-from tests.conftest import SHARED, run_cli
+from tests.support.cli import run_cli
+from tests.support.data import SHARED
 from twin_store import connect
 
 VCF2FHIR = SHARED / "genomics" / "vcf" / "vcf2fhir"

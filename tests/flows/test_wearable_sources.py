@@ -12,9 +12,9 @@ from connectors.base import Batch
 from connectors.wearables.apple_health import AppleHealthConnector, AppleHealthSource
 from connectors.wearables.fitbit.api import FitbitConnector
 from flows.sync import land_batches
-from tests.conftest import SHARED
-from tests.connectors.test_fitbit import AUG_23, NOW, connect, counts, make_source, pull, token_store
-from tests.fitbit_server import FitbitServer
+from tests.support.data import SHARED
+from tests.support.fitbit import AUG_23, NOW, connect, counts, make_source, pull, token_store
+from tests.support.fitbit_server import FitbitServer
 from twin_store import RunReport, TwinStore
 from twin_store import connect as read_store
 

@@ -10,7 +10,7 @@ from connectors.base import RECORD_SCHEMA, Batch
 from connectors.labs.hl7v2 import Hl7v2Source
 from harmonize import records
 from harmonize.labs.hl7v2 import resources_from_messages
-from tests.harmonize.test_hl7v2_labs import MESSAGE
+from tests.support.hl7v2 import MESSAGE
 
 SOURCE = Hl7v2Source(name="lab", kind="hl7v2", path="unused")  # type: ignore[arg-type]
 

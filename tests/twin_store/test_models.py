@@ -16,7 +16,7 @@ from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from flows.sync import land_batches
 from harmonize.models.ascvd_pce import MODEL as PCE
 from harmonize.models.twin_model import TwinModel, output_frame
-from tests.conftest import write_ndjson
+from tests.support.data import write_ndjson
 from twin_store import TwinStore, connect
 from twin_store.models import ModelRunReport, refresh
 

@@ -20,8 +20,8 @@ from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from flows.sync import land_batches
 from harmonize.models import diabetes_risk, resting_hr
 from harmonize.models.twin_model import output_id
-from tests.conftest import write_ndjson
-from tests.harmonize.test_diabetes_risk import Patient, population
+from tests.support.data import write_ndjson
+from tests.support.diabetes import Patient, population
 from twin_store import TwinStore, connect
 from twin_store.models import refresh
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
-from tests.conftest import write_ndjson
+from tests.support.data import write_ndjson
 from twin_store import RunReport, TwinStore, Window, connect, prepare
 from twin_store.prepare import _may_contain
 from twin_store.resources import ResourceWriter

@@ -8,7 +8,8 @@ import duckdb
 import orjson
 import polars as pl
 
-from tests.conftest import run_cli, write_config, write_ndjson
+from tests.support.cli import run_cli
+from tests.support.data import ROOT, write_config, write_ndjson
 
 PATIENTS = [
     {
@@ -92,5 +93,5 @@ def test_the_standard_views_are_listed_shown_and_documented(tmp_path: Path) -> N
     assert all(name in listed for name in names)
     shown = run_cli("views", "show", "lab_result").stdout
     assert "resource_type = 'Observation'" in shown and "laboratory" in shown
-    committed = (Path(__file__).parents[2] / "docs" / "views.md").read_text()
+    committed = (ROOT / "docs" / "views.md").read_text()
     assert committed == schema_doc(), "docs/views.md is stale: run `twinhub views doc > docs/views.md`"

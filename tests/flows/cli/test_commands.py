@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from flows.sample_export import write_sample_export
-from tests.conftest import TWINHUB, run_cli, write_config, write_ndjson
+from tests.support.cli import TWINHUB, run_cli
+from tests.support.data import write_config, write_ndjson
 from twin_store import connect, view_relation
 from twin_store.views import load_view, view_files
 

@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 
 from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
 from harmonize.labs.hl7v2_segments import Segment, segments
-from tests.conftest import SHARED
-from tests.harmonize.test_hl7v2_labs import MESSAGE
-from tests.harmonize.test_mangled_input import mangled_messages
+from tests.support.data import SHARED
+from tests.support.hl7v2 import MESSAGE, mangled_messages
 
 HL7 = SHARED / "labs" / "hl7v2"
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from connectors.base import Batch
 from connectors.wearables.fitbit_csv import FitbitCsvConnector, FitbitCsvSource
 from flows.sync import land_batches
-from tests.conftest import SHARED
+from tests.support.data import SHARED
 from twin_store import TwinStore, connect
 
 

@@ -30,7 +30,7 @@ from connectors.wearables.apple_health import AppleHealthConnector, AppleHealthS
 from flows.config import load_settings
 from flows.sync import build_connector
 from harmonize.wearables.metrics import metrics, normalize_samples
-from tests.conftest import ROOT, SHARED
+from tests.support.data import ROOT, SHARED
 
 log = logging.getLogger(__name__)
 TDDA = SHARED / "wearables" / "apple-health" / "tdda-applehealthdata"

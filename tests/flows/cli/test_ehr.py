@@ -19,10 +19,10 @@ from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from connectors.errors import StoreError
 from flows.sync import land_source
-from tests.conftest import TWINHUB, run_cli
-from tests.connectors.test_fhir_servers import TYPES, bulk_dump, stored, write_source
-from tests.fault_proxy import FaultProxy, free_port
-from tests.fhir_server import FhirServer, SekmetTemplate
+from tests.support.cli import TWINHUB, run_cli
+from tests.support.fault_proxy import FaultProxy, free_port
+from tests.support.fhir_server import FhirServer, SekmetTemplate
+from tests.support.fhir_servers import TYPES, bulk_dump, stored, write_source
 from twin_store import connect
 
 CLIENT_SECRET = "client-secret-7f3a9c0e51"

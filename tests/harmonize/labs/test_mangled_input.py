@@ -12,23 +12,10 @@ from connectors.base import RECORD_SCHEMA, Batch
 from connectors.labs.hl7v2 import Hl7v2Source
 from harmonize.labs.hl7v2 import resources_from_messages
 from harmonize.labs.rows import observation
-from tests.harmonize.test_hl7v2_labs import MESSAGE
-from tests.harmonize.test_lab_results import ROW, SOURCE
+from tests.support.hl7v2 import NOISE, mangled_messages
+from tests.support.labs import ROW, SOURCE
 
 HL7_SOURCE = Hl7v2Source(name="lab", kind="hl7v2", path="unused")  # type: ignore[arg-type]
-NOISE = st.text(
-    alphabet=st.sampled_from(list("|^~\\&\r\n0123456789.-+:ABCDEFGHIJKLMNOPQRSTUVWXYZ é\x00")), max_size=12
-)
-
-
-@st.composite
-def mangled_messages(draw: st.DrawFn) -> str:
-    text = MESSAGE
-    for _ in range(draw(st.integers(1, 6))):
-        at = draw(st.integers(0, len(text)))
-        cut = draw(st.integers(0, 8))
-        text = text[:at] + draw(NOISE) + text[at + cut :]
-    return text
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harmonize.labs.hl7v2 import message_resources, validate
-from tests.harmonize.test_hl7v2_labs import MESSAGE
+from tests.support.hl7v2 import MESSAGE
 
 
 def test_a_resource_sent_again_is_validated_once_and_a_bad_one_fails_every_time() -> None:

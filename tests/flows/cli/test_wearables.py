@@ -16,8 +16,8 @@ from connectors.wearables.fitbit.config import FitbitSource
 from connectors.wearables.fitbit.oauth import TokenStore
 from flows.config import load_settings
 from flows.sync import build_connector
-from tests.conftest import TWINHUB, run_cli
-from tests.fitbit_server import CLIENT_ID, FitbitServer, serve
+from tests.support.cli import TWINHUB, run_cli
+from tests.support.fitbit_server import CLIENT_ID, FitbitServer, serve
 
 
 @pytest.fixture

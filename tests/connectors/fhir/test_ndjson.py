@@ -7,7 +7,7 @@ import pytest
 
 from connectors.errors import SourceError
 from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
-from tests.conftest import write_ndjson
+from tests.support.data import write_ndjson
 
 
 def connector(path: Path, batch_mb: int = 32) -> FhirNdjsonConnector:

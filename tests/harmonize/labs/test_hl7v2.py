@@ -8,18 +8,7 @@ import pytest
 from connectors.labs.hl7v2 import split_messages
 from harmonize.labs.codes import loinc_is_valid
 from harmonize.labs.hl7v2 import fhir_datetime, message_resources
-
-MESSAGE = "\r".join(
-    [
-        "MSH|^~\\&|LAB|ACME||TWIN|20240301093000+0100||ORU^R01^ORU_R01|MSG001|P|2.5.1",
-        "PID|1||MRN123^^^ACME^MR||Doe^Jane^Q||19800214|F",
-        "OBR|1|PL1|FL1|24331-1^Lipid panel^LN|||20240301083000+0100|||||||||||||||20240301092000+0100|||F",
-        "SPM|1|SP1||SER^Serum^HL70487|||||||||||||20240301083000+0100",
-        "OBX|1|NM|14647-2^Cholesterol^LN||5.50|mmol/L^mmol/L^UCUM|3.0-5.2|H|||F",
-        "OBX|2|NM|2085-9^HDL^LN||1.20|mmol/L^mmol/L^UCUM|>1.0|N|||P|||20240301084500",
-        "OBX|3|ST|8251-1^Comment^LN||hemolysed sample||||||F",
-    ]
-)
+from tests.support.hl7v2 import MESSAGE
 
 
 def resources(text: str = MESSAGE, timezone: str = "UTC") -> list[dict[str, object]]:

@@ -6,8 +6,8 @@ private server started from a copy of that database (`fhir_server`), which it ma
 Besides SMART Backend Services, every server accepts a static admin bearer token, used by the
 helpers here to load and inspect data.
 
-Use from a test module or conftest with `pytest_plugins = ["tests.fhir_server"]`
-(or `from tests.fhir_server import *`).
+Use from a test module or conftest with `pytest_plugins = ["tests.support.fhir_server"]`
+(or `from tests.support.fhir_server import *`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.fault_proxy import FaultProxy, free_port
+from tests.support.fault_proxy import FaultProxy, free_port
 
 __all__ = [
     "ADMIN_TOKEN",

@@ -149,7 +149,7 @@ def test_a_bad_concept_map_says_what_is_wrong(data: bytes, message: str) -> None
 
 
 def test_the_shipped_example_concept_map_is_valid() -> None:
-    example = Path(__file__).parents[2] / "examples" / "lab-codes-conceptmap.json"
+    example = Path(__file__).parents[3] / "examples" / "lab-codes-conceptmap.json"
     codes = code_map_from_json(example.read_bytes())
     assert codes.lookup(LOCAL, "GLU")[0]["code"] == "2345-7"
     assert codes.lookup(LOCAL, "LIPID") == (), "its narrower example is left unmapped"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED, TWINHUB
+from tests.support.cli import TWINHUB
+from tests.support.data import SHARED
 from twin_store import connect
 
 

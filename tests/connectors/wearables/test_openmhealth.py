@@ -22,7 +22,7 @@ from connectors.base import SAMPLE_SCHEMA, Batch
 from connectors.errors import ConfigError, SourceError
 from connectors.wearables.openmhealth import OpenMHealthConnector, OpenMHealthSource, time_frame
 from connectors.wearables.openmhealth_schemas import rules
-from tests.conftest import SHARED
+from tests.support.data import SHARED
 
 D4 = "http://json-schema.org/draft-04/schema#"
 D7 = "http://json-schema.org/draft-07/schema#"

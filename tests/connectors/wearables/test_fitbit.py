@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import pyarrow as pa
 import pytest
 from cryptography.fernet import Fernet
 
-from connectors.base import SAMPLE_SCHEMA, Batch, Watermark, Window
+from connectors.base import SAMPLE_SCHEMA, Batch, Window
 from connectors.errors import SourceError
 from connectors.wearables.fitbit.api import FitbitConnector
-from connectors.wearables.fitbit.config import SCOPE, Data, FitbitSource
+from connectors.wearables.fitbit.config import SCOPE, FitbitSource
 from connectors.wearables.fitbit.oauth import (
     FitbitOAuth,
     PatientAuthError,
@@ -37,75 +36,12 @@ from connectors.wearables.fitbit.oauth import (
 )
 from connectors.wearables.fitbit.samples import SLEEP_LEVEL
 from harmonize.wearables.metrics import normalize_samples
-from tests.fitbit_server import CLIENT_ID, FitbitServer, User
+from tests.support.data import ROOT
+from tests.support.fitbit import AUG_23, connect, counts, frame, make_source, pull, token_store
+from tests.support.fitbit_server import CLIENT_ID, FitbitServer, User
 
-ROOT = Path(__file__).resolve().parents[2]
-NOW = datetime(2016, 12, 15, 12, tzinfo=UTC)
-AUG_23 = datetime(2015, 8, 23, tzinfo=UTC)  # 2015-08-22 in Los Angeles: intraday 08-20..22
 HEART = "fitbit-activities-heart-1d-1m-intraday.json"
 STEPS = "fitbit-activities-steps-1d-1m-intraday.json"
-
-
-def make_source(server: FitbitServer, tmp_path: Path, *data: Data, **extra: object) -> FitbitSource:
-    scopes = [SCOPE[d] for d in data or SCOPE] + ["profile", "settings"]
-    return FitbitSource.model_validate(
-        {
-            "name": "fitbit",
-            "kind": "fitbit",
-            "client_id": CLIENT_ID,
-            "redirect_uri": "http://127.0.0.1:9/fitbit/callback",
-            "api_url": server.url,
-            "authorize_url": f"{server.url}/oauth2/authorize",
-            "token_url": f"{server.url}/oauth2/token",
-            "token_file": tmp_path / "secrets" / "fitbit.tokens",
-            "scopes": scopes,
-            **extra,
-        }
-    )
-
-
-def token_store(source: FitbitSource) -> TokenStore:
-    return TokenStore.for_source(source, source.token_path(Path("unused")))
-
-
-def connect(
-    server: FitbitServer,
-    source: FitbitSource,
-    store: TokenStore,
-    patient: str = "p1",
-    user: str = "USER1",
-    scopes: str | None = None,
-) -> Tokens:
-    request = authorization_request(source)
-    redirect = server.authorize(request.url, user, scopes)
-    oauth = FitbitOAuth(source, store)
-    try:
-        return oauth.connect(patient, request, code_from_redirect(source.name, request, redirect))
-    finally:
-        oauth.close()
-
-
-def pull(
-    source: FitbitSource,
-    store: TokenStore,
-    since: Watermark | None = None,
-    *,
-    now: datetime = NOW,
-    sleep: Callable[[float], None] | None = None,
-    window: Window | None = None,
-) -> tuple[list[Batch], FitbitConnector]:
-    connector = FitbitConnector(source, store, clock=now.timestamp, sleep=sleep or (lambda s: None))
-    return list(connector.pull(since, window)), connector
-
-
-def frame(batches: list[Batch]) -> pl.DataFrame:
-    found = pl.from_arrow(pa.concat_tables([b.samples for b in batches if b.samples is not None]))
-    assert isinstance(found, pl.DataFrame)
-    return found
-
-
-def counts(batches: list[Batch]) -> dict[str, int]:
-    return dict(Counter(frame(batches)["metric"].to_list()))
 
 
 def keys(batches: list[Batch]) -> set[tuple[str, str, datetime]]:

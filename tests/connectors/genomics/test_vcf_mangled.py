@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from connectors.genomics.vcf import VcfConnector, VcfSource
 from flows.sync import land_batches
-from tests.connectors.test_vcf import HEADER, RECORDS
+from tests.support.vcf import HEADER, RECORDS
 from twin_store import TwinStore
 
 CLEAN = (HEADER + "\n".join(RECORDS) + "\n").encode()

@@ -11,7 +11,7 @@ import pytest
 
 from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
 from harmonize.sql_on_fhir.view_definition import ViewError, compile_view
-from tests.conftest import SHARED
+from tests.support.data import SHARED
 
 SUITE = SHARED.parent / "sql-on-fhir"
 SUITE_FILES = [*sorted((SUITE / "tests").glob("*.json")), SUITE / "upstream-newer" / "fn_reference_keys.json"]
