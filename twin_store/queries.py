@@ -145,7 +145,7 @@ def living_adults(con: Con, born_before: date, limit: int) -> list[str]:
     rows = con.execute(
         """SELECT id FROM patient WHERE deceased_at IS NULL AND NOT coalesce(deceased, false)
            AND birth_date < ? ORDER BY id LIMIT ?""",
-        [born_before, limit],
+        [born_before.isoformat(), limit],  # FHIR dates are text: 1985, 1985-02, 1985-02-14
     ).fetchall()
     return [p for (p,) in rows]
 
