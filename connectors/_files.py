@@ -96,9 +96,13 @@ def open_maybe_gzipped(path: Path) -> IO[bytes]:
 
 
 def describe_files(watermark: Watermark) -> str:
-    """How far a source of files got: files read whole, and lines (or rows) landed."""
-    files = watermark.get("files", {})
-    # Files that land whole per batch (HL7 v2, VCF) keep no line count or `complete` flag.
-    done = sum(1 for f in files.values() if f.get("complete", True))
-    lines = sum(f.get("lines", f.get("rows", 0)) for f in files.values())
-    return f"{done}/{len(files)} files complete" + (f", {lines:,} lines" if lines else "")
+    """How far a source of files got: files read whole of those begun, and the lines (NDJSON) or
+    data rows (CSV, whose header is no result) landed."""
+    files = watermark.get("files", {}).values()
+    # Files that land whole per batch (HL7 v2, VCF, wearable exports) keep no count or `complete` flag.
+    done = sum(1 for f in files if f.get("complete", True))
+    unit = "row" if any("rows" in f for f in files) else "line"
+    count = sum(f.get("lines", f.get("rows", 0)) for f in files)
+    return f"{done}/{len(files)} files complete" + (
+        f", {count:,} {unit}{'s' * (count != 1)}" if count else ""
+    )

@@ -365,9 +365,9 @@ def describe(watermark: Watermark) -> str:
     text = f"exported up to {watermark['since']}" if watermark.get("since") else "no export finished yet"
     if job := watermark.get("job"):
         files = job["files"].values()
-        text += (
-            f"; export job {safe_url(job['status_url'])} in progress, "
-            f"{sum(f['complete'] for f in files)} files landed"
+        landed, lines = sum(f["complete"] for f in files), sum(f["lines"] for f in files)
+        text += f"; export job {safe_url(job['status_url'])} in progress, " + (
+            f"{landed} file{'s' * (landed != 1)} landed, {lines:,} lines" if files else "no file landed yet"
         )
     return text
 

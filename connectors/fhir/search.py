@@ -231,11 +231,18 @@ def _copy(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def describe(watermark: Watermark) -> str:
-    """How far each resource type got: up to when, or the page a walk is on."""
-    return "; ".join(
-        f"{t} walking (page {st['walk']['page']})" if "walk" in st else f"{t} up to {st.get('since', '?')}"
-        for t, st in watermark.get("types", {}).items()
-    )
+    """How far each resource type got: up to when (the next sync asks from there), or the page a
+    walk cut short stopped at, or that no walk has been whole yet."""
+    return "; ".join(_type_progress(t, st) for t, st in watermark.get("types", {}).items())
+
+
+def _type_progress(rtype: str, st: dict[str, Any]) -> str:
+    if walk := st.get("walk"):
+        matching = f", {walk['total']:,} matching" if walk.get("total") is not None else ""
+        return f"{rtype} walking (page {walk['page']}{matching})"
+    if "since" in st:
+        return f"{rtype} up to {st['since']}"
+    return f"{rtype} not complete yet (it changed during the search; the next sync asks again)"
 
 
 KIND = SourceKind(

@@ -378,13 +378,21 @@ def _redacted(text: str) -> str:
 
 
 def describe(watermark: Watermark) -> str:
-    """How far the patients' data got: the last day known complete, across patients and data."""
+    """How far the patients' data got: each patient is complete through the earliest of their
+    days known complete (one per kind of data), the source through its slowest patient's."""
     patients: dict[str, dict[str, str]] = watermark.get("patients", {})
-    days = sorted(day for marks in patients.values() for day in marks.values())
-    if not days:
-        return f"{len(patients)} patients, no day complete yet"
-    span = days[0] if days[0] == days[-1] else f"{days[0]} to {days[-1]}"
-    return f"{len(patients)} patients, complete up to {span}"
+    if not patients:
+        return "no patient pulled yet"
+    n, through = len(patients), sorted(min(marks.values()) for marks in patients.values() if marks)
+    who = f"{n} patient{'s' * (n != 1)}"
+    if not through:
+        return f"{who}, no day complete yet"
+    span = f"through {through[0]}" + (
+        f" (the furthest through {through[-1]})" if through[-1] > through[0] else ""
+    )
+    if len(through) == n:
+        return f"{who}, {'all ' * (n > 1)}complete {span}"
+    return f"{who}: {len(through)} complete {span}, {n - len(through)} with no day complete yet"
 
 
 KIND = SourceKind(
