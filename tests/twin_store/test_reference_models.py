@@ -148,7 +148,8 @@ def test_resting_hr_refreshes_a_wearable_twin_and_a_clinic_one_and_then_only_wha
         assert resource["valueQuantity"]["unit"] == "/min"
     wearable = resources[output_id(model.name, "w1")]
     daily_ids = {i for (i,) in connect(root).sql("SELECT observation_id FROM wearable_daily").fetchall()}
-    assert {d["reference"].removeprefix("Observation/") for d in wearable["derivedFrom"]} <= daily_ids
+    derived = {d["reference"].removeprefix("Observation/") for d in wearable["derivedFrom"]}
+    assert derived == {i.removeprefix("wearable_daily/") for i in w1["inputs"]} and derived <= daily_ids
     assert wearable["valueQuantity"]["value"] == round(w1["value"], 2)
 
     land_samples(root, night(9, 57))  # a tenth night, back to normal
