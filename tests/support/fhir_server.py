@@ -30,6 +30,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.support.data import ROOT
 from tests.support.fault_proxy import FaultProxy, free_port
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "start_server",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
 SEKMET_BIN = Path(os.environ.get("TWINHUB_SEKMET") or ROOT / ".venv-sekmet" / "bin" / "sekmet")
 ADMIN_TOKEN = "admin-test-token"
 BATCH_SIZE = 2000

@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -41,8 +40,9 @@ import httpx
 import orjson
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-RECORDED = ROOT.parent / "shared" / "data" / "wearables" / "device-api-responses" / "fitbit"
+from tests.support.data import SHARED
+
+RECORDED = SHARED / "wearables" / "device-api-responses" / "fitbit"
 CLIENT_ID = "23TWIN"
 
 # SpO2 of the night that ends 2016-12-13 (the recorded sleep's night), in the shape of
