@@ -85,10 +85,20 @@ def test_the_standard_views_are_listed_shown_and_documented(tmp_path: Path) -> N
 
     names = set(view_files())
     assert names == {
-        "patient", "encounter", "condition", "observation", "lab_result", "vital_sign",
-        "observation_component", "medication_request", "procedure", "immunization", "diagnostic_report",
-        "allergy_intolerance", "patient_identifier",
-    }  # fmt: skip
+        "patient",
+        "encounter",
+        "condition",
+        "observation",
+        "lab_result",
+        "vital_sign",
+        "observation_component",
+        "medication_request",
+        "procedure",
+        "immunization",
+        "diagnostic_report",
+        "allergy_intolerance",
+        "patient_identifier",
+    }
     listed = run_cli("views", "list", env={"COLUMNS": "400"}).stdout
     rows = [
         [cell.strip() for cell in line.split("│")[1:-1]]

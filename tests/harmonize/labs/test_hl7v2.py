@@ -18,14 +18,19 @@ def resources(text: str = MESSAGE, timezone: str = "UTC") -> list[dict[str, obje
 def test_an_oru_becomes_a_patient_report_specimen_and_observations() -> None:
     patient, report, specimen, *results = resources()
     assert (patient["resourceType"], report["resourceType"], specimen["resourceType"]) == (
-        "Patient", "DiagnosticReport", "Specimen",
-    )  # fmt: skip
+        "Patient",
+        "DiagnosticReport",
+        "Specimen",
+    )
     assert patient["identifier"][0]["value"] == "MRN123"  # type: ignore[index]
     assert (patient["gender"], patient["birthDate"]) == ("female", "1980-02-14")
     cholesterol, hdl, comment = results
     assert cholesterol["valueQuantity"] == {
-        "value": 5.5, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L",
-    }  # fmt: skip
+        "value": 5.5,
+        "unit": "mmol/L",
+        "system": "http://unitsofmeasure.org",
+        "code": "mmol/L",
+    }
     assert b'"value":5.50' in message_resources(MESSAGE)[3], "decimals are kept as written"
     assert cholesterol["referenceRange"][0]["high"]["value"] == 5.2  # type: ignore[index]
     assert cholesterol["interpretation"][0]["coding"][0]["code"] == "H"  # type: ignore[index]

@@ -19,8 +19,11 @@ def test_a_numeric_row_becomes_a_valid_lab_observation_keeping_the_decimals_as_w
     resource = mapped()
     Observation.model_validate(resource)
     assert resource["valueQuantity"] == {
-        "value": 5.50, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L",
-    }  # fmt: skip
+        "value": 5.50,
+        "unit": "mmol/L",
+        "system": "http://unitsofmeasure.org",
+        "code": "mmol/L",
+    }
     assert b'"value":5.50' in observation(ROW, SOURCE) and b'"value":6.10' in observation(ROW, SOURCE)
     assert resource["effectiveDateTime"] == "2024-03-01T08:30:00+01:00", "the time zone is kept"
     assert resource["subject"] == {"reference": "Patient/p1"}
