@@ -26,7 +26,6 @@ import orjson
 import polars as pl
 
 Scope = Literal["patient", "population"]
-Status = Literal["ok", "refused", "error"]
 OUTPUT_COLUMNS: dict[str, pl.DataType | type[pl.DataType]] = {
     "patient_id": pl.String,
     "status": pl.String,
