@@ -55,14 +55,24 @@ def resources(patients: int, observations: int) -> list[tuple[str, str]]:
     ]
     for i in range(observations):
         obs = {
-            "resourceType": "Observation", "id": f"o{i}", "status": "final",
-            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "1"},
-                                {"system": "http://loinc.org", "code": rng.choice(["8867-4", "2339-0"])}]},
+            "resourceType": "Observation",
+            "id": f"o{i}",
+            "status": "final",
+            "code": {
+                "coding": [
+                    {"system": "http://snomed.info/sct", "code": "1"},
+                    {"system": "http://loinc.org", "code": rng.choice(["8867-4", "2339-0"])},
+                ]
+            },
             "subject": {"reference": f"Patient/p{rng.randrange(patients)}"},
             "effectiveDateTime": f"2020-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}T10:00:00+01:00",
-            "valueQuantity": {"value": round(rng.uniform(40, 180), 1), "unit": "/min",
-                              "system": "http://unitsofmeasure.org", "code": "/min"},
-        }  # fmt: skip
+            "valueQuantity": {
+                "value": round(rng.uniform(40, 180), 1),
+                "unit": "/min",
+                "system": "http://unitsofmeasure.org",
+                "code": "/min",
+            },
+        }
         rows.append(("Observation", orjson.dumps(obs).decode()))
     return rows
 

@@ -116,8 +116,10 @@ def main() -> None:
     print(f"samples   {total:,} ({args.people} people x 1 year of minutes), {len(tables)} batches")
     print(f"twinhub   median {t:.2f} s = {total / t:,.0f} samples/s ({samples:,} stored, {days:,} days)")
     print(f"bare      median {b:.2f} s = {total / b:,.0f} samples/s (INSERT into a DuckLake table)")
-    print(f"ratio twinhub/bare speed: {b / t:.2f}; runs: {[round(s, 2) for s, _, _ in ours]} / "
-          f"{[round(s, 2) for s in theirs]}")  # fmt: skip
+    print(
+        f"ratio twinhub/bare speed: {b / t:.2f}; runs: {[round(s, 2) for s, _, _ in ours]} / "
+        f"{[round(s, 2) for s in theirs]}"
+    )
 
 
 if __name__ == "__main__":

@@ -68,10 +68,14 @@ def records_from(rows: list[tuple[str, int, str]]) -> pa.Table:
     """(file, line or message number, text) rows as records."""
     files, numbers, texts = zip(*rows, strict=True) if rows else ((), (), ())
     return pa.table(
-        [pa.array(files, pa.string()), pa.array(numbers, pa.int64()), pa.array(texts, pa.string()),
-         pa.repeat(False, len(rows))],
+        [
+            pa.array(files, pa.string()),
+            pa.array(numbers, pa.int64()),
+            pa.array(texts, pa.string()),
+            pa.repeat(False, len(rows)),
+        ],
         schema=RECORD_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def problems_from(rows: list[tuple[str, int, str, str]]) -> pa.Table:

@@ -142,8 +142,3 @@ def source_kind(name: str) -> SourceKind[Any]:
             f"source kind {name!r} ({entry.value}) is not a SourceKind named {name!r}; fix its entry point"
         )
     return kind
-
-
-def installed_kinds() -> list[SourceKind[Any]]:
-    """Every installed kind, loaded (for the docs and the account commands)."""
-    return [source_kind(name) for name in kind_names()]

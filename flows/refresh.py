@@ -67,17 +67,23 @@ def refresh_model(
         retrain_after = settings.models.retrain_after.get(name)
         report = refresh(store, model, trigger=trigger, retrain_after=retrain_after, at=snapshot_id)
     log.info(
-        "model %s %s: %s from snapshot %s, %s", name, report.version, report.scope, report.input_snapshot_id,
+        "model %s %s: %s from snapshot %s, %s",
+        name,
+        report.version,
+        report.scope,
+        report.input_snapshot_id,
         dict(report.counts),
-    )  # fmt: skip
+    )
     return report
 
 
 @flow(name="refresh-models")
 def refresh_models(
-    config: str | None = None, trigger: str = "manual", models: list[str] | None = None,
+    config: str | None = None,
+    trigger: str = "manual",
+    models: list[str] | None = None,
     snapshot_id: int | None = None,
-) -> list[ModelRunReport]:  # fmt: skip
+) -> list[ModelRunReport]:
     """Refresh the enabled models (or `models`) to the store's latest snapshot, or to
     `snapshot_id` (a sync's, named by its event)."""
     settings = load_settings(Path(config) if config else None)

@@ -246,10 +246,17 @@ def _patient(rng: random.Random, out: dict[str, list[dict[str, Any]]]) -> None:
             )
 
 
-RACES = [("2106-3", "White", 70), ("2054-5", "Black or African American", 14), ("2028-9", "Asian", 7),
-         ("2131-1", "Other Race", 9)]  # fmt: skip
-SMOKING = [("266919005", "Never smoker", 60), ("8517006", "Former smoker", 25),
-           ("449868002", "Current every day smoker", 15)]  # fmt: skip
+RACES = [
+    ("2106-3", "White", 70),
+    ("2054-5", "Black or African American", 14),
+    ("2028-9", "Asian", 7),
+    ("2131-1", "Other Race", 9),
+]
+SMOKING = [
+    ("266919005", "Never smoker", 60),
+    ("8517006", "Former smoker", 25),
+    ("449868002", "Current every day smoker", 15),
+]
 
 
 def _race(rng: random.Random) -> dict[str, Any]:
@@ -257,11 +264,17 @@ def _race(rng: random.Random) -> dict[str, Any]:
     return {
         "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
         "extension": [
-            {"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": code,
-                                                    "display": display}},
+            {
+                "url": "ombCategory",
+                "valueCoding": {
+                    "system": "urn:oid:2.16.840.1.113883.6.238",
+                    "code": code,
+                    "display": display,
+                },
+            },
             {"url": "text", "valueString": display},
         ],
-    }  # fmt: skip
+    }
 
 
 def _smoking(

@@ -38,10 +38,8 @@ def map_records(batch: Batch, to_fhir: Mapper, label: str = "") -> Batch:
     """`to_fhir` applied to each record's text: its resources land, or the record is a problem
     with the reason (prefixed `<label> <number>: ` when a label is given). What the mapping
     noted is added to the batch's stats."""
-    rows = list(zip(
-        batch.records["file"].to_pylist(), batch.records["line_no"].to_pylist(),
-        batch.records["raw"].to_pylist(), strict=True,
-    ))  # fmt: skip
+    columns = (batch.records[name].to_pylist() for name in ("file", "line_no", "raw"))
+    rows = list(zip(*columns, strict=True))
     cores = usable_cores()
     if len(rows) < PARALLEL_FROM or cores == 1:
         parts = [_map(to_fhir, label, rows)]

@@ -15,6 +15,15 @@ pytest_plugins = ["tests.support.fhir_server", "tests.support.fitbit_server"]
 from tests.support.data import SYNTHEA  # noqa: E402 (after the plugins they need)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="rewrite the expected files of tests/golden from what the conversions make now "
+        "(then review `git diff tests/golden`)",
+    )
+
+
 @pytest.fixture(scope="session")
 def synthea() -> Path:
     if not SYNTHEA.is_dir():

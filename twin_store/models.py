@@ -58,9 +58,14 @@ class ModelRunReport:
 
 
 def refresh(
-    store: TwinStore, model: TwinModel, *, trigger: str, retrain_after: int | None = None,
-    patients: list[str] | None = None, at: int | None = None,
-) -> ModelRunReport:  # fmt: skip
+    store: TwinStore,
+    model: TwinModel,
+    *,
+    trigger: str,
+    retrain_after: int | None = None,
+    patients: list[str] | None = None,
+    at: int | None = None,
+) -> ModelRunReport:
     """Bring one model's outputs up to the store's current snapshot, or to snapshot `at` (the
     one a sync's event names), see the module doc; with `patients`, compute those whatever
     changed (an output that exists for that snapshot is not written twice)."""
@@ -76,9 +81,14 @@ def refresh(
         [model.name],
     ).fetchone()
     report = ModelRunReport(
-        model=model.name, version=version, model_run_id=f"{begun:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
-        trigger=trigger, input_snapshot_id=now, since_snapshot_id=last[1] if last else None, scope="full",
-    )  # fmt: skip
+        model=model.name,
+        version=version,
+        model_run_id=f"{begun:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+        trigger=trigger,
+        input_snapshot_id=now,
+        since_snapshot_id=last[1] if last else None,
+        scope="full",
+    )
     nothing = pl.DataFrame(schema=OUTPUT_COLUMNS)
     _pin(con, model, now)
     try:
@@ -185,8 +195,14 @@ def _compute(model: TwinModel, rows: pl.DataFrame, params: dict[str, Any] | None
             outputs.append(_checked(model.compute(group, params)))
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
-            row = {"patient_id": patient[0], "status": "error", "value": None, "outputs": None,
-                   "reason": reason, "inputs": None}  # fmt: skip
+            row = {
+                "patient_id": patient[0],
+                "status": "error",
+                "value": None,
+                "outputs": None,
+                "reason": reason,
+                "inputs": None,
+            }
             outputs.append(pl.DataFrame([row], schema=OUTPUT_COLUMNS))
     return pl.concat(outputs) if outputs else pl.DataFrame(schema=OUTPUT_COLUMNS)
 
@@ -212,9 +228,13 @@ def _latest_training(
 
 
 def _trained(
-    store: TwinStore, model: TwinModel, training: tuple[int, int, dict[str, Any]] | None, everyone: list[str],
-    now: int, retrain_after: int | None,
-) -> tuple[dict[str, Any], tuple[int, int, dict[str, Any]]]:  # fmt: skip
+    store: TwinStore,
+    model: TwinModel,
+    training: tuple[int, int, dict[str, Any]] | None,
+    everyone: list[str],
+    now: int,
+    retrain_after: int | None,
+) -> tuple[dict[str, Any], tuple[int, int, dict[str, Any]]]:
     """The fitted parameters to compute with: the last training's, or a new fit on every patient
     when there is none or enough patients arrived since (`retrain_after`, else the model's)."""
     threshold = retrain_after if retrain_after is not None else model.retrain_after
@@ -232,9 +252,16 @@ def _trained(
     with store.transaction():
         con.execute(
             "INSERT INTO twin.model_training VALUES (?, ?, ?, now(), ?, ?, ?, ?)",
-            [model.name, model.version, number, now, len(everyone), orjson.dumps(fitted.metrics).decode(),
-             orjson.dumps(fitted.params).decode()],
-        )  # fmt: skip
+            [
+                model.name,
+                model.version,
+                number,
+                now,
+                len(everyone),
+                orjson.dumps(fitted.metrics).decode(),
+                orjson.dumps(fitted.params).decode(),
+            ],
+        )
     log.info(
         "model %s: trained (training %s) on %s patients: %s",
         model.name,
@@ -246,9 +273,13 @@ def _trained(
 
 
 def _record(
-    store: TwinStore, model: TwinModel, report: ModelRunReport, begun: datetime, started: float,
+    store: TwinStore,
+    model: TwinModel,
+    report: ModelRunReport,
+    begun: datetime,
+    started: float,
     outputs: pl.DataFrame,
-) -> ModelRunReport:  # fmt: skip
+) -> ModelRunReport:
     """Land the outputs, their FHIR and the run's row in one transaction."""
     con = store.con
     counts = outputs.group_by("status").len().rows()
@@ -259,10 +290,11 @@ def _record(
     ).fetchone()
     as_of = snapshot_time[0] if snapshot_time else begun
     # A refusal is written over an earlier figure (so it never stands as current), else not at all.
-    stored = {i for (i,) in con.execute(
+    ours = con.execute(
         "SELECT id FROM twin.fhir_resource WHERE resource_type = ? AND source = ?",
         [model.fhir.resource, f"model:{model.name}"],
-    ).fetchall()}  # fmt: skip
+    )
+    stored = {i for (i,) in ours.fetchall()}
     refused_new = pl.col("status") == "refused"
     ids_of = pl.col("patient_id").map_elements(lambda p: output_id(model.name, p), return_dtype=pl.String)
     written = outputs.filter(~(refused_new & ~ids_of.is_in(list(stored))))
@@ -284,9 +316,13 @@ def _record(
                         SELECT 1 FROM twin.model_output m
                         WHERE (m.model, m.version, m.patient_id, m.input_snapshot_id)
                             = ($model, $version, o.patient_id, $snapshot))""",
-                    {"model": model.name, "version": report.version, "snapshot": report.input_snapshot_id,
-                     "run": report.model_run_id},
-                )  # fmt: skip
+                    {
+                        "model": model.name,
+                        "version": report.version,
+                        "snapshot": report.input_snapshot_id,
+                        "run": report.model_run_id,
+                    },
+                )
             finally:
                 con.unregister("outputs")
         if resources:
@@ -295,10 +331,22 @@ def _record(
         con.execute(
             "INSERT INTO twin.model_run VALUES "
             "(?, ?, ?, ?, ?, now(), ?, ?, ?, ?, ?, ?, ?, ?, 'succeeded', NULL)",
-            [report.model_run_id, model.name, report.version, report.trigger, begun, report.since_snapshot_id,
-             report.input_snapshot_id, report.scope, report.counts["patients"], report.counts["ok"],
-             report.counts["refused"], report.counts["error"], report.seconds],
-        )  # fmt: skip
+            [
+                report.model_run_id,
+                model.name,
+                report.version,
+                report.trigger,
+                begun,
+                report.since_snapshot_id,
+                report.input_snapshot_id,
+                report.scope,
+                report.counts["patients"],
+                report.counts["ok"],
+                report.counts["refused"],
+                report.counts["error"],
+                report.seconds,
+            ],
+        )
     return report
 
 

@@ -196,9 +196,14 @@ class SampleWriter:
         return self.reporting
 
     def land(
-        self, source: str, run_id: str, samples: pa.Table, summary: SampleSummary, counts: Counter[str],
+        self,
+        source: str,
+        run_id: str,
+        samples: pa.Table,
+        summary: SampleSummary,
+        counts: Counter[str],
         window: Window | None,
-    ) -> tuple[int, pa.Table]:  # fmt: skip
+    ) -> tuple[int, pa.Table]:
         """Upsert the samples and roll up their days; returns how many daily rows changed,
         and those flagged for FHIR (DAILY_SCHEMA)."""
         if window:

@@ -30,14 +30,28 @@ Assembly = Literal["GRCh37", "GRCh38"]
 ASSEMBLY_NAMES = {"GRCh37": ("grch37", "hg19", "b37", "hs37"), "GRCh38": ("grch38", "hg38", "b38", "hs38")}
 VARIANT_SCHEMA = pa.schema(
     [
-        ("file", pa.string()), ("sample", pa.string()), ("patient_id", pa.string()),
-        ("assembly", pa.string()), ("chrom", pa.string()), ("pos", pa.int64()), ("variant_id", pa.string()),
-        ("ref", pa.string()), ("alt", pa.string()), ("genotype", pa.string()), ("zygosity", pa.string()),
-        ("phase_set", pa.int64()), ("quality", pa.float64()), ("filter", pa.string()), ("gene", pa.string()),
-        ("hgvs_c", pa.string()), ("hgvs_p", pa.string()), ("clinvar_significance", pa.string()),
-        ("clinvar_allele_id", pa.string()), ("patient_identifier", pa.string()),
+        ("file", pa.string()),
+        ("sample", pa.string()),
+        ("patient_id", pa.string()),
+        ("assembly", pa.string()),
+        ("chrom", pa.string()),
+        ("pos", pa.int64()),
+        ("variant_id", pa.string()),
+        ("ref", pa.string()),
+        ("alt", pa.string()),
+        ("genotype", pa.string()),
+        ("zygosity", pa.string()),
+        ("phase_set", pa.int64()),
+        ("quality", pa.float64()),
+        ("filter", pa.string()),
+        ("gene", pa.string()),
+        ("hgvs_c", pa.string()),
+        ("hgvs_p", pa.string()),
+        ("clinvar_significance", pa.string()),
+        ("clinvar_allele_id", pa.string()),
+        ("patient_identifier", pa.string()),
     ]
-)  # fmt: skip
+)
 """One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
 ANNOTATIONS = ("GENEINFO", "CLNSIG", "ALLELEID", "ANN")
 """The INFO keys rows take their gene, ClinVar and HGVS annotations from."""
@@ -173,8 +187,9 @@ class VcfConnector(FileConnector[VcfSource]):
             return variants
         named = variants["patient_id"]
         identifiers = pc.binary_join_element_wise(self.source.patient_system, named, "|")
-        variants = variants.set_column(variants.schema.get_field_index("patient_id"), "patient_id",
-                                       pa.nulls(len(variants), pa.string()))  # fmt: skip
+        variants = variants.set_column(
+            variants.schema.get_field_index("patient_id"), "patient_id", pa.nulls(len(variants), pa.string())
+        )
         return variants.set_column(len(VARIANT_SCHEMA) - 1, "patient_identifier", identifiers)
 
 
@@ -255,11 +270,29 @@ def variant_rows(
         for a, zygosity in carried:
             alt = alts[a - 1] if a <= len(alts) else "."  # a call on an allele ALT omits
             hgvs_c, hgvs_p, ann_gene = hgvs.get(alt, (None, None, None))
-            rows.append((
-                file, samples[s], patients.get(samples[s]), assembly, chrom, pos, variant_id, ref, alt,
-                genotype, zygosity, phase_sets[s] if call[-1] else None, quality, filters, gene or ann_gene,
-                hgvs_c, hgvs_p, significance, allele_id,
-            ))  # fmt: skip
+            rows.append(
+                (
+                    file,
+                    samples[s],
+                    patients.get(samples[s]),
+                    assembly,
+                    chrom,
+                    pos,
+                    variant_id,
+                    ref,
+                    alt,
+                    genotype,
+                    zygosity,
+                    phase_sets[s] if call[-1] else None,
+                    quality,
+                    filters,
+                    gene or ann_gene,
+                    hgvs_c,
+                    hgvs_p,
+                    significance,
+                    allele_id,
+                )
+            )
     return rows
 
 

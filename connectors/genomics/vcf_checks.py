@@ -37,19 +37,44 @@ ALT_TYPES = ("DEL", "INS", "DUP", "INV", "CNV", "BND", "CNV:TR")
 
 # Reserved keys and the (Number, Type) the spec (4.3, section 1.6.1) gives them.
 RESERVED_INFO = {
-    "AA": ("1", "String"), "AC": ("A", "Integer"), "AD": ("R", "Integer"), "ADF": ("R", "Integer"),
-    "ADR": ("R", "Integer"), "AF": ("A", "Float"), "AN": ("1", "Integer"), "BQ": ("1", "Float"),
-    "CIGAR": ("A", "String"), "DB": ("0", "Flag"), "DP": ("1", "Integer"), "END": ("1", "Integer"),
-    "H2": ("0", "Flag"), "H3": ("0", "Flag"), "MQ": ("1", "Float"), "MQ0": ("1", "Integer"),
-    "NS": ("1", "Integer"), "SOMATIC": ("0", "Flag"),
-    "VALIDATED": ("0", "Flag"), "1000G": ("0", "Flag"),
-}  # fmt: skip
+    "AA": ("1", "String"),
+    "AC": ("A", "Integer"),
+    "AD": ("R", "Integer"),
+    "ADF": ("R", "Integer"),
+    "ADR": ("R", "Integer"),
+    "AF": ("A", "Float"),
+    "AN": ("1", "Integer"),
+    "BQ": ("1", "Float"),
+    "CIGAR": ("A", "String"),
+    "DB": ("0", "Flag"),
+    "DP": ("1", "Integer"),
+    "END": ("1", "Integer"),
+    "H2": ("0", "Flag"),
+    "H3": ("0", "Flag"),
+    "MQ": ("1", "Float"),
+    "MQ0": ("1", "Integer"),
+    "NS": ("1", "Integer"),
+    "SOMATIC": ("0", "Flag"),
+    "VALIDATED": ("0", "Flag"),
+    "1000G": ("0", "Flag"),
+}
 RESERVED_FORMAT = {
-    "AD": ("R", "Integer"), "ADF": ("R", "Integer"), "ADR": ("R", "Integer"), "DP": ("1", "Integer"),
-    "EC": ("A", "Integer"), "FT": ("1", "String"), "GL": ("G", "Float"), "GP": ("G", "Float"),
-    "GQ": ("1", "Integer"), "GT": ("1", "String"), "HQ": ("2", "Integer"), "MQ": ("1", "Integer"),
-    "PL": ("G", "Integer"), "PQ": ("1", "Integer"), "PS": ("1", "Integer"),
-}  # fmt: skip
+    "AD": ("R", "Integer"),
+    "ADF": ("R", "Integer"),
+    "ADR": ("R", "Integer"),
+    "DP": ("1", "Integer"),
+    "EC": ("A", "Integer"),
+    "FT": ("1", "String"),
+    "GL": ("G", "Float"),
+    "GP": ("G", "Float"),
+    "GQ": ("1", "Integer"),
+    "GT": ("1", "String"),
+    "HQ": ("2", "Integer"),
+    "MQ": ("1", "Integer"),
+    "PL": ("G", "Integer"),
+    "PQ": ("1", "Integer"),
+    "PS": ("1", "Integer"),
+}
 
 NOT_NEGATIVE = ("AC", "AD", "ADF", "ADR", "AF", "AN", "BQ", "DP", "END", "MQ", "MQ0", "NS")
 """Reserved INFO keys that count or measure something, so are never negative."""
@@ -152,8 +177,12 @@ def _check_meta(header: Header, n: int, line: str) -> None:
             raise VcfSpecError(n, "ALT fields must come in the order ID, Description", line)
         if not ID_VALUE.fullmatch(ident) or (":" in ident and not ident.startswith(ALT_TYPES)):
             types = ", ".join(ALT_TYPES)
-            raise VcfSpecError(n, f"ALT ID {ident!r} must start with one of {types} when it has a ':' "
-                               "and hold no whitespace, commas or angle brackets", line)  # fmt: skip
+            raise VcfSpecError(
+                n,
+                f"ALT ID {ident!r} must start with one of {types} when it has a ':' "
+                "and hold no whitespace, commas or angle brackets",
+                line,
+            )
         _check_number_type(n, line, "ALT", attrs)
     elif key == "contig" and not re.fullmatch(contig_pattern(header.version), ident):
         raise VcfSpecError(n, f"contig ID {ident!r} is not a valid contig name", line)
@@ -165,11 +194,18 @@ def _check_meta(header: Header, n: int, line: str) -> None:
             and all(quoted == (name == "Description") for name, (_, quoted) in attrs.items())
         )
     ):
-        raise VcfSpecError(n, "a 4.1/4.2 SAMPLE line needs Genomes, Mixture and a quoted Description, "
-                       "and only the Description quoted", line)  # fmt: skip
+        raise VcfSpecError(
+            n,
+            "a 4.1/4.2 SAMPLE line needs Genomes, Mixture and a quoted Description, "
+            "and only the Description quoted",
+            line,
+        )
     elif key in ("SAMPLE", "PEDIGREE"):
-        bad = [text for name, (text, quoted) in attrs.items() if not quoted and not NAME.fullmatch(text)
-               and not (key == "SAMPLE" and name not in ("ID",))]  # fmt: skip
+        bad = [
+            text
+            for name, (text, quoted) in attrs.items()
+            if not quoted and not NAME.fullmatch(text) and not (key == "SAMPLE" and name not in ("ID",))
+        ]
         if bad:
             raise VcfSpecError(n, f"{key} value {bad[0]!r} holds characters a sample name cannot", line)
     elif key == "META":
@@ -382,53 +418,97 @@ def _typed(kind: str) -> str:
 
 RECORD_RULES: list[tuple[str, str, str]] = [
     # (table, reason: a SQL text expression, the condition that breaks the rule)
-    ("rec", "'a data line must have ' || $n_columns || ' tab-separated columns, not ' || n_fields",
-     "n_fields <> $n_columns"),
+    (
+        "rec",
+        "'a data line must have ' || $n_columns || ' tab-separated columns, not ' || n_fields",
+        "n_fields <> $n_columns",
+    ),
     ("chrom", "'CHROM ' || chrom || ' is not a valid contig name'", "NOT regexp_full_match(chrom, $chrom)"),
     ("rec", "'POS ' || pos || ' is not a positive integer'", "coalesce(position < 0, true)"),
-    ("id", "'ID ' || id || ' must be . or ;-separated names without whitespace'",
-     r"id <> '.' AND NOT regexp_full_match(id, '[^\s;]+(;[^\s;]+)*')"),
-    ("id", "'ID ' || id || ' names one identifier twice'",
-     "id <> '.' AND len(list_distinct(string_split(id, ';'))) <> len(string_split(id, ';'))"),
+    (
+        "id",
+        "'ID ' || id || ' must be . or ;-separated names without whitespace'",
+        r"id <> '.' AND NOT regexp_full_match(id, '[^\s;]+(;[^\s;]+)*')",
+    ),
+    (
+        "id",
+        "'ID ' || id || ' names one identifier twice'",
+        "id <> '.' AND len(list_distinct(string_split(id, ';'))) <> len(string_split(id, ';'))",
+    ),
     ("ref", "'REF ' || ref || ' must be bases (A, C, G, T, N)'", f"NOT regexp_full_match(ref, '{BASES}')"),
-    ("alt", "'ALT ' || alt || ' is not a list of alleles (bases, *, <ID> or breakends)'",
-     f"alt <> '.' AND NOT list_bool_and(list_transform(string_split(alt, ','),"
-     f" a -> regexp_full_match(a, '{ALLELE}')))"),
-    ("qual", "'QUAL ' || qual || ' must be . or a number >= 0'",
-     f"qual <> '.' AND (NOT regexp_full_match(qual, '{FLOAT}') OR TRY_CAST(qual AS DOUBLE) < 0)"),
-    ("filter", "'FILTER ' || filter || ' must be PASS, . or ;-separated filter names'",
-     r"filter <> '.' AND (NOT regexp_full_match(filter, '[^\s;]+(;[^\s;]+)*') OR contains(filter, ';.')"
-     r" OR filter LIKE '.;%' OR list_contains(string_split(filter, ';'), '0')"
-     " OR len(list_distinct(string_split(filter, ';'))) <> len(string_split(filter, ';')))"),
-    ("format", "'FORMAT ' || format || ' must be :-separated keys, GT first, each once'",
-     "(NOT list_bool_and(list_transform(keys, k -> regexp_full_match(k, $format_key)))"
-     " OR (list_contains(keys, 'GT') AND keys[1] <> 'GT') OR len(list_distinct(keys)) <> len(keys))"),
-    ("info", "'INFO ' || entry || ' is not key or key=value with a valid key'",
-     rf"NOT regexp_full_match(key, '{KEY}') OR regexp_matches(entry, '\s')"),
+    (
+        "alt",
+        "'ALT ' || alt || ' is not a list of alleles (bases, *, <ID> or breakends)'",
+        f"alt <> '.' AND NOT list_bool_and(list_transform(string_split(alt, ','),"
+        f" a -> regexp_full_match(a, '{ALLELE}')))",
+    ),
+    (
+        "qual",
+        "'QUAL ' || qual || ' must be . or a number >= 0'",
+        f"qual <> '.' AND (NOT regexp_full_match(qual, '{FLOAT}') OR TRY_CAST(qual AS DOUBLE) < 0)",
+    ),
+    (
+        "filter",
+        "'FILTER ' || filter || ' must be PASS, . or ;-separated filter names'",
+        r"filter <> '.' AND (NOT regexp_full_match(filter, '[^\s;]+(;[^\s;]+)*') OR contains(filter, ';.')"
+        r" OR filter LIKE '.;%' OR list_contains(string_split(filter, ';'), '0')"
+        " OR len(list_distinct(string_split(filter, ';'))) <> len(string_split(filter, ';')))",
+    ),
+    (
+        "format",
+        "'FORMAT ' || format || ' must be :-separated keys, GT first, each once'",
+        "(NOT list_bool_and(list_transform(keys, k -> regexp_full_match(k, $format_key)))"
+        " OR (list_contains(keys, 'GT') AND keys[1] <> 'GT') OR len(list_distinct(keys)) <> len(keys))",
+    ),
+    (
+        "info",
+        "'INFO ' || entry || ' is not key or key=value with a valid key'",
+        rf"NOT regexp_full_match(key, '{KEY}') OR regexp_matches(entry, '\s')",
+    ),
     ("info_line", "'INFO ' || info || ' names a key more than once'", "repeats > 1"),
-    ("info", "'INFO ' || entry || ': ' || key || ' is a Flag and takes no value'",
-     "kind = 'Flag' AND val IS NOT NULL AND val NOT IN ('0', '1')"),
+    (
+        "info",
+        "'INFO ' || entry || ': ' || key || ' is a Flag and takes no value'",
+        "kind = 'Flag' AND val IS NOT NULL AND val NOT IN ('0', '1')",
+    ),
     ("info", "'INFO ' || entry || ': ' || key || ' needs a value'", "val IS NULL AND kind <> 'Flag'"),
     ("info", "'INFO ' || entry || ' is not of Type ' || kind", f"val IS NOT NULL AND {_typed('kind')}"),
-    ("info", "'INFO ' || entry || ' does not have the number of values its Number says'",
-     "val IS NOT NULL AND val <> '.' AND kind <> 'Flag' AND number <> 'G'"
-     f" AND NOT (kind = 'String' AND starts_with(val, '\"')) AND {COUNT} <> ({EXPECTED})"),
-    ("info", "'INFO ' || entry || ': ' || key || ' cannot be negative'",
-     f"list_contains({list(NOT_NEGATIVE)}, key) AND contains(val, '-')"
-     " AND list_bool_or(list_transform(string_split(val, ','), v -> TRY_CAST(v AS DOUBLE) < 0))"),
-    ("info", "'INFO ' || entry || ' is not a CIGAR string'",
-     f"key = 'CIGAR' AND NOT regexp_full_match(val, '{_listed('([0-9]+[MIDNSHPX=])+')}')"),
+    (
+        "info",
+        "'INFO ' || entry || ' does not have the number of values its Number says'",
+        "val IS NOT NULL AND val <> '.' AND kind <> 'Flag' AND number <> 'G'"
+        f" AND NOT (kind = 'String' AND starts_with(val, '\"')) AND {COUNT} <> ({EXPECTED})",
+    ),
+    (
+        "info",
+        "'INFO ' || entry || ': ' || key || ' cannot be negative'",
+        f"list_contains({list(NOT_NEGATIVE)}, key) AND contains(val, '-')"
+        " AND list_bool_or(list_transform(string_split(val, ','), v -> TRY_CAST(v AS DOUBLE) < 0))",
+    ),
+    (
+        "info",
+        "'INFO ' || entry || ' is not a CIGAR string'",
+        f"key = 'CIGAR' AND NOT regexp_full_match(val, '{_listed('([0-9]+[MIDNSHPX=])+')}')",
+    ),
     ("cell", "'sample ' || s || ' has more fields than FORMAT has keys'", "len(vals) > len(keys)"),
-    ("gt", "'sample ' || s || ' genotype ' || gt || ' is not a valid GT'",
-     f"NOT regexp_full_match(gt, '{GENOTYPE}')"),
-    ("gt", "'sample ' || s || ' genotype ' || gt || ' names an allele ALT does not have'",
-     f"regexp_full_match(gt, '{GENOTYPE}') AND n_alt > 0 AND list_max(alleles) > n_alt"),
-    ("value", "'sample ' || s || ' ' || key || '=' || val || ' is not of Type ' || kind",
-     _typed("kind")),
-    ("value", "'sample ' || s || ' ' || key || '=' || val || ' does not have the number of values '"
-     " || 'its Number says'",
-     f"val <> '.' AND {COUNT} <> ({EXPECTED.replace('ploidy', 'coalesce(ploidy, 2)')})"),
-]  # fmt: skip
+    (
+        "gt",
+        "'sample ' || s || ' genotype ' || gt || ' is not a valid GT'",
+        f"NOT regexp_full_match(gt, '{GENOTYPE}')",
+    ),
+    (
+        "gt",
+        "'sample ' || s || ' genotype ' || gt || ' names an allele ALT does not have'",
+        f"regexp_full_match(gt, '{GENOTYPE}') AND n_alt > 0 AND list_max(alleles) > n_alt",
+    ),
+    ("value", "'sample ' || s || ' ' || key || '=' || val || ' is not of Type ' || kind", _typed("kind")),
+    (
+        "value",
+        "'sample ' || s || ' ' || key || '=' || val || ' does not have the number of values '"
+        " || 'its Number says'",
+        f"val <> '.' AND {COUNT} <> ({EXPECTED.replace('ploidy', 'coalesce(ploidy, 2)')})",
+    ),
+]
 """The rules' tables: `rec` has a row per data line; the others hold each distinct value once
 (`JUDGED_ONCE`)."""
 
@@ -489,18 +569,34 @@ JUDGED_ONCE: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "alt": _column("alt"),
     "qual": _column("qual"),
     "filter": _column("filter"),
-    "format": ("SELECT format, string_split(format, ':') AS keys FROM rec WHERE n_fields > 8 GROUP BY format",
-               [("SELECT line_no, format FROM rec", "format")]),
-    "info_line": ("SELECT info_line, max(n) AS repeats FROM (SELECT info_line, count(*) AS n FROM info_entry"
-                  " GROUP BY info_line, key) GROUP BY info_line",
-                  [("FROM info_line", "info_line"), LINES_OF_INFO]),
-    "info": ("FROM info", [("SELECT info_line, entry, n_alt FROM info_entry", "entry, n_alt"),
-                           ("SELECT info_line, info FROM info_line", "info_line"), LINES_OF_INFO]),
+    "format": (
+        "SELECT format, string_split(format, ':') AS keys FROM rec WHERE n_fields > 8 GROUP BY format",
+        [("SELECT line_no, format FROM rec", "format")],
+    ),
+    "info_line": (
+        "SELECT info_line, max(n) AS repeats FROM (SELECT info_line, count(*) AS n FROM info_entry"
+        " GROUP BY info_line, key) GROUP BY info_line",
+        [("FROM info_line", "info_line"), LINES_OF_INFO],
+    ),
+    "info": (
+        "FROM info",
+        [
+            ("SELECT info_line, entry, n_alt FROM info_entry", "entry, n_alt"),
+            ("SELECT info_line, info FROM info_line", "info_line"),
+            LINES_OF_INFO,
+        ],
+    ),
     "cell": ("FROM cell", [LINES_OF_CELL]),
     "gt": ("FROM gt", [("SELECT line_no, s, gt, n_alt FROM sample_at", "gt, n_alt")]),
-    "value": ("FROM value", [("FROM cell_value", "key, val, n_alt, ploidy"),
-                             ("SELECT cell, format, sample FROM cell", "cell"), LINES_OF_CELL]),
-}  # fmt: skip
+    "value": (
+        "FROM value",
+        [
+            ("FROM cell_value", "key, val, n_alt, ploidy"),
+            ("SELECT cell, format, sample FROM cell", "cell"),
+            LINES_OF_CELL,
+        ],
+    ),
+}
 """Values repeat from line to line (a no-call's sample column, PASS, an INFO of no-calls), so
 each is judged once, and only from a failing one the way back to its lines is taken (in that
 order: the lines are not joined to anything first)."""
@@ -553,11 +649,8 @@ class RecordChecker:
         info = {**RESERVED_INFO, **header.info}
         fmt = {**RESERVED_FORMAT, **header.format}
         for name, decl in (("info_decl", info), ("format_decl", fmt)):
-            self.con.register(name, pa.table({
-                "key": list(decl),
-                "number": [v[0] for v in decl.values()],
-                "kind": [v[1] for v in decl.values()],
-            }))  # fmt: skip
+            numbers, kinds = [number for number, _ in decl.values()], [kind for _, kind in decl.values()]
+            self.con.register(name, pa.table({"key": list(decl), "number": numbers, "kind": kinds}))
         self.params = {
             "chrom": contig_pattern(header.version),
             "format_key": KEY,
@@ -571,8 +664,12 @@ class RecordChecker:
         """(line, reason, text) for each rule a line of this chunk breaks; lines count from `first_line`."""
         if not lines:
             return []
-        body = pa.table({"line_no": pa.array(range(first_line, first_line + len(lines)), pa.int64()),
-                         "line": pa.array(lines, pa.string())})  # fmt: skip
+        body = pa.table(
+            {
+                "line_no": pa.array(range(first_line, first_line + len(lines)), pa.int64()),
+                "line": pa.array(lines, pa.string()),
+            }
+        )
         con = self.con
         con.register("body", body)
         try:
@@ -601,10 +698,14 @@ def file_warnings(file: str, rows: Iterable[tuple[int, str, str]], limit: int = 
     if more:
         kept.append((0, f"{more} more spec violations not recorded (only the first {limit} are)", ""))
     return pa.table(
-        {"file": [file] * len(kept), "line_no": [r[0] for r in kept], "reason": [r[1] for r in kept],
-         "raw": [r[2] for r in kept]},
+        {
+            "file": [file] * len(kept),
+            "line_no": [r[0] for r in kept],
+            "reason": [r[1] for r in kept],
+            "raw": [r[2] for r in kept],
+        },
         schema=PROBLEM_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def check_text(file: str, text: str, *, chunk_lines: int = 500_000) -> pa.Table:

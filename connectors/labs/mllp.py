@@ -64,9 +64,15 @@ class _Pending:
 
 
 async def serve(
-    host: str, port: int, land: Land, *, max_batch: int = 500, max_wait: float = 0.2,
-    ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None,
-) -> None:  # fmt: skip
+    host: str,
+    port: int,
+    land: Land,
+    *,
+    max_batch: int = 500,
+    max_wait: float = 0.2,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
     """Listen until `stop` is set; `ready` gets the bound port (0 asks the OS for a free one)."""
     queue: asyncio.Queue[_Pending] = asyncio.Queue()
     numbers = itertools.count(1)
@@ -140,13 +146,23 @@ def ack(message: str, reason: str | None) -> str:
     kind = f"ACK^{trigger}^ACK" if trigger else "ACK"
     now = f"{datetime.now(UTC):%Y%m%d%H%M%S+0000}"
     header = [
-        "MSH", encoding, field(5), field(6), field(3), field(4), now, "", kind, f"ACK{field(10)}"[:20],
-        field(11) or "P", field(12) or "2.5.1",
-    ]  # fmt: skip
+        "MSH",
+        encoding,
+        field(5),
+        field(6),
+        field(3),
+        field(4),
+        now,
+        "",
+        kind,
+        f"ACK{field(10)}"[:20],
+        field(11) or "P",
+        field(12) or "2.5.1",
+    ]
     lines = [separator.join(header), separator.join(["MSA", code, field(10), _escape(reason or "")])]
     if reason:
-        lines.append(separator.join(["ERR", "", "", "207^Application internal error^HL70357", "E", "", "", "",
-                                     _escape(reason)]))  # fmt: skip
+        error = ["ERR", "", "", "207^Application internal error^HL70357", "E", "", "", "", _escape(reason)]
+        lines.append(separator.join(error))
     return "\r".join(lines) + "\r"
 
 

@@ -63,9 +63,15 @@ DEVICE_FIELD = re.compile(r"(\w+):(.*?)(?=, \w+:|>$)")
 READ_ERRORS = (OSError, EOFError, zlib.error, cast("type[Exception]", isal_zlib.error), zipfile.BadZipFile)
 """What reading a damaged file (zip, gzip) raises part way."""
 ROWS = {
-    "type": pl.String, "unit": pl.String, "text": pl.String, "source_name": pl.String,
-    "device": pl.String, "start": pl.String, "end": pl.String, "line_no": pl.Int64,
-}  # fmt: skip
+    "type": pl.String,
+    "unit": pl.String,
+    "text": pl.String,
+    "source_name": pl.String,
+    "device": pl.String,
+    "start": pl.String,
+    "end": pl.String,
+    "line_no": pl.Int64,
+}
 """A record as read: its attributes as written (`text` is its value) and its line."""
 
 Chunk = tuple[pa.Table, pa.Table, Counter[str]]
@@ -275,11 +281,18 @@ class RecordReader:
         same = self.same
         source_name = same.setdefault(attrs.get("sourceName"), attrs.get("sourceName"))
         start, end = attrs.get("startDate"), attrs.get("endDate")
-        self.rows.append((
-            kind, same.setdefault(attrs.get("unit"), attrs.get("unit")), attrs.get("value"), source_name,
-            self._device(source_name, attrs.get("device")), start, start if end == start else end,
-            self.parser.CurrentLineNumber,
-        ))  # fmt: skip
+        self.rows.append(
+            (
+                kind,
+                same.setdefault(attrs.get("unit"), attrs.get("unit")),
+                attrs.get("value"),
+                source_name,
+                self._device(source_name, attrs.get("device")),
+                start,
+                start if end == start else end,
+                self.parser.CurrentLineNumber,
+            )
+        )
         if len(self.rows) >= min(SLICE, self.limit - self.sliced):
             self._slice()
             if self.sliced >= self.limit:
@@ -346,8 +359,11 @@ def samples_from(
     types = record_types()
     frame = pl.DataFrame(rows, schema=ROWS, orient="row")
     category = pl.col("type").is_in(list(types.categories))
-    by_value = {f"{kind}\t{value}": metric for kind, values in types.categories.items()
-                for value, metric in values.items()}  # fmt: skip
+    by_value = {
+        f"{kind}\t{value}": metric
+        for kind, values in types.categories.items()
+        for value, metric in values.items()
+    }
     frame = frame.with_columns(
         start_time=pl.col("start").str.to_datetime(DATE_FORMAT, strict=False, time_unit="us"),
         end_time=pl.col("end").str.to_datetime(DATE_FORMAT, strict=False, time_unit="us"),
@@ -363,16 +379,21 @@ def samples_from(
     minutes = (pl.col("end_time") - pl.col("start_time")).dt.total_microseconds() / 60e6
     fraction = pl.col("type").is_in(list(types.fractions)) & (pl.col("unit") == "%")
     value = (
-        pl.when(category).then(minutes)
-        .when(pl.col("molar_mass").is_not_null()).then(pl.col("number") * pl.col("molar_mass") / 10)
-        .when(fraction).then(pl.col("number") * 100)
+        pl.when(category)
+        .then(minutes)
+        .when(pl.col("molar_mass").is_not_null())
+        .then(pl.col("number") * pl.col("molar_mass") / 10)
+        .when(fraction)
+        .then(pl.col("number") * 100)
         .otherwise(pl.col("number"))
-    )  # fmt: skip
+    )
     unit = (
-        pl.when(category).then(pl.lit("min"))
-        .when(pl.col("molar_mass").is_not_null()).then(pl.lit("mg/dL"))
+        pl.when(category)
+        .then(pl.lit("min"))
+        .when(pl.col("molar_mass").is_not_null())
+        .then(pl.lit("mg/dL"))
         .otherwise(pl.col("unit"))
-    )  # fmt: skip
+    )
     reason = (
         pl.when(pl.col("metric").is_null())
         .then(
@@ -404,10 +425,15 @@ def samples_from(
         line_no=pl.col("line_no"),
         reason=pl.format("{} record at line {}: {}", pl.col("type"), pl.col("line_no"), pl.col("reason")),
         raw=pl.struct(
-            type="type", sourceName="source_name", device="device", unit="unit", value="text",
-            startDate="start", endDate="end",
+            type="type",
+            sourceName="source_name",
+            device="device",
+            unit="unit",
+            value="text",
+            startDate="start",
+            endDate="end",
         ).struct.json_encode(),
-    )  # fmt: skip
+    )
     return samples.to_arrow().cast(SAMPLE_SCHEMA), problems.to_arrow().cast(PROBLEM_SCHEMA)
 
 

@@ -62,34 +62,58 @@ class FitbitCsvSource(SourceConfig):
 # File -> (grain, time column, time format, [(metric, value expression, unit)]).
 # A value expression is a column, or for the wide minute files the column prefix of minutes 00-59.
 FILES: dict[str, tuple[Grain, str, str, list[tuple[str, str, str]]]] = {
-    "dailyActivity_merged": ("day", "ActivityDate", LOCAL_DAY, [
-        ("steps", "TotalSteps", "steps"), ("distance", "TotalDistance", "km"),
-        ("calories", "Calories", "kcal"),
-        ("active_minutes", "VeryActiveMinutes+FairlyActiveMinutes", "min"),
-    ]),
+    "dailyActivity_merged": (
+        "day",
+        "ActivityDate",
+        LOCAL_DAY,
+        [
+            ("steps", "TotalSteps", "steps"),
+            ("distance", "TotalDistance", "km"),
+            ("calories", "Calories", "kcal"),
+            ("active_minutes", "VeryActiveMinutes+FairlyActiveMinutes", "min"),
+        ],
+    ),
     "dailySteps_merged": ("day", "ActivityDay", LOCAL_DAY, [("steps", "StepTotal", "steps")]),
     "dailyCalories_merged": ("day", "ActivityDay", LOCAL_DAY, [("calories", "Calories", "kcal")]),
-    "dailyIntensities_merged": ("day", "ActivityDay", LOCAL_DAY, [
-        ("active_minutes", "VeryActiveMinutes+FairlyActiveMinutes", "min"),
-    ]),
+    "dailyIntensities_merged": (
+        "day",
+        "ActivityDay",
+        LOCAL_DAY,
+        [("active_minutes", "VeryActiveMinutes+FairlyActiveMinutes", "min")],
+    ),
     "hourlySteps_merged": ("hour", "ActivityHour", LOCAL_TIME, [("steps", "StepTotal", "steps")]),
     "hourlyCalories_merged": ("hour", "ActivityHour", LOCAL_TIME, [("calories", "Calories", "kcal")]),
-    "hourlyIntensities_merged": ("hour", "ActivityHour", LOCAL_TIME, [
-        ("activity_intensity", "TotalIntensity", "1"),
-    ]),
+    "hourlyIntensities_merged": (
+        "hour",
+        "ActivityHour",
+        LOCAL_TIME,
+        [("activity_intensity", "TotalIntensity", "1")],
+    ),
     "minuteStepsWide_merged": ("minute", "ActivityHour", LOCAL_TIME, [("steps", "Steps*", "steps")]),
-    "minuteIntensitiesWide_merged": ("minute", "ActivityHour", LOCAL_TIME, [
-        ("activity_intensity", "Intensity*", "1"),
-    ]),
-    "sleepDay_merged": ("day", "SleepDay", LOCAL_TIME, [
-        ("sleep_asleep", "TotalMinutesAsleep", "min"), ("time_in_bed", "TotalTimeInBed", "min"),
-    ]),
+    "minuteIntensitiesWide_merged": (
+        "minute",
+        "ActivityHour",
+        LOCAL_TIME,
+        [("activity_intensity", "Intensity*", "1")],
+    ),
+    "sleepDay_merged": (
+        "day",
+        "SleepDay",
+        LOCAL_TIME,
+        [("sleep_asleep", "TotalMinutesAsleep", "min"), ("time_in_bed", "TotalTimeInBed", "min")],
+    ),
     "heartrate_seconds_merged": ("minute", "Time", LOCAL_TIME, [("heart_rate", "Value", "bpm")]),
-    "weightLogInfo_merged": ("minute", "Date", LOCAL_TIME, [
-        ("body_weight", "WeightKg", "kg"), ("body_fat_percentage", "Fat", "%"),
-        ("body_mass_index", "BMI", "kg/m2"),
-    ]),
-}  # fmt: skip
+    "weightLogInfo_merged": (
+        "minute",
+        "Date",
+        LOCAL_TIME,
+        [
+            ("body_weight", "WeightKg", "kg"),
+            ("body_fat_percentage", "Fat", "%"),
+            ("body_mass_index", "BMI", "kg/m2"),
+        ],
+    ),
+}
 """Daily sleep, heart rate and weight rows are instants (a day's figure, a reading every few
 seconds, a weighing): they have no end and count to the day they name; other rows last their grain."""
 DURATION = {"minute": "1m", "hour": "1h", "day": "1d"}
@@ -247,8 +271,18 @@ def _columns(measures: list[tuple[str, str, str]], present: list[str]) -> list[s
     return needed
 
 
-COLUMNS = ["patient_id", "start_time", "end_time", "utc_offset_minutes", "day", "line_no", "metric", "value",
-           "unit", "text"]  # fmt: skip
+COLUMNS = [
+    "patient_id",
+    "start_time",
+    "end_time",
+    "utc_offset_minutes",
+    "day",
+    "line_no",
+    "metric",
+    "value",
+    "unit",
+    "text",
+]
 
 
 def _measure(rows: pl.DataFrame, metric: str, spec: str, unit: str) -> pl.DataFrame:
@@ -282,19 +316,31 @@ def _table(frame: pl.DataFrame) -> pa.Table:
 
 def _problems(file: str, rows: list[tuple[int, str, str]]) -> pa.Table:
     return pa.table(
-        {"file": [file] * len(rows), "line_no": [r[0] for r in rows], "reason": [r[1] for r in rows],
-         "raw": [r[2] for r in rows]},
+        {
+            "file": [file] * len(rows),
+            "line_no": [r[0] for r in rows],
+            "reason": [r[1] for r in rows],
+            "raw": [r[2] for r in rows],
+        },
         schema=PROBLEM_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def _empty() -> pl.DataFrame:
     return pl.DataFrame(
-        schema={"patient_id": pl.String, "start_time": pl.Datetime("us", "UTC"),
-                "end_time": pl.Datetime("us", "UTC"), "utc_offset_minutes": pl.Int32, "day": pl.Date,
-                "line_no": pl.UInt32, "metric": pl.String, "value": pl.Float64, "unit": pl.String,
-                "text": pl.String}
-    )  # fmt: skip
+        schema={
+            "patient_id": pl.String,
+            "start_time": pl.Datetime("us", "UTC"),
+            "end_time": pl.Datetime("us", "UTC"),
+            "utc_offset_minutes": pl.Int32,
+            "day": pl.Date,
+            "line_no": pl.UInt32,
+            "metric": pl.String,
+            "value": pl.Float64,
+            "unit": pl.String,
+            "text": pl.String,
+        }
+    )
 
 
 KIND = SourceKind(

@@ -214,8 +214,9 @@ class _Reader:
             samples = self._samples(entry.value)
         except DataPointError as e:
             self.stats["quarantined"] += 1
-            self.problems.append({"file": file, "line_no": entry.position, "raw": entry.raw,
-                                  "reason": f"{entry.where}: {e}"})  # fmt: skip
+            self.problems.append(
+                {"file": file, "line_no": entry.position, "raw": entry.raw, "reason": f"{entry.where}: {e}"}
+            )
             return
         origin = file if entry.where == WHOLE_FILE else f"{file}:{entry.where}"
         for sample in samples:
@@ -224,8 +225,10 @@ class _Reader:
         self.stats["samples"] += len(samples)
 
     def batch(self, progress: dict[str, Any]) -> Batch:
-        samples = pa.table({n: pa.array(v, SAMPLE_SCHEMA.field(n).type) for n, v in self.columns.items()},
-                           schema=SAMPLE_SCHEMA)  # fmt: skip
+        samples = pa.table(
+            {n: pa.array(v, SAMPLE_SCHEMA.field(n).type) for n, v in self.columns.items()},
+            schema=SAMPLE_SCHEMA,
+        )
         batch = Batch(
             records=RECORD_SCHEMA.empty_table(),
             watermark={"files": dict(progress)},
@@ -239,8 +242,11 @@ class _Reader:
 
     def _samples(self, point: Any) -> list[tuple[Any, ...]]:
         """(patient, device, metric, start, end, offset, value, unit) of each sample of a data point."""
-        if not (isinstance(point, dict) and isinstance(point.get("header"), dict)
-                and isinstance(point.get("body"), dict)):  # fmt: skip
+        if not (
+            isinstance(point, dict)
+            and isinstance(point.get("header"), dict)
+            and isinstance(point.get("body"), dict)
+        ):
             raise DataPointError("not an Open mHealth data point: it needs a `header` and a `body` object")
         header, body = point["header"], point["body"]
         schema = self._schema(header)

@@ -41,7 +41,6 @@ RULES_FILE = Path(__file__).with_name("openmhealth.toml")
 OMH_BASE = "https://w3id.org/openmhealth/schemas/"
 IEEE_BASE = "https://w3id.org/ieee/ieee-1752-schema/"
 DRAFT4_ID = "http://json-schema.org/draft-04/schema#"
-DRAFT7_ID = "http://json-schema.org/draft-07/schema#"
 VERSIONED = re.compile(r"(?P<name>[A-Za-z0-9_-]+)-(?P<major>\d+)\.(?P<minor>\d+)\.json")
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]*\Z")

@@ -255,14 +255,16 @@ def variant_observation(row: dict[str, Any], source: str, gene: str | None, sour
         _component("69547-8", "Genomic ref allele [ID]", valueString=row["ref"]),
         _component("69551-0", "Genomic alt allele [ID]", valueString=row["alt"]),
         _component(
-            "92822-6", "Genomic coordinate system [Type]",
+            "92822-6",
+            "Genomic coordinate system [Type]",
             valueCodeableConcept=_concept("LA30102-0", "1-based character counting"),
         ),
         _component(
-            "81254-5", "Variant exact start-end",
+            "81254-5",
+            "Variant exact start-end",
             valueRange={"low": {"value": row["pos"]}, "high": {"value": end}},
         ),
-    ]  # fmt: skip
+    ]
     if change := _change_type(row["ref"], row["alt"]):
         value = _concept(*change, "http://sequenceontology.org")
         components.append(_component("48019-4", "DNA change type", valueCodeableConcept=value))

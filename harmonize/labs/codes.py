@@ -43,13 +43,24 @@ APPLIES = frozenset({"equivalent", "equal", "wider", "subsumes", "source-is-narr
 """ConceptMap equivalences (R4) and relationships (R5) under which the target code is true of
 the result: the same concept, or a broader one."""
 EQUIVALENCES = (
-    "relatedto", "equivalent", "equal", "wider", "subsumes", "narrower", "specializes", "inexact",
-    "unmatched", "disjoint",
-)  # fmt: skip
+    "relatedto",
+    "equivalent",
+    "equal",
+    "wider",
+    "subsumes",
+    "narrower",
+    "specializes",
+    "inexact",
+    "unmatched",
+    "disjoint",
+)
 RELATIONSHIPS = (
-    "related-to", "equivalent", "source-is-narrower-than-target", "source-is-broader-than-target",
+    "related-to",
+    "equivalent",
+    "source-is-narrower-than-target",
+    "source-is-broader-than-target",
     "not-related-to",
-)  # fmt: skip
+)
 UNITS_FILE = Path(__file__).with_name("lab_units.toml")
 MIN_DIGITS = 3
 

@@ -32,26 +32,50 @@ from harmonize.labs.hl7v2_segments import Segment, segments
 from harmonize.records import map_records, patient_reference
 
 MODELS: dict[str, type[BaseModel]] = {
-    "Patient": Patient, "DiagnosticReport": DiagnosticReport, "Observation": Observation,
+    "Patient": Patient,
+    "DiagnosticReport": DiagnosticReport,
+    "Observation": Observation,
     "Specimen": Specimen,
-}  # fmt: skip
+}
 TERMINOLOGY = "http://terminology.hl7.org/CodeSystem"
 CODE_SYSTEMS = {
-    "LN": "http://loinc.org", "SCT": "http://snomed.info/sct", "SNM": "http://snomed.info/sct",
-    "UCUM": "http://unitsofmeasure.org", "HL70078": f"{TERMINOLOGY}/v2-0078",
-}  # fmt: skip
+    "LN": "http://loinc.org",
+    "SCT": "http://snomed.info/sct",
+    "SNM": "http://snomed.info/sct",
+    "UCUM": "http://unitsofmeasure.org",
+    "HL70078": f"{TERMINOLOGY}/v2-0078",
+}
 RESULT_STATUS = {
-    "F": "final", "C": "corrected", "P": "preliminary", "R": "preliminary", "S": "preliminary",
-    "A": "amended", "X": "cancelled", "I": "registered", "D": "entered-in-error", "W": "entered-in-error",
-}  # fmt: skip
+    "F": "final",
+    "C": "corrected",
+    "P": "preliminary",
+    "R": "preliminary",
+    "S": "preliminary",
+    "A": "amended",
+    "X": "cancelled",
+    "I": "registered",
+    "D": "entered-in-error",
+    "W": "entered-in-error",
+}
 """OBX-11 -> Observation.status, as the v2-to-FHIR guide maps it."""
 REPORT_STATUS = {"F": "final", "C": "corrected", "P": "preliminary", "A": "partial", "X": "cancelled"}
 INTERPRETATION = f"{TERMINOLOGY}/v3-ObservationInterpretation"
 INTERPRETATIONS = {
-    "N": "Normal", "A": "Abnormal", "AA": "Critical abnormal", "H": "High", "HH": "Critical high",
-    "L": "Low", "LL": "Critical low", "<": "Off scale low", ">": "Off scale high", "S": "Susceptible",
-    "R": "Resistant", "I": "Intermediate", "POS": "Positive", "NEG": "Negative",
-}  # fmt: skip
+    "N": "Normal",
+    "A": "Abnormal",
+    "AA": "Critical abnormal",
+    "H": "High",
+    "HH": "Critical high",
+    "L": "Low",
+    "LL": "Critical low",
+    "<": "Off scale low",
+    ">": "Off scale high",
+    "S": "Susceptible",
+    "R": "Resistant",
+    "I": "Intermediate",
+    "POS": "Positive",
+    "NEG": "Negative",
+}
 LAB = {"coding": [{"system": f"{TERMINOLOGY}/observation-category", "code": "laboratory"}]}
 NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
 DECIMAL = r"[+-]?\d+(?:\.\d+)?"
@@ -70,11 +94,14 @@ def resources_from_messages(batch: Batch, source: Hl7v2Source, codes: CodeMap | 
     return map_records(
         batch,
         partial(
-            message_resources, timezone=source.timezone, codes=codes,
-            patient_systems=source.patient_systems, create_patients=source.create_patients,
+            message_resources,
+            timezone=source.timezone,
+            codes=codes,
+            patient_systems=source.patient_systems,
+            create_patients=source.create_patients,
         ),
         "message",
-    )  # fmt: skip
+    )
 
 
 def message_resources(
@@ -266,8 +293,10 @@ def _specimen(
     placer = _get(spm, 2, 1, subcomponent=1)  # SPM-2 is EIP: placer^filler, each an EI
     key = placer or f"{control_id}|{n}"  # with its type: one placer id can name two kinds
     specimen: dict[str, Any] = {
-        "resourceType": "Specimen", "id": _id("Specimen", key, _get(spm, 4, 1)), "subject": subject,
-    }  # fmt: skip
+        "resourceType": "Specimen",
+        "id": _id("Specimen", key, _get(spm, 4, 1)),
+        "subject": subject,
+    }
     if placer:
         specimen["identifier"] = [{"value": placer}]
     if filler := _get(spm, 2, 2, subcomponent=1):
@@ -297,9 +326,13 @@ def _container(sac: Segment) -> dict[str, Any] | None:
 
 
 def _observation(
-    obx: Segment, subject: dict[str, Any], order: dict[str, Any] | None, control_id: str, n: int,
+    obx: Segment,
+    subject: dict[str, Any],
+    order: dict[str, Any] | None,
+    control_id: str,
+    n: int,
     when: Callable[[str], str | None],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     # FHIR needs a code; a result sent without one keeps its value under a code that says so.
     code = _concept(obx, 3) or {"text": f"no code in OBX-3 ({_get(obx, 2) or 'untyped'} result)"}
     scope = order["id"] if order else control_id

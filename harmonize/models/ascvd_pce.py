@@ -168,10 +168,17 @@ MODEL = TwinModel(
     name="ascvd-pce",
     version="1.0.0",
     description="10-year risk of a first hard ASCVD event (ACC/AHA Pooled Cohort Equations, Goff 2013)",
-    reads=("patient", "lab_result", "observation_component", "vital_sign", "observation", "condition",
-           "medication_request"),
+    reads=(
+        "patient",
+        "lab_result",
+        "observation_component",
+        "vital_sign",
+        "observation",
+        "condition",
+        "medication_request",
+    ),
     scope="patient",
     query=QUERY,
     compute=compute,
     fhir=FhirOutput(resource="RiskAssessment", outcome="First hard ASCVD event within 10 years"),
-)  # fmt: skip
+)

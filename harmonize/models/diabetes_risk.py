@@ -43,8 +43,12 @@ OUTCOME, TRAINING, SOURCES = CONFIG["outcome"], CONFIG["training"], CONFIG["feat
 HORIZON, LOOKBACK, ADULT = int(CONFIG["horizon_years"]), int(CONFIG["lookback_years"]), CONFIG["adult_age"]
 MEASURED = tuple(SOURCES)
 FEATURES = ("age", "male", *MEASURED)
-NAMES = {"bmi": "BMI", "systolic_bp": "systolic blood pressure", "hdl": "HDL cholesterol",
-         "triglycerides": "triglycerides"}  # fmt: skip
+NAMES = {
+    "bmi": "BMI",
+    "systolic_bp": "systolic blood pressure",
+    "hdl": "HDL cholesterol",
+    "triglycerides": "triglycerides",
+}
 
 
 def _in(codes: list[str]) -> str:
@@ -138,8 +142,14 @@ def landmarks(rows: pl.DataFrame) -> pl.DataFrame:
             .sort("day")
         )
         # Both sides are sorted on day (polars cannot check it within the patient groups).
-        days = days.join_asof(values, on="day", by="patient_id", strategy="backward", tolerance=tolerance,
-                              check_sortedness=False)  # fmt: skip
+        days = days.join_asof(
+            values,
+            on="day",
+            by="patient_id",
+            strategy="backward",
+            tolerance=tolerance,
+            check_sortedness=False,
+        )
     return days.with_columns(complete=pl.all_horizontal(pl.col(FEATURES).is_not_null())).sort(
         "patient_id", "day"
     )
@@ -203,8 +213,11 @@ def train(rows: pl.DataFrame) -> Trained:
         "horizon_years": HORIZON,
         "outcome": OUTCOME["text"],
     }
-    metrics = counts | {"cv_roc_auc": float(auc.mean()), "cv_roc_auc_sd": float(auc.std()),
-                        "folds": float(folds.get_n_splits())}  # fmt: skip
+    metrics = counts | {
+        "cv_roc_auc": float(auc.mean()),
+        "cv_roc_auc_sd": float(auc.std()),
+        "folds": float(folds.get_n_splits()),
+    }
     return Trained(params=params, metrics=metrics, patients=len(y))
 
 
@@ -224,8 +237,9 @@ def compute(rows: pl.DataFrame, params: dict[str, Any] | None) -> pl.DataFrame:
     if params and fitted:
         ready = people.filter(pl.col("complete").fill_null(False))
         chance = probability(ready.select(FEATURES).to_numpy().astype(float), params)
-        people = people.join(ready.select("patient_id").with_columns(p=pl.Series(chance)), on="patient_id",
-                             how="left")  # fmt: skip
+        people = people.join(
+            ready.select("patient_id").with_columns(p=pl.Series(chance)), on="patient_id", how="left"
+        )
     out = []
     for row in people.iter_rows(named=True):
         ids = [i for kind in MEASURED for i in (row.get(f"{kind}_ids") or [])]
@@ -244,8 +258,8 @@ def compute(rows: pl.DataFrame, params: dict[str, Any] | None) -> pl.DataFrame:
             "age_years": round(row["age"], 1),
             "sex": row["gender"],
         } | {kind: round(row[kind], 2) for kind in MEASURED}
-        out.append(base | {"status": "ok", "value": row["p"], "reason": None,
-                           "outputs": orjson.dumps(outputs).decode()})  # fmt: skip
+        text = orjson.dumps(outputs).decode()
+        out.append(base | {"status": "ok", "value": row["p"], "reason": None, "outputs": text})
     return output_frame(out)
 
 

@@ -105,12 +105,13 @@ def compute(rows: pl.DataFrame, params: dict[str, Any] | None = None) -> pl.Data
         base = {"patient_id": first["patient_id"]}
         result = _baseline(readings, wearer=first["wearer"], born=first["birth_date"])
         if isinstance(result, str):
-            out.append(base | {"status": "refused", "value": None, "outputs": None, "reason": result,
-                               "inputs": readings["ids"].explode().drop_nulls().to_list()})  # fmt: skip
+            inputs = readings["ids"].explode().drop_nulls().to_list()
+            refused = {"status": "refused", "value": None, "outputs": None, "reason": result}
+            out.append(base | refused | {"inputs": inputs})
             continue
         outputs, inputs = result
-        out.append(base | {"status": "ok", "value": outputs["baseline_bpm"], "reason": None,
-                           "outputs": orjson.dumps(outputs).decode(), "inputs": inputs})  # fmt: skip
+        value, text = outputs["baseline_bpm"], orjson.dumps(outputs).decode()
+        out.append(base | {"status": "ok", "value": value, "reason": None, "outputs": text, "inputs": inputs})
     return output_frame(out)
 
 

@@ -26,7 +26,6 @@ import orjson
 import polars as pl
 
 Scope = Literal["patient", "population"]
-Status = Literal["ok", "refused", "error"]
 OUTPUT_COLUMNS: dict[str, pl.DataType | type[pl.DataType]] = {
     "patient_id": pl.String,
     "status": pl.String,
@@ -98,12 +97,20 @@ def output_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
 MODEL_SYSTEM = "urn:twinhub:model"
 TWINHUB_IDS = uuid.UUID("5c6b7d2a-0f4e-4b8d-9a51-2e7c3f6a9b10")
 RESOURCE_OF_TABLE = {
-    "lab_result": "Observation", "observation": "Observation", "vital_sign": "Observation",
-    "observation_component": "Observation", "condition": "Condition",
-    "medication_request": "MedicationRequest", "patient": "Patient", "procedure": "Procedure",
-    "encounter": "Encounter", "immunization": "Immunization", "diagnostic_report": "DiagnosticReport",
-    "allergy_intolerance": "AllergyIntolerance", "wearable_daily": "Observation",
-}  # fmt: skip
+    "lab_result": "Observation",
+    "observation": "Observation",
+    "vital_sign": "Observation",
+    "observation_component": "Observation",
+    "condition": "Condition",
+    "medication_request": "MedicationRequest",
+    "patient": "Patient",
+    "procedure": "Procedure",
+    "encounter": "Encounter",
+    "immunization": "Immunization",
+    "diagnostic_report": "DiagnosticReport",
+    "allergy_intolerance": "AllergyIntolerance",
+    "wearable_daily": "Observation",
+}
 """The store's views and the resource type their rows are, for an output's references to its inputs
 (a `wearable_daily` row is named by its `observation_id`, the daily Observation made of it)."""
 
@@ -187,6 +194,10 @@ def _observation(model: TwinModel, version: str, row: dict[str, Any], as_of: dat
         resource["derivedFrom"] = derived
     if row["status"] == "ok" and row["value"] is not None:
         unit = model.fhir.unit
-        resource["valueQuantity"] = {"value": round(row["value"], 2), "unit": unit,
-                                     "system": "http://unitsofmeasure.org", "code": unit}  # fmt: skip
+        resource["valueQuantity"] = {
+            "value": round(row["value"], 2),
+            "unit": unit,
+            "system": "http://unitsofmeasure.org",
+            "code": unit,
+        }
     return resource

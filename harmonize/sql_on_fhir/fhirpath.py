@@ -99,9 +99,23 @@ CREATE OR REPLACE TEMP MACRO fp_ref_key(reference, t) AS
 """
 
 FUNCTIONS = {
-    "where", "exists", "empty", "first", "last", "not", "count", "join", "extension", "ofType",
-    "getResourceKey", "getReferenceKey", "lowBoundary", "highBoundary", "toString", "single",
-}  # fmt: skip
+    "where",
+    "exists",
+    "empty",
+    "first",
+    "last",
+    "not",
+    "count",
+    "join",
+    "extension",
+    "ofType",
+    "getResourceKey",
+    "getReferenceKey",
+    "lowBoundary",
+    "highBoundary",
+    "toString",
+    "single",
+}
 
 
 class FhirPathError(TwinhubError):
@@ -156,10 +170,31 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
 
 
 BINARY = {  # precedence, lowest first
-    "implies": 1, "or": 2, "xor": 2, "and": 3, "in": 4, "contains": 4,
-    "=": 5, "!=": 5, "~": 5, "!~": 5, "<": 6, ">": 6, "<=": 6, ">=": 6,
-    "|": 7, "is": 8, "as": 8, "+": 9, "-": 9, "&": 9, "*": 10, "/": 10, "div": 10, "mod": 10,
-}  # fmt: skip
+    "implies": 1,
+    "or": 2,
+    "xor": 2,
+    "and": 3,
+    "in": 4,
+    "contains": 4,
+    "=": 5,
+    "!=": 5,
+    "~": 5,
+    "!~": 5,
+    "<": 6,
+    ">": 6,
+    "<=": 6,
+    ">=": 6,
+    "|": 7,
+    "is": 8,
+    "as": 8,
+    "+": 9,
+    "-": 9,
+    "&": 9,
+    "*": 10,
+    "/": 10,
+    "div": 10,
+    "mod": 10,
+}
 
 
 class _Parser:

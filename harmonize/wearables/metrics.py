@@ -126,10 +126,16 @@ def _conversions() -> pl.DataFrame:
     ]
     return pl.DataFrame(
         rows,
-        schema={"metric": pl.String, "unit": pl.String, "factor": pl.Float64, "offset": pl.Float64,
-                "to_unit": pl.String, "loinc_code": pl.String},
+        schema={
+            "metric": pl.String,
+            "unit": pl.String,
+            "factor": pl.Float64,
+            "offset": pl.Float64,
+            "to_unit": pl.String,
+            "loinc_code": pl.String,
+        },
         orient="row",
-    )  # fmt: skip
+    )
 
 
 def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -225,12 +231,19 @@ DAILY_TAG = {
 TWINHUB_IDS = uuid.UUID("1d6f3c0e-8b8e-4c55-9a6f-3f2b7c9d0e21")
 DAILY_SCHEMA = pa.schema(
     [
-        ("source", pa.string()), ("patient_id", pa.string()), ("metric", pa.string()), ("day", pa.date32()),
-        ("utc_offset_minutes", pa.int32()), ("value", pa.float64()), ("samples", pa.int64()),
-        ("min", pa.float64()), ("max", pa.float64()), ("device", pa.string()),
+        ("source", pa.string()),
+        ("patient_id", pa.string()),
+        ("metric", pa.string()),
+        ("day", pa.date32()),
+        ("utc_offset_minutes", pa.int32()),
+        ("value", pa.float64()),
+        ("samples", pa.int64()),
+        ("min", pa.float64()),
+        ("max", pa.float64()),
+        ("device", pa.string()),
         ("parts", pa.list_(pa.struct([("metric", pa.string()), ("value", pa.float64())]))),
     ]
-)  # fmt: skip
+)
 """What the daily FHIR resources are made from: one `wearable_daily` row (a metric or a total
 of one source, patient and local day), its main device, and for totals the parts summed."""
 
@@ -296,16 +309,22 @@ def _daily_code(name: str) -> _Coded | None:
     """How a metric's (or total's) day is coded in FHIR; None when it has no LOINC code."""
     if (total := totals().get(name)) is not None:
         codings = [{"system": LOINC, "code": total.loinc, "display": total.display}]
-        return _Coded(codings=codings, display=total.display, unit=total.unit, category=total.category,
-                      rollup="sum")  # fmt: skip
+        return _Coded(
+            codings=codings, display=total.display, unit=total.unit, category=total.category, rollup="sum"
+        )
     metric = metrics().get(name)
     if metric is None or metric.loinc is None:
         return None
     code, display = metric.daily_loinc or metric.loinc, metric.daily_display or metric.display
     codings = [{"system": LOINC, "code": code, "display": display}]
     codings += [{"system": LOINC, "code": c, "display": d} for c, d in metric.also]
-    return _Coded(codings=codings, display=display, unit=metric.daily_unit or metric.unit,
-                  category=metric.category, rollup=metric.daily)  # fmt: skip
+    return _Coded(
+        codings=codings,
+        display=display,
+        unit=metric.daily_unit or metric.unit,
+        category=metric.category,
+        rollup=metric.daily,
+    )
 
 
 def _local_day(row: dict[str, Any]) -> dict[str, str]:

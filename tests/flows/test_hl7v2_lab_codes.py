@@ -34,8 +34,12 @@ def test_hl7_local_codes_map_and_units_normalize_into_the_views(tmp_path: Path) 
     )
     report = land_source.fn(str(tmp_path / "twinhub.toml"), "feed")
     assert report.stats == {
-        "files": 1, "codes mapped": 1, "values converted": 1, "codes unmapped": 1, "units not UCUM": 1,
-    }  # fmt: skip
+        "files": 1,
+        "codes mapped": 1,
+        "values converted": 1,
+        "codes unmapped": 1,
+        "units not UCUM": 1,
+    }
     con = connect(tmp_path / "store")
     assert con.sql(
         "SELECT code, value_numeric, value_unit, value_ucum FROM lab_result ORDER BY code"

@@ -102,11 +102,21 @@ def test_the_shared_lab_csv_lands_every_row_linked_to_a_synthea_patient(tmp_path
     by_mrn = [f"{r.split(',', 2)[0]},{mrn_of[r.split(',', 2)[1]]},{r.split(',', 2)[2]}" for r in rows]
     (tmp_path / "labs.csv").write_text("\n".join([header, *by_mrn]) + "\n")
     columns = LabCsvColumns(
-        id="observation_id", patient="patient_id", encounter="encounter_id", time="effective_datetime",
-        issued="issued", status="status", code="loinc_code", display="loinc_display", value="value_numeric",
-        unit="value_unit_ucum", ucum="value_unit_ucum", value_code="value_coded_code",
-        value_code_system="value_coded_system", value_code_display="value_coded_display",
-    )  # fmt: skip
+        id="observation_id",
+        patient="patient_id",
+        encounter="encounter_id",
+        time="effective_datetime",
+        issued="issued",
+        status="status",
+        code="loinc_code",
+        display="loinc_display",
+        value="value_numeric",
+        unit="value_unit_ucum",
+        ucum="value_unit_ucum",
+        value_code="value_coded_code",
+        value_code_system="value_coded_system",
+        value_code_display="value_coded_display",
+    )
     source = LabCsvSource(
         name="labs", kind="lab-csv", path=tmp_path / "labs.csv", columns=columns, patient_system=mrn_system
     )
@@ -161,8 +171,11 @@ def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tm
             )
             st.finish_run(run, "succeeded")
 
-    rows = ["a1,M1,718-7,2024-03-01T08:30:00Z,13.9,g/dL", "a2,M2,718-7,2024-03-01T08:30:00Z,12.1,g/dL",
-            "a3,M2,2345-7,2024-03-01T08:30:00Z,5.5,mmol/L"]  # fmt: skip
+    rows = [
+        "a1,M1,718-7,2024-03-01T08:30:00Z,13.9,g/dL",
+        "a2,M2,718-7,2024-03-01T08:30:00Z,12.1,g/dL",
+        "a3,M2,2345-7,2024-03-01T08:30:00Z,5.5,mmol/L",
+    ]
     (tmp_path / "labs.csv").write_text(HEADER + "\n".join(rows) + "\n")
     source = LabCsvSource(
         name="lab", kind="lab-csv", path=tmp_path / "labs.csv", columns=COLUMNS, patient_system=mrn
@@ -181,16 +194,19 @@ def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tm
         (2,)
     ]
     assert con.sql("SELECT patient_id, code FROM lab_result ORDER BY ALL").fetchall() == [
-        ("pat-1", "718-7"), ("pat-2", "2345-7"), ("pat-2", "718-7"),
-    ]  # fmt: skip
+        ("pat-1", "718-7"),
+        ("pat-2", "2345-7"),
+        ("pat-2", "718-7"),
+    ]
     assert con.sql("SELECT count(*) FROM held_resource").fetchall() == [(0,)]
     subject = con.sql(
         "SELECT resource::JSON->'subject', source FROM fhir_resource WHERE id IN "
         "(SELECT id FROM lab_result WHERE patient_id = 'pat-2') LIMIT 1"
     ).fetchone()
     assert subject is not None and orjson_loads(subject[0]) == {
-        "reference": "Patient/pat-2", "identifier": {"system": mrn, "value": "M2"},
-    }  # fmt: skip
+        "reference": "Patient/pat-2",
+        "identifier": {"system": mrn, "value": "M2"},
+    }
     assert subject[1] == "lab", "a released result keeps the source that read it"
     con.close()
 
@@ -248,8 +264,10 @@ def test_local_codes_map_through_the_concept_map_and_unmapped_ones_are_queryable
         ("718-7", "http://loinc.org", 13.9, "g/dl", "g/dL"),
     ]
     assert con.sql("SELECT code FROM observation ORDER BY code").fetchall() == [
-        ("2002",), ("2345-7",), ("718-7",),
-    ]  # fmt: skip
+        ("2002",),
+        ("2345-7",),
+        ("718-7",),
+    ]
     unmapped = con.sql(
         """SELECT json_extract_string(resource, '$.code.coding[0].code') FROM fhir_resource
         WHERE resource_type = 'Observation' AND list_contains(

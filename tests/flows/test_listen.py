@@ -52,8 +52,10 @@ def test_messages_over_mllp_are_acked_and_land_as_the_files_do(tmp_path: Path) -
     )
     proc = subprocess.Popen(
         [TWINHUB, "--config", str(tmp_path / "twinhub.toml"), "listen", "labs"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

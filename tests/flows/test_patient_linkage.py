@@ -84,9 +84,13 @@ def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tm
     from tests.support.vcf import RECORDS, write_vcf
 
     genome = VcfSource(
-        name="seq", kind="vcf", path=write_vcf(tmp_path / "calls.vcf", RECORDS),
-        samples={"S1": "M-7"}, patient_system=MRN, reportable=VcfReportable(genes=["APC"]),
-    )  # fmt: skip
+        name="seq",
+        kind="vcf",
+        path=write_vcf(tmp_path / "calls.vcf", RECORDS),
+        samples={"S1": "M-7"},
+        patient_system=MRN,
+        reportable=VcfReportable(genes=["APC"]),
+    )
     with TwinStore(tmp_path / "store") as st:
         run = st.begin_run("seq", "sync")
         land_batches(st, run, harmonized(genome, VcfConnector(genome).pull(None)))
@@ -106,8 +110,9 @@ def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tm
     assert report.counts["released"] == 4, "the 4 resources land; the 3 calls get their patient"
     con = connect(tmp_path / "store")
     assert con.sql("SELECT sample, patient_id FROM genomic_variant GROUP BY ALL ORDER BY 1").fetchall() == [
-        ("S1", "jane"), ("S2", None),
-    ]  # fmt: skip
+        ("S1", "jane"),
+        ("S2", None),
+    ]
     assert con.sql("SELECT patient_id FROM diagnostic_report").fetchall() == [("jane",)]
     assert con.sql("SELECT patient_id, code FROM observation").fetchall() == [("jane", "69548-6")] * 3
 
@@ -119,10 +124,15 @@ def lab(
     subject: dict[str, object], updated: str = "2021-01-01T00:00:00Z", value: int = 60
 ) -> dict[str, object]:
     return {
-        "resourceType": "Observation", "id": "o1", "status": "final", "meta": {"lastUpdated": updated},
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}, "subject": subject,
-        "effectiveDateTime": "2020-01-01T00:00:00Z", "valueQuantity": {"value": value},
-    }  # fmt: skip
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "meta": {"lastUpdated": updated},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": subject,
+        "effectiveDateTime": "2020-01-01T00:00:00Z",
+        "valueQuantity": {"value": value},
+    }
 
 
 def land_files(
@@ -176,10 +186,14 @@ def test_a_contained_subject_by_identifier_is_left_alone(tmp_path: Path) -> None
     """The resource itself has no `subject` (an Immunization names its `patient`)."""
     contained = {**lab(BY_MRN), "id": "inner"}
     outer = {
-        "resourceType": "Immunization", "id": "i1", "status": "completed", "contained": [contained],
-        "vaccineCode": {"text": "flu"}, "patient": {"reference": "Patient/jane"},
+        "resourceType": "Immunization",
+        "id": "i1",
+        "status": "completed",
+        "contained": [contained],
+        "vaccineCode": {"text": "flu"},
+        "patient": {"reference": "Patient/jane"},
         "occurrenceDateTime": "2020-01-01",
-    }  # fmt: skip
+    }
     report = land_files(tmp_path / "store", "ehr", [JANE, outer])
     assert (report.counts["inserted"], report.counts["held"]) == (2, 0)
     con = connect(tmp_path / "store")

@@ -37,13 +37,21 @@ CHOLESTEROL = {"p1": 213.0, "p2": 180.0, "p3": 240.0}
 
 def observation(patient: str, name: str, code: str, category: str, **value: Any) -> dict[str, Any]:
     return {
-        "resourceType": "Observation", "id": f"{patient}-{name}", "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": category}]}],
+        "resourceType": "Observation",
+        "id": f"{patient}-{name}",
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}
+                ]
+            }
+        ],
         "code": {"coding": [{"system": LOINC, "code": code}]},
-        "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": "2024-03-01T09:00:00Z",
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": "2024-03-01T09:00:00Z",
         **value,
-    }  # fmt: skip
+    }
 
 
 def mg_dl(value: float) -> dict[str, Any]:
@@ -55,26 +63,43 @@ def write_twins(folder: Path, cholesterol: dict[str, float]) -> Path:
     and smoking status, as an EHR export has them."""
     lines: list[dict[str, object] | str] = []
     for n, (patient, total) in enumerate(sorted(cholesterol.items())):
-        race = {"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238",
-                                                      "code": "2106-3", "display": "White"}}  # fmt: skip
+        race = {
+            "url": "ombCategory",
+            "valueCoding": {
+                "system": "urn:oid:2.16.840.1.113883.6.238",
+                "code": "2106-3",
+                "display": "White",
+            },
+        }
         lines.append(
-            {"resourceType": "Patient", "id": patient, "gender": ("female", "male")[n % 2],
-             "birthDate": f"{1965 - n}-06-15", "extension": [{"url": RACE, "extension": [race]}]}
-        )  # fmt: skip
+            {
+                "resourceType": "Patient",
+                "id": patient,
+                "gender": ("female", "male")[n % 2],
+                "birthDate": f"{1965 - n}-06-15",
+                "extension": [{"url": RACE, "extension": [race]}],
+            }
+        )
         lines.append(observation(patient, "tc", "2093-3", "laboratory", **mg_dl(total)))
         lines.append(observation(patient, "hdl", "2085-9", "laboratory", **mg_dl(50.0)))
         bp = [("8480-6", 120.0 + 10 * n), ("8462-4", 80.0)]
+        mm_hg = {"unit": "mm[Hg]", "system": UCUM, "code": "mm[Hg]"}
+        components = [
+            {"code": {"coding": [{"system": LOINC, "code": c}]}, "valueQuantity": {"value": v, **mm_hg}}
+            for c, v in bp
+        ]
+        lines.append(observation(patient, "bp", "85354-9", "vital-signs", component=components))
         lines.append(
-            observation(patient, "bp", "85354-9", "vital-signs", component=[
-                {"code": {"coding": [{"system": LOINC, "code": c}]},
-                 "valueQuantity": {"value": v, "unit": "mm[Hg]", "system": UCUM, "code": "mm[Hg]"}}
-                for c, v in bp
-            ])
-        )  # fmt: skip
-        lines.append(
-            observation(patient, "smoking", "72166-2", "social-history", valueCodeableConcept={
-                "coding": [{"system": SNOMED, "code": "266919005", "display": "Never smoker"}]})
-        )  # fmt: skip
+            observation(
+                patient,
+                "smoking",
+                "72166-2",
+                "social-history",
+                valueCodeableConcept={
+                    "coding": [{"system": SNOMED, "code": "266919005", "display": "Never smoker"}]
+                },
+            )
+        )
     return write_ndjson(folder / "twins.ndjson", lines)
 
 
@@ -202,9 +227,14 @@ def refreshed(store: Path, run_id: str, proc: subprocess.Popen[str], timeout: fl
     assert found is not None, f"flow run {run.name} completed without a model run"
     trigger, scope, input_snapshot_id, patients, ok, model_run_id = found
     return RefreshSeen(
-        trigger=trigger, scope=scope, input_snapshot_id=input_snapshot_id, patients=patients, ok=ok,
-        model_run_id=model_run_id, flow_run=run,
-    )  # fmt: skip
+        trigger=trigger,
+        scope=scope,
+        input_snapshot_id=input_snapshot_id,
+        patients=patients,
+        ok=ok,
+        model_run_id=model_run_id,
+        flow_run=run,
+    )
 
 
 def outputs_per_patient(store: Path) -> dict[str, int]:

@@ -25,10 +25,14 @@ def messages(n: int) -> Batch:
     ]
     texts = [t[3:] if i % 97 == 5 else t for i, t in enumerate(texts)]
     table = pa.table(
-        [pa.array([f"feed-{i // 500}.hl7" for i in range(n)]), pa.array(range(1, n + 1), pa.int64()),
-         pa.array(texts), pa.repeat(False, n)],
+        [
+            pa.array([f"feed-{i // 500}.hl7" for i in range(n)]),
+            pa.array(range(1, n + 1), pa.int64()),
+            pa.array(texts),
+            pa.repeat(False, n),
+        ],
         schema=RECORD_SCHEMA,
-    )  # fmt: skip
+    )
     return Batch(records=table, watermark={})
 
 

@@ -53,8 +53,14 @@ def population(n: int, seed: int = 7) -> list[Patient]:
     return people
 
 
-TABLE = {"bmi": "vital_sign", "systolic_bp": "observation_component", "hdl": "lab_result",
-         "triglycerides": "lab_result", "hba1c": "lab_result", "diagnosis": "condition"}  # fmt: skip
+TABLE = {
+    "bmi": "vital_sign",
+    "systolic_bp": "observation_component",
+    "hdl": "lab_result",
+    "triglycerides": "lab_result",
+    "hba1c": "lab_result",
+    "diagnosis": "condition",
+}
 
 
 def years(day: date, n: float) -> date:

@@ -115,13 +115,26 @@ OWN: dict[str, Any] = {
     },
     "fitbit-body-log-weight.json": {
         "weight": [
-            {"bmi": 22.1, "date": "2015-05-13", "fat": 18.5, "logId": 1, "source": "Aria", "time": "08:00:00",
-             "weight": 70.5},
-            {"bmi": 22.0, "date": "2015-05-20", "logId": 2, "source": "Web", "time": "07:30:00",
-             "weight": 70.1},
+            {
+                "bmi": 22.1,
+                "date": "2015-05-13",
+                "fat": 18.5,
+                "logId": 1,
+                "source": "Aria",
+                "time": "08:00:00",
+                "weight": 70.5,
+            },
+            {
+                "bmi": 22.0,
+                "date": "2015-05-20",
+                "logId": 2,
+                "source": "Web",
+                "time": "07:30:00",
+                "weight": 70.1,
+            },
         ]
     },
-}  # fmt: skip
+}
 """Bodies of our own, named as the recordings they stand in for (stages sleep, resting heart
 rate, body fat and a weight source, which the recordings lack)."""
 
@@ -432,11 +445,21 @@ def _route(path: str, user: User, bodies: dict[str, Any]) -> Any:
         }
     if path == "/1/user/-/devices.json":
         return [
-            {"battery": "High", "deviceVersion": user.device, "id": "31", "lastSyncTime": user.last_sync,
-             "type": "TRACKER"},
-            {"battery": "High", "deviceVersion": "Aria", "id": "32", "lastSyncTime": user.last_sync,
-             "type": "SCALE"},
-        ]  # fmt: skip
+            {
+                "battery": "High",
+                "deviceVersion": user.device,
+                "id": "31",
+                "lastSyncTime": user.last_sync,
+                "type": "TRACKER",
+            },
+            {
+                "battery": "High",
+                "deviceVersion": "Aria",
+                "id": "32",
+                "lastSyncTime": user.last_sync,
+                "type": "SCALE",
+            },
+        ]
     if path.startswith("/1/user/-/activities/") and path.endswith("/1d/1min.json"):
         kind, day = p[5], p[7]
         body = bodies.get(f"fitbit-activities-{kind}-1d-1m-intraday.json")

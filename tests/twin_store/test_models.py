@@ -25,8 +25,10 @@ LOINC = "http://loinc.org"
 
 def patient(pid: str, born: str, gender: str, race: str = "2106-3") -> dict[str, Any]:
     omb = {"system": "urn:oid:2.16.840.1.113883.6.238", "code": race}
-    race_ext = {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
-                "extension": [{"url": "ombCategory", "valueCoding": omb}]}  # fmt: skip
+    race_ext = {
+        "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+        "extension": [{"url": "ombCategory", "valueCoding": omb}],
+    }
     return {
         "resourceType": "Patient",
         "id": pid,
@@ -36,49 +38,68 @@ def patient(pid: str, born: str, gender: str, race: str = "2106-3") -> dict[str,
     }
 
 
+def category(code: str) -> list[dict[str, Any]]:
+    return [
+        {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": code}]}
+    ]
+
+
+def quantity(value: float, unit: str) -> dict[str, Any]:
+    return {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+
+
 def lab(oid: str, pid: str, code: str, value: float, when: str) -> dict[str, Any]:
     return {
-        "resourceType": "Observation", "id": oid, "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": "laboratory"}]}],
-        "code": {"coding": [{"system": LOINC, "code": code}]}, "subject": {"reference": f"Patient/{pid}"},
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "category": category("laboratory"),
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": f"Patient/{pid}"},
         "effectiveDateTime": when,
-        "valueQuantity": {"value": value, "unit": "mg/dL", "system": "http://unitsofmeasure.org",
-                          "code": "mg/dL"},
-    }  # fmt: skip
+        "valueQuantity": quantity(value, "mg/dL"),
+    }
 
 
 def blood_pressure(oid: str, pid: str, systolic: float, when: str) -> dict[str, Any]:
     def component(code: str, value: float) -> dict[str, Any]:
-        return {"code": {"coding": [{"system": LOINC, "code": code}]},
-                "valueQuantity": {"value": value, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org",
-                                  "code": "mm[Hg]"}}  # fmt: skip
+        return {
+            "code": {"coding": [{"system": LOINC, "code": code}]},
+            "valueQuantity": quantity(value, "mm[Hg]"),
+        }
 
     return {
-        "resourceType": "Observation", "id": oid, "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": "vital-signs"}]}],
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "category": category("vital-signs"),
         "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
         "subject": {"reference": f"Patient/{pid}"},
-        "effectiveDateTime": when, "component": [component("8480-6", systolic), component("8462-4", 80)],
-    }  # fmt: skip
+        "effectiveDateTime": when,
+        "component": [component("8480-6", systolic), component("8462-4", 80)],
+    }
 
 
 def smoking(oid: str, pid: str, snomed: str, when: str) -> dict[str, Any]:
     return {
-        "resourceType": "Observation", "id": oid, "status": "final",
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
         "code": {"coding": [{"system": LOINC, "code": "72166-2"}]},
         "subject": {"reference": f"Patient/{pid}"},
         "effectiveDateTime": when,
         "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": snomed}]},
-    }  # fmt: skip
+    }
 
 
 def twins(cholesterol_of_p2: float = 213) -> list[dict[str, Any]]:
     """Three people the equations take (55-year-olds as in the paper's example), one too young."""
     resources: list[dict[str, Any]] = []
-    people = (("p1", "female", "2106-3", 213), ("p2", "male", "2054-5", cholesterol_of_p2),
-              ("p3", "male", "2106-3", 213))  # fmt: skip
+    people = (
+        ("p1", "female", "2106-3", 213),
+        ("p2", "male", "2054-5", cholesterol_of_p2),
+        ("p3", "male", "2106-3", 213),
+    )
     for pid, gender, race, chol in people:
         resources += [
             patient(pid, "1965-03-01", gender, race),
@@ -182,13 +203,17 @@ def test_a_model_that_fails_for_one_patient_records_it_and_computes_the_others(t
     def fragile(rows: pl.DataFrame, params: dict[str, Any] | None) -> pl.DataFrame:
         if "p2" in rows["patient_id"].to_list():
             raise ZeroDivisionError("p2's data broke the model")
-        return output_frame([
-            {"patient_id": p, "status": "ok", "value": 0.5, "outputs": orjson.dumps({"n": 1}).decode(),
-             "reason": None, "inputs": [f"patient/{p}"]} for p in rows["patient_id"].to_list()
-        ])  # fmt: skip
+        ok = {"status": "ok", "value": 0.5, "outputs": orjson.dumps({"n": 1}).decode(), "reason": None}
+        return output_frame(
+            [ok | {"patient_id": p, "inputs": [f"patient/{p}"]} for p in rows["patient_id"].to_list()]
+        )
 
-    model = dataclasses.replace(PCE, name="fragile", query="SELECT id AS patient_id FROM patient "
-                                "WHERE id IN (FROM scope_patients)", compute=fragile)  # fmt: skip
+    model = dataclasses.replace(
+        PCE,
+        name="fragile",
+        query="SELECT id AS patient_id FROM patient WHERE id IN (FROM scope_patients)",
+        compute=fragile,
+    )
     write_ndjson(tmp_path / "ehr" / "data.ndjson", twins())  # type: ignore[arg-type]
     land(tmp_path / "store", tmp_path / "ehr")
     report = run_model(tmp_path / "store", model)

@@ -36,12 +36,15 @@ def patient(pid: str, born: str = "1970-01-01", gender: str = "female") -> dict[
 
 def observation(pid: str, code: str, value: float, unit: str, day: date, category: str) -> dict[str, Any]:
     return {
-        "resourceType": "Observation", "id": f"{pid}-{code}-{day}-{next(_ids)}", "status": "final",
+        "resourceType": "Observation",
+        "id": f"{pid}-{code}-{day}-{next(_ids)}",
+        "status": "final",
         "category": [{"coding": [{"system": CATEGORY, "code": category}]}],
-        "code": {"coding": [{"system": LOINC, "code": code}]}, "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": f"Patient/{pid}"},
         "effectiveDateTime": f"{day}T09:30:00+01:00",
         "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
-    }  # fmt: skip
+    }
 
 
 def land_fhir(root: Path, folder: Path, resources: list[dict[str, Any]]) -> None:
@@ -92,8 +95,15 @@ NIGHT = datetime(2024, 3, 1, 23, 0, tzinfo=UTC)  # local midnight of 2 March at 
 def night(day: int, bpm: float) -> list[dict[str, object]]:
     """Six hours of a night's heart rate, a sample every 6 minutes (5 per half-hour), around `bpm`."""
     start = NIGHT + timedelta(days=day)
-    head = {"patient_id": "w1", "device": "Charge 6", "metric": "heart_rate", "end_time": None,
-            "utc_offset_minutes": 60, "unit": "bpm", "origin": "test"}  # fmt: skip
+    head = {
+        "patient_id": "w1",
+        "device": "Charge 6",
+        "metric": "heart_rate",
+        "end_time": None,
+        "utc_offset_minutes": 60,
+        "unit": "bpm",
+        "origin": "test",
+    }
     return [
         head | {"start_time": start + timedelta(minutes=m), "value": bpm + (m // 6) % 3 - 1}
         for m in range(0, 360, 6)
@@ -101,9 +111,17 @@ def night(day: int, bpm: float) -> list[dict[str, object]]:
 
 
 def resting(day: int, bpm: float) -> dict[str, object]:
-    return {"patient_id": "w1", "device": "Charge 6", "metric": "resting_heart_rate",
-            "start_time": NIGHT + timedelta(days=day, hours=8), "end_time": None, "utc_offset_minutes": 60,
-            "value": bpm, "unit": "bpm", "origin": "test"}  # fmt: skip
+    return {
+        "patient_id": "w1",
+        "device": "Charge 6",
+        "metric": "resting_heart_rate",
+        "start_time": NIGHT + timedelta(days=day, hours=8),
+        "end_time": None,
+        "utc_offset_minutes": 60,
+        "value": bpm,
+        "unit": "bpm",
+        "origin": "test",
+    }
 
 
 @pytest.mark.slow
@@ -115,8 +133,12 @@ def test_resting_hr_refreshes_a_wearable_twin_and_a_clinic_one_and_then_only_wha
     # day, then a night around 71. c1: four clinic heart rates. c2: none.
     land_samples(root, [s for d in range(9) for s in night(d, 71 if d == 8 else 56)] + [resting(1, 50)])
     clinic = [(date(2019, 1, 1), 72), (date(2019, 7, 1), 74), (date(2020, 1, 1), 70), (date(2020, 6, 1), 73)]
-    land_fhir(root, tmp_path / "ehr1", [patient("c1"), patient("c2")]
-              + [observation("c1", "8867-4", v, "/min", d, "vital-signs") for d, v in clinic])  # fmt: skip
+    land_fhir(
+        root,
+        tmp_path / "ehr1",
+        [patient("c1"), patient("c2")]
+        + [observation("c1", "8867-4", v, "/min", d, "vital-signs") for d, v in clinic],
+    )
     with TwinStore(root) as store:
         snapshot = store.snapshot_id()
         report = refresh(store, model, trigger="test")
@@ -148,7 +170,8 @@ def test_resting_hr_refreshes_a_wearable_twin_and_a_clinic_one_and_then_only_wha
         assert resource["valueQuantity"]["unit"] == "/min"
     wearable = resources[output_id(model.name, "w1")]
     daily_ids = {i for (i,) in connect(root).sql("SELECT observation_id FROM wearable_daily").fetchall()}
-    assert {d["reference"].removeprefix("Observation/") for d in wearable["derivedFrom"]} <= daily_ids
+    derived = {d["reference"].removeprefix("Observation/") for d in wearable["derivedFrom"]}
+    assert derived == {i.removeprefix("wearable_daily/") for i in w1["inputs"]} and derived <= daily_ids
     assert wearable["valueQuantity"]["value"] == round(w1["value"], 2)
 
     land_samples(root, night(9, 57))  # a tenth night, back to normal
@@ -164,9 +187,13 @@ def test_resting_hr_refreshes_a_wearable_twin_and_a_clinic_one_and_then_only_wha
 
 # -- diabetes risk -----------------------------------------------------------------------------
 
-CODES = {"bmi": ("39156-5", "kg/m2", "vital-signs"), "systolic_bp": ("8480-6", "mm[Hg]", "vital-signs"),
-         "hdl": ("2085-9", "mg/dL", "laboratory"), "triglycerides": ("2571-8", "mg/dL", "laboratory"),
-         "hba1c": ("4548-4", "%", "laboratory")}  # fmt: skip
+CODES = {
+    "bmi": ("39156-5", "kg/m2", "vital-signs"),
+    "systolic_bp": ("8480-6", "mm[Hg]", "vital-signs"),
+    "hdl": ("2085-9", "mg/dL", "laboratory"),
+    "triglycerides": ("2571-8", "mg/dL", "laboratory"),
+    "hba1c": ("4548-4", "%", "laboratory"),
+}
 
 
 def as_fhir(people: list[Patient]) -> list[dict[str, Any]]:

@@ -179,7 +179,7 @@ def test_a_failed_batch_leaves_no_trace_in_what_the_writer_knows(tmp_path: Path,
 
         with monkeypatch.context() as patched:
             patched.setattr(ResourceWriter, "_materialize", boom)
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RuntimeError, match="crash after the raw upsert"):
                 land_folder(store, data)
         again = land_folder(store, data)
         kept = store.con.sql(

@@ -24,8 +24,17 @@ def sample(
 ) -> dict[str, object]:
     start = T0 + timedelta(minutes=minute)
     end = start + timedelta(minutes=minutes) if minutes is not None else None
-    return {"patient_id": "p1", "device": device, "metric": metric, "start_time": start, "end_time": end,
-            "utc_offset_minutes": 120, "value": value, "unit": unit, "origin": "test"}  # fmt: skip
+    return {
+        "patient_id": "p1",
+        "device": device,
+        "metric": metric,
+        "start_time": start,
+        "end_time": end,
+        "utc_offset_minutes": 120,
+        "value": value,
+        "unit": unit,
+        "origin": "test",
+    }
 
 
 def batch(rows: list[dict[str, object]], mark: int = 0) -> Batch:
@@ -138,9 +147,13 @@ def test_an_overlapping_pull_adds_nothing_and_a_changed_sample_updates_its_day(t
 
 
 def test_samples_that_cannot_land_are_quarantined_and_the_counts_add_up(tmp_path: Path) -> None:
-    rows = [sample("heart_rate", 0, 60, "bpm"), sample("heart_rate", 0, 61, "bpm"),  # the same key twice
-            sample("pulse", 1, 60, "bpm"), sample("steps", 2, 5, "furlongs"),
-            sample("steps", 3, float("nan"), "steps")]  # fmt: skip
+    rows = [
+        sample("heart_rate", 0, 60, "bpm"),
+        sample("heart_rate", 0, 61, "bpm"),  # the same key twice
+        sample("pulse", 1, 60, "bpm"),
+        sample("steps", 2, 5, "furlongs"),
+        sample("steps", 3, float("nan"), "steps"),
+    ]
     report = land(tmp_path, [batch(rows)])
     c = report.counts
     assert (c["inserted"], c["superseded"], c["quarantined"]) == (1, 1, 3)
@@ -250,8 +263,10 @@ def test_a_reported_daily_total_is_the_days_value_in_whichever_order_it_comes(
         reports = [land(tmp_path, [both])]
     else:
         first, second = [reported(1000)], [batch(a_day())]
-        reports = [land(tmp_path, first if order == "report first" else second),
-                   land(tmp_path, second if order == "report first" else first)]  # fmt: skip
+        reports = [
+            land(tmp_path, first if order == "report first" else second),
+            land(tmp_path, second if order == "report first" else first),
+        ]
     assert steps_days(tmp_path) == [(day, 1000.0, 900.0, 90, 1000.0)]
     assert fhir_of_code(tmp_path, "41950-7") == [1000.0]
     for report in reports:

@@ -155,9 +155,14 @@ def _steps_intraday(samples: Samples, ctx: PatientContext, body: dict[str, Any],
 
 
 def _steps_daily(
-    samples: Samples, ctx: PatientContext, body: dict[str, Any], origin: str, *, only_positive: bool = False,
+    samples: Samples,
+    ctx: PatientContext,
+    body: dict[str, Any],
+    origin: str,
+    *,
+    only_positive: bool = False,
     reported: bool = False,
-) -> None:  # fmt: skip
+) -> None:
     for entry in body.get("activities-steps", []):
         day, value = _day(entry.get("dateTime")), _number(entry.get("value"))
         if day is None or value is None:
@@ -245,8 +250,11 @@ def _weight(samples: Samples, ctx: PatientContext, body: dict[str, Any], origin:
         device = None
         if isinstance(via, str):
             device = f"Fitbit {via}" if via.lower().startswith("aria") else f"Fitbit ({via} entry)"
-        for key, metric, unit in (("weight", "body_weight", "kg"), ("bmi", "body_mass_index", "kg/m2"),
-                                  ("fat", "body_fat_percentage", "%")):  # fmt: skip
+        for key, metric, unit in (
+            ("weight", "body_weight", "kg"),
+            ("bmi", "body_mass_index", "kg/m2"),
+            ("fat", "body_fat_percentage", "%"),
+        ):
             if key not in entry:
                 continue
             value = _number(entry[key])

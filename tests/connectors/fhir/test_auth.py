@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import BadSignatureError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from connectors.errors import SourceError
@@ -40,7 +41,7 @@ def test_kid_picks_a_key_from_a_jwks(tmp_path: Path) -> None:
     text = orjson.dumps(KeySet(keys).as_dict(private=True)).decode()
     auth = SmartBackendAuth("ehr", smart(tmp_path, text, kid="b"), "https://x/fhir")
     jwt.decode(auth._assertion("https://x/token"), keys[1], algorithms=["RS384"])
-    with pytest.raises(JoseError):
+    with pytest.raises(BadSignatureError):  # signed with b's key, not a's
         jwt.decode(auth._assertion("https://x/token"), keys[0], algorithms=["RS384"])
 
 
@@ -85,7 +86,10 @@ def test_secrets_come_from_exactly_one_of_file_or_env(
     with pytest.raises(SourceError, match=r"environment variable EHR_TOKEN .* is not set"):
         build_auth("ehr", BearerAuth(type="bearer", token_env="EHR_TOKEN"), "https://x/fhir")
     monkeypatch.setenv("EHR_TOKEN", "tok-123")
-    assert build_auth("ehr", BearerAuth(type="bearer", token_env="EHR_TOKEN"), "https://x/fhir") is not None
+    auth = build_auth("ehr", BearerAuth(type="bearer", token_env="EHR_TOKEN"), "https://x/fhir")
+    assert auth is not None
+    sent = next(auth.sync_auth_flow(httpx.Request("GET", "https://x/fhir/Patient")))
+    assert sent.headers["Authorization"] == "Bearer tok-123"
     with pytest.raises(SourceError, match=r"cannot read auth\.token_file"):
         build_auth("ehr", BearerAuth(type="bearer", token_file=tmp_path / "missing"), "https://x/fhir")
 

@@ -200,9 +200,14 @@ def test_group_export_with_a_type_filter_holds_only_what_was_asked(
         {"resourceType": "Group", "id": "cohort", "type": "person", "actual": True, "member": members}
     )
     config = write_source(
-        tmp_path, fhir_server.base_url, "fhir-bulk", level="group", group_id="cohort",
-        resource_types=["Patient", "Observation"], type_filters=["Observation?code=8867-4"],
-    )  # fmt: skip
+        tmp_path,
+        fhir_server.base_url,
+        "fhir-bulk",
+        level="group",
+        group_id="cohort",
+        resource_types=["Patient", "Observation"],
+        type_filters=["Observation?code=8867-4"],
+    )
     sync(config)
     expected = {
         (t, i)

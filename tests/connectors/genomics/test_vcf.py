@@ -37,17 +37,87 @@ def test_each_carried_allele_of_each_sample_is_a_row(tmp_path: Path) -> None:
         .fetchall()
     )
     assert rows == [
-        ("S1", "p1", "GRCh38", 112841059, "rs459552", "A", "0|1", "heterozygous", 112841000, "PASS",
-         "APC", "c.5465T>A", "p.Val1822Asp", "Benign"),
-        ("S2", None, "GRCh38", 112841059, "rs459552", "A", "1/1", "homozygous", None, "PASS",
-         "APC", "c.5465T>A", "p.Val1822Asp", "Benign"),
-        ("S1", "p1", "GRCh38", 112841100, None, "C", "1/2", "heterozygous", None, "LowQual",
-         None, None, None, None),
-        ("S1", "p1", "GRCh38", 112841100, None, "T", "1/2", "heterozygous", None, "LowQual",
-         None, None, None, None),
-        ("S2", None, "GRCh38", 112841200, None, "G", "0/1", "heterozygous", None, "PASS",
-         None, None, None, None),
-    ]  # fmt: skip
+        (
+            "S1",
+            "p1",
+            "GRCh38",
+            112841059,
+            "rs459552",
+            "A",
+            "0|1",
+            "heterozygous",
+            112841000,
+            "PASS",
+            "APC",
+            "c.5465T>A",
+            "p.Val1822Asp",
+            "Benign",
+        ),
+        (
+            "S2",
+            None,
+            "GRCh38",
+            112841059,
+            "rs459552",
+            "A",
+            "1/1",
+            "homozygous",
+            None,
+            "PASS",
+            "APC",
+            "c.5465T>A",
+            "p.Val1822Asp",
+            "Benign",
+        ),
+        (
+            "S1",
+            "p1",
+            "GRCh38",
+            112841100,
+            None,
+            "C",
+            "1/2",
+            "heterozygous",
+            None,
+            "LowQual",
+            None,
+            None,
+            None,
+            None,
+        ),
+        (
+            "S1",
+            "p1",
+            "GRCh38",
+            112841100,
+            None,
+            "T",
+            "1/2",
+            "heterozygous",
+            None,
+            "LowQual",
+            None,
+            None,
+            None,
+            None,
+        ),
+        (
+            "S2",
+            None,
+            "GRCh38",
+            112841200,
+            None,
+            "G",
+            "0/1",
+            "heterozygous",
+            None,
+            "PASS",
+            None,
+            None,
+            None,
+            None,
+        ),
+    ]
 
 
 def test_a_changed_file_replaces_its_rows_and_an_unreadable_one_is_quarantined(tmp_path: Path) -> None:
@@ -113,8 +183,12 @@ def test_an_annotation_key_the_header_does_not_declare_is_still_read(tmp_path: P
 
 def test_a_record_without_genotypes_makes_no_rows(tmp_path: Path) -> None:
     no_gt = "chr5\t112841150\t.\tC\tG\t.\tPASS\t.\tPS\t7\t8"
-    report = sync(tmp_path / "store", VcfSource(name="seq", kind="vcf", path=write_vcf(
-        tmp_path / "calls.vcf", [RECORDS[0], no_gt, RECORDS[2]])))  # fmt: skip
+    report = sync(
+        tmp_path / "store",
+        VcfSource(
+            name="seq", kind="vcf", path=write_vcf(tmp_path / "calls.vcf", [RECORDS[0], no_gt, RECORDS[2]])
+        ),
+    )
     rows = connect(tmp_path / "store").sql("SELECT pos, sample FROM genomic_variant ORDER BY ALL").fetchall()
     assert (report.counts["inserted"], report.counts["quarantined"]) == (3, 0)
     assert rows == [(112841059, "S1"), (112841059, "S2"), (112841200, "S2")]

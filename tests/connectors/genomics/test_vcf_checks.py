@@ -131,12 +131,41 @@ def test_sample_columns_with_odd_but_valid_values_have_no_warnings() -> None:
 
 
 SAMPLE_KEYS = {  # a FORMAT key per Type and Number
-    "I1": ("1", "Integer"), "I2": ("2", "Integer"), "IA": ("A", "Integer"), "IR": ("R", "Integer"),
-    "IG": ("G", "Integer"), "IX": (".", "Integer"), "I0": ("0", "Integer"), "F1": ("1", "Float"),
-    "FA": ("A", "Float"), "C2": ("2", "Character"), "SR": ("R", "String"), "SX": (".", "String"),
-}  # fmt: skip
-ATOMS = ["0", "7", "-1", "+5", "999999999", "2147483647", "2147483648", "-2147483641", "00012345678901", ".",
-         "", "1.5", "1e5", "-1e-3", ".5", "inf", "NaN", "a", "é", "1x"]  # fmt: skip
+    "I1": ("1", "Integer"),
+    "I2": ("2", "Integer"),
+    "IA": ("A", "Integer"),
+    "IR": ("R", "Integer"),
+    "IG": ("G", "Integer"),
+    "IX": (".", "Integer"),
+    "I0": ("0", "Integer"),
+    "F1": ("1", "Float"),
+    "FA": ("A", "Float"),
+    "C2": ("2", "Character"),
+    "SR": ("R", "String"),
+    "SX": (".", "String"),
+}
+ATOMS = [
+    "0",
+    "7",
+    "-1",
+    "+5",
+    "999999999",
+    "2147483647",
+    "2147483648",
+    "-2147483641",
+    "00012345678901",
+    ".",
+    "",
+    "1.5",
+    "1e5",
+    "-1e-3",
+    ".5",
+    "inf",
+    "NaN",
+    "a",
+    "é",
+    "1x",
+]
 
 
 @st.composite
@@ -163,8 +192,11 @@ def sample_lines(draw: st.DrawFn) -> list[str]:
 def test_sample_columns_judged_by_their_shape_get_the_warnings_of_value_by_value(lines: list[str]) -> None:
     """A sample column that matches its shape's regex is never judged value by value: the regex
     must let through only what every value rule lets through."""
-    header = [*HEADER[:6], *(f'##FORMAT=<ID={k},Number={n},Type={t},Description="x">' for k, (n, t) in
-                             SAMPLE_KEYS.items()), *HEADER[6:]]  # fmt: skip
+    header = [
+        *HEADER[:6],
+        *(f'##FORMAT=<ID={k},Number={n},Type={t},Description="x">' for k, (n, t) in SAMPLE_KEYS.items()),
+        *HEADER[6:],
+    ]
     vcf = text(header, lines)
     by_shape = reasons(vcf)
     with pytest.MonkeyPatch.context() as patch:

@@ -126,11 +126,22 @@ def sleep(stage: str, start: str, end: str) -> str:
 
 BP_CUFF = {"source": "Omron", "device": None}
 RECORDS = [
-    record(f"{Q}HeartRate", "72", "count/min",
-           children='  <MetadataEntry key="HKMetadataKeyHeartRateMotionContext" value="0"/>\n'),
+    record(
+        f"{Q}HeartRate",
+        "72",
+        "count/min",
+        children='  <MetadataEntry key="HKMetadataKeyHeartRateMotionContext" value="0"/>\n',
+    ),
     record(f"{Q}RestingHeartRate", "55", "count/min"),
-    record(f"{Q}StepCount", "120", "count", "2023-06-01 12:00:00 +0100", "2023-06-01 12:10:00 +0100",
-           source="Ann's iPhone", device=PHONE),
+    record(
+        f"{Q}StepCount",
+        "120",
+        "count",
+        "2023-06-01 12:00:00 +0100",
+        "2023-06-01 12:10:00 +0100",
+        source="Ann's iPhone",
+        device=PHONE,
+    ),
     record(f"{Q}OxygenSaturation", "0.97", "%"),
     record(f"{Q}RespiratoryRate", "14.5", "count/min"),
     record(f"{Q}BodyMass", "165.3", "lb", source="Health Mate", device=SCALE),
@@ -148,8 +159,14 @@ RECORDS = [
     record(f"{Q}BloodPressureSystolic", "120", "mmHg", **BP_CUFF),
     record(f"{Q}BloodPressureDiastolic", "80", "mmHg", **BP_CUFF),
     record(f"{Q}BloodGlucose", "95", "mg/dL", source="Dexcom", device=None),
-    record(f"{Q}BloodGlucose", "5.5", "mmol&lt;180.1558800000541&gt;/L", "2023-06-01 13:00:00 +0100",
-           source="Dexcom", device=None),
+    record(
+        f"{Q}BloodGlucose",
+        "5.5",
+        "mmol&lt;180.1558800000541&gt;/L",
+        "2023-06-01 13:00:00 +0100",
+        source="Dexcom",
+        device=None,
+    ),
     record(f"{Q}DistanceWalkingRunning", "1.2", "mi", NOON, "2023-06-01 12:30:00 +0100"),
     record(f"{Q}ActiveEnergyBurned", "100", "kJ", NOON, "2023-06-01 12:01:00 +0100"),
     record(f"{Q}AppleExerciseTime", "5", "min", NOON, "2023-06-01 12:05:00 +0100"),
@@ -169,7 +186,7 @@ RECORDS = [
     f'sourceName="Ann\'s Apple Watch" startDate="{NOON}" endDate="{NOON}"/>\n',
     ' <ActivitySummary dateComponents="2023-06-01" activeEnergyBurned="400"'
     ' activeEnergyBurnedUnit="kcal"/>\n',
-]  # fmt: skip
+]
 EXPORT = DTD + "".join(RECORDS) + END
 
 
@@ -229,10 +246,17 @@ def problems(batches: list[Batch]) -> list[dict[str, Any]]:
 
 def as_expected(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [
-        (r["metric"], pytest.approx(r["value"]), r["unit"], r["start_time"], r["end_time"],
-         r["utc_offset_minutes"], r["device"])
+        (
+            r["metric"],
+            pytest.approx(r["value"]),
+            r["unit"],
+            r["start_time"],
+            r["end_time"],
+            r["utc_offset_minutes"],
+            r["device"],
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
 
 
 def line_of(text: str, needle: str) -> int:
@@ -262,9 +286,13 @@ def test_every_mapped_type_becomes_a_sample_with_its_unit_time_offset_and_device
 
     stats = sum((b.stats for b in batches), Counter())
     assert stats == Counter(
-        {f"unmapped {Q}BasalEnergyBurned": 2, "unmapped Correlation": 1, "unmapped Workout": 1,
-         "unmapped ActivitySummary": 1}
-    )  # fmt: skip
+        {
+            f"unmapped {Q}BasalEnergyBurned": 2,
+            "unmapped Correlation": 1,
+            "unmapped Workout": 1,
+            "unmapped ActivitySummary": 1,
+        }
+    )
 
 
 def test_a_record_that_cannot_be_read_is_a_problem_with_its_line_and_reason(tmp_path: Path) -> None:
@@ -278,11 +306,17 @@ def test_a_record_that_cannot_be_read_is_a_problem_with_its_line_and_reason(tmp_
     )
     assert found == {
         (abc, f"{Q}HeartRate record at line {abc}: value 'abc' is not a number"),
-        (month, f"{Q}StepCount record at line {month}: startDate '2023-13-45 12:00:00 +0100' is not a date "
-                "like 2016-04-13 09:06:19 +0100"),
-        (nap, f"{SLEEP} record at line {nap}: value 'HKCategoryValueSleepAnalysisNapping' is not one "
-              "twinhub maps (see connectors/apple_health.toml)"),
-    }  # fmt: skip
+        (
+            month,
+            f"{Q}StepCount record at line {month}: startDate '2023-13-45 12:00:00 +0100' is not a date "
+            "like 2016-04-13 09:06:19 +0100",
+        ),
+        (
+            nap,
+            f"{SLEEP} record at line {nap}: value 'HKCategoryValueSleepAnalysisNapping' is not one "
+            "twinhub maps (see connectors/apple_health.toml)",
+        ),
+    }
     raw = json.loads(next(p["raw"] for p in problems(pull(path)) if "abc" in p["reason"]))
     assert raw["value"] == "abc" and raw["startDate"] == NOON
 
@@ -290,10 +324,12 @@ def test_a_record_that_cannot_be_read_is_a_problem_with_its_line_and_reason(tmp_
 def test_the_zip_is_read_in_place_and_apples_cda_copy_is_left_out(tmp_path: Path) -> None:
     archive = write_zip(
         tmp_path / "export.zip",
-        {"apple_health_export/export.xml": EXPORT,
-         "apple_health_export/export_cda.xml": "<ClinicalDocument/>",
-         "apple_health_export/workout-routes/route_1.gpx": "<gpx/>"},
-    )  # fmt: skip
+        {
+            "apple_health_export/export.xml": EXPORT,
+            "apple_health_export/export_cda.xml": "<ClinicalDocument/>",
+            "apple_health_export/workout-routes/route_1.gpx": "<gpx/>",
+        },
+    )
     batches = pull(archive)
     rows = samples(batches)
     assert as_expected(rows) == EXPECTED
@@ -326,10 +362,9 @@ def test_the_shared_sample_yields_its_records_as_the_parsers_csvs_list_them(tmp_
                 end = datetime.strptime(row["endDate"], "%Y-%m-%d %H:%M:%S %z")
                 offset = start.utcoffset()
                 assert offset is not None
-                expected.append((
-                    metric, pytest.approx(float(row["value"])), row["unit"], start.astimezone(UTC),
-                    end.astimezone(UTC), offset.total_seconds() // 60, row["sourceName"],
-                ))  # fmt: skip
+                value, minutes = pytest.approx(float(row["value"])), offset.total_seconds() // 60
+                when = (start.astimezone(UTC), end.astimezone(UTC), minutes)
+                expected.append((metric, value, row["unit"], *when, row["sourceName"]))
     batches = pull(TDDA / "export6s3sample.xml")
     assert len(expected) == 15
     assert as_expected(samples(batches)) == expected
@@ -494,13 +529,16 @@ def test_a_zip_member_failing_its_checksum_keeps_what_was_read_before(tmp_path: 
 @pytest.mark.parametrize(
     ("name", "data", "reason"),
     [
-        ("export.xml", b"<ClinicalDocument/>", "is not an Apple Health export (its root element is "
-                                               "<ClinicalDocument>, not <HealthData>)"),
+        (
+            "export.xml",
+            b"<ClinicalDocument/>",
+            "is not an Apple Health export (its root element is <ClinicalDocument>, not <HealthData>)",
+        ),
         ("export.zip", b"PK\x03\x04 not a zip", "is not a readable zip"),
         ("export.zip", None, "holds no export.xml"),
     ],
     ids=["not-health-data", "bad-zip", "zip-without-export"],
-)  # fmt: skip
+)
 def test_a_file_that_is_no_export_is_refused_whole_with_the_fix(
     tmp_path: Path, name: str, data: bytes | None, reason: str
 ) -> None:
@@ -637,8 +675,13 @@ def write_big_export(path: Path, records: int) -> int:
     (heart rate with metadata, steps, distance, energy, sleep, blood pressure in correlations),
     streamed into the zip; returns how many of them map to samples."""
     minute = [
-        lambda t: record(f"{Q}HeartRate", str(60 + t % 50), "count/min", t_(t), children=(
-            '  <MetadataEntry key="HKMetadataKeyHeartRateMotionContext" value="1"/>\n')),
+        lambda t: record(
+            f"{Q}HeartRate",
+            str(60 + t % 50),
+            "count/min",
+            t_(t),
+            children=('  <MetadataEntry key="HKMetadataKeyHeartRateMotionContext" value="1"/>\n'),
+        ),
         lambda t: record(f"{Q}StepCount", str(t % 120), "count", t_(t), t_(t + 1), "Ann's iPhone", PHONE),
         lambda t: record(f"{Q}DistanceWalkingRunning", f"{t % 90 / 1000:.5f}", "km", t_(t), t_(t + 1)),
         lambda t: record(f"{Q}ActiveEnergyBurned", f"{t % 7 / 3:.3f}", "kcal", t_(t), t_(t + 1)),
@@ -646,7 +689,7 @@ def write_big_export(path: Path, records: int) -> int:
         lambda t: sleep("AsleepCore", t_(t), t_(t + 1)),
         lambda t: record(f"{Q}OxygenSaturation", "0.96", "%", t_(t)),
         lambda t: record(f"{Q}HeartRateVariabilitySDNN", "48.2", "ms", t_(t)),  # unmapped
-    ]  # fmt: skip
+    ]
     mapped = {0, 1, 2, 3, 5, 6}
     correlation = (
         ' <Correlation type="HKCorrelationTypeIdentifierBloodPressure" sourceName="Omron" '

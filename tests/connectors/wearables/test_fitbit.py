@@ -69,8 +69,15 @@ def expected_from_bodies(server: FitbitServer, first: date, last: date) -> Count
         want.update(SLEEP_LEVEL[s["level"]] for s in log_["levels"]["data"])
         want["time_in_bed"] += 1
     for entry in server.bodies["fitbit-body-log-weight.json"]["weight"]:
-        want.update(m for k, m in (("weight", "body_weight"), ("bmi", "body_mass_index"),
-                                   ("fat", "body_fat_percentage")) if k in entry)  # fmt: skip
+        want.update(
+            m
+            for k, m in (
+                ("weight", "body_weight"),
+                ("bmi", "body_mass_index"),
+                ("fat", "body_fat_percentage"),
+            )
+            if k in entry
+        )
     want["oxygen_saturation"] = 1  # one night made by the stand-in
     return want
 
@@ -259,8 +266,10 @@ def test_a_backfill_window_asks_for_its_days_and_leaves_the_watermark(
     batches, _ = pull(source, store, window=window)
     assert counts(batches) == {"heart_rate": intraday_points(fitbit_server, HEART), "resting_heart_rate": 1}
     assert [p.split("/")[7] for p in fitbit_server.api_requests() if "/heart/" in p] == [
-        "2015-08-20", "2015-08-21", "2015-08-22"
-    ]  # fmt: skip
+        "2015-08-20",
+        "2015-08-21",
+        "2015-08-22",
+    ]
     assert batches[-1].watermark == {"patients": {"p1": {}}}
 
 

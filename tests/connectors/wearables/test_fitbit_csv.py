@@ -37,18 +37,33 @@ def samples(batches: list[Batch]) -> pl.DataFrame:
 
 
 def test_the_finest_grain_of_each_day_lands_and_a_covered_daily_total_is_reported(tmp_path: Path) -> None:
-    write(tmp_path, "dailyActivity_merged", [
-        "Id,ActivityDate,TotalSteps,TotalDistance,VeryActiveMinutes,FairlyActiveMinutes,Calories",
-        "111,3/12/2016,100,1.5,10,5,2000",
-        "111,3/13/2016,250,2.5,0,1,2100",
-    ])  # fmt: skip
-    write(tmp_path, "hourlySteps_merged", [
-        "Id,ActivityHour,StepTotal", "111,3/12/2016 12:00:00 AM,40", "111,3/12/2016 1:00:00 PM,60",
-    ], gzipped=True)  # fmt: skip
-    write(tmp_path, "minuteStepsWide_merged", [
-        "Id,ActivityHour," + ",".join(f"Steps{m:02}" for m in range(60)),
-        "111,3/12/2016 1:00:00 PM," + ",".join("1" for _ in range(60)),
-    ])  # fmt: skip
+    write(
+        tmp_path,
+        "dailyActivity_merged",
+        [
+            "Id,ActivityDate,TotalSteps,TotalDistance,VeryActiveMinutes,FairlyActiveMinutes,Calories",
+            "111,3/12/2016,100,1.5,10,5,2000",
+            "111,3/13/2016,250,2.5,0,1,2100",
+        ],
+    )
+    write(
+        tmp_path,
+        "hourlySteps_merged",
+        [
+            "Id,ActivityHour,StepTotal",
+            "111,3/12/2016 12:00:00 AM,40",
+            "111,3/12/2016 1:00:00 PM,60",
+        ],
+        gzipped=True,
+    )
+    write(
+        tmp_path,
+        "minuteStepsWide_merged",
+        [
+            "Id,ActivityHour," + ",".join(f"Steps{m:02}" for m in range(60)),
+            "111,3/12/2016 1:00:00 PM," + ",".join("1" for _ in range(60)),
+        ],
+    )
     batches, connector = pull(tmp_path, patients={"111": "p1"})
     got = samples(batches)
     steps = got.filter(pl.col("metric") == "steps").sort("start_time")
@@ -70,12 +85,16 @@ def test_the_finest_grain_of_each_day_lands_and_a_covered_daily_total_is_reporte
 
 
 def test_local_times_become_instants_with_their_offset_across_dst(tmp_path: Path) -> None:
-    write(tmp_path, "hourlySteps_merged", [
-        "Id,ActivityHour,StepTotal",
-        "111,3/13/2016 1:00:00 AM,5",  # EST, -300
-        "111,3/13/2016 2:30:00 AM,7",  # does not exist: clocks jump from 2:00 to 3:00
-        "111,3/13/2016 3:00:00 AM,9",  # EDT, -240
-    ])  # fmt: skip
+    write(
+        tmp_path,
+        "hourlySteps_merged",
+        [
+            "Id,ActivityHour,StepTotal",
+            "111,3/13/2016 1:00:00 AM,5",  # EST, -300
+            "111,3/13/2016 2:30:00 AM,7",  # does not exist: clocks jump from 2:00 to 3:00
+            "111,3/13/2016 3:00:00 AM,9",  # EDT, -240
+        ],
+    )
     batches, _ = pull(tmp_path, patients={"111": "p1"}, timezone="America/New_York")
     got = samples(batches).sort("start_time")
     assert got["start_time"].to_list() == [
@@ -92,10 +111,16 @@ def test_local_times_become_instants_with_their_offset_across_dst(tmp_path: Path
 
 
 def test_rows_of_unmapped_accounts_and_bad_values_are_problems_with_reasons(tmp_path: Path) -> None:
-    write(tmp_path, "hourlySteps_merged", [
-        "Id,ActivityHour,StepTotal", "111,3/12/2016 12:00:00 AM,40", "222,3/12/2016 12:00:00 AM,3",
-        "111,3/12/2016 1:00:00 AM,lots",
-    ])  # fmt: skip
+    write(
+        tmp_path,
+        "hourlySteps_merged",
+        [
+            "Id,ActivityHour,StepTotal",
+            "111,3/12/2016 12:00:00 AM,40",
+            "222,3/12/2016 12:00:00 AM,3",
+            "111,3/12/2016 1:00:00 AM,lots",
+        ],
+    )
     batches, _ = pull(tmp_path, patients={"111": "p1"})
     assert len(samples(batches)) == 1
     reasons = {p["line_no"]: p["reason"] for p in batches[-1].problems.to_pylist()}
@@ -106,14 +131,22 @@ def test_rows_of_unmapped_accounts_and_bad_values_are_problems_with_reasons(tmp_
 
 
 def test_sleep_days_and_weighings_count_to_the_day_they_name(tmp_path: Path) -> None:
-    write(tmp_path, "sleepDay_merged", [
-        "Id,SleepDay,TotalSleepRecords,TotalMinutesAsleep,TotalTimeInBed",
-        "111,4/12/2016 12:00:00 AM,1,327,346",
-    ])  # fmt: skip
-    write(tmp_path, "weightLogInfo_merged", [
-        "Id,Date,WeightKg,WeightPounds,Fat,BMI,IsManualReport,LogId",
-        "111,4/5/2016 11:59:59 PM,53.2999992370605,117.5,,22.97,True,1459900799000",
-    ])  # fmt: skip
+    write(
+        tmp_path,
+        "sleepDay_merged",
+        [
+            "Id,SleepDay,TotalSleepRecords,TotalMinutesAsleep,TotalTimeInBed",
+            "111,4/12/2016 12:00:00 AM,1,327,346",
+        ],
+    )
+    write(
+        tmp_path,
+        "weightLogInfo_merged",
+        [
+            "Id,Date,WeightKg,WeightPounds,Fat,BMI,IsManualReport,LogId",
+            "111,4/5/2016 11:59:59 PM,53.2999992370605,117.5,,22.97,True,1459900799000",
+        ],
+    )
     batches, _ = pull(tmp_path, patients={"111": "p1"})
     got = {row["metric"]: row for row in samples(batches).to_dicts()}
     assert sorted(got) == ["body_mass_index", "body_weight", "sleep_asleep", "time_in_bed"], "Fat is empty"
@@ -194,10 +227,16 @@ def test_fitabase_hourly_steps_all_land_and_roll_up_to_the_daily_totals(tmp_path
 
 
 def test_heart_rate_every_few_seconds_lands_as_instants(tmp_path: Path) -> None:
-    write(tmp_path, "heartrate_seconds_merged", [
-        "Id,Time,Value", "111,4/12/2016 7:21:00 AM,97", "111,4/12/2016 7:21:05 AM,102",
-        "111,4/12/2016 7:21:10 AM,x",
-    ])  # fmt: skip
+    write(
+        tmp_path,
+        "heartrate_seconds_merged",
+        [
+            "Id,Time,Value",
+            "111,4/12/2016 7:21:00 AM,97",
+            "111,4/12/2016 7:21:05 AM,102",
+            "111,4/12/2016 7:21:10 AM,x",
+        ],
+    )
     batches, _ = pull(tmp_path, patients={"111": "p1"})
     got = samples(batches).sort("start_time")
     assert got["value"].to_list() == [97.0, 102.0] and got["end_time"].null_count() == 2

@@ -27,52 +27,111 @@ from tests.support.data import SHARED
 D4 = "http://json-schema.org/draft-04/schema#"
 D7 = "http://json-schema.org/draft-07/schema#"
 IEEE = "https://w3id.org/ieee/ieee-1752-schema/"
-UNIT_VALUE = {"type": "object", "properties": {"value": {"type": "number"}, "unit": {"type": "string"}},
-              "required": ["value", "unit"]}  # fmt: skip
+UNIT_VALUE = {
+    "type": "object",
+    "properties": {"value": {"type": "number"}, "unit": {"type": "string"}},
+    "required": ["value", "unit"],
+}
 SCHEMAS: dict[str, dict[str, Any]] = {
     "unit-value-1.0.json": {"$schema": D4, **UNIT_VALUE},
     # 1.1 is stricter, so a body passing 1.0 but not 1.1 shows that `unit-value-1.x` means 1.1
-    "unit-value-1.1.json": {"$schema": D7, **UNIT_VALUE, "properties": {
-        "value": {"type": "number"}, "unit": {"type": "string", "minLength": 1}}},
+    "unit-value-1.1.json": {
+        "$schema": D7,
+        **UNIT_VALUE,
+        "properties": {"value": {"type": "number"}, "unit": {"type": "string", "minLength": 1}},
+    },
     "date-time-1.0.json": {"$schema": D4, "type": "string", "format": "date-time"},
-    "duration-unit-value-1.0.json": {"$schema": D4, "allOf": [
-        {"$ref": "unit-value-1.x.json"}, {"properties": {"unit": {"enum": ["sec", "min", "h", "d"]}}}]},
-    "time-interval-1.0.json": {"$schema": D4, "type": "object", "oneOf": [
-        {"required": ["start_date_time", "end_date_time"]},
-        {"required": ["start_date_time", "duration"]},
-        {"required": ["end_date_time", "duration"]},
-        {"required": ["date", "part_of_day"]}],
-        "properties": {"start_date_time": {"$ref": "date-time-1.x.json"},
-                       "end_date_time": {"$ref": "date-time-1.x.json"},
-                       "duration": {"$ref": "duration-unit-value-1.x.json"},
-                       "date": {"type": "string", "pattern": "^\\d{4}-\\d\\d-\\d\\d$"},
-                       "part_of_day": {"enum": ["morning", "afternoon", "evening", "night"]}}},
-    "time-frame-1.0.json": {"$schema": D4, "type": "object", "oneOf": [
-        {"properties": {"date_time": {"$ref": "date-time-1.x.json"}}, "required": ["date_time"]},
-        {"properties": {"time_interval": {"$ref": "time-interval-1.x.json"}},
-         "required": ["time_interval"]}]},
-    "header-1.0.json": {"$schema": D4, "type": "object",
+    "duration-unit-value-1.0.json": {
+        "$schema": D4,
+        "allOf": [
+            {"$ref": "unit-value-1.x.json"},
+            {"properties": {"unit": {"enum": ["sec", "min", "h", "d"]}}},
+        ],
+    },
+    "time-interval-1.0.json": {
+        "$schema": D4,
+        "type": "object",
+        "oneOf": [
+            {"required": ["start_date_time", "end_date_time"]},
+            {"required": ["start_date_time", "duration"]},
+            {"required": ["end_date_time", "duration"]},
+            {"required": ["date", "part_of_day"]},
+        ],
+        "properties": {
+            "start_date_time": {"$ref": "date-time-1.x.json"},
+            "end_date_time": {"$ref": "date-time-1.x.json"},
+            "duration": {"$ref": "duration-unit-value-1.x.json"},
+            "date": {"type": "string", "pattern": "^\\d{4}-\\d\\d-\\d\\d$"},
+            "part_of_day": {"enum": ["morning", "afternoon", "evening", "night"]},
+        },
+    },
+    "time-frame-1.0.json": {
+        "$schema": D4,
+        "type": "object",
+        "oneOf": [
+            {"properties": {"date_time": {"$ref": "date-time-1.x.json"}}, "required": ["date_time"]},
+            {
+                "properties": {"time_interval": {"$ref": "time-interval-1.x.json"}},
+                "required": ["time_interval"],
+            },
+        ],
+    },
+    "header-1.0.json": {
+        "$schema": D4,
+        "type": "object",
         "required": ["id", "creation_date_time", "schema_id"],
-        "properties": {"creation_date_time": {"$ref": "date-time-1.x.json"}, "user_id": {"type": "string"},
-                       "acquisition_provenance": {"type": "object", "required": ["source_name"]}}},
-    "heart-rate-1.0.json": {"$schema": D4, "type": "object", "required": ["heart_rate"], "properties": {
-        "heart_rate": {"allOf": [{"$ref": "unit-value-1.x.json"},
-                                 {"properties": {"unit": {"enum": ["beats/min"]}}}]},
-        "effective_time_frame": {"$ref": "time-frame-1.x.json"},
-        "descriptive_statistic": {"enum": ["average", "minimum", "maximum"]}}},
-    "step-count-1.0.json": {"$schema": D4, "type": "object", "required": ["step_count"], "properties": {
-        "step_count": {"type": "number"}, "effective_time_frame": {"$ref": "time-frame-1.x.json"}}},
-    "blood-pressure-1.0.json": {"$schema": D4, "type": "object", "properties": {
-        "systolic_blood_pressure": {"$ref": "unit-value-1.x.json"},
-        "diastolic_blood_pressure": {"$ref": "unit-value-1.x.json"},
-        "effective_time_frame": {"$ref": "time-frame-1.x.json"}}},
-    "body-weight-9.0.json": {"$schema": D7, "type": "object", "required": ["body_weight"], "properties": {
-        "body_weight": {"$ref": "unit-value-1.x.json"},
-        "effective_time_frame": {"$ref": IEEE + "time-frame-1.0.json"}}},
-    "blood-glucose-9.0.json": {"$schema": D7, "type": "object", "properties": {
-        "blood_glucose": {"$ref": "glucose-unit-value-1.x.json"}}},
+        "properties": {
+            "creation_date_time": {"$ref": "date-time-1.x.json"},
+            "user_id": {"type": "string"},
+            "acquisition_provenance": {"type": "object", "required": ["source_name"]},
+        },
+    },
+    "heart-rate-1.0.json": {
+        "$schema": D4,
+        "type": "object",
+        "required": ["heart_rate"],
+        "properties": {
+            "heart_rate": {
+                "allOf": [{"$ref": "unit-value-1.x.json"}, {"properties": {"unit": {"enum": ["beats/min"]}}}]
+            },
+            "effective_time_frame": {"$ref": "time-frame-1.x.json"},
+            "descriptive_statistic": {"enum": ["average", "minimum", "maximum"]},
+        },
+    },
+    "step-count-1.0.json": {
+        "$schema": D4,
+        "type": "object",
+        "required": ["step_count"],
+        "properties": {
+            "step_count": {"type": "number"},
+            "effective_time_frame": {"$ref": "time-frame-1.x.json"},
+        },
+    },
+    "blood-pressure-1.0.json": {
+        "$schema": D4,
+        "type": "object",
+        "properties": {
+            "systolic_blood_pressure": {"$ref": "unit-value-1.x.json"},
+            "diastolic_blood_pressure": {"$ref": "unit-value-1.x.json"},
+            "effective_time_frame": {"$ref": "time-frame-1.x.json"},
+        },
+    },
+    "body-weight-9.0.json": {
+        "$schema": D7,
+        "type": "object",
+        "required": ["body_weight"],
+        "properties": {
+            "body_weight": {"$ref": "unit-value-1.x.json"},
+            "effective_time_frame": {"$ref": IEEE + "time-frame-1.0.json"},
+        },
+    },
+    "blood-glucose-9.0.json": {
+        "$schema": D7,
+        "type": "object",
+        "properties": {"blood_glucose": {"$ref": "glucose-unit-value-1.x.json"}},
+    },
     "mood-1.0.json": {"$schema": D7, "type": "object"},
-}  # fmt: skip
+}
 AT = {"date_time": "2024-05-01T08:30:00+02:00"}
 
 
@@ -86,10 +145,13 @@ def write_schemas(folder: Path) -> Path:
 def point(
     name: str, body: dict[str, Any], version: str = "1.0", user: str | None = "u1", **header: Any
 ) -> Any:
-    head = {"id": f"dp-{name}", "creation_date_time": "2024-05-02T00:00:00Z",
-            "schema_id": {"namespace": "omh", "name": name, "version": version},
-            "acquisition_provenance": {"source_name": "Acme Watch", "modality": "sensed"},
-            **header}  # fmt: skip
+    head = {
+        "id": f"dp-{name}",
+        "creation_date_time": "2024-05-02T00:00:00Z",
+        "schema_id": {"namespace": "omh", "name": name, "version": version},
+        "acquisition_provenance": {"source_name": "Acme Watch", "modality": "sensed"},
+        **header,
+    }
     if user is not None:
         head["user_id"] = user
     return {"header": head, "body": body}
@@ -110,8 +172,13 @@ def schemas(tmp_path: Path) -> Path:
 
 
 def source(path: Path, schemas: Path, **extra: Any) -> OpenMHealthSource:
-    return OpenMHealthSource(name="omh", kind="openmhealth", path=path, schemas=schemas,
-                             **{"patients": {"u1": "p1", "u2": "p2"}, **extra})  # fmt: skip
+    return OpenMHealthSource(
+        name="omh",
+        kind="openmhealth",
+        path=path,
+        schemas=schemas,
+        **{"patients": {"u1": "p1", "u2": "p2"}, **extra},
+    )
 
 
 def pull(src: OpenMHealthSource, since: dict[str, Any] | None = None) -> list[Batch]:
@@ -134,13 +201,15 @@ def test_one_data_point_an_array_or_ndjson_per_file_become_samples(tmp_path: Pat
     data = tmp_path / "data"
     data.mkdir()
     (data / "one.json").write_bytes(orjson.dumps(point("heart-rate", hr(61)), option=orjson.OPT_INDENT_2))
-    (data / "many.json").write_bytes(orjson.dumps([
-        point("blood-pressure", {"systolic_blood_pressure": {"value": 120, "unit": "mmHg"},
-                                 "diastolic_blood_pressure": {"value": 80, "unit": "mmHg"},
-                                 "effective_time_frame": {"date_time": "2024-05-01T07:00:00Z"}}, user="u2"),
-        point("step-count", {"step_count": 800, "effective_time_frame": {"time_interval": {
-            "start_date_time": "2024-05-01T09:00:00-07:00", "end_date_time": "2024-05-01T10:00:00-07:00"}}}),
-    ]))  # fmt: skip
+    pressure = {
+        "systolic_blood_pressure": {"value": 120, "unit": "mmHg"},
+        "diastolic_blood_pressure": {"value": 80, "unit": "mmHg"},
+        "effective_time_frame": {"date_time": "2024-05-01T07:00:00Z"},
+    }
+    hour = {"start_date_time": "2024-05-01T09:00:00-07:00", "end_date_time": "2024-05-01T10:00:00-07:00"}
+    steps = {"step_count": 800, "effective_time_frame": {"time_interval": hour}}
+    many = [point("blood-pressure", pressure, user="u2"), point("step-count", steps)]
+    (data / "many.json").write_bytes(orjson.dumps(many))
     with gzip.open(data / "lines.ndjson.gz", "wb") as fh:
         fh.write(orjson.dumps(point("heart-rate", hr(70), user=None)) + b"\n\n")
         fh.write(orjson.dumps(point("heart-rate", hr(72), user="u9")) + b"\n")
@@ -153,22 +222,62 @@ def test_one_data_point_an_array_or_ndjson_per_file_become_samples(tmp_path: Pat
     base = {"device": "Acme Watch (sensed)", "end_time": None, "unit": "beats/min", "metric": "heart_rate"}
     hr_at, offset = utc(AT["date_time"]), 120
     assert got == [
-        {**base, "patient_id": "p0", "start_time": hr_at, "utc_offset_minutes": offset, "value": 70.0,
-         "origin": f"{data}/lines.ndjson.gz:line 1"},
-        {**base, "patient_id": "p0", "start_time": hr_at, "utc_offset_minutes": offset, "value": 72.0,
-         "origin": f"{data}/lines.ndjson.gz:line 3"},  # u9 is not in `patients`: the default patient
-        {**base, "patient_id": "p2", "metric": "diastolic_blood_pressure", "unit": "mmHg", "value": 80.0,
-         "start_time": utc("2024-05-01T07:00:00+00:00"), "utc_offset_minutes": 0,
-         "origin": f"{data}/many.json:item 1"},
-        {**base, "patient_id": "p2", "metric": "systolic_blood_pressure", "unit": "mmHg", "value": 120.0,
-         "start_time": utc("2024-05-01T07:00:00+00:00"), "utc_offset_minutes": 0,
-         "origin": f"{data}/many.json:item 1"},
-        {**base, "patient_id": "p1", "metric": "steps", "unit": "steps", "value": 800.0,
-         "start_time": utc("2024-05-01T16:00:00+00:00"), "end_time": utc("2024-05-01T17:00:00+00:00"),
-         "utc_offset_minutes": -420, "origin": f"{data}/many.json:item 2"},
-        {**base, "patient_id": "p1", "start_time": hr_at, "utc_offset_minutes": offset, "value": 61.0,
-         "origin": f"{data}/one.json"},
-    ]  # fmt: skip
+        {
+            **base,
+            "patient_id": "p0",
+            "start_time": hr_at,
+            "utc_offset_minutes": offset,
+            "value": 70.0,
+            "origin": f"{data}/lines.ndjson.gz:line 1",
+        },
+        {
+            **base,
+            "patient_id": "p0",
+            "start_time": hr_at,
+            "utc_offset_minutes": offset,
+            "value": 72.0,
+            "origin": f"{data}/lines.ndjson.gz:line 3",
+        },  # u9 is not in `patients`: the default patient
+        {
+            **base,
+            "patient_id": "p2",
+            "metric": "diastolic_blood_pressure",
+            "unit": "mmHg",
+            "value": 80.0,
+            "start_time": utc("2024-05-01T07:00:00+00:00"),
+            "utc_offset_minutes": 0,
+            "origin": f"{data}/many.json:item 1",
+        },
+        {
+            **base,
+            "patient_id": "p2",
+            "metric": "systolic_blood_pressure",
+            "unit": "mmHg",
+            "value": 120.0,
+            "start_time": utc("2024-05-01T07:00:00+00:00"),
+            "utc_offset_minutes": 0,
+            "origin": f"{data}/many.json:item 1",
+        },
+        {
+            **base,
+            "patient_id": "p1",
+            "metric": "steps",
+            "unit": "steps",
+            "value": 800.0,
+            "start_time": utc("2024-05-01T16:00:00+00:00"),
+            "end_time": utc("2024-05-01T17:00:00+00:00"),
+            "utc_offset_minutes": -420,
+            "origin": f"{data}/many.json:item 2",
+        },
+        {
+            **base,
+            "patient_id": "p1",
+            "start_time": hr_at,
+            "utc_offset_minutes": offset,
+            "value": 61.0,
+            "origin": f"{data}/one.json",
+        },
+    ]
     assert batches[-1].stats["samples"] == 6
 
 
@@ -182,12 +291,14 @@ def test_a_json_file_may_hold_json_lines_and_one_that_is_not_json_is_one_problem
     (data / "broken.json").write_bytes(b'{\n  "header": {\n')
     batches = pull(source(data, schemas))
     assert [(s["origin"], s["value"]) for s in samples_of(batches)] == [
-        (f"{data}/lines.json:line 1", 60.0), (f"{data}/lines.json:line 3", 62.0)]  # fmt: skip
+        (f"{data}/lines.json:line 1", 60.0),
+        (f"{data}/lines.json:line 3", 62.0),
+    ]
     problems = pa.concat_tables([b.problems for b in batches]).to_pylist()
     assert [(p["file"], p["line_no"], p["reason"].split(" (")[0], p["raw"]) for p in problems] == [
         (str(data / "broken.json"), 1, "the file: not JSON", '{\n  "header": {'),
         (str(data / "lines.json"), 2, "line 2: not JSON", "[1, 2"),
-    ]  # fmt: skip
+    ]
 
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -197,22 +308,54 @@ BERLIN = ZoneInfo("Europe/Berlin")
     ("frame", "start", "end", "offset"),
     [
         ({"date_time": "2024-01-05T23:30:00.250-05:00"}, "2024-01-06T04:30:00.250+00:00", None, -300),
-        ({"time_interval": {"start_date_time": "2024-01-05T22:00:00+01:00",
-                            "end_date_time": "2024-01-06T06:30:00Z"}},
-         "2024-01-05T21:00:00+00:00", "2024-01-06T06:30:00+00:00", 60),
-        ({"time_interval": {"start_date_time": "2024-01-05T22:00:00+01:00",
-                            "duration": {"value": 7.5, "unit": "h"}}},
-         "2024-01-05T21:00:00+00:00", "2024-01-06T04:30:00+00:00", 60),
-        ({"time_interval": {"end_date_time": "2024-01-06T06:00:00+05:30",
-                            "duration": {"value": 90, "unit": "min"}}},
-         "2024-01-05T23:00:00+00:00", "2024-01-06T00:30:00+00:00", 330),
+        (
+            {
+                "time_interval": {
+                    "start_date_time": "2024-01-05T22:00:00+01:00",
+                    "end_date_time": "2024-01-06T06:30:00Z",
+                }
+            },
+            "2024-01-05T21:00:00+00:00",
+            "2024-01-06T06:30:00+00:00",
+            60,
+        ),
+        (
+            {
+                "time_interval": {
+                    "start_date_time": "2024-01-05T22:00:00+01:00",
+                    "duration": {"value": 7.5, "unit": "h"},
+                }
+            },
+            "2024-01-05T21:00:00+00:00",
+            "2024-01-06T04:30:00+00:00",
+            60,
+        ),
+        (
+            {
+                "time_interval": {
+                    "end_date_time": "2024-01-06T06:00:00+05:30",
+                    "duration": {"value": 90, "unit": "min"},
+                }
+            },
+            "2024-01-05T23:00:00+00:00",
+            "2024-01-06T00:30:00+00:00",
+            330,
+        ),
         # no offset: read in the source's time zone; the night the clocks go forward lasts 5 hours
-        ({"time_interval": {"date": "2024-03-31", "part_of_day": "night"}},
-         "2024-03-30T23:00:00+00:00", "2024-03-31T04:00:00+00:00", 60),
-        ({"time_interval": {"date": "2024-07-01", "part_of_day": "evening"}},
-         "2024-07-01T16:00:00+00:00", "2024-07-01T22:00:00+00:00", 120),
+        (
+            {"time_interval": {"date": "2024-03-31", "part_of_day": "night"}},
+            "2024-03-30T23:00:00+00:00",
+            "2024-03-31T04:00:00+00:00",
+            60,
+        ),
+        (
+            {"time_interval": {"date": "2024-07-01", "part_of_day": "evening"}},
+            "2024-07-01T16:00:00+00:00",
+            "2024-07-01T22:00:00+00:00",
+            120,
+        ),
     ],
-)  # fmt: skip
+)
 def test_time_frames_become_utc_instants_with_the_written_offset(
     frame: dict[str, Any], start: str, end: str | None, offset: int
 ) -> None:
@@ -224,22 +367,30 @@ def test_part_of_day_intervals_are_read_in_the_source_timezone(tmp_path: Path, s
     path = ndjson(tmp_path / "d.ndjson", [point("heart-rate", hr(frame=frame))])
     (sample,) = samples_of(pull(source(path, schemas, timezone="America/New_York")))
     assert (sample["start_time"], sample["end_time"], sample["utc_offset_minutes"]) == (
-        utc("2024-07-01T10:00:00+00:00"), utc("2024-07-01T16:00:00+00:00"), -240)  # fmt: skip
+        utc("2024-07-01T10:00:00+00:00"),
+        utc("2024-07-01T16:00:00+00:00"),
+        -240,
+    )
 
 
 def test_invalid_data_points_are_quarantined_with_the_schema_error_and_valid_ones_land(
     tmp_path: Path, schemas: Path
 ) -> None:
-    path = ndjson(tmp_path / "d.ndjson", [
-        point("heart-rate", hr(60)),
-        point("heart-rate", {**hr(), "heart_rate": {"value": 60, "unit": "beat/min"}}),
-        point("heart-rate", hr(frame={"date_time": "2024-05-01 08:30"})),
-        point("heart-rate", hr(frame={"time_interval": {"start_date_time": "2024-05-01T08:30:00Z"}})),
-        point("blood-pressure", {"systolic_blood_pressure": {"value": 120, "unit": ""}}),  # 1.1: minLength
-        point("step-count", {"step_count": "6000"}),
-        point("heart-rate", hr(62), creation_date_time="yesterday"),
-        point("heart-rate", hr(63), acquisition_provenance={"modality": "sensed"}),
-    ])  # fmt: skip
+    path = ndjson(
+        tmp_path / "d.ndjson",
+        [
+            point("heart-rate", hr(60)),
+            point("heart-rate", {**hr(), "heart_rate": {"value": 60, "unit": "beat/min"}}),
+            point("heart-rate", hr(frame={"date_time": "2024-05-01 08:30"})),
+            point("heart-rate", hr(frame={"time_interval": {"start_date_time": "2024-05-01T08:30:00Z"}})),
+            point(
+                "blood-pressure", {"systolic_blood_pressure": {"value": 120, "unit": ""}}
+            ),  # 1.1: minLength
+            point("step-count", {"step_count": "6000"}),
+            point("heart-rate", hr(62), creation_date_time="yesterday"),
+            point("heart-rate", hr(63), acquisition_provenance={"modality": "sensed"}),
+        ],
+    )
     batches = pull(source(path, schemas))
     assert [s["value"] for s in samples_of(batches)] == [60.0]
     assert reasons(batches) == [
@@ -257,7 +408,7 @@ def test_invalid_data_points_are_quarantined_with_the_schema_error_and_valid_one
         "'yesterday' is not a 'date-time'",
         "line 8: header does not match schema omh:header:1.x at $.acquisition_provenance: "
         "'source_name' is a required property",
-    ]  # fmt: skip
+    ]
     problems = pa.concat_tables([b.problems for b in batches]).to_pylist()
     assert [p["line_no"] for p in problems] == [2, 3, 4, 5, 6, 7, 8]
     assert orjson.loads(problems[0]["raw"])["body"]["heart_rate"]["unit"] == "beat/min"
@@ -265,24 +416,29 @@ def test_invalid_data_points_are_quarantined_with_the_schema_error_and_valid_one
 
 
 def test_what_cannot_become_a_sample_is_a_problem_naming_why(tmp_path: Path, schemas: Path) -> None:
+    a_day = {
+        "time_interval": {"start_date_time": "2024-05-01T00:00:00Z", "duration": {"value": 1, "unit": "d"}}
+    }
     backwards = {
         "time_interval": {"start_date_time": "2024-05-02T00:00:00Z", "end_date_time": "2024-05-01T00:00:00Z"}
     }
-    path = ndjson(tmp_path / "d.ndjson", [
-        point("heart-rate", hr(55, descriptive_statistic="minimum", frame={"time_interval": {
-            "start_date_time": "2024-05-01T00:00:00Z", "duration": {"value": 1, "unit": "d"}}})),
-        point("step-count", {"step_count": 6000}),
-        point("heart-rate", hr(frame=backwards)),
-        point("heart-rate", hr(), user="u9"),
-        point("heart-rate", hr(), user=None),
-        point("walk-speed", {"speed": 3}),
-        point("mood", {"mood": "fine"}),
-        point("blood-glucose", {"blood_glucose": {"value": 90, "unit": "mg/dL"}}, version="9.0"),
-        point("blood-pressure", {"effective_time_frame": AT}),
-        {"header": {"id": "x"}},
-        "{not json",
-        point("heart-rate", hr(), schema_id={"namespace": "omh", "name": "heart-rate"}),
-    ])  # fmt: skip
+    path = ndjson(
+        tmp_path / "d.ndjson",
+        [
+            point("heart-rate", hr(55, descriptive_statistic="minimum", frame=a_day)),
+            point("step-count", {"step_count": 6000}),
+            point("heart-rate", hr(frame=backwards)),
+            point("heart-rate", hr(), user="u9"),
+            point("heart-rate", hr(), user=None),
+            point("walk-speed", {"speed": 3}),
+            point("mood", {"mood": "fine"}),
+            point("blood-glucose", {"blood_glucose": {"value": 90, "unit": "mg/dL"}}, version="9.0"),
+            point("blood-pressure", {"effective_time_frame": AT}),
+            {"header": {"id": "x"}},
+            "{not json",
+            point("heart-rate", hr(), schema_id={"namespace": "omh", "name": "heart-rate"}),
+        ],
+    )
     path.write_bytes(path.read_bytes().replace(b'"{not json"', b"{not json"))  # a line that is not JSON
     batches = pull(source(path, schemas))
     assert samples_of(batches) == []
@@ -307,7 +463,7 @@ def test_what_cannot_become_a_sample_is_a_problem_naming_why(tmp_path: Path, sch
         "line 10: not an Open mHealth data point: it needs a `header` and a `body` object",
         "line 11: not JSON (",
         "line 12: header.schema_id must name the body's schema: namespace, name and version",
-    ]  # fmt: skip
+    ]
     assert len(got) == len(expected)
     for reason, start in zip(got, expected, strict=True):
         assert reason.startswith(start), reason
@@ -317,14 +473,21 @@ def test_what_cannot_become_a_sample_is_a_problem_naming_why(tmp_path: Path, sch
 def test_a_newer_minor_version_validates_an_older_data_point_and_no_major_does(
     tmp_path: Path, schemas: Path
 ) -> None:
-    path = ndjson(tmp_path / "d.ndjson", [point("heart-rate", hr(), version="1.0"),
-                                          point("heart-rate", hr(), version="2.0"),
-                                          point("heart-rate", hr(), version="1.x")])  # fmt: skip
+    path = ndjson(
+        tmp_path / "d.ndjson",
+        [
+            point("heart-rate", hr(), version="1.0"),
+            point("heart-rate", hr(), version="2.0"),
+            point("heart-rate", hr(), version="1.x"),
+        ],
+    )
     (schemas / "omh" / "heart-rate-1.0.json").rename(schemas / "omh" / "heart-rate-1.2.json")
     batches = pull(source(path, schemas))
     assert len(samples_of(batches)) == 1
     assert [r.split(" is not")[0] for r in reasons(batches)] == [
-        "line 2: schema omh:heart-rate:2.0", "line 3: schema omh:heart-rate:1.x"]  # fmt: skip
+        "line 2: schema omh:heart-rate:2.0",
+        "line 3: schema omh:heart-rate:1.x",
+    ]
 
 
 def test_ieee_1752_refs_stand_in_as_their_open_mhealth_namesakes_without_part_of_day(
@@ -334,13 +497,16 @@ def test_ieee_1752_refs_stand_in_as_their_open_mhealth_namesakes_without_part_of
         body = {"body_weight": {"value": 70, "unit": "kg"}, "effective_time_frame": frame}
         return point("body-weight", body, version="9.0")
 
-    path = ndjson(tmp_path / "d.ndjson", [
-        weight(AT),
-        weight({"time_interval": {"start_date_time": "2024-05-01T08:00:00Z",
-                                  "duration": {"value": 1, "unit": "h"}}}),
-        weight({"time_interval": {"date": "2024-05-01", "part_of_day": "morning"}}),
-        weight({"date_time": "soon"}),
-    ])  # fmt: skip
+    an_hour = {"value": 1, "unit": "h"}
+    path = ndjson(
+        tmp_path / "d.ndjson",
+        [
+            weight(AT),
+            weight({"time_interval": {"start_date_time": "2024-05-01T08:00:00Z", "duration": an_hour}}),
+            weight({"time_interval": {"date": "2024-05-01", "part_of_day": "morning"}}),
+            weight({"date_time": "soon"}),
+        ],
+    )
     batches = pull(source(path, schemas))
     assert [(s["metric"], s["unit"], s["value"]) for s in samples_of(batches)] == [
         ("body_weight", "kg", 70.0)
@@ -351,7 +517,7 @@ def test_ieee_1752_refs_stand_in_as_their_open_mhealth_namesakes_without_part_of
         "{'required': ['part_of_day']}",
         "line 4: body does not match schema omh:body-weight:9.0 at $.effective_time_frame.date_time: "
         "'soon' is not a 'date-time'",
-    ]  # fmt: skip
+    ]
 
 
 def test_unchanged_files_are_not_read_again_and_changed_ones_are(tmp_path: Path, schemas: Path) -> None:
@@ -430,13 +596,21 @@ def test_the_config_names_a_patient_and_builds_the_connector(tmp_path: Path, sch
 
 # The unit spellings the Open mHealth schemas allow for each mapped field (their `unit` enums)
 OMH_UNITS = {
-    "heart_rate": ["beats/min"], "steps": ["steps"], "systolic_blood_pressure": ["mmHg"],
-    "diastolic_blood_pressure": ["mmHg"], "body_weight": ["mg", "g", "kg", "oz", "lb"],
-    "oxygen_saturation": ["%"], "sleep_asleep": ["sec", "min", "h"], "blood_glucose": ["mg/dL", "mmol/L"],
-    "body_temperature": ["C", "F", "K"], "respiratory_rate": ["breaths/min"],
-    "body_height": ["mm", "cm", "m", "in", "ft"], "body_mass_index": ["kg/m2", "kg/m^2"],
-    "body_fat_percentage": ["%"], "calories": ["kcal"],
-}  # fmt: skip
+    "heart_rate": ["beats/min"],
+    "steps": ["steps"],
+    "systolic_blood_pressure": ["mmHg"],
+    "diastolic_blood_pressure": ["mmHg"],
+    "body_weight": ["mg", "g", "kg", "oz", "lb"],
+    "oxygen_saturation": ["%"],
+    "sleep_asleep": ["sec", "min", "h"],
+    "blood_glucose": ["mg/dL", "mmol/L"],
+    "body_temperature": ["C", "F", "K"],
+    "respiratory_rate": ["breaths/min"],
+    "body_height": ["mm", "cm", "m", "in", "ft"],
+    "body_mass_index": ["kg/m2", "kg/m^2"],
+    "body_fat_percentage": ["%"],
+    "calories": ["kcal"],
+}
 
 
 def test_the_wearable_catalogue_takes_every_mapped_metric_in_every_spelling_open_mhealth_uses() -> None:
@@ -447,11 +621,20 @@ def test_the_wearable_catalogue_takes_every_mapped_metric_in_every_spelling_open
     assert mapped == set(OMH_UNITS)
     rows = [(metric, unit) for metric, units in OMH_UNITS.items() for unit in units]
     at = datetime(2024, 5, 1, tzinfo=UTC)
-    samples = pa.table({"patient_id": ["p1"] * len(rows), "device": [None] * len(rows),
-                        "metric": [m for m, _ in rows], "start_time": [at] * len(rows),
-                        "end_time": [None] * len(rows), "utc_offset_minutes": [0] * len(rows),
-                        "value": [310.15] * len(rows), "unit": [u for _, u in rows],
-                        "origin": ["f"] * len(rows)}, schema=SAMPLE_SCHEMA)  # fmt: skip
+    samples = pa.table(
+        {
+            "patient_id": ["p1"] * len(rows),
+            "device": [None] * len(rows),
+            "metric": [m for m, _ in rows],
+            "start_time": [at] * len(rows),
+            "end_time": [None] * len(rows),
+            "utc_offset_minutes": [0] * len(rows),
+            "value": [310.15] * len(rows),
+            "unit": [u for _, u in rows],
+            "origin": ["f"] * len(rows),
+        },
+        schema=SAMPLE_SCHEMA,
+    )
     normalized, problems = normalize_samples(samples)
     assert problems.to_pylist() == []
     kelvin = normalized.filter(pc.equal(normalized["metric"], "body_temperature")).to_pylist()[-1]
@@ -461,8 +644,16 @@ def test_the_wearable_catalogue_takes_every_mapped_metric_in_every_spelling_open
 # Acceptance (issue 6, point 3): upstream's own samples, read in place from the shared copy.
 
 OMH = SHARED / "wearables" / "openmhealth"
-REQUIRED = ("heart-rate", "step-count", "blood-pressure", "body-weight", "oxygen-saturation",
-            "sleep-duration", "blood-glucose", "body-temperature")  # fmt: skip
+REQUIRED = (
+    "heart-rate",
+    "step-count",
+    "blood-pressure",
+    "body-weight",
+    "oxygen-saturation",
+    "sleep-duration",
+    "blood-glucose",
+    "body-temperature",
+)
 MAPPED = tuple(rules()["measures"]["omh"])
 SAMPLES = sorted(p for name in MAPPED for p in (OMH / "test-data" / "omh" / name).glob("*/should*/*.json"))
 CASES = (
@@ -514,8 +705,13 @@ def test_upstream_samples_pass_and_fail_as_upstream_says(
     for field, rule in rules()["measures"]["omh"][name].items():
         if (measured := body.get(field)) is not None:
             value = measured["value"] if isinstance(measured, dict) else measured
-            expected.append((rule["metric"], float(value), measured.get("unit") if isinstance(measured, dict)
-                             else rule["unit"]))  # fmt: skip
+            expected.append(
+                (
+                    rule["metric"],
+                    float(value),
+                    measured.get("unit") if isinstance(measured, dict) else rule["unit"],
+                )
+            )
     assert problems == []
     assert sorted((s["metric"], s["value"], s["unit"]) for s in samples) == sorted(expected)
 

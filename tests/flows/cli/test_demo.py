@@ -90,8 +90,11 @@ def test_on_synthea_every_eligible_patient_gets_a_risk_with_lineage(tmp_path: Pa
     assert len(eligible) > 100 and computed == eligible
     history = subprocess.run(
         [TWINHUB, "--config", ".twinhub/demo.toml", "models", "history", "ascvd-pce", "--limit", "5"],
-        cwd=tmp_path / "work", capture_output=True, text=True, timeout=300,
+        cwd=tmp_path / "work",
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "COLUMNS": "250"},
-    )  # fmt: skip
+    )
     assert history.returncode == 0, history.stderr
     assert "input_snapshot_id" in history.stdout and "lab_result/" in history.stdout

@@ -81,16 +81,37 @@ def test_views_errors_are_one_line(tmp_path: Path, api_env: dict[str, str]) -> N
 
 
 def test_the_standard_views_are_listed_shown_and_documented(tmp_path: Path) -> None:
-    from twin_store.views import schema_doc, view_files
+    from twin_store.views import load_view, schema_doc, view_files
 
     names = set(view_files())
     assert names == {
-        "patient", "encounter", "condition", "observation", "lab_result", "vital_sign",
-        "observation_component", "medication_request", "procedure", "immunization", "diagnostic_report",
-        "allergy_intolerance", "patient_identifier",
-    }  # fmt: skip
-    listed = run_cli("views", "list", env={"COLUMNS": "250"}).stdout
-    assert all(name in listed for name in names)
+        "patient",
+        "encounter",
+        "condition",
+        "observation",
+        "lab_result",
+        "vital_sign",
+        "observation_component",
+        "medication_request",
+        "procedure",
+        "immunization",
+        "diagnostic_report",
+        "allergy_intolerance",
+        "patient_identifier",
+    }
+    listed = run_cli("views", "list", env={"COLUMNS": "400"}).stdout
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in listed.splitlines()
+        if line.startswith("│")
+    ]
+    # One row per view: its name, the resource it reads, its title and its file (every file's
+    # path holds its name, so a check for the names anywhere in the output could not fail).
+    assert rows == [
+        [name, view["resource"], view["title"], str(path)]
+        for name, path in view_files().items()
+        for view in [load_view(str(path))]
+    ]
     shown = run_cli("views", "show", "lab_result").stdout
     assert "resource_type = 'Observation'" in shown and "laboratory" in shown
     committed = (ROOT / "docs" / "views.md").read_text()

@@ -169,9 +169,16 @@ def test_regions_and_bed_files_parse_or_name_the_problem() -> None:
 
 @pytest.mark.parametrize(
     ("ref", "alt", "kind"),
-    [("A", "G", "SNV"), ("AC", "GT", "MNV"), ("ACT", "A", "deletion"), ("A", "ACT", "insertion"),
-     ("ACT", "GC", "delins"), ("A", "<DEL>", None), ("A", ".", None)],
-)  # fmt: skip
+    [
+        ("A", "G", "SNV"),
+        ("AC", "GT", "MNV"),
+        ("ACT", "A", "deletion"),
+        ("A", "ACT", "insertion"),
+        ("ACT", "GC", "delins"),
+        ("A", "<DEL>", None),
+        ("A", ".", None),
+    ],
+)
 def test_the_dna_change_type_follows_vcf_padding(ref: str, alt: str, kind: str | None) -> None:
     found = _change_type(ref, alt)
     assert (found[1] if found else None) == kind

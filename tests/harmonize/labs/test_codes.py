@@ -190,14 +190,28 @@ SOURCE = LabCsvSource(
     kind="lab-csv",
     path=Path("unused.csv"),
     columns=LabCsvColumns(
-        id="id", patient="patient", code="code", code_system="system", time="time", value="value",
-        unit="unit", reference_low="low", reference_high="high",
+        id="id",
+        patient="patient",
+        code="code",
+        code_system="system",
+        time="time",
+        value="value",
+        unit="unit",
+        reference_low="low",
+        reference_high="high",
     ),
-)  # fmt: skip
+)
 ROW = {
-    "id": "r1", "patient": "p1", "code": "14749-6", "system": "http://loinc.org",
-    "time": "2024-03-01T08:30:00Z", "value": "100", "unit": "mg/dl", "low": "70", "high": "99",
-}  # fmt: skip
+    "id": "r1",
+    "patient": "p1",
+    "code": "14749-6",
+    "system": "http://loinc.org",
+    "time": "2024-03-01T08:30:00Z",
+    "value": "100",
+    "unit": "mg/dl",
+    "low": "70",
+    "high": "99",
+}
 
 
 def row(**changes: str) -> dict[str, Any]:
@@ -211,11 +225,22 @@ def row(**changes: str) -> dict[str, Any]:
 def test_glucose_in_mg_dl_under_a_moles_code_converts_to_mmol_l_with_its_range() -> None:
     glucose = row()
     assert glucose["valueQuantity"] == {
-        "value": 5.55, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L",
-        "extension": [{"url": ORIGINAL_QUANTITY, "valueQuantity": {
-            "value": 100, "unit": "mg/dl", "system": "http://unitsofmeasure.org", "code": "mg/dL",
-        }}],
-    }  # fmt: skip
+        "value": 5.55,
+        "unit": "mmol/L",
+        "system": "http://unitsofmeasure.org",
+        "code": "mmol/L",
+        "extension": [
+            {
+                "url": ORIGINAL_QUANTITY,
+                "valueQuantity": {
+                    "value": 100,
+                    "unit": "mg/dl",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "mg/dL",
+                },
+            }
+        ],
+    }
     low, high = glucose["referenceRange"][0]["low"], glucose["referenceRange"][0]["high"]
     assert (low["value"], low["code"], high["value"], high["code"]) == (3.89, "mmol/L", 5.50, "mmol/L")
     assert b'"high":{"value":5.50,' in observation(ROW, SOURCE), "99 / 18.016 = 5.495.. to 3 digits"

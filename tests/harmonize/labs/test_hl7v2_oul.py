@@ -60,9 +60,12 @@ def test_r22_each_specimen_heads_its_orders_and_its_own_results() -> None:
     assert a["collection"] == {"collectedDateTime": "2024-03-01T08:00:00+01:00"}
     unit = {"unit": "milliliter", "system": "http://unitsofmeasure.org", "code": "mL"}
     assert a["container"] == [
-        {"identifier": [{"value": "CONT-A1"}], "capacity": {"value": 5, **unit},
-         "specimenQuantity": {"value": 3, **unit}},
-    ]  # fmt: skip
+        {
+            "identifier": [{"value": "CONT-A1"}],
+            "capacity": {"value": 5, **unit},
+            "specimenQuantity": {"value": 3, **unit},
+        },
+    ]
     assert (report_a["specimen"], report_a["result"]) == ([ref(a)], [ref(cholesterol)])
     assert (report_b["specimen"], report_b["result"]) == ([ref(b)], [ref(glucose)])
     assert [o["specimen"] for o in (note_a, cholesterol, note_b, glucose)] == [ref(a), ref(a), ref(b), ref(b)]
@@ -84,9 +87,16 @@ def test_r23_orders_under_each_container_share_the_specimen() -> None:
     (specimen,) = got["Specimen"]
     assert specimen["container"] == [
         {"identifier": [{"value": "TUBE-1"}]},
-        {"identifier": [{"value": "TUBE-2"}], "specimenQuantity": {
-            "value": 1.5, "unit": "milliliter", "system": "http://unitsofmeasure.org", "code": "mL"}},
-    ]  # fmt: skip
+        {
+            "identifier": [{"value": "TUBE-2"}],
+            "specimenQuantity": {
+                "value": 1.5,
+                "unit": "milliliter",
+                "system": "http://unitsofmeasure.org",
+                "code": "mL",
+            },
+        },
+    ]
     assert [r["specimen"] for r in got["DiagnosticReport"]] == [[ref(specimen)], [ref(specimen)]]
     assert [r["result"] for r in got["DiagnosticReport"]] == [[ref(o)] for o in got["Observation"]]
     assert [o["specimen"] for o in got["Observation"]] == [ref(specimen), ref(specimen)]
@@ -112,8 +122,14 @@ def test_r24_each_order_has_the_specimens_that_follow_it() -> None:
 
 
 def test_an_oru_order_keeps_only_its_own_specimens() -> None:
-    got = resources("ORU^R01^ORU_R01", obr(1), CHOLESTEROL, "SPM|1|SPA||SER^Serum^HL70487",
-                    obr(2, "2345-7^Glucose^LN"), GLUCOSE)  # fmt: skip
+    got = resources(
+        "ORU^R01^ORU_R01",
+        obr(1),
+        CHOLESTEROL,
+        "SPM|1|SPA||SER^Serum^HL70487",
+        obr(2, "2345-7^Glucose^LN"),
+        GLUCOSE,
+    )
     report_a, report_b = got["DiagnosticReport"]
     assert report_a["specimen"] == [ref(got["Specimen"][0])] and "specimen" not in report_b
     assert "specimen" not in got["Observation"][1], "no SPM follows the second order"

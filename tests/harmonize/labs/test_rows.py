@@ -3,8 +3,10 @@ from __future__ import annotations
 import orjson
 import pytest
 from fhir.resources.R4B.observation import Observation
+from pydantic import ValidationError
 
 from harmonize.labs.rows import observation
+from harmonize.records import reason
 from tests.support.labs import ROW, SOURCE
 
 
@@ -17,8 +19,11 @@ def test_a_numeric_row_becomes_a_valid_lab_observation_keeping_the_decimals_as_w
     resource = mapped()
     Observation.model_validate(resource)
     assert resource["valueQuantity"] == {
-        "value": 5.50, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L",
-    }  # fmt: skip
+        "value": 5.50,
+        "unit": "mmol/L",
+        "system": "http://unitsofmeasure.org",
+        "code": "mmol/L",
+    }
     assert b'"value":5.50' in observation(ROW, SOURCE) and b'"value":6.10' in observation(ROW, SOURCE)
     assert resource["effectiveDateTime"] == "2024-03-01T08:30:00+01:00", "the time zone is kept"
     assert resource["subject"] == {"reference": "Patient/p1"}
@@ -59,6 +64,8 @@ def test_rows_that_cannot_map_say_why(change: dict[str, str], reason: str) -> No
         observation({**ROW, **change}, SOURCE)
 
 
-def test_an_invalid_time_fails_fhir_validation() -> None:
-    with pytest.raises(ValueError):
-        Observation.model_validate_json(observation({**ROW, "taken": "01/03/2024"}, SOURCE))
+def test_an_invalid_time_fails_fhir_validation_naming_the_field() -> None:
+    text = observation({**ROW, "taken": "01/03/2024"}, SOURCE)  # mapped as sent: validation judges it
+    with pytest.raises(ValidationError) as caught:
+        Observation.model_validate_json(text)
+    assert reason(caught.value).startswith("not a valid FHIR Observation: effectiveDateTime: ")

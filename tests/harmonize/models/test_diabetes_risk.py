@@ -16,8 +16,16 @@ from sklearn.preprocessing import StandardScaler
 from harmonize.models.diabetes_risk import FEATURES, compute, landmarks, train, training_set
 from tests.support.diabetes import Patient, population, years
 
-SCHEMA = {"patient_id": pl.String, "birth_date": pl.Date, "gender": pl.String, "deceased": pl.Boolean,
-          "kind": pl.String, "value": pl.Float64, "day": pl.Date, "row_id": pl.String}  # fmt: skip
+SCHEMA = {
+    "patient_id": pl.String,
+    "birth_date": pl.Date,
+    "gender": pl.String,
+    "deceased": pl.Boolean,
+    "kind": pl.String,
+    "value": pl.Float64,
+    "day": pl.Date,
+    "row_id": pl.String,
+}
 
 
 def frame(*patients: Patient) -> pl.DataFrame:

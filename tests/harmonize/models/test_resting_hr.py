@@ -13,8 +13,16 @@ import pytest
 from harmonize.models.resting_hr import compute
 
 LATEST = date(2024, 3, 29)
-SCHEMA = {"patient_id": pl.String, "birth_date": pl.Date, "wearer": pl.Boolean, "origin": pl.String,
-          "kind": pl.String, "day": pl.Date, "value": pl.Float64, "ids": pl.List(pl.String)}  # fmt: skip
+SCHEMA = {
+    "patient_id": pl.String,
+    "birth_date": pl.Date,
+    "wearer": pl.Boolean,
+    "origin": pl.String,
+    "kind": pl.String,
+    "day": pl.Date,
+    "value": pl.Float64,
+    "ids": pl.List(pl.String),
+}
 
 
 def wearable(
@@ -32,8 +40,19 @@ def wearable(
 def clinic(
     days_values: list[tuple[date, float]], *, born: date | None = date(1970, 1, 1)
 ) -> list[dict[str, Any]]:
-    return [{"patient_id": "c", "birth_date": born, "wearer": False, "origin": "vital_sign", "kind": "clinic",
-             "day": d, "value": v, "ids": [f"vital_sign/c-{d}"]} for d, v in days_values]  # fmt: skip
+    return [
+        {
+            "patient_id": "c",
+            "birth_date": born,
+            "wearer": False,
+            "origin": "vital_sign",
+            "kind": "clinic",
+            "day": d,
+            "value": v,
+            "ids": [f"vital_sign/c-{d}"],
+        }
+        for d, v in days_values
+    ]
 
 
 def run(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -107,8 +126,12 @@ def test_too_few_wearable_days_is_refused_saying_how_many_it_needs() -> None:
 
 def test_no_readings_is_refused_and_a_wearer_is_told_what_a_day_needs() -> None:
     nothing = {"wearer": False, "origin": None, "kind": None, "day": None, "value": None, "ids": []}
-    got = run([{"patient_id": "n", "birth_date": None} | nothing,
-               {"patient_id": "m", "birth_date": None} | nothing | {"wearer": True}])  # fmt: skip
+    got = run(
+        [
+            {"patient_id": "n", "birth_date": None} | nothing,
+            {"patient_id": "m", "birth_date": None} | nothing | {"wearer": True},
+        ]
+    )
     assert got["n"]["reason"] == "no heart-rate readings (wearable, or clinic heart rates LOINC 8867-4)"
     assert got["m"]["reason"].startswith("wearable heart rate, but no day with a resting value")
     assert "8 half-hours of 5 heart-rate samples" in got["m"]["reason"]
@@ -122,8 +145,11 @@ def test_clinic_readings_use_up_to_5_before_the_latest_within_3_years() -> None:
     out = got["outputs"]
     # the latest is 76 (2021-01-01); the 5 before it within 3 years: 71..75; 2014 is too old
     assert (out["source"], out["latest_bpm"], out["baseline_readings"], out["baseline_bpm"]) == (
-        "vital_sign", 76.0, 5, 73.0,
-    )  # fmt: skip
+        "vital_sign",
+        76.0,
+        5,
+        73.0,
+    )
     assert (out["threshold_bpm"], out["flagged"]) == (10.0, False), "the clinic floor is 10 bpm"
     assert got["inputs"] == [f"vital_sign/c-{d}" for d, _ in readings[-6:]]
 
