@@ -104,8 +104,10 @@ def _openmhealth(folder: Path) -> FileSource:
     schema_id = {"namespace": "omh", "name": "heart-rate", "version": "1.0"}
     for n in (1, 2):
         header = {"id": f"dp{n}", "creation_date_time": "2024-05-02T00:00:00Z", "schema_id": schema_id}
-        body = {"heart_rate": {"value": 60 + n, "unit": "beats/min"},
-                "effective_time_frame": {"date_time": f"2024-05-0{n}T08:30:00+02:00"}}  # fmt: skip
+        body = {
+            "heart_rate": {"value": 60 + n, "unit": "beats/min"},
+            "effective_time_frame": {"date_time": f"2024-05-0{n}T08:30:00+02:00"},
+        }
         write_ndjson(folder / "data" / f"day{n}.ndjson", [{"header": header, "body": body}])
     table = {
         "kind": "openmhealth",
@@ -155,10 +157,15 @@ def load_small_ehr(server: FhirServer) -> None:
         for i in range(3)
     ]
     observations = [
-        {"resourceType": "Observation", "id": f"o{i}", "status": "final", "code": {"text": "x"},
-         "subject": {"reference": "Patient/p0"}}
+        {
+            "resourceType": "Observation",
+            "id": f"o{i}",
+            "status": "final",
+            "code": {"text": "x"},
+            "subject": {"reference": "Patient/p0"},
+        }
         for i in range(4)
-    ]  # fmt: skip
+    ]
     server.load([*patients, *observations], bundle_type="transaction")
     updated = max(
         datetime.fromisoformat(r["meta"]["lastUpdated"])

@@ -50,11 +50,15 @@ def test_status_says_how_far_a_source_of_each_kind_got(tmp_path: Path, fitbit_se
         today = datetime.now(ZoneInfo("America/Los_Angeles")).date()
         fitbit_server.state.users["USER1"] = User("USER1", last_sync=f"{today}T00:30:00.000")
         fitbit = {
-            "kind": "fitbit", "client_id": CLIENT_ID, "redirect_uri": "http://127.0.0.1:9/fitbit/callback",
-            "api_url": fitbit_server.url, "authorize_url": f"{fitbit_server.url}/oauth2/authorize",
-            "token_url": f"{fitbit_server.url}/oauth2/token", "scopes": ["heartrate", "profile", "settings"],
+            "kind": "fitbit",
+            "client_id": CLIENT_ID,
+            "redirect_uri": "http://127.0.0.1:9/fitbit/callback",
+            "api_url": fitbit_server.url,
+            "authorize_url": f"{fitbit_server.url}/oauth2/authorize",
+            "token_url": f"{fitbit_server.url}/oauth2/token",
+            "scopes": ["heartrate", "profile", "settings"],
             "since": str(today - timedelta(days=2)),
-        }  # fmt: skip
+        }
         config = write_sources_config(
             tmp_path,
             {
