@@ -7,7 +7,7 @@ SEKMET_VERSION := 0.1.1
 SEKMET_VENV := .venv-sekmet
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test test-slow lint bench clean $(SEKMET_VENV)
+.PHONY: demo test test-slow lint docs bench clean $(SEKMET_VENV)
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The manual: its generated pages up to date, then the site, offline and strict (into site/).
+# NO_MKDOCS_2_WARNING quiets the banner material 9.x prints on every build (its end of life).
+docs: $(BIN)/.installed
+	$(BIN)/python docs/generate.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 # The default run skips the tests marked slow (about 9 minutes on 2 cores); CI runs both.
-test: lint $(SEKMET_VENV)
+test: lint docs $(SEKMET_VENV)
 	TWINHUB_REQUIRE_SEKMET=1 $(BIN)/pytest -m "not slow"
 
 test-slow: $(BIN)/.installed $(SEKMET_VENV)
@@ -43,4 +49,4 @@ bench: $(BIN)/.installed $(SEKMET_VENV)
 	$(BIN)/python bench/ehr_bulk.py
 
 clean:
-	rm -rf $(VENV) $(SEKMET_VENV) .twinhub .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SEKMET_VENV) .twinhub site .pytest_cache .mypy_cache .ruff_cache

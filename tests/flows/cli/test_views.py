@@ -114,5 +114,8 @@ def test_the_standard_views_are_listed_shown_and_documented(tmp_path: Path) -> N
     ]
     shown = run_cli("views", "show", "lab_result").stdout
     assert "resource_type = 'Observation'" in shown and "laboratory" in shown
-    committed = (ROOT / "docs" / "views.md").read_text()
-    assert committed == schema_doc(), "docs/views.md is stale: run `twinhub views doc > docs/views.md`"
+    committed = (ROOT / "docs" / "reference" / "views.md").read_text()
+    assert committed == schema_doc(), (
+        "docs/reference/views.md is stale: run `twinhub views doc > docs/reference/views.md` "
+        "(or `.venv/bin/python docs/generate.py`)"
+    )
