@@ -48,7 +48,7 @@ SAMPLE_SCHEMA = pa.schema(
     ]
 )
 """Wearable samples as a connector reads them, one row each, columnar (millions per pull): the
-twin's Patient id, the device that measured, a metric named as in `harmonize/wearable_metrics.toml`
+twin's Patient id, the device that measured, a metric named as in `harmonize/wearables/wearable_metrics.toml`
 (heart_rate, steps, ...), when (the local clock's UTC offset kept for daily rollups), the value
 in the unit the vendor sent, and where it came from (a file, an API path; never a secret)."""
 

@@ -77,7 +77,7 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(
             "file",
             f"{str(file)!r} does not exist; pass --config PATH to a "
-            "twinhub.toml (see the README for an example)",
+            "twinhub.toml (docs/getting-started.md shows one)",
         )
 
     class FileSettings(Settings):

@@ -397,7 +397,10 @@ def samples_from(
     reason = (
         pl.when(pl.col("metric").is_null())
         .then(
-            pl.format("value {} is not one twinhub maps (see connectors/apple_health.toml)", _shown("text"))
+            pl.format(
+                "value {} is not one twinhub maps (see connectors/wearables/apple_health.toml)",
+                _shown("text"),
+            )
         )
         .when(pl.col("start_time").is_null())
         .then(pl.format("startDate {} is not a date like {}", _shown("start"), pl.lit(DATE_EXAMPLE)))

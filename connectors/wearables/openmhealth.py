@@ -1,7 +1,7 @@
 """Open mHealth data points in JSON files: one per file, a JSON array of them, or NDJSON (one a
 line), plain or gzipped. Each is validated against the schemas its header names (the folder
 `schemas`, see `connectors.wearables.openmhealth_schemas`) and its body becomes wearable samples, columnar,
-named as in `harmonize/wearable_metrics.toml` (`openmhealth.toml` says which schema maps to which
+named as in `harmonize/wearables/wearable_metrics.toml` (`openmhealth.toml` says which schema maps to which
 metric). A data point that cannot become samples is a problem with the reason, never dropped:
 
 - invalid header or body: the schema, the JSON path and the validator's message;

@@ -7,7 +7,7 @@ some 40 values per message. Here a message is split into segments and fields onc
 field into repetitions and components only when it is read, with the same numbering, the same
 separators (from MSH-1 and MSH-2), the same special MSH/BHS/FHS headers and the same values
 (text as sent, escapes not decoded, stripped) as python-hl7's `Segment(field)(repeat)(component)`.
-`tests/harmonize/test_hl7v2_segments.py` checks that against python-hl7 on every shared
+`tests/harmonize/labs/test_hl7v2_segments.py` checks that against python-hl7 on every shared
 message and on mangled ones.
 """
 

@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 from connectors.base import PROBLEM_SCHEMA, SAMPLE_SCHEMA
 
 METRICS_FILE = Path(__file__).with_name("wearable_metrics.toml")
+WHERE = "harmonize/wearables/wearable_metrics.toml"
+"""Where a user finds the metrics and unit spellings, for the reasons of samples refused."""
 Rollup = Literal["sum", "mean", "last", "min", "max"]
 
 NORMALIZED_SCHEMA = pa.schema(
@@ -149,11 +151,11 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     known = frame.join(_conversions(), on=["metric", "unit"], how="left", maintain_order="left")
     reason = (
         pl.when(~pl.col("metric").is_in(list(metrics())))
-        .then(pl.format("unknown metric {} (not in harmonize/wearable_metrics.toml)", pl.col("metric")))
+        .then(pl.format(f"unknown metric {{}} (not in {WHERE})", pl.col("metric")))
         .when(pl.col("factor").is_null())
         .then(
             pl.format(
-                "metric {} does not take unit {} (its spellings are in harmonize/wearable_metrics.toml)",
+                f"metric {{}} does not take unit {{}} (its spellings are in {WHERE})",
                 pl.col("metric"),
                 pl.col("unit").fill_null("(none)"),
             )

@@ -314,7 +314,7 @@ def test_a_record_that_cannot_be_read_is_a_problem_with_its_line_and_reason(tmp_
         (
             nap,
             f"{SLEEP} record at line {nap}: value 'HKCategoryValueSleepAnalysisNapping' is not one "
-            "twinhub maps (see connectors/apple_health.toml)",
+            "twinhub maps (see connectors/wearables/apple_health.toml)",
         ),
     }
     raw = json.loads(next(p["raw"] for p in problems(pull(path)) if "abc" in p["reason"]))

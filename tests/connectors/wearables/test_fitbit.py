@@ -1,4 +1,4 @@
-"""The Fitbit connector against a local stand-in for the Fitbit Web API (tests/fitbit_server.py):
+"""The Fitbit connector against a local stand-in for the Fitbit Web API (tests/support/fitbit_server.py):
 what the recorded real responses yield, per-patient watermarks, token refresh and forced
 expiry, the rate limit, and crashes mid-refresh."""
 
