@@ -22,8 +22,9 @@ CATALOG = "twin"
 EXTENSIONS = ("sqlite_scanner", "ducklake")
 
 
-def connect(root: Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+def connect(root: Path | str, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the store attached as `twin` and selected (read-only default)."""
+    root = Path(root)
     catalog = root / "catalog.sqlite"
     if read_only and not catalog.exists():
         raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
@@ -41,6 +42,19 @@ def connect(root: Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     con.execute(f"ATTACH 'ducklake:sqlite:{catalog}' AS {CATALOG} ({options})")
     con.execute(f"USE {CATALOG}")
     return con
+
+
+def attach_statements(root: Path | str) -> str:
+    """The SQL that opens the store read-only in any DuckDB client of this version, offline
+    (the extensions load from the wheels twinhub installed), as `connect` opens it."""
+    catalog = Path(root).resolve() / "catalog.sqlite"
+    if not catalog.exists():
+        raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
+    loads = "".join(f"LOAD {literal(str(extension_path(name)))};\n" for name in EXTENSIONS)
+    return (
+        f"{loads}SET TimeZone = 'UTC';\n"
+        f"ATTACH {literal(f'ducklake:sqlite:{catalog}')} AS {CATALOG} (READ_ONLY);\nUSE {CATALOG};\n"
+    )
 
 
 def load_extensions(con: duckdb.DuckDBPyConnection) -> None:

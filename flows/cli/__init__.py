@@ -14,14 +14,18 @@ import typer
 from rich.markup import escape
 
 from connectors.errors import TwinhubError
-from flows.cli import demo, models, query, serve, sources, views, wearables
+from flows.cli import demo, models, project, query, serve, sources, views, wearables
 from flows.cli._output import State, err
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app.command()(project.init)
+app.command()(project.check)
 app.command()(sources.sync)
 app.command()(sources.backfill)
 app.command()(sources.status)
-app.command()(query.sql)
+# A query may start with `--` (an SQL comment): not an option.
+app.command(context_settings={"ignore_unknown_options": True})(query.sql)
+app.command("attach-sql")(query.attach_sql)
 app.add_typer(views.app, name="views")
 app.add_typer(wearables.app, name="wearables")
 app.add_typer(models.app, name="models")
@@ -30,13 +34,29 @@ app.command()(serve.serve)
 app.command()(demo.demo)
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"twinhub {version('twinhub')}")
+        raise typer.Exit()
+
+
+VERBOSE = ("-v", "--verbose")
+
+
 @app.callback()
 def main_options(
     config: Annotated[
         Path | None,
         typer.Option("--config", help="twinhub.toml (default: $TWINHUB_CONFIG or ./twinhub.toml)"),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress (before or after the command)")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit", is_eager=True, callback=_version)
+    ] = False,
 ) -> None:
     """twinhub: EHR, lab, genomic and wearable data in one queryable twin store."""
     State.config = config
@@ -53,12 +73,20 @@ def main_options(
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
 
+def hoist_verbose(argv: list[str]) -> list[str]:
+    """`-v` may follow the command (`twinhub sync ehr -v`), as in dbt or dlt; Typer takes global
+    options only before it, so they move there. A lone `--` ends the options."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in VERBOSE]
+    return flags + [a for a in argv[:end] if a not in VERBOSE] + argv[end:]
+
+
 def main() -> None:
     try:
-        app()
+        app(args=hoist_verbose(sys.argv[1:]), prog_name="twinhub")
     except TwinhubError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "hoist_verbose", "main"]

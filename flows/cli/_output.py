@@ -10,11 +10,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 if TYPE_CHECKING:
-    import duckdb
-
     from flows.config import Settings
     from twin_store import RunReport
 
@@ -38,15 +35,6 @@ def settings() -> Settings:
 def config_arg() -> str | None:
     """The config file as a flow parameter (flows run in other processes under `serve`)."""
     return str(State.config.resolve()) if State.config else None
-
-
-def show(rel: duckdb.DuckDBPyRelation, title: str | None = None) -> None:
-    table = Table(title=title)
-    for col in rel.columns:
-        table.add_column(col)
-    for row in rel.fetchall():
-        table.add_row(*("" if v is None else str(v) for v in row))
-    out.print(table)
 
 
 def with_progress(name: str, work: Callable[[], RunReport]) -> RunReport:
@@ -90,8 +78,9 @@ def print_report(report: RunReport) -> None:
     if c["deleted"]:
         parts.append(f"{c['deleted']:,} deleted")
     out.print(
-        f"[bold]{report.flow} {report.source}[/] run {report.run_id}: {c['lines_read']:,} lines read -> "
-        f"{', '.join(parts)} in {report.seconds:.1f} s (snapshot {report.snapshot_id})"
+        f"[bold]{report.flow} {escape(report.source)}[/] run {report.run_id}: "
+        f"{c['lines_read']:,} lines read -> {', '.join(parts)} in {report.seconds:.1f} s "
+        f"(snapshot {report.snapshot_id})"
     )
     if report.by_type:
         out.print("  by type: " + ", ".join(f"{t} {n:,}" for t, n in sorted(report.by_type.items())))

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from flows.cli._output import State, out, print_report, show, with_progress
+from flows.cli._output import State, out, print_report, with_progress
+from flows.cli._results import show
 
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
 DEMO_MODELS = ("ascvd-pce", "resting-hr-baseline", "diabetes-risk")

@@ -9,7 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from connectors.errors import TwinhubError
-from flows.cli._output import out, settings, show
+from flows.cli._output import out, settings
+from flows.cli._results import show
 
 app = typer.Typer(no_args_is_help=True, help="Twin models: list, run now, and their outputs' history.")
 

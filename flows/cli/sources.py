@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from connectors.errors import TwinhubError
-from flows.cli._output import State, config_arg, err, out, print_report, settings, show, with_progress
+from flows.cli._output import State, config_arg, err, out, print_report, settings, with_progress
+from flows.cli._results import show
 
 
 def sync(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,16 +10,10 @@ import typer
 from rich.table import Table
 
 from connectors.errors import TwinhubError
-from flows.cli._output import out, settings, show
+from flows.cli._output import out, settings
+from flows.cli._results import DEFAULT_LIMIT, Format, chosen_format, write
 
 app = typer.Typer(no_args_is_help=True, help="SQL-on-FHIR v2 ViewDefinitions over the store.")
-
-
-class ViewFormat(StrEnum):
-    table = "table"
-    csv = "csv"
-    parquet = "parquet"
-    json = "json"
 
 
 @app.command("list")
@@ -51,12 +44,19 @@ def views_show(
 @app.command("run")
 def views_run(
     view: Annotated[str, typer.Argument(help="A view name (see views list) or a JSON file")],
-    format: Annotated[ViewFormat, typer.Option("--format", "-f", help="table, csv, parquet or json")] = (
-        ViewFormat.table
-    ),
-    output: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout")
+    format: Annotated[
+        Format | None,
+        typer.Option(
+            "--format", "-f", help="table, csv, json or parquet (default: table, or --out's extension)"
+        ),
     ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write to this .csv, .json or .parquet file")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(help="Rows a table shows; the rest are counted", min=1)
+    ] = DEFAULT_LIMIT,
+    all_rows: Annotated[bool, typer.Option("--all", help="Show every row in a table")] = False,
 ) -> None:
     """Run a ViewDefinition over the store, read-only."""
     import duckdb
@@ -64,22 +64,11 @@ def views_run(
     from twin_store import connect
     from twin_store.views import load_view, view_relation
 
-    if format is ViewFormat.parquet and output is None:
-        raise TwinhubError("--format parquet needs --out FILE.parquet")
+    fmt = chosen_format(format, output)
     cfg = settings()
     rel = view_relation(connect(cfg.store.path), load_view(view, cfg.views.path))
     try:
-        if output is None and format is ViewFormat.table:
-            show(rel)
-        elif output is None:
-            frame = rel.pl()
-            sys.stdout.write(frame.write_csv() if format is ViewFormat.csv else frame.write_json() + "\n")
-        elif format is ViewFormat.parquet:
-            rel.write_parquet(str(output))
-        elif format is ViewFormat.json:
-            rel.pl().write_json(output)
-        else:
-            rel.write_csv(str(output))
+        write(rel, fmt, output, limit=None if all_rows else limit)
     except duckdb.Error as e:  # data-dependent errors, e.g. several values in a single column
         raise TwinhubError(f"view {view!r} failed: {str(e).splitlines()[0]}") from None
 
