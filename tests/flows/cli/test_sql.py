@@ -134,7 +134,8 @@ def test_queries_come_from_stdin_or_a_file_and_every_statement_runs(store: Path,
     )
     assert piped.stdout == "n\n50\n"
     (tmp_path / "q.sql").write_text(
-        "-- a comment first\nCREATE TEMP TABLE t AS SELECT 7 AS seven;\nSELECT seven FROM t;\nSELECT 8 AS eight;\n"
+        "-- a comment first\nCREATE TEMP TABLE t AS SELECT 7 AS seven;\n"
+        "SELECT seven FROM t;\nSELECT 8 AS eight;\n"
     )
     both = sql(store, f"@{tmp_path / 'q.sql'}", "-f", "csv").stdout
     assert both == "seven\n7\neight\n8\n"
