@@ -95,6 +95,12 @@ def model_runs(con: Con, per_model: int = 3) -> Relation:
     )
 
 
+def has_outputs(con: Con, model: str) -> bool:
+    """Whether the store holds outputs of `model` (installed or not any more)."""
+    row = con.execute("SELECT count(*) > 0 FROM model_output WHERE model = ?", [model]).fetchone()
+    return bool(row and row[0])
+
+
 def last_model_runs(con: Con) -> dict[str, tuple[object, ...]]:
     """Per model, its last refresh: version, when, snapshot, scope, ok, refused, errors."""
     rows = con.sql(
@@ -129,14 +135,20 @@ def output_history(con: Con, model: str, patient: str | None, limit: int) -> Rel
 
 
 def model_summary(con: Con) -> Relation:
-    """Per model: patients computed, refused and in error, the median value, the latest snapshot."""
+    """Per model, where each patient stands now (their latest output: a patient refused once and
+    computed later counts as computed, once): patients computed, refused and in error, the
+    median value, the latest snapshot."""
     return con.sql(
-        """SELECT model, version, count(DISTINCT patient_id) FILTER (status = 'ok') AS computed,
-                  count(DISTINCT patient_id) FILTER (status = 'refused') AS refused,
-                  count(DISTINCT patient_id) FILTER (status = 'error') AS errors,
+        """WITH latest AS (
+               FROM model_output QUALIFY row_number() OVER (
+                   PARTITION BY model, patient_id ORDER BY input_snapshot_id DESC, computed_at DESC) = 1)
+           SELECT model, string_agg(DISTINCT version, ', ' ORDER BY version) AS version,
+                  count(*) FILTER (status = 'ok') AS computed,
+                  count(*) FILTER (status = 'refused') AS refused,
+                  count(*) FILTER (status = 'error') AS errors,
                   round(median(value) FILTER (status = 'ok'), 4) AS median_value,
                   max(input_snapshot_id) AS snapshot
-           FROM model_output GROUP BY ALL ORDER BY model"""
+           FROM latest GROUP BY model ORDER BY model"""
     )
 
 
