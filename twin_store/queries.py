@@ -95,6 +95,15 @@ def model_runs(con: Con, per_model: int = 3) -> Relation:
     )
 
 
+def refreshes_of(con: Con, trigger: str) -> Relation:
+    """The model refreshes one trigger ran (a sync's: `sync <run id>`), by model."""
+    return con.sql(
+        """SELECT model, version, scope, patients, ok, refused, errors, round(seconds, 1) AS secs
+           FROM model_run WHERE trigger = $trigger ORDER BY model, finished_at""",
+        params={"trigger": trigger},
+    )
+
+
 def has_outputs(con: Con, model: str) -> bool:
     """Whether the store holds outputs of `model` (installed or not any more)."""
     row = con.execute("SELECT count(*) > 0 FROM model_output WHERE model = ?", [model]).fetchone()

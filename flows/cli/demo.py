@@ -47,9 +47,9 @@ def demo(
     )
     State.config = demo_config
     started = time.perf_counter()
-    print_report(with_progress(name, lambda: sync_flow(name, str(demo_config))))
+    print_report(with_progress(name, lambda: sync_flow(name, str(demo_config))), store.path)
     wearables = _demo_wearables(store.path, demo_config)
-    print_report(with_progress(wearables, lambda: sync_flow(wearables, str(demo_config))))
+    print_report(with_progress(wearables, lambda: sync_flow(wearables, str(demo_config))), store.path)
     con = connect(store.path)
     show(queries.table_counts(con), "Rows per table")
     out.print(

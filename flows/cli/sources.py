@@ -28,7 +28,8 @@ def sync(
     from flows.sync import sync as sync_flow
 
     _preflight(name)
-    print_report(with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh)))
+    report = with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh))
+    print_report(report, settings().store.path)
 
 
 def backfill(
