@@ -8,6 +8,7 @@ from datetime import date
 
 import duckdb
 
+from twin_store.runs import COUNTS
 from twin_store.views import standard_views
 
 EXAMPLE_QUERY = """SELECT code_display, value_unit, count(*) AS n, round(avg(value_numeric), 1) AS mean
@@ -31,15 +32,25 @@ Con = duckdb.DuckDBPyConnection
 
 
 def last_runs(con: Con, per_source: int = 3) -> Relation:
-    """The last runs of each source with their counts, newest first."""
+    """The last runs of each source with their counts and error, newest first."""
     return con.sql(
-        """SELECT source, flow, status, started_at, round(epoch(finished_at - started_at), 1) AS secs,
-                  lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window, held,
-                  deleted, released, warnings, snapshot_id
-           FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= $n
-           ORDER BY source, started_at DESC""",
+        f"""SELECT source, run_id, flow, status, started_at, finished_at,
+                   round(epoch(finished_at - started_at), 1) AS secs, {", ".join(COUNTS)}, snapshot_id, error
+            FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= $n
+            ORDER BY source, started_at DESC""",
         params={"n": per_source},
     )
+
+
+def failed_sources(con: Con) -> list[str]:
+    """The sources whose last sync or backfill failed (what `status` exits non-zero for)."""
+    rows = con.execute(
+        """SELECT source FROM ingest_run WHERE flow IN ('sync', 'backfill')
+           QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) = 1
+               AND status = 'failed'
+           ORDER BY source"""
+    ).fetchall()
+    return [source for (source,) in rows]
 
 
 def watermarks(con: Con) -> list[tuple[str, object, str]]:
@@ -70,11 +81,17 @@ def waiting(con: Con) -> Relation:
     )
 
 
-def quarantine_reasons(con: Con, limit: int = 20) -> Relation:
-    """The most frequent reasons lines were quarantined, per source."""
+def quarantine_reasons(con: Con, per_source: int = 5) -> Relation:
+    """Per source, its most frequent quarantine reasons with their lines, and its totals: every
+    line (`source_lines`) and how many distinct reasons (`reasons`)."""
     return con.sql(
-        "SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL ORDER BY 3 DESC LIMIT $limit",
-        params={"limit": limit},
+        """WITH reasons AS (SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL)
+           SELECT source, reason, lines, sum(lines) OVER (PARTITION BY source) AS source_lines,
+                  count(*) OVER (PARTITION BY source) AS reasons
+           FROM reasons
+           QUALIFY row_number() OVER (PARTITION BY source ORDER BY lines DESC, reason) <= $n
+           ORDER BY source, lines DESC, reason""",
+        params={"n": per_source},
     )
 
 

@@ -1,16 +1,14 @@
-"""Commands on sources: sync, backfill, listen, and the store's status."""
+"""Commands on sources: sync, backfill and listen."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-import orjson
 import typer
-from rich.table import Table
 
 from connectors.errors import TwinhubError
-from flows.cli._output import State, config_arg, err, out, print_report, settings, show, with_progress
+from flows.cli._output import State, config_arg, out, print_report, settings, with_progress
 
 
 def sync(
@@ -62,58 +60,6 @@ def listen(name: str) -> None:
         out.print(f"{name}: listening on port {port}; Ctrl-C stops", highlight=False)
 
     listen_flow(State.config, name, ready=ready)
-
-
-def status() -> None:
-    """Sources, watermarks, last runs, table counts and quarantine."""
-    from twin_store import connect, queries
-
-    cfg = settings()
-    con = connect(cfg.store.path)
-    show(
-        queries.last_runs(con),
-        "Last runs per source (lines_read + released = inserted + updated + unchanged + superseded"
-        " + quarantined + out_of_window + held)",
-    )
-    configured = {s.name: s for s in cfg.sources}
-    table = Table(title="Sources and watermarks")
-    for col in ("source", "kind", "schedule", "watermark"):
-        table.add_column(col)
-    seen = set()
-    for source, updated_at, watermark in queries.watermarks(con):
-        seen.add(source)
-        found = configured.get(source)
-        progress = _progress(found.kind, watermark) if found else "its kind is not in the config"
-        table.add_row(
-            source,
-            found.kind if found else "(not in config)",
-            (found.schedule or "-") if found else "-",
-            f"{progress} at {updated_at:%Y-%m-%d %H:%M:%S}",
-        )
-    for name, s in configured.items():
-        if name not in seen:
-            table.add_row(name, s.kind, s.schedule or "-", "never synced")
-    out.print(table)
-    show(queries.table_counts(con), "Rows per table")
-    show(
-        queries.waiting(con),
-        "Waiting for their patient (records that name a patient identifier no Patient has yet)",
-    )
-    show(queries.quarantine_reasons(con), "Quarantine (bad lines, kept with their reason)")
-    if pending := queries.days_awaiting_fhir(con):
-        out.print(f"{pending:,} wearable days wait for their FHIR Observation (the next sync makes them)")
-    show(queries.model_runs(con), "Twin model refreshes (last 3 per model)")
-
-
-def _progress(kind: str, watermark: str) -> str:
-    """How far a source got, in its kind's words."""
-    from connectors.kinds import source_kind
-
-    try:
-        return source_kind(kind).describe(orjson.loads(watermark))
-    except Exception as e:  # a plugin's describe must not break status
-        err.print(f"warning: kind {kind!r} cannot describe its watermark ({type(e).__name__})", markup=False)
-        return "(watermark not understood)"
 
 
 def _preflight(name: str) -> None:
