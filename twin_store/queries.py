@@ -95,6 +95,20 @@ def quarantine_reasons(con: Con, per_source: int = 5) -> Relation:
     )
 
 
+def quarantined_lines(con: Con, source: str | None, reason: str | None, limit: int) -> tuple[int, Relation]:
+    """How many quarantined lines match, and the first `limit` of them (source, file, line,
+    reason, when), in source, file and line order. `reason` matches a part, any case."""
+    match = """($source IS NULL OR source = $source)
+               AND ($reason IS NULL OR contains(lower(reason), lower($reason)))"""
+    params = {"source": source, "reason": reason}
+    (total,) = con.execute(f"SELECT count(*) FROM quarantine WHERE {match}", params).fetchone() or (0,)
+    return int(total), con.sql(
+        f"""SELECT source, file, line_no, reason, quarantined_at FROM quarantine WHERE {match}
+            ORDER BY source, file, line_no, quarantined_at LIMIT $limit""",
+        params={**params, "limit": limit},
+    )
+
+
 def days_awaiting_fhir(con: Con) -> int:
     """Wearable days rolled up whose FHIR Observation the next sync makes."""
     (pending,) = con.sql("SELECT count(*) FROM wearable_daily WHERE fhir_pending").fetchone() or (0,)

@@ -14,13 +14,15 @@ import typer
 from rich.markup import escape
 
 from connectors.errors import TwinhubError
-from flows.cli import demo, models, query, serve, sources, status, views, wearables
+from flows.cli import demo, models, quarantine, query, serve, sources, status, views, wearables
 from flows.cli._output import State, err
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.command()(sources.sync)
 app.command()(sources.backfill)
 app.command()(status.status)
+app.add_typer(quarantine.app, name="quarantine")
+app.command()(sources.reset)
 app.command()(query.sql)
 app.add_typer(views.app, name="views")
 app.add_typer(wearables.app, name="wearables")

@@ -1,4 +1,4 @@
-"""Commands on sources: sync, backfill and listen."""
+"""Commands on sources: sync, backfill, listen and reset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from connectors.errors import TwinhubError
-from flows.cli._output import State, config_arg, out, print_report, settings, with_progress
+from flows.cli._output import State, config_arg, out, para, print_report, settings, with_progress
 
 
 def sync(
@@ -60,6 +60,42 @@ def listen(name: str) -> None:
         out.print(f"{name}: listening on port {port}; Ctrl-C stops", highlight=False)
 
     listen_flow(State.config, name, ready=ready)
+
+
+def reset(
+    name: str,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Do it (without: say what it would do, and stop)")
+    ] = False,
+) -> None:
+    """Forget how far source NAME got, so that its next sync reads everything again. Deletes no
+    data: landed records stay, and read again unchanged they count as unchanged (no duplicates);
+    quarantine and records waiting for their patient stay too. An export job in progress is
+    abandoned and its downloads removed."""
+    from flows.cli.status import progress_of
+    from flows.repair import reset as reset_source
+    from twin_store import connect, queries
+
+    cfg = settings()
+    source = cfg.source(name)
+    if not yes:
+        progress = "never synced"
+        if (cfg.store.path / "catalog.sqlite").exists():
+            marks = {s: mark for s, _, mark in queries.watermarks(connect(cfg.store.path))}
+            if name in marks:
+                progress = progress_of(source.kind, marks[name])
+        raise TwinhubError(
+            f"reset would forget how far source {name!r} got ({progress}), so that its next sync reads "
+            "everything again; no data is deleted. Add --yes to do it"
+        )
+    run = reset_source(cfg, name)
+    if run.stats["watermarks forgotten"]:
+        para(
+            f"reset {name} (run {run.run_id}): forgot how far it got; its next sync reads everything "
+            "again (landed data stays: what is unchanged counts as unchanged)"
+        )
+    else:
+        para(f"reset {name} (run {run.run_id}): it had not got anywhere; its next sync reads everything")
 
 
 def _preflight(name: str) -> None:
