@@ -41,10 +41,10 @@ def quarantine_list(
 
 @app.command("replay")
 def quarantine_replay(source: str) -> None:
-    """Read the quarantined lines of SOURCE again, after fixing the cause (its mapping, its
-    ConceptMap, a check twinhub relaxed): those that pass land (or wait for their patient) and
-    leave quarantine; the others stay, with their reason as it is now. For sources of FHIR
-    kinds, lab-csv and hl7v2. Twin models pick up what landed at their next refresh."""
+    """Read the quarantined lines of SOURCE again, after fixing the cause (its mapping, a check
+    twinhub relaxed): those that pass land (or wait for their patient) and leave quarantine; the
+    others stay, with their reason as it is now. For sources of FHIR kinds, lab-csv and hl7v2.
+    Twin models pick up what landed at their next refresh."""
     from flows.repair import replay
 
     done = replay(settings(), source)
