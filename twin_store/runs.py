@@ -18,7 +18,9 @@ import orjson
 from connectors.base import Watermark
 
 RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
-FlowKind = Literal["sync", "backfill", "refresh"]
+FlowKind = Literal["sync", "backfill", "refresh", "replay", "reset"]
+"""`replay`: quarantined lines read again (`twinhub quarantine replay`); `reset`: a source's
+watermark forgotten (`twinhub reset`)."""
 COUNTS = (
     "lines_read",
     "inserted",
@@ -114,3 +116,12 @@ def record_batch(
             *(counts[c] for c in COUNTS),
         ],
     )
+
+
+def forget_watermark(con: duckdb.DuckDBPyConnection, source: str) -> int:
+    """Forget where `source` got, in the caller's transaction: its next sync reads everything.
+    The batches' counts stay (the runs' history); returns how many batches carried a watermark."""
+    row = con.execute(
+        "UPDATE twin.ingest_batch SET watermark = NULL WHERE source = ? AND watermark IS NOT NULL", [source]
+    ).fetchone()
+    return int(row[0]) if row else 0

@@ -108,6 +108,18 @@ class TwinStore:
             runs.finish(self.con, run)
         return run
 
+    def forget(self, source: str) -> RunReport:
+        """Forget where `source` got (a `reset` run): its next sync reads everything again. What
+        landed stays; read again unchanged, it counts as unchanged."""
+        run = self.begin_run(source, "reset")
+        with self.transaction():
+            run.stats["watermarks forgotten"] = runs.forget_watermark(self.con, source)
+        return self.finish_run(run, "succeeded")
+
+    def quarantined(self, source: str) -> pa.Table:
+        """The quarantined lines of `source`, as records to read again (`land(replayed=...)`)."""
+        return self._resources.quarantined(source)
+
     def snapshot_id(self) -> int:
         row = self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{CATALOG}')").fetchone()
         assert row is not None
@@ -119,13 +131,22 @@ class TwinStore:
 
     # -- landing ------------------------------------------------------------------------------
 
-    def land(self, run: RunReport, batch: PreparedBatch, *, window: Window | None = None) -> None:
+    def land(
+        self,
+        run: RunReport,
+        batch: PreparedBatch,
+        *,
+        window: Window | None = None,
+        replayed: pa.Table | None = None,
+    ) -> None:
         """Upsert one batch, the view rows of what changed, quarantine, watermark and run
         counts atomically.
 
         Unchanged content (same hash) writes nothing. With a `window` (a backfill) only
         resources in it land, the view rows of all of them are recomputed even if unchanged,
-        and the sync watermark is left alone.
+        and the sync watermark is left alone. With `replayed` (the quarantined lines the batch
+        reads again, as `quarantined` gives them) those lines leave quarantine, the ones still
+        bad come back with their reason, and the watermark is left alone too.
         """
         resources, problems = batch.checked.resources, batch.checked.problems
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
@@ -142,6 +163,8 @@ class TwinStore:
             counts.update(quarantined=len(problems), superseded=batch.superseded)
             if len(resources):
                 self._resources.upsert(run, resources, window, counts)
+            if replayed is not None:
+                self._resources.release(run, replayed)
             if len(problems):
                 self._resources.quarantine(run, problems)
             if len(variants):
@@ -158,7 +181,8 @@ class TwinStore:
             if by_identifier or self._linker.variants_wait:
                 run.changed["genomic_variant"] += self._linker.link_variants()
             run.batches += 1
-            runs.record_batch(self.con, run, counts, None if window else batch.watermark)
+            mark = None if window or replayed is not None else batch.watermark
+            runs.record_batch(self.con, run, counts, mark)
         run.counts.update(counts)
         counted = pc.value_counts(resources["resource_type"])
         run.by_type.update(

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from connectors.errors import TwinhubError
-from flows.cli import demo, models, project, query, serve, sources, views, wearables
+from flows.cli import demo, models, project, quarantine, query, serve, sources, status, views, wearables
 from flows.cli._output import State, err
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -22,7 +22,9 @@ app.command()(project.init)
 app.command()(project.check)
 app.command()(sources.sync)
 app.command()(sources.backfill)
-app.command()(sources.status)
+app.command()(status.status)
+app.add_typer(quarantine.app, name="quarantine")
+app.command()(sources.reset)
 # A query may start with `--` (an SQL comment): not an option.
 app.command(context_settings={"ignore_unknown_options": True})(query.sql)
 app.command("attach-sql")(query.attach_sql)

@@ -64,9 +64,9 @@ def demo(
     )
     State.config = config
     started = time.perf_counter()
-    print_report(with_progress(name, lambda: sync_flow(name, str(config.resolve()))))
+    print_report(with_progress(name, lambda: sync_flow(name, str(config.resolve()))), store)
     wearables = _demo_wearables(folder, config)
-    print_report(with_progress(wearables, lambda: sync_flow(wearables, str(config.resolve()))))
+    print_report(with_progress(wearables, lambda: sync_flow(wearables, str(config.resolve()))), store)
     con = connect(store)
     show(queries.table_counts(con), "Rows per table")
     out.print(f'\nExample query (twinhub sql "..." in {folder}/):\n[cyan]{escape(queries.EXAMPLE_QUERY)}[/]')

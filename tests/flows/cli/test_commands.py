@@ -16,6 +16,7 @@ import pytest
 from flows.sample_export import write_sample_export
 from tests.support.cli import TWINHUB, run_cli
 from tests.support.data import write_config, write_ndjson
+from tests.support.hl7v2 import MESSAGE
 from twin_store import connect, view_relation
 from twin_store.views import load_view, view_files
 
@@ -238,6 +239,77 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
         assert result.returncode == 1
         assert result.stderr.startswith("error: ")
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_reset_forgets_where_a_source_got_only_when_told_and_a_reread_duplicates_nothing(
+    tmp_path: Path,
+) -> None:
+    from flows.sync import land_source
+
+    patients = [{"resourceType": "Patient", "id": f"p{i}"} for i in range(3)]
+    export = write_ndjson(tmp_path / "export" / "Patient.ndjson", [*patients, "not json"])
+    config = write_config(tmp_path, export.parent)
+    assert land_source.fn(str(config), "src").counts["inserted"] == 3
+    assert land_source.fn(str(config), "src").counts["lines_read"] == 0, "nothing new: nothing read"
+    downloads = tmp_path / "store" / "landing" / "src" / "job"
+    downloads.mkdir(parents=True)  # what a bulk export in progress keeps
+
+    refused = run_cli("--config", str(config), "reset", "src", check=False)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip() == (
+        "error: reset would forget how far source 'src' got (1/1 files complete, 4 lines), so that its "
+        "next sync reads everything again; no data is deleted. Add --yes to do it"
+    )
+    assert connect(tmp_path / "store").sql("SELECT count(*) FROM sync_state").fetchone() == (1,)
+
+    done = run_cli("--config", str(config), "reset", "src", "--yes", env={"COLUMNS": "80"})
+    assert "forgot how far it got; its next sync reads everything again" in " ".join(done.stdout.split())
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT count(*) FROM sync_state").fetchone() == (0,)
+    assert con.sql("SELECT flow, status FROM ingest_run ORDER BY started_at DESC LIMIT 1").fetchall() == [
+        ("reset", "succeeded")
+    ]
+    assert con.sql("SELECT count(*) FROM patient").fetchone() == (3,), "no data deleted"
+    assert not downloads.parent.exists()
+    con.close()
+
+    reread = land_source.fn(str(config), "src").counts
+    assert (reread["lines_read"], reread["unchanged"], reread["inserted"], reread["updated"]) == (4, 3, 0, 0)
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT count(*), count(DISTINCT id), max(version_id) FROM fhir_resource").fetchone() == (
+        3,
+        3,
+        1,
+    )
+    assert con.sql("SELECT count(*) FROM quarantine").fetchone() == (1,), "the bad line is kept once"
+
+
+@pytest.mark.slow
+def test_the_sync_summary_says_what_waits_what_was_released_the_messages_and_the_models(
+    tmp_path: Path, api_env: dict[str, str]
+) -> None:
+    mrn = "http://hospital.example.org/mrn"
+    (tmp_path / "in.hl7").write_text(MESSAGE.replace("MRN123", "M-7"))
+    jane = {"resourceType": "Patient", "id": "jane", "identifier": [{"system": mrn, "value": "M-7"}]}
+    write_ndjson(tmp_path / "ehr" / "Patient.ndjson", [jane])
+    (tmp_path / "twinhub.toml").write_text(
+        f'[store]\npath = "{tmp_path / "store"}"\n\n[models]\nenabled = ["ascvd-pce"]\n\n'
+        f'[[sources]]\nname = "labs"\nkind = "hl7v2"\npath = "{tmp_path / "in.hl7"}"\n'
+        f'create_patients = false\npatient_systems = {{ ACME = "{mrn}" }}\n\n'
+        f'[[sources]]\nname = "ehr"\nkind = "fhir-ndjson"\npath = "{tmp_path / "ehr"}"\n'
+    )
+
+    def sync(name: str) -> str:
+        result = run_cli("--config", str(tmp_path / "twinhub.toml"), "sync", name, env=api_env)
+        return " ".join(result.stdout.split())
+
+    labs = sync("labs")  # a report, its specimen and three results wait for Jane
+    assert "1 message (5 records) read -> 0 new, 0 updated, 0 unchanged, 0 quarantined, " in labs
+    assert "5 waiting for their patient in" in labs and "files 1" in labs and "messages" not in labs
+    assert "model ascvd-pce 1.0.0: 0 patients (full) -> 0 computed, 0 refused, 0 errors" in labs
+    ehr = sync("ehr")
+    assert "1 line read -> 6 new, 0 updated, 0 unchanged, 0 quarantined, 5 released" in ehr
+    assert "model ascvd-pce 1.0.0: 1 patient (changed) -> 0 computed, 1 refused, 0 errors" in ehr
 
 
 @pytest.mark.slow
