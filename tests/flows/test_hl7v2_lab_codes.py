@@ -35,6 +35,7 @@ def test_hl7_local_codes_map_and_units_normalize_into_the_views(tmp_path: Path) 
     report = land_source.fn(str(tmp_path / "twinhub.toml"), "feed")
     assert report.stats == {
         "files": 1,
+        "messages": 1,
         "codes mapped": 1,
         "values converted": 1,
         "codes unmapped": 1,
