@@ -54,12 +54,12 @@ def standard_views() -> tuple[MaterializedView, ...]:
         compiled = compile_view(view)
         if (compiled.columns[0].name, view["select"][0]["column"][0]["path"]) != ("id", "getResourceKey()"):
             raise TwinhubError(f"library view {name}.json must start with `id`: getResourceKey() (its key)")
-        digest = hashlib.sha256(compiled.typed_sql.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(compiled.sql.encode()).hexdigest()[:16]
         views.append(
             MaterializedView(
                 name=name,
                 resource_type=compiled.resource,
-                sql=compiled.typed_sql,
+                sql=compiled.sql,
                 comment=f"{view.get('title', name)} (view definition {digest})",
                 column_comments={
                     c.name: str(_column_spec(view, c.name).get("description", "")) for c in compiled.columns
@@ -99,7 +99,7 @@ def view_relation(con: duckdb.DuckDBPyConnection, view: dict[str, Any]) -> duckd
     compiled = compile_view(view)
     con.execute(MACROS_SQL)
     views_read(con, "SELECT resource_type, resource FROM twin.fhir_resource")
-    return con.sql(compiled.typed_sql)
+    return con.sql(compiled.sql)
 
 
 def views_read(con: duckdb.DuckDBPyConnection, relation: str) -> None:

@@ -45,7 +45,7 @@ def views_show(
     from harmonize.sql_on_fhir.view_definition import compile_view
     from twin_store.views import load_view
 
-    sys.stdout.write(compile_view(load_view(view, settings().views.path)).typed_sql + "\n")
+    sys.stdout.write(compile_view(load_view(view, settings().views.path)).sql + "\n")
 
 
 @app.command("run")
