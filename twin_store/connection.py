@@ -17,13 +17,15 @@ from typing import IO
 import duckdb
 
 from connectors.errors import StoreError
+from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
 
 CATALOG = "twin"
 EXTENSIONS = ("sqlite_scanner", "ducklake")
 
 
 def connect(root: Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the store attached as `twin` and selected (read-only default)."""
+    """A DuckDB connection with the store attached as `twin` and selected (read-only default),
+    and the views' FHIRPath macros (`fp_*`, temporary) defined."""
     catalog = root / "catalog.sqlite"
     if read_only and not catalog.exists():
         raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
@@ -40,6 +42,9 @@ def connect(root: Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     options = "READ_ONLY" if read_only else f"DATA_PATH '{root / 'data'}/'"
     con.execute(f"ATTACH 'ducklake:sqlite:{catalog}' AS {CATALOG} ({options})")
     con.execute(f"USE {CATALOG}")
+    # The FHIRPath helpers the compiled views call: with them, a view's query (`twinhub views
+    # show`) runs as printed in any session on the store.
+    con.execute(MACROS_SQL)
     return con
 
 

@@ -94,12 +94,20 @@ def load_view(name_or_file: str, user_folder: Path | None = None) -> dict[str, A
     return view
 
 
+STORE_RESOURCES = "SELECT resource_type, resource FROM twin.fhir_resource"
+
+
+def view_sql(view: dict[str, Any]) -> str:
+    """The view's query over the store, as `twinhub sql` runs it: it names the store's tables
+    and the macros every store connection has (`connect`), nothing else."""
+    return f"WITH resources AS ({STORE_RESOURCES})\n{compile_view(view).sql}"
+
+
 def view_relation(con: duckdb.DuckDBPyConnection, view: dict[str, Any]) -> duckdb.DuckDBPyRelation:
-    """The view's rows, typed, as a lazy relation (write it to a file, a frame or a table)."""
-    compiled = compile_view(view)
+    """The view's rows, typed, as a lazy relation (write it to a file, a frame or a table): the
+    query `view_sql` prints, on any connection with the store attached as `twin`."""
     con.execute(MACROS_SQL)
-    views_read(con, "SELECT resource_type, resource FROM twin.fhir_resource")
-    return con.sql(compiled.sql)
+    return con.sql(view_sql(view))
 
 
 def views_read(con: duckdb.DuckDBPyConnection, relation: str) -> None:

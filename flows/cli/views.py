@@ -41,11 +41,10 @@ def views_list() -> None:
 def views_show(
     view: Annotated[str, typer.Argument(help="A view name (see views list) or a JSON file")],
 ) -> None:
-    """Print the DuckDB SQL a ViewDefinition compiles to."""
-    from harmonize.sql_on_fhir.view_definition import compile_view
-    from twin_store.views import load_view
+    """Print the DuckDB SQL a ViewDefinition compiles to: `twinhub sql` runs it as printed."""
+    from twin_store.views import load_view, view_sql
 
-    sys.stdout.write(compile_view(load_view(view, settings().views.path)).sql + "\n")
+    sys.stdout.write(view_sql(load_view(view, settings().views.path)) + "\n")
 
 
 @app.command("run")
