@@ -105,7 +105,7 @@ def test_views_errors_are_one_line(tmp_path: Path, store: Path) -> None:
             orjson.dumps(
                 {"resource": "Patient", "select": [{"column": [{"name": "born", "path": "birthdate"}]}]}
             ),
-            "column born: Patient has no element 'birthdate'; did you mean birthDate?",
+            "view 'misspelled': column born: Patient has no element 'birthdate'; did you mean birthDate?",
         ),
     }
     for name, (body, message) in cases.items():
@@ -157,6 +157,50 @@ def test_the_standard_views_are_listed_shown_and_documented(tmp_path: Path) -> N
     )
 
 
+def test_user_views_are_named_by_their_name_and_bad_files_are_warned_of(tmp_path: Path, store: Path) -> None:
+    named = {**VIEW, "name": "given_names", "title": "Given names"}
+    config = views_config(
+        tmp_path,
+        store,
+        {
+            "gn.json": orjson.dumps(named),
+            "nameless.json": orjson.dumps(VIEW),
+            "broken.json": b'{"resource": "Patient",\n "select": [}',
+            "patient_list.json": b'[{"resourceType": "Patient"}]',
+            "first.json": orjson.dumps({**VIEW, "name": "twice"}),
+            "second.json": orjson.dumps({**VIEW, "name": "twice"}),
+        },
+    )
+    listed = run_cli("--config", config, "views", "list", env={"COLUMNS": "400"})
+    rows = {row[0]: row for row in table_rows(listed.stdout)}
+    assert rows["given_names"] == [
+        "given_names",
+        "Patient",
+        "Given names",
+        str(tmp_path / "views" / "gn.json"),
+    ]
+    assert rows["nameless"][3] == str(tmp_path / "views" / "nameless.json")
+    assert {"gn", "broken", "patient_list", "twice", "first", "second"}.isdisjoint(rows)
+    assert "patient" in rows and "lab_result" in rows  # the library's, still there
+    warnings = listed.stderr.splitlines()
+    assert len(warnings) == 4, listed.stderr
+    assert any(
+        f"{tmp_path / 'views' / 'broken.json'}: is not valid JSON (" in w and "line 2 column 13" in w
+        for w in warnings
+    ), warnings
+    assert any("patient_list.json: must hold one ViewDefinition object" in w for w in warnings), warnings
+    for one, other in [("first", "second"), ("second", "first")]:
+        twice = f"{one}.json: holds the view 'twice', as does {other}.json; give one another `name`"
+        assert any(twice in w for w in warnings), warnings
+
+    ran = run_cli("--config", config, "views", "run", "given_names", "-f", "csv")
+    assert sorted(ran.stdout.splitlines()[1:]) == ["p1,true,Ann", "p1,true,Bea", "p2,false,Cy"]
+    failed = run_cli("--config", config, "views", "run", "twice", check=False)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert "second.json': holds the view 'twice', as does first.json; give one" in lines[0], lines[0]
+
+
 def test_views_run_json_keeps_column_types(tmp_path: Path, store: Path) -> None:
     untyped = {
         "resource": "Patient",
@@ -192,7 +236,7 @@ def test_views_show_prints_sql_that_twinhub_sql_runs(tmp_path: Path, store: Path
             },
         ],
     }
-    config = views_config(tmp_path, store, {"names_by_row.json": orjson.dumps(nested)})
+    config = views_config(tmp_path, store, {"nested.json": orjson.dumps(nested)})
     for name, rows in [("patient", 2), ("names_by_row", 2)]:
         shown = run_cli("--config", config, "views", "show", name).stdout
         assert "FROM resources" in shown and "fhir_resource" in shown, shown
