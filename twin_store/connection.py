@@ -17,13 +17,15 @@ from typing import IO
 import duckdb
 
 from connectors.errors import StoreError
+from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
 
 CATALOG = "twin"
 EXTENSIONS = ("sqlite_scanner", "ducklake")
 
 
 def connect(root: Path | str, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the store attached as `twin` and selected (read-only default)."""
+    """A DuckDB connection with the store attached as `twin` and selected (read-only default),
+    and the views' FHIRPath macros (`fp_*`, temporary) defined."""
     root = Path(root)
     catalog = root / "catalog.sqlite"
     if read_only and not catalog.exists():
@@ -41,12 +43,16 @@ def connect(root: Path | str, *, read_only: bool = True) -> duckdb.DuckDBPyConne
     options = "READ_ONLY" if read_only else f"DATA_PATH '{root / 'data'}/'"
     con.execute(f"ATTACH 'ducklake:sqlite:{catalog}' AS {CATALOG} ({options})")
     con.execute(f"USE {CATALOG}")
+    # The FHIRPath helpers the compiled views call: with them, a view's query (`twinhub views
+    # show`) runs as printed in any session on the store.
+    con.execute(MACROS_SQL)
     return con
 
 
 def attach_statements(root: Path | str) -> str:
     """The SQL that opens the store read-only in any DuckDB client of this version, offline
-    (the extensions load from the wheels twinhub installed), as `connect` opens it."""
+    (the extensions load from the wheels twinhub installed), as `connect` opens it: with the
+    views' macros, so `twinhub views show` SQL runs there too."""
     catalog = Path(root).resolve() / "catalog.sqlite"
     if not catalog.exists():
         raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
@@ -54,6 +60,7 @@ def attach_statements(root: Path | str) -> str:
     return (
         f"{loads}SET TimeZone = 'UTC';\n"
         f"ATTACH {literal(f'ducklake:sqlite:{catalog}')} AS {CATALOG} (READ_ONLY);\nUSE {CATALOG};\n"
+        f"{MACROS_SQL.strip().rstrip(';')};\n"
     )
 
 

@@ -31,7 +31,6 @@ import pyarrow.compute as pc
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import StoreError
 from harmonize.records import usable_cores
-from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
 from harmonize.wearables.metrics import DAILY_SCHEMA, daily_resources
 from twin_store import runs, schema
 from twin_store.connection import CATALOG, Transaction, connect, writer_lock
@@ -56,7 +55,6 @@ class TwinStore:
         # Work from the in-memory catalog and name store tables `twin.x`: binding a name that
         # is not in the default catalog would otherwise cost a DuckLake catalog read each time.
         self.con.execute("USE memory")
-        self.con.execute(MACROS_SQL)
         schema.create(self.con)
         schema.migrate(self.con)
         schema.ensure_view_tables(self.con)

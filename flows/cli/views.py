@@ -8,9 +8,10 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from connectors.errors import TwinhubError
-from flows.cli._output import out, settings
+from flows.cli._output import err, out, settings
 from flows.cli._results import DEFAULT_LIMIT, Format, chosen_format, write
 
 app = typer.Typer(no_args_is_help=True, help="SQL-on-FHIR v2 ViewDefinitions over the store.")
@@ -18,27 +19,44 @@ app = typer.Typer(no_args_is_help=True, help="SQL-on-FHIR v2 ViewDefinitions ove
 
 @app.command("list")
 def views_list() -> None:
-    """The standard views and those in the config's views folder."""
-    from twin_store.views import load_view, view_files
+    """The standard views and those in the config's views folder, by name; a file that holds no
+    view is named in a warning."""
+    from twin_store.views import named_views
 
+    folder = settings().views.path
     table = Table(title="Views (run one: twinhub views run NAME)")
     for col in ("name", "resource", "title", "file"):
         table.add_column(col)
-    for name, path in view_files(settings().views.path).items():
-        view = load_view(str(path))
-        table.add_row(name, str(view.get("resource", "")), str(view.get("title", "")), str(path))
+    for name, file in named_views(folder).items():
+        view = file.view or {}
+        cells = (name, str(view.get("resource", "")), str(view.get("title", "")), str(file.path))
+        table.add_row(*map(Text, cells))  # as written, never read as markup
     out.print(table)
+    _warn_problems(folder)
+
+
+def _warn_problems(folder: Path | None) -> None:
+    """One warning line on stderr for each file of the views folder that holds no view."""
+    from twin_store.views import view_catalog
+
+    for file in view_catalog(folder):
+        if file.problem:
+            err.print(
+                f"warning: view file {file.path}: {file.problem}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @app.command("show")
 def views_show(
     view: Annotated[str, typer.Argument(help="A view name (see views list) or a JSON file")],
 ) -> None:
-    """Print the DuckDB SQL a ViewDefinition compiles to."""
-    from harmonize.sql_on_fhir.view_definition import compile_view
-    from twin_store.views import load_view
+    """Print the DuckDB SQL a ViewDefinition compiles to: `twinhub sql` runs it as printed."""
+    from twin_store.views import load_view, view_sql
 
-    sys.stdout.write(compile_view(load_view(view, settings().views.path)).typed_sql + "\n")
+    sys.stdout.write(view_sql(load_view(view, settings().views.path)) + "\n")
 
 
 @app.command("run")
@@ -78,4 +96,6 @@ def views_doc() -> None:
     """Print the schema doc of every view (markdown, one line per column)."""
     from twin_store.views import schema_doc
 
-    sys.stdout.write(schema_doc(settings().views.path))
+    folder = settings().views.path
+    sys.stdout.write(schema_doc(folder))
+    _warn_problems(folder)

@@ -160,21 +160,20 @@ def test_attach_sql_opens_the_store_from_python_offline(store: Path) -> None:
 
 
 def test_attach_sql_opens_the_store_in_the_duckdb_cli(store: Path, tmp_path: Path) -> None:
+    """And `twinhub views show` SQL runs there as printed."""
     statements = run_cli("--config", str(store), "attach-sql").stdout
     (tmp_path / "attach.sql").write_text(statements)
-    result = subprocess.run(
-        [
-            str(DUCKDB_CLI),
-            "-csv",
-            "-init",
-            str(tmp_path / "attach.sql"),
-            "-c",
-            "SELECT count(*) AS n FROM patient",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-2:] == ["n", "50"]
+    view_sql = run_cli("--config", str(store), "views", "show", "patient").stdout.strip().rstrip(";")
+    for query, expected in [
+        ("SELECT count(*) AS n FROM patient", "50"),
+        (f"SELECT count(*) AS n FROM ({view_sql})", "50"),
+    ]:
+        result = subprocess.run(
+            [str(DUCKDB_CLI), "-csv", "-init", str(tmp_path / "attach.sql"), "-c", query],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-2:] == ["n", expected]
