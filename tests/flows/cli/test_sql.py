@@ -55,6 +55,7 @@ def test_table_cells_print_verbatim(store: Path) -> None:
         assert text in result.stdout, f"{text!r} not printed verbatim:\n{result.stdout}"
 
 
+@pytest.mark.slow
 def test_views_run_table_prints_verbatim(store: Path, tmp_path: Path) -> None:
     view = {
         "resource": "Patient",
@@ -99,6 +100,7 @@ def test_json_writes_blobs_as_base64_and_keeps_types(store: Path) -> None:
     assert rows[1]["first"] is False
 
 
+@pytest.mark.slow
 def test_out_writes_the_format_its_extension_names(store: Path, tmp_path: Path) -> None:
     query = "SELECT id, [1, 2] AS list FROM patient ORDER BY id"
     for suffix in ("csv", "json", "parquet"):
@@ -112,6 +114,7 @@ def test_out_writes_the_format_its_extension_names(store: Path, tmp_path: Path) 
     assert "name a .csv, .json or .parquet file" in bad.stderr
 
 
+@pytest.mark.slow
 def test_table_shows_forty_rows_then_counts_the_rest(store: Path) -> None:
     query = "SELECT id FROM patient ORDER BY id"
     shown = sql(store, query).stdout
@@ -123,6 +126,7 @@ def test_table_shows_forty_rows_then_counts_the_rest(store: Path) -> None:
     assert "more rows" not in every
 
 
+@pytest.mark.slow
 def test_queries_come_from_stdin_or_a_file_and_every_statement_runs(store: Path, tmp_path: Path) -> None:
     piped = subprocess.run(
         [str(Path(sys.executable).with_name("twinhub")), "--config", str(store), "sql", "-", "-f", "csv"],
@@ -142,7 +146,7 @@ def test_queries_come_from_stdin_or_a_file_and_every_statement_runs(store: Path,
     assert sql(store, "-- leading comment\nSELECT 1 AS one", "-f", "csv").stdout == "one\n1\n"
 
 
-@pytest.mark.parametrize("query", ["", "  ;  ", "-- only a comment"])
+@pytest.mark.parametrize("query", ["", pytest.param("  ;  ", marks=pytest.mark.slow), "-- only a comment"])
 def test_an_empty_query_is_an_error(store: Path, query: str) -> None:
     result = sql(store, query, check=False)
     assert result.returncode == 1
@@ -159,6 +163,7 @@ def test_attach_sql_opens_the_store_from_python_offline(store: Path) -> None:
         con.execute("DELETE FROM patient")
 
 
+@pytest.mark.slow
 def test_attach_sql_opens_the_store_in_the_duckdb_cli(store: Path, tmp_path: Path) -> None:
     """And `twinhub views show` SQL runs there as printed."""
     statements = run_cli("--config", str(store), "attach-sql").stdout
