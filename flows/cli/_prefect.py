@@ -81,11 +81,13 @@ def _start_temporary_server() -> None:
     """Start Prefect's temporary server (the one its client would start) from a thread that
     blocks SIGINT: the server process inherits the blocked signal, and Ctrl-C meanwhile still
     reaches this process."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     if PREFECT_API_URL.value():
         return
     from prefect.server.api.server import SubprocessASGIServer
+
+    PREFECT_HOME.value().mkdir(parents=True, exist_ok=True)  # its database's folder (`demo` starts afresh)
 
     failed: list[BaseException] = []
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from flows.cli._output import State, out, print_report, show, with_progress
+from flows.cli._prefect import stoppable
 
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
 DEMO_MODELS = ("ascvd-pce", "resting-hr-baseline", "diabetes-risk")
@@ -47,9 +48,10 @@ def demo(
     )
     State.config = demo_config
     started = time.perf_counter()
-    print_report(with_progress(name, lambda: sync_flow(name, str(demo_config))))
-    wearables = _demo_wearables(store.path, demo_config)
-    print_report(with_progress(wearables, lambda: sync_flow(wearables, str(demo_config))))
+    with stoppable():
+        print_report(with_progress(name, lambda: sync_flow(name, str(demo_config))))
+        wearables = _demo_wearables(store.path, demo_config)
+        print_report(with_progress(wearables, lambda: sync_flow(wearables, str(demo_config))))
     con = connect(store.path)
     show(queries.table_counts(con), "Rows per table")
     out.print(
