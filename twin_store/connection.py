@@ -1,6 +1,7 @@
 """How a process opens the store: DuckDB with the DuckLake and SQLite extensions loaded from their
-PyPI wheels (nothing is ever downloaded at run time), the DuckLake catalog attached as `twin`;
-and, for the one writer, its lock file and its transactions."""
+PyPI wheels (nothing is ever downloaded at run time), the DuckLake catalog attached as `twin`, the
+run records beside it as the views `run_record` and `ingest_run`; and, for the one writer, its
+lock file and its transactions, each a snapshot that names what made it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import importlib.util
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
 import duckdb
+import orjson
 
 from connectors.errors import StoreError
 from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
+from twin_store.runs import COUNTS, RUNS_FILE
 
 CATALOG = "twin"
 EXTENSIONS = ("sqlite_scanner", "ducklake")
@@ -46,6 +50,9 @@ def connect(root: Path | str, *, read_only: bool = True) -> duckdb.DuckDBPyConne
     # The FHIRPath helpers the compiled views call: with them, a view's query (`twinhub views
     # show`) runs as printed in any session on the store.
     con.execute(MACROS_SQL)
+    if (root / RUNS_FILE).exists():  # a store an earlier twinhub wrote has them in the DuckLake
+        con.execute(f"ATTACH '{root / RUNS_FILE}' AS twin_runs (TYPE sqlite, READ_ONLY)")
+        con.execute(RUN_VIEWS_SQL)
     return con
 
 
@@ -62,6 +69,23 @@ def attach_statements(root: Path | str) -> str:
         f"ATTACH {literal(f'ducklake:sqlite:{catalog}')} AS {CATALOG} (READ_ONLY);\nUSE {CATALOG};\n"
         f"{MACROS_SQL.strip().rstrip(';')};\n"
     )
+
+
+RUN_VIEWS_SQL = f"""
+CREATE OR REPLACE TEMP VIEW run_record AS
+    SELECT run_id, source, flow, started_at::TIMESTAMPTZ AS started_at,
+           finished_at::TIMESTAMPTZ AS finished_at, status, snapshot_id::BIGINT AS snapshot_id, error
+    FROM twin_runs.run_record;
+CREATE OR REPLACE TEMP VIEW ingest_run AS
+    SELECT r.run_id, r.source, r.flow, r.started_at, r.finished_at, r.status,
+           {", ".join(f"coalesce(b.{c}, 0)::BIGINT AS {c}" for c in COUNTS)},
+           r.snapshot_id, r.error
+    FROM run_record r LEFT JOIN (
+        SELECT run_id, {", ".join(f"sum({c}) AS {c}" for c in COUNTS)}
+        FROM {CATALOG}.ingest_batch GROUP BY run_id
+    ) b USING (run_id);
+"""
+"""Each run's record, and with it the counts of its committed batches (in the DuckLake)."""
 
 
 def load_extensions(con: duckdb.DuckDBPyConnection) -> None:
@@ -111,14 +135,26 @@ def writer_lock(path: Path, timeout: float) -> IO[str]:
             time.sleep(0.2)
 
 
-class Transaction:
-    """One DuckLake commit for the statements inside; a rollback when they raise."""
+AUTHOR = "twinhub"
 
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
-        self.con = con
+
+class Transaction:
+    """One DuckLake commit for the statements inside; a rollback when they raise. Its snapshot
+    carries `message` (author twinhub) and `extra` (JSON) as its commit message, so
+    `twin.snapshots()` says what made each one (`sync SOURCE run ID batch N`, ...). A
+    transaction that changes nothing makes no snapshot."""
+
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, message: str, extra: Mapping[str, object] | None = None
+    ) -> None:
+        self.con, self.message, self.extra = con, message, extra
 
     def __enter__(self) -> None:
         self.con.execute("BEGIN")
+        self.con.execute(
+            f"CALL {CATALOG}.set_commit_message(?, ?, extra_info => ?)",
+            [AUTHOR, self.message, orjson.dumps(self.extra).decode() if self.extra else None],
+        )
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None

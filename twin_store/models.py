@@ -269,7 +269,7 @@ def _trained(
         con.unregister("scope_patients")
     fitted = model.train(rows)
     number = 1 if training is None else training[0] + 1
-    with store.transaction():
+    with store.transaction(f"train model {model.name} {model.version}: training {number}"):
         con.execute(
             "INSERT INTO twin.model_training VALUES (?, ?, ?, now(), ?, ?, ?, ?)",
             [
@@ -324,7 +324,8 @@ def _record(
         for p, s in outputs.select("patient_id", "status").rows()
     ]
     table = outputs.with_columns(pl.Series("resource_id", ids, pl.String)).to_arrow()
-    with store.transaction():
+    about = {"model_run_id": report.model_run_id, "model": model.name, "trigger": report.trigger}
+    with store.transaction(f"refresh model {model.name} run {report.model_run_id}", about):
         if len(table):
             con.register("outputs", table)
             try:

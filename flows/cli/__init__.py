@@ -4,6 +4,7 @@ when they run, so `twinhub --help` starts fast."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -13,8 +14,20 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from connectors.errors import TwinhubError
-from flows.cli import demo, models, project, quarantine, query, serve, sources, status, views, wearables
+from connectors.errors import InterruptedRunError, TwinhubError
+from flows.cli import (
+    _prefect,
+    demo,
+    models,
+    project,
+    quarantine,
+    query,
+    serve,
+    sources,
+    status,
+    views,
+    wearables,
+)
 from flows.cli._output import State, err
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -69,7 +82,7 @@ def main_options(
     )
     # httpx logs every URL with its query (search terms, signed file URLs): ours are redacted.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _prefect.defaults(config)
     # Without a server, flows start a temporary one: on a busy machine it needs more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
@@ -83,12 +96,42 @@ def hoist_verbose(argv: list[str]) -> list[str]:
     return flags + [a for a in argv[:end] if a not in VERBOSE] + argv[end:]
 
 
+INTERRUPTED = 130
+"""The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells expect."""
+
+
 def main() -> None:
     try:
         app(args=hoist_verbose(sys.argv[1:]), prog_name="twinhub")
+    except InterruptedRunError as e:  # Ctrl-C: the run said how far it got
+        err.print(str(e), highlight=False, markup=False, soft_wrap=True)
+        _interrupted()
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        _interrupted()
     except TwinhubError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _interrupted() -> None:
+    """Exit 130 once every exit handler has run (Prefect's, which send the run's end and stop
+    the temporary server), but without the interpreter's teardown, which takes seconds on a busy
+    machine: registered first (at import), `_exit` runs last."""
+    global _exit_code
+    _exit_code = INTERRUPTED
+    sys.exit(INTERRUPTED)
+
+
+_exit_code: int | None = None
+
+
+@atexit.register
+def _exit() -> None:
+    if _exit_code is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_code)
 
 
 __all__ = ["app", "hoist_verbose", "main"]

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from connectors.errors import TwinhubError
 from flows.cli._output import State, out, print_report, with_progress
+from flows.cli._prefect import stoppable
 from flows.cli._results import show
 
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
@@ -64,9 +65,10 @@ def demo(
     )
     State.config = config
     started = time.perf_counter()
-    print_report(with_progress(name, lambda: sync_flow(name, str(config.resolve()))), store)
-    wearables = _demo_wearables(folder, config)
-    print_report(with_progress(wearables, lambda: sync_flow(wearables, str(config.resolve()))), store)
+    with stoppable():
+        print_report(with_progress(name, lambda: sync_flow(name, str(config.resolve()))), store)
+        wearables = _demo_wearables(folder, config)
+        print_report(with_progress(wearables, lambda: sync_flow(wearables, str(config.resolve()))), store)
     con = connect(store)
     show(queries.table_counts(con), "Rows per table")
     out.print(f'\nExample query (twinhub sql "..." in {folder}/):\n[cyan]{escape(queries.EXAMPLE_QUERY)}[/]')

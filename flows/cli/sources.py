@@ -9,6 +9,7 @@ import typer
 
 from connectors.errors import TwinhubError
 from flows.cli._output import State, config_arg, out, para, print_report, settings, with_progress
+from flows.cli._prefect import stoppable
 
 
 def sync(
@@ -18,15 +19,17 @@ def sync(
         typer.Option(
             "--refresh/--no-refresh",
             help="Refresh the enabled models after landing (default: the config's "
-            "models.refresh_after_sync); --no-refresh while `twinhub serve` runs: its trigger refreshes them",
+            "models.refresh_after_sync). --no-refresh leaves it to `twinhub serve`'s trigger, when "
+            "one serves the Prefect server this sync reports to; otherwise the sync refreshes them",
         ),
     ] = None,
 ) -> None:
-    """Land what is new in source NAME."""
+    """Land what is new in source NAME (Ctrl-C stops it; the next sync resumes)."""
     from flows.sync import sync as sync_flow
 
     _preflight(name)
-    report = with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh))
+    with stoppable():
+        report = with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh))
     print_report(report, settings().store.path)
 
 
@@ -46,9 +49,10 @@ def backfill(
         raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
     step = _duration(window) if window else None
     _preflight(name)
-    report = with_progress(
-        name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
-    )
+    with stoppable():
+        report = with_progress(
+            name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
+        )
     print_report(report)
 
 
