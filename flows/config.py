@@ -144,10 +144,10 @@ def _check_sources(sources: list[SourceConfig]) -> None:
     names = [s.name for s in sources]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError("sources", f"source names must be unique; {', '.join(dupes)} appear twice")
-    from prefect.client.schemas.schedules import CronSchedule  # Prefect is slow to import
-
     for source in sources:
         if source.schedule is not None:
+            from prefect.client.schemas.schedules import CronSchedule  # Prefect is slow to import
+
             try:
                 CronSchedule(cron=source.schedule)
             except ValidationError:

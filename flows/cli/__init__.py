@@ -58,10 +58,12 @@ def _version(asked: bool) -> None:
 
 
 VERBOSE = ("-v", "--verbose")
+NO_FLOWS = frozenset({"init", "check", "demo", "attach-sql", "sql", "status", "views"})
 
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="twinhub.toml (default: $TWINHUB_CONFIG or ./twinhub.toml)"),
@@ -82,7 +84,8 @@ def main_options(
     )
     # httpx logs every URL with its query (search terms, signed file URLs): ours are redacted.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    _prefect.defaults(config)
+    # Commands that run no flow leave the store alone (`check` lands nothing, `demo` has its own).
+    _prefect.defaults(config, make_home=ctx.invoked_subcommand not in NO_FLOWS)
     # Without a server, flows start a temporary one: on a busy machine it needs more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import tomllib
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from prefect.server.api.server import SubprocessASGIServer
 
 
-def defaults(config: Path | None) -> None:
+def defaults(config: Path | None, *, make_home: bool = True) -> None:
     """Prefect's settings for the CLI, set before Prefect is imported: no telemetry (nor its
     notice), and its state (the temporary server's database, results) in the project's store,
     `<store>/.prefect`, unless PREFECT_HOME is set: each project keeps its own, and nothing
@@ -35,11 +36,25 @@ def defaults(config: Path | None) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if "PREFECT_HOME" not in os.environ:
-        home = store_path(config) / ".prefect"
+        use_home(store_path(config) / ".prefect", make=make_home)
+        os.environ.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
+
+
+def use_home(home: Path, *, make: bool = True) -> None:
+    """Keep Prefect's state in `home`, unless the user chose a PREFECT_HOME themselves; `make`
+    it now (Prefect makes only the last folder of the path, when first imported)."""
+    global _chosen_home
+    if "PREFECT_HOME" in os.environ and os.environ["PREFECT_HOME"] != _chosen_home:
+        return
+    _chosen_home = os.environ["PREFECT_HOME"] = str(home)
+    if make:
         with contextlib.suppress(OSError):  # Prefect says so if it cannot make it either
             home.mkdir(parents=True, exist_ok=True)
-        os.environ["PREFECT_HOME"] = str(home)
-        os.environ.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
+    else:  # a command that runs no flow but reads Prefect's settings (a cron check) makes nothing
+        warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
+
+
+_chosen_home: str | None = None
 
 
 def store_path(config: Path | None) -> Path:

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from connectors.errors import TwinhubError
 from flows.cli._output import State, out, print_report, with_progress
-from flows.cli._prefect import stoppable
+from flows.cli._prefect import stoppable, use_home
 from flows.cli._results import show
 
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
@@ -35,10 +35,6 @@ def demo(
 ) -> None:
     """The main job on embedded defaults, in a folder of its own: sync sample FHIR and wearable
     data, refresh the twin models, then query the store."""
-    from flows.sample_export import write_sample_export
-    from flows.sync import sync as sync_flow
-    from twin_store import connect, queries
-
     if State.config is not None:
         raise TwinhubError(
             f"the demo writes its own config ({folder / 'twinhub.toml'}); drop --config, or choose "
@@ -46,6 +42,12 @@ def demo(
         )
     _claim(folder, fresh=fresh)
     store = folder / ".twinhub"
+    use_home(store.resolve() / ".prefect")  # the demo's Prefect state in its own store
+    # Prefect reads its home when first imported: only now.
+    from flows.sample_export import write_sample_export
+    from flows.sync import sync as sync_flow
+    from twin_store import connect, queries
+
     if SHARED_SYNTHEA.is_dir() and not generate:
         name, data = "synthea", SHARED_SYNTHEA.resolve()
         out.print(f"Using the shared Synthea export in {SHARED_SYNTHEA}")

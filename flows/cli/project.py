@@ -35,7 +35,7 @@ def check(
 ) -> None:
     """Validate the config and reach each source (its files, or its server with the credentials)
     without landing anything; exits 1 when one cannot be read."""
-    from flows.sync import build_connector
+    from connectors.kinds import Context, source_kind
 
     cfg = settings()
     sources = [cfg.source(name)] if name else list(cfg.sources)
@@ -49,7 +49,7 @@ def check(
     failed = 0
     for source in sources:
         try:
-            build_connector(cfg, source).check()
+            source_kind(source.kind).build(source, Context(store=cfg.store.path)).check()
         except TwinhubError as e:
             failed += 1
             err.print(f"{source.name} ({source.kind}): {e}", highlight=False, markup=False, soft_wrap=True)
