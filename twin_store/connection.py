@@ -59,15 +59,22 @@ def connect(root: Path | str, *, read_only: bool = True) -> duckdb.DuckDBPyConne
 def attach_statements(root: Path | str) -> str:
     """The SQL that opens the store read-only in any DuckDB client of this version, offline
     (the extensions load from the wheels twinhub installed), as `connect` opens it: with the
-    views' macros, so `twinhub views show` SQL runs there too."""
-    catalog = Path(root).resolve() / "catalog.sqlite"
+    views' macros, so `twinhub views show` SQL runs there too, and the run records."""
+    folder = Path(root).resolve()
+    catalog = folder / "catalog.sqlite"
     if not catalog.exists():
         raise StoreError(f"no twin store at {str(root)!r}; run `twinhub sync SOURCE` first")
     loads = "".join(f"LOAD {literal(str(extension_path(name)))};\n" for name in EXTENSIONS)
+    run_views = ""
+    if (folder / RUNS_FILE).exists():
+        run_views = (
+            f"ATTACH {literal(str(folder / RUNS_FILE))} AS twin_runs (TYPE sqlite, READ_ONLY);\n"
+            f"{RUN_VIEWS_SQL.strip()}\n"
+        )
     return (
         f"{loads}SET TimeZone = 'UTC';\n"
         f"ATTACH {literal(f'ducklake:sqlite:{catalog}')} AS {CATALOG} (READ_ONLY);\nUSE {CATALOG};\n"
-        f"{MACROS_SQL.strip().rstrip(';')};\n"
+        f"{MACROS_SQL.strip().rstrip(';')};\n{run_views}"
     )
 
 

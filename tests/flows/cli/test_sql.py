@@ -159,6 +159,7 @@ def test_attach_sql_opens_the_store_from_python_offline(store: Path) -> None:
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     con.execute(statements)
     assert con.sql("SELECT count(*) FROM patient").fetchone() == (50,)
+    assert con.sql("SELECT status, lines_read FROM ingest_run").fetchall() == [("succeeded", 50)]
     with pytest.raises(duckdb.Error, match="read-only"):
         con.execute("DELETE FROM patient")
 
