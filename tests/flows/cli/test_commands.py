@@ -72,18 +72,17 @@ def test_sync_synthea_exactly_as_documented(synthea: Path, tmp_path: Path, api_e
         0,
     )
     # The standard views are materialized as tables equal to the views evaluated afresh, and the
-    # second sync (no changes) recomputed none of them: no row changed between its snapshots.
+    # second sync (no changes) recomputed none of them: it made no snapshot at all.
     (first_snapshot,), (second_snapshot,) = con.sql(
         "SELECT snapshot_id FROM ingest_run ORDER BY started_at"
     ).fetchall()
+    assert second_snapshot == first_snapshot
     rows = {}
     for name in view_files():
         table = con.table(name)
         assert not table.except_(view_relation(con, load_view(name))).count("*").fetchone()[0], name
         assert not view_relation(con, load_view(name)).except_(table).count("*").fetchone()[0], name
         rows[name] = table.count("*").fetchone()[0]
-        changes = f"ducklake_table_changes('twin', 'main', '{name}', {first_snapshot + 1}, {second_snapshot})"
-        assert con.sql(f"SELECT count(*) FROM {changes}").fetchone() == (0,), name
     # They give what an analyst expects: one observation row per Observation, and the category
     # views plus the other categories make up the whole.
     assert rows["observation"] == expected["Observation"]
