@@ -2,7 +2,8 @@
 
 Cell text is data, printed verbatim (never Rich markup or emoji codes). Nested values (LIST,
 STRUCT, MAP, ARRAY, UNION) go out as JSON text in a table or CSV; BLOBs as base64 in every text
-form. DuckDB makes the text, so a value reads the same in every format it can."""
+form; decimals without their scale's trailing zeros. DuckDB makes the text, so a value reads the
+same in every format it can."""
 
 from __future__ import annotations
 
@@ -116,6 +117,11 @@ def as_text(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
             exprs.append(f"CAST(to_json({col}) AS VARCHAR) AS {col}")
         elif type_.id == "blob":
             exprs.append(f"base64({col}) AS {col}")
+        elif type_.id == "decimal":
+            # 72.000000000000 reads as 72: the value is exact, the padding is the column's scale.
+            text = f"CAST({col} AS VARCHAR)"
+            trimmed = f"rtrim(rtrim({text}, '0'), '.')"
+            exprs.append(f"CASE WHEN contains({text}, '.') THEN {trimmed} ELSE {text} END AS {col}")
         else:
             exprs.append(f"CAST({col} AS VARCHAR) AS {col}")
     return rel.project(", ".join(exprs)) if exprs else rel

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from connectors.errors import TwinhubError
 from flows.cli._output import State, out, print_report, with_progress
@@ -73,7 +73,8 @@ def demo(
         print_report(with_progress(wearables, lambda: sync_flow(wearables, str(config.resolve()))), store)
     con = connect(store)
     show(queries.table_counts(con), "Rows per table")
-    out.print(f'\nExample query (twinhub sql "..." in {folder}/):\n[cyan]{escape(queries.EXAMPLE_QUERY)}[/]')
+    out.print(f'\nExample query (twinhub sql "..." in {folder}/):')
+    out.print(Text(queries.EXAMPLE_QUERY, style="cyan"), soft_wrap=True)  # copied whole, never cut
     show(con.sql(queries.EXAMPLE_QUERY))
     show(
         queries.model_summary(con),

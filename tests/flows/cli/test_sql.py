@@ -69,7 +69,8 @@ def test_views_run_table_prints_verbatim(store: Path, tmp_path: Path) -> None:
 
 QUERY_NESTED = (
     "SELECT id, [1, 2] AS list, {'a': 1, 'b': 'x'} AS struct, MAP {'k': 1} AS map, "
-    "'ab\\x00'::BLOB AS blob, 1.50::DECIMAL(5, 2) AS amount, id = 'p1' AS first "
+    "'ab\\x00'::BLOB AS blob, 1.50::DECIMAL(5, 2) AS amount, 72::DECIMAL(38, 12) AS whole, "
+    "100::DECIMAL(18, 0) AS hundred, id = 'p1' AS first "
     "FROM patient ORDER BY id LIMIT 2"
 )
 
@@ -82,7 +83,8 @@ def test_csv_writes_nested_values_as_json_text(store: Path) -> None:
     assert orjson.loads(rows[0]["struct"]) == {"a": 1, "b": "x"}
     assert orjson.loads(rows[0]["map"]) == {"k": 1}
     assert base64.b64decode(rows[0]["blob"]) == b"ab\x00"
-    assert rows[0]["amount"] == "1.50"
+    # exact decimals without the padding of their column's scale
+    assert (rows[0]["amount"], rows[0]["whole"], rows[0]["hundred"]) == ("1.5", "72", "100")
     assert (rows[0]["first"], rows[1]["first"]) == ("true", "false")
 
 
@@ -95,6 +97,8 @@ def test_json_writes_blobs_as_base64_and_keeps_types(store: Path) -> None:
         "map": {"k": 1},
         "blob": base64.b64encode(b"ab\x00").decode(),
         "amount": 1.5,
+        "whole": 72,
+        "hundred": 100,
         "first": True,
     }
     assert rows[1]["first"] is False
