@@ -283,16 +283,21 @@ def on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 
 def test_prefect_keeps_to_the_project_and_never_shows_its_telemetry_notice(tmp_path: Path) -> None:
-    """A new user on a terminal, no PREFECT_* set: Prefect's home is the store's `.prefect`, not
-    ~/.prefect, and its first-run telemetry notice never prints (nor is anything sent)."""
+    """A new user on a terminal, no PREFECT_* set: a command that runs no flow makes no Prefect
+    home at all; a sync keeps Prefect's in the store's `.prefect`, not ~/.prefect; and Prefect's
+    first-run telemetry notice never prints (nor is anything sent)."""
     write_ndjson(tmp_path / "export" / "Patient.ndjson", [{"resourceType": "Patient", "id": "p1"}])
     config = write_config(tmp_path / "project", tmp_path / "export", schedule="0 2 * * *")
-    home = tmp_path / "home"
+    home, prefect_home = tmp_path / "home", tmp_path / "project" / "store" / ".prefect"
     code, printed = on_a_terminal(["--config", str(config), "status"], without_prefect(home))
     assert code == 1 and "no twin store at" in printed, printed  # status, before any sync
+    assert not (home / ".prefect").exists() and not prefect_home.exists()
+
+    code, printed = on_a_terminal(["--config", str(config), "sync", "src"], without_prefect(home))
+    assert code == 0, printed
     assert "usage data" not in printed and "telemetry" not in printed, printed
     assert not (home / ".prefect").exists()
-    assert (tmp_path / "project" / "store" / ".prefect").is_dir()
+    assert (prefect_home / "prefect.db").is_file()
 
 
 @pytest.mark.slow
