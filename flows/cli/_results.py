@@ -118,10 +118,7 @@ def as_text(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
         elif type_.id == "blob":
             exprs.append(f"base64({col}) AS {col}")
         elif type_.id == "decimal":
-            # 72.000000000000 reads as 72: the value is exact, the padding is the column's scale.
-            text = f"CAST({col} AS VARCHAR)"
-            trimmed = f"rtrim(rtrim({text}, '0'), '.')"
-            exprs.append(f"CASE WHEN contains({text}, '.') THEN {trimmed} ELSE {text} END AS {col}")
+            exprs.append(f"{_decimal_text(col)} AS {col}")
         else:
             exprs.append(f"CAST({col} AS VARCHAR) AS {col}")
     return rel.project(", ".join(exprs)) if exprs else rel
@@ -138,7 +135,7 @@ def _write_text(rel: duckdb.DuckDBPyRelation, format: Format, fh: TextIO) -> Non
         return
     # JSON: an array of row objects, each made by DuckDB (exact decimals, true/false, nested as is).
     pairs = ", ".join(
-        f"{literal(name)}, " + (f"base64({_ident(name)})" if type_.id == "blob" else _ident(name))
+        f"{literal(name)}, {_json_value(_ident(name), type_.id)}"
         for name, type_ in zip(rel.columns, rel.types, strict=True)
     )
     objects = rel.project(f"CAST(json_object({pairs}) AS VARCHAR)")
@@ -155,6 +152,20 @@ def _chunks(rel: duckdb.DuckDBPyRelation) -> Iterator[list[tuple[Any, ...]]]:
     rel.execute()
     while chunk := rel.fetchmany(CHUNK):
         yield chunk
+
+
+def _json_value(col: str, type_id: str) -> str:
+    if type_id == "blob":
+        return f"base64({col})"
+    if type_id == "decimal":
+        return f"json({_decimal_text(col)})"  # a JSON number, as exact as the decimal
+    return col
+
+
+def _decimal_text(col: str) -> str:
+    """A decimal as text without its scale's padding (72.000000000000 reads 72): exact still."""
+    text = f"CAST({col} AS VARCHAR)"
+    return f"CASE WHEN contains({text}, '.') THEN rtrim(rtrim({text}, '0'), '.') ELSE {text} END"
 
 
 def _ident(name: str) -> str:

@@ -54,8 +54,11 @@ def sql(
             raise TwinhubError(f"query failed: {str(e).splitlines()[0]}") from None
         if rel is not None:
             results.append(rel)
-    if output is not None and len(results) > 1:
-        raise TwinhubError(f"--out takes one result; the SQL gives {len(results)}: keep one SELECT")
+    if len(results) > 1 and (output is not None or fmt is not Format.table):
+        # One file or stream holds one CSV or JSON document; statements that return no rows
+        # (SET, CREATE TEMP ...) may come before the one that does.
+        where = "--out" if output is not None else f"--format {fmt}"
+        raise TwinhubError(f"{where} takes one result; the SQL gives {len(results)}: keep one SELECT")
     for rel in results:
         try:
             write(rel, fmt, output, limit=None if all_rows else limit)

@@ -89,7 +89,9 @@ def test_csv_writes_nested_values_as_json_text(store: Path) -> None:
 
 
 def test_json_writes_blobs_as_base64_and_keeps_types(store: Path) -> None:
-    rows = orjson.loads(sql(store, QUERY_NESTED, "-f", "json").stdout)
+    text = sql(store, QUERY_NESTED, "-f", "json").stdout
+    assert '"amount":1.5,"whole":72,"hundred":100,' in text  # exact, without the scale's padding
+    rows = orjson.loads(text)
     assert rows[0] == {
         "id": "p1",
         "list": [1, 2],
@@ -145,8 +147,16 @@ def test_queries_come_from_stdin_or_a_file_and_every_statement_runs(store: Path,
         "-- a comment first\nCREATE TEMP TABLE t AS SELECT 7 AS seven;\n"
         "SELECT seven FROM t;\nSELECT 8 AS eight;\n"
     )
-    both = sql(store, f"@{tmp_path / 'q.sql'}", "-f", "csv").stdout
-    assert both == "seven\n7\neight\n8\n"
+    both = sql(store, f"@{tmp_path / 'q.sql'}").stdout  # a table per result
+    assert "│     7 │" in both and "│     8 │" in both
+    # one CSV or JSON document holds one result: the statements before it may only prepare it
+    two = sql(store, f"@{tmp_path / 'q.sql'}", "-f", "csv", check=False)
+    assert (two.returncode, two.stderr.strip()) == (
+        1,
+        "error: --format csv takes one result; the SQL gives 2: keep one SELECT",
+    )
+    (tmp_path / "q.sql").write_text("CREATE TEMP TABLE t AS SELECT 7 AS seven;\nSELECT seven FROM t;\n")
+    assert sql(store, f"@{tmp_path / 'q.sql'}", "-f", "csv").stdout == "seven\n7\n"
     assert sql(store, "-- leading comment\nSELECT 1 AS one", "-f", "csv").stdout == "one\n1\n"
 
 
