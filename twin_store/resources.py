@@ -94,11 +94,14 @@ class ResourceWriter:
                 SELECT i.pos, t.version_id AS prior_version,
                        coalesce(d.deleted_at >= i.last_updated, false) AS was_deleted,
                        t.content_hash IS DISTINCT FROM i.content_hash
-                       AND NOT coalesce(t.last_updated > i.last_updated, false) AS newer
+                       AND NOT coalesce(t.last_updated > i.last_updated, false) AS newer,
+                       t.content_hash IS DISTINCT FROM i.content_hash
+                       AND coalesce(t.last_updated > i.last_updated, false) AS older
                 FROM incoming i LEFT JOIN {self._stored_keys()} t
                     ON t.resource_type = i.resource_type AND t.id = i.id
                 {tombstones})
-            SELECT pos, prior_version, was_deleted, newer AND NOT was_deleted AS is_change
+            SELECT pos, prior_version, was_deleted, newer AND NOT was_deleted AS is_change,
+                   older AND NOT was_deleted AS is_older
             FROM judged ORDER BY pos""",
             params,
         ).to_arrow_table()
@@ -110,11 +113,12 @@ class ResourceWriter:
         )
         n_upd = len(changed) - changed["prior_version"].null_count
         n_gone = pc.sum(incoming["was_deleted"]).as_py() or 0
+        n_older = pc.sum(incoming["is_older"]).as_py() or 0  # a copy older than the one stored
         counts.update(
             inserted=len(changed) - n_upd,
             updated=n_upd,
-            unchanged=len(incoming) - len(changed) - n_gone,
-            superseded=n_gone,
+            unchanged=len(incoming) - len(changed) - n_gone - n_older,
+            superseded=n_gone + n_older,
             out_of_window=len(resources) - len(incoming),
         )
         con.register("changed", changed)

@@ -1,24 +1,28 @@
 """HL7 v2 messages in files: one or many per file, CR, LF or CRLF segment ends, an optional BOM
 and MLLP framing. Each message becomes one record (its segments joined by CR), numbered by its
 place in the file; `harmonize.labs.hl7v2` maps them to FHIR.
+
+Files are read as a stream, message by message (`connectors.labs.hl7v2_reader`), so a file of
+any size takes little memory, and damage in a file costs only what is damaged: a message cut
+short, text between messages that is no HL7, bytes that are not the message's character set or a
+segment over the size limit is a problem row naming the file, message and line; every other
+message of the file (and every other file) lands.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
-from connectors.base import Batch, Watermark, Window, records_from
+from connectors._files import FileConnector, describe_files, fingerprint
+from connectors.base import Batch, Watermark, Window, problems_from, records_from
 from connectors.kinds import MappingFile, SourceConfig, SourceKind
+from connectors.labs.hl7v2_reader import read_messages
 from connectors.labs.mllp import MllpListener
 
-SEGMENT_END = re.compile(r"\r\n|\n|\r")
-MLLP_FRAMING = str.maketrans("", "", "\x0b\x1c")
 SUFFIXES = (".hl7", ".txt", ".hl7.gz")
 CONCEPT_MAP = "a FHIR ConceptMap JSON file"
 
@@ -52,41 +56,42 @@ class Hl7v2Connector(FileConnector[Hl7v2Source]):
     recursive = True
 
     def pull(self, since: Watermark | None, window: Window | None = None) -> Iterator[Batch]:
-        """The messages of every file not landed whole yet (a changed file is read again)."""
+        """The messages of every file not landed whole yet (a changed file is read again). A
+        file counts as read once its last message is in a batch; a crash before that reads it
+        again, and the store lands what it already has once."""
         known: dict[str, Any] = dict((since or {}).get("files", {}))
         progress = dict(known)
         records: list[tuple[str, int, str]] = []
+        problems: list[tuple[str, int, str, str]] = []
         for path in self.files():
             now = fingerprint(path)
             if known.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
-            messages = split_messages(path)
-            self.stats["messages"] += len(messages)  # the run counts the resources they map to
-            records += [(str(path), n, message) for n, message in enumerate(messages, start=1)]
+            for message in read_messages(path):
+                if message.problem is None:
+                    records.append((str(path), message.number, message.text))
+                    self.stats["messages"] += 1  # the run counts the resources they map to
+                else:
+                    problems.append((str(path), message.number, message.problem, message.text))
+                if len(records) + len(problems) >= self.source.batch_messages:
+                    yield _batch(records, problems, progress)
+                    records, problems = [], []
             progress[str(path)] = now
-            if len(records) >= self.source.batch_messages:
-                yield _batch(records, progress)
-                records = []
-        yield _batch(records, progress)
+        yield _batch(records, problems, progress)
 
 
 def split_messages(path: Path) -> list[str]:
-    """The messages in a file, each with CR segment ends; text before the first MSH is kept
-    as a message of its own so that it is quarantined, not lost."""
-    with open_maybe_gzipped(path) as fh:
-        text = fh.read().decode("utf-8-sig", errors="backslashreplace")
-    segments = [s for s in SEGMENT_END.split(text.translate(MLLP_FRAMING)) if s.strip()]
-    messages: list[list[str]] = []
-    for segment in segments:
-        if segment.startswith("MSH") or not messages:
-            messages.append([])
-        messages[-1].append(segment)
-    return ["\r".join(m) for m in messages]
+    """The text of every message in a file (and of what is damaged), in order."""
+    return [message.text for message in read_messages(path)]
 
 
-def _batch(records: list[tuple[str, int, str]], progress: dict[str, Any]) -> Batch:
-    return Batch(records=records_from(records), watermark={"files": dict(progress)})
+def _batch(
+    records: list[tuple[str, int, str]], problems: list[tuple[str, int, str, str]], progress: dict[str, Any]
+) -> Batch:
+    return Batch(
+        records=records_from(records), problems=problems_from(problems), watermark={"files": dict(progress)}
+    )
 
 
 KIND = SourceKind(

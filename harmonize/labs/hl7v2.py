@@ -1,6 +1,10 @@
 """HL7 v2 lab results (ORU^R01, OUL^R22-R24; v2.3-2.8) as FHIR R4: Patient, DiagnosticReport,
 Observation and Specimen, after the HL7 v2-to-FHIR mapping guide (segments PID, OBR, OBX, SPM).
 
+Reports, results and specimens carry the message's time (MSH-7) as `meta.lastUpdated`: the
+store keeps the newest copy of a resource by it, so an older message that arrives late (a
+preliminary result after its final one, from a file or over MLLP) never undoes a newer one.
+
 A message maps whole or not at all: any resource that fails the fhir.resources R4B model, or a
 LOINC code that fails its check digit, sends the message to quarantine with the reason. Ids
 derive from what identifies each thing across messages (the patient's identifier, the order's
@@ -76,6 +80,8 @@ INTERPRETATIONS = {
     "POS": "Positive",
     "NEG": "Negative",
 }
+TEXT = ("TX", "FT", "ST")
+"""Text results: a repeated OBX-5 of these is one text, a line per repeat."""
 LAB = {"coding": [{"system": f"{TERMINOLOGY}/observation-category", "code": "laboratory"}]}
 NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
 DECIMAL = r"[+-]?\d+(?:\.\d+)?"
@@ -120,7 +126,7 @@ def message_resources(
     `patient_systems`. Without `create_patients` no Patient is made from PID: the results
     name their patient by identifier, and the store links them to the twin's Patient."""
     if not text.startswith("MSH"):
-        raise ValueError(f"does not start with an MSH segment: {text[:20]!r}")
+        raise ValueError("does not start with an MSH segment")
     separators = text[3:8]
     if len(set(separators)) != 5 or any(c.isalnum() or c in "\r\n " for c in separators):
         raise ValueError(f"MSH-1 and MSH-2 must be five distinct separators, not {separators!r}")
@@ -151,6 +157,7 @@ def message_resources(
     order: dict[str, Any] | None = None
     specimen: dict[str, Any] | None = None
     specimen_ids: list[dict[str, str]] = []
+    seen: Counter[tuple[str, ...]] = Counter()  # results of one code and sub-id in one scope so far
     for n, segment in enumerate(message, start=1):
         name = segment.name
         if name == "OBR":
@@ -174,7 +181,9 @@ def message_resources(
         elif name == "OBX":
             # outside an order, a result is told apart by its specimen (OUL specimen results)
             scope = control_id if specimen is None else f"{control_id}|{specimen['id']}"
-            result = _observation(segment, subject, order, scope, n, when)
+            key = _result_key(segment, order["id"] if order else scope, numbered=order is None)
+            seen[key] += 1
+            result = _observation(segment, subject, key, seen[key], when)
             if order is not None:
                 order["result"] = [*order.get("result", []), {"reference": f"Observation/{result['id']}"}]
                 result.setdefault("effectiveDateTime", order.get("effectiveDateTime"))
@@ -183,6 +192,10 @@ def message_resources(
             if specimen_ids:
                 result["specimen"] = specimen_ids[-1]
             resources.append(result)
+    if sent := _message_time(msh, timezone):
+        for resource in resources:
+            if resource["resourceType"] != "Patient":  # the same patient in every message
+                resource["meta"] = {"lastUpdated": sent}
     notes = [
         n for r in resources if r["resourceType"] == "Observation" for n in normalize_observation(r, codes)
     ]
@@ -325,27 +338,27 @@ def _container(sac: Segment) -> dict[str, Any] | None:
     return container or None
 
 
+def _result_key(obx: Segment, scope: str, *, numbered: bool) -> tuple[str, ...]:
+    """What tells a result apart in its order (or, outside one, its message or specimen): its
+    code and sub-id (OBX-4), and outside an order its set ID (OBX-1)."""
+    return (scope, _get(obx, 3, 1), _get(obx, 3, 3), _get(obx, 4), _get(obx, 1) if numbered else "")
+
+
 def _observation(
     obx: Segment,
     subject: dict[str, Any],
-    order: dict[str, Any] | None,
-    control_id: str,
-    n: int,
+    key: tuple[str, ...],
+    nth: int,
     when: Callable[[str], str | None],
 ) -> dict[str, Any]:
+    """The `nth` result of its `key` in the message: every OBX is an Observation of its own, so
+    the second and later ones (10,000 readings of one code, the lines of a text report sent one
+    OBX each) add their place to the id; the first keeps the id a corrected resend updates."""
     # FHIR needs a code; a result sent without one keeps its value under a code that says so.
     code = _concept(obx, 3) or {"text": f"no code in OBX-3 ({_get(obx, 2) or 'untyped'} result)"}
-    scope = order["id"] if order else control_id
     result: dict[str, Any] = {
         "resourceType": "Observation",
-        "id": _id(
-            "Observation",
-            scope,
-            _get(obx, 3, 1),
-            _get(obx, 3, 3),
-            _get(obx, 4),
-            _get(obx, 1) if not order else "",
-        ),
+        "id": _id("Observation", *key, *((str(nth),) if nth > 1 else ())),
         "status": RESULT_STATUS.get(_get(obx, 11), "unknown"),
         "category": [LAB],
         "code": code,
@@ -375,8 +388,12 @@ def _observation(
 
 def _value(obx: Segment) -> dict[str, Any]:
     kind, raw = _get(obx, 2), obx.raw(5)
-    if not raw or _repeats(obx, 5) > 1:
+    if not raw:
         return {}
+    if _repeats(obx, 5) > 1:  # the v2-to-FHIR guide: each repeat of a text is a line of it
+        if kind not in TEXT:
+            return {}
+        return {"valueString": "\n".join(_text(r) for r in obx.repetitions(5))}
     if kind in ("NM", "SN") and NUMBER.fullmatch(raw.strip().lstrip("^")):
         return {
             "valueQuantity": {"value": orjson.Fragment(raw.strip().lstrip("^").lstrip("+")), **_unit(obx)}
@@ -387,7 +404,11 @@ def _value(obx: Segment) -> dict[str, Any]:
         return {"valueDateTime": fhir_datetime(raw)}
     if kind == "RP":  # a reference pointer: the pointer is its first component
         return {"valueString": _get(obx, 5, 1)}
-    return {"valueString": raw.replace("\\.br\\", "\n")}
+    return {"valueString": _text(raw)}
+
+
+def _text(raw: str) -> str:
+    return raw.replace("\\.br\\", "\n")
 
 
 def _unit(obx: Segment) -> dict[str, Any]:
@@ -443,6 +464,15 @@ def _concept(segment: Segment, field: int) -> dict[str, Any] | None:
     if display:
         concept["text"] = display
     return concept
+
+
+def _message_time(msh: Segment, timezone: str) -> str | None:
+    """MSH-7 as an instant; None where it is coarser than seconds or no time (then the copy
+    read last wins, as for any resource without meta.lastUpdated)."""
+    try:
+        return _instant(fhir_datetime(_get(msh, 7), timezone))
+    except ValueError:
+        return None
 
 
 def _instant(value: str | None) -> str | None:

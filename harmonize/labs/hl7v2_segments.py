@@ -61,6 +61,10 @@ class Segment:
         components = repeats[repeat - 1].split(self._components, component)
         return components[component - 1].strip() if component <= len(components) else ""
 
+    def repetitions(self, field: int) -> list[str]:
+        """Field `field`'s repetitions as sent (components not split)."""
+        return self.raw(field).split(self._repetitions)
+
     def repeats(self, field: int) -> int:
         """How many repetitions field `field` holds (1 where absent)."""
         if not 0 <= field < len(self.fields) or (self._header and field < 3):

@@ -73,7 +73,7 @@ def test_a_mapped_local_code_gets_the_loinc_coding_first_and_keeps_its_own() -> 
         {"system": "http://loinc.org", "code": "2345-7", "display": "LOINC 2345-7"},
         {"system": LOCAL, "code": "GLU", "display": "Glucose"},
     ]
-    assert "meta" not in glucose, "a mapped code is not flagged"
+    assert "tag" not in glucose["meta"], "a mapped code is not flagged"
 
 
 def test_only_equivalent_or_wider_targets_apply_and_unmapped_codes_are_kept_and_flagged() -> None:
@@ -97,7 +97,7 @@ def test_only_equivalent_or_wider_targets_apply_and_unmapped_codes_are_kept_and_
 def test_loinc_codes_are_kept_as_they_are_and_not_flagged() -> None:
     (hdl,) = observations(message("OBX|1|NM|2085-9^HDL^LN||1.20|mmol/L^mmol/L^UCUM|>1.0|N|||F"))
     assert hdl["code"]["coding"] == [{"system": "http://loinc.org", "code": "2085-9", "display": "HDL"}]
-    assert "meta" not in hdl
+    assert "tag" not in hdl["meta"]
 
 
 def test_without_a_concept_map_local_codes_are_flagged_and_counted() -> None:
