@@ -636,7 +636,9 @@ def test_the_wearable_catalogue_takes_every_mapped_metric_in_every_spelling_open
         schema=SAMPLE_SCHEMA,
     )
     normalized, problems = normalize_samples(samples)
-    assert problems.to_pylist() == []
+    # 310.15 of every metric (37 Cel in K) is out of some metrics' plausible range, but no
+    # metric or spelling is unknown
+    assert [p["reason"] for p in problems.to_pylist() if "plausible range" not in p["reason"]] == []
     kelvin = normalized.filter(pc.equal(normalized["metric"], "body_temperature")).to_pylist()[-1]
     assert (kelvin["value"], kelvin["unit"]) == (pytest.approx(37.0), "Cel")
 
