@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 
 TYPES_FILE = Path(__file__).with_name("apple_health.toml")
 READ_SIZE = 1 << 20
+MAX_TOKEN = 16 << 20
+"""The most XML read without a single element starting or ending. Apple writes no attribute or
+text near that long; a file that does (an attribute bomb: 1 GiB in one attribute, a megabyte
+zipped) is cut there as if broken, in a second, instead of expat rescanning the growing token
+for minutes and holding it in memory."""
 SLICE = 8192
 """Rows are converted to Arrow this many at a time (as Python strings they take several times
 the memory); a chunk is `batch_samples` of them."""
@@ -206,11 +211,22 @@ def read_export(stream: IO[bytes], origin: str, patient: str, limit: int) -> Ite
     parser = defused_expat()
     records = RecordReader(origin, patient, limit, parser)
     broken: tuple[int, str] | None = None
+    fed = 0
     try:
         while data := stream.read(READ_SIZE):
             parser.Parse(data, False)
+            fed += len(data)
+            if fed - records.last_event > MAX_TOKEN:
+                line = parser.CurrentLineNumber
+                broken = (
+                    line,
+                    f"holds more than {MAX_TOKEN >> 20} MiB without a tag after line {line} (byte "
+                    f"{records.last_event:,}): an attribute or text that long is no Health record",
+                )
+                break
             yield from records.ready()
-        parser.Parse(b"", True)
+        else:
+            parser.Parse(b"", True)
     except (EntitiesForbidden, ExternalReferenceForbidden) as e:
         declared = f" (SYSTEM {e.sysid!r})" if e.sysid else ""
         raise RefusedError(
@@ -249,6 +265,8 @@ class RecordReader:
         types = record_types()
         self.mapped = {name: name for name in [*types.quantities, *types.categories]}
         self.depth = 0
+        self.last_event = 0
+        """Where the last element started or ended (its byte index)."""
         self.rows: list[tuple[str | int | None, ...]] = []
         self.slices: list[tuple[pa.Table, pa.Table]] = []
         """The chunk's rows so far as samples and problems."""
@@ -262,6 +280,7 @@ class RecordReader:
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         self.depth += 1
+        self.last_event = self.parser.CurrentByteIndex
         if self.depth != 2:
             if self.depth == 1 and tag != "HealthData":
                 raise RefusedError(
@@ -300,6 +319,7 @@ class RecordReader:
 
     def end(self, tag: str) -> None:
         self.depth -= 1
+        self.last_event = self.parser.CurrentByteIndex
 
     def _device(self, source_name: str | None, device: str | None) -> str | None:
         text = device[device.find(">") + 1 :] if device else ""  # without <<HKDevice: 0x...>
