@@ -12,7 +12,7 @@ import pytest
 
 from connectors.base import SAMPLE_SCHEMA
 from harmonize.wearables.daily_fhir import daily_fhir
-from harmonize.wearables.metrics import DAILY_SCHEMA, normalize_samples, ranges
+from harmonize.wearables.metrics import DAILY_SCHEMA, normalize_samples
 
 AT = datetime(2024, 5, 1, 8, tzinfo=UTC)
 WHERE = "(harmonize/wearables/wearable_ranges.toml)"
@@ -80,7 +80,7 @@ def test_one_series_with_one_implausible_value_is_judged_like_any(bad: float) ->
 
 
 def test_every_metric_has_a_plausible_range() -> None:
-    from harmonize.wearables.metrics import metrics
+    from harmonize.wearables.metrics import metrics, ranges
 
     assert set(ranges()) == set(metrics())
     assert all(low < high for low, high in ranges().values())
