@@ -13,13 +13,16 @@ are counted per type; the Records inside a Correlation are copies of top-level o
 says so) and are not read twice.
 
 A file broken part way (cut short, bad bytes, a damaged zip) keeps the samples read before the
-break; the break is a problem with its line, so nothing is lost silently. Files are read whole,
+break; the break is a problem with its line, so nothing is lost silently. A zip cut short has
+lost its central directory (its list of members, at the end): it is read front to back instead,
+member by member from their own headers (stream-unzip), up to the cut. Files are read whole,
 once each: a changed file is read again whole (the store dedupes samples).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import re
 import tomllib
@@ -39,6 +42,7 @@ from defusedxml.common import EntitiesForbidden, ExternalReferenceForbidden
 from defusedxml.ElementTree import DefusedXMLParser
 from isal import isal_zlib
 from pydantic import Field
+from stream_unzip import UnzipError, stream_unzip
 
 from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
@@ -178,6 +182,11 @@ def exports(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
+        with path.open("rb") as fh:
+            local_header = fh.read(4) == b"PK\x03\x04"
+        if local_header:  # a zip that starts as one but has lost its end: read up to the cut
+            yield from _cut_zip(path)
+            return
         raise RefusedError(
             str(path), f"is not a readable zip ({e}); export again from the Health app"
         ) from None
@@ -202,6 +211,59 @@ def exports(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
                 ) from None
             with stream:
                 yield origin, stream
+
+
+def _cut_zip(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
+    """(origin, stream) of each export.xml of a zip without its central directory, read front to
+    back from the members' own headers; a member's stream breaks off (EOFError) where the zip does."""
+    found = False
+    with path.open("rb") as fh:
+        members = stream_unzip(iter(lambda: fh.read(READ_SIZE), b""))
+        try:
+            for raw_name, _, content in members:
+                name = raw_name.decode(errors="replace")
+                if PurePosixPath(name).name == EXPORT_MEMBER and not name.startswith("__MACOSX/"):
+                    found = True
+                    with io.BufferedReader(_Unzipped(content), READ_SIZE) as stream:
+                        yield f"{path}!/{name}", stream
+                for _ in content:  # the rest of the member (stream-unzip reads them in order)
+                    pass
+        except (UnzipError, *READ_ERRORS) as e:
+            if not found:
+                raise RefusedError(
+                    str(path),
+                    f"is not a readable zip (it breaks off before its {EXPORT_MEMBER}: {type(e).__name__}); "
+                    "export again from the Health app",
+                ) from None
+            return  # the export's own stream reported the cut
+    if not found:
+        raise RefusedError(
+            str(path),
+            f"holds no {EXPORT_MEMBER}; the Health app's export.zip has apple_health_export/export.xml",
+        )
+
+
+class _Unzipped(io.RawIOBase):
+    """A member's chunks from stream-unzip as a stream; a damaged zip ends it with EOFError."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks, self.rest = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.rest:
+            try:
+                self.rest = next(self.chunks)
+            except StopIteration:
+                return 0
+            except (UnzipError, *READ_ERRORS) as e:
+                raise EOFError(f"the zip breaks off here ({type(e).__name__})") from None
+        n = min(len(buffer), len(self.rest))
+        buffer[:n] = self.rest[:n]
+        self.rest = self.rest[n:]
+        return n
 
 
 def read_export(stream: IO[bytes], origin: str, patient: str, limit: int) -> Iterator[Chunk]:

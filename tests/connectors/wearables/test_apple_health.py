@@ -805,3 +805,22 @@ def test_the_attribute_bomb_is_refused_within_seconds_in_bounded_memory(tmp_path
     assert (measured["samples"], measured["problems"]) == (2, 1)
     assert measured["seconds"] < 10
     assert measured["max_rss_mb"] < 1000
+
+
+def test_a_zip_cut_short_keeps_the_samples_before_the_cut(tmp_path: Path) -> None:
+    """A cut zip has lost its list of members (at its end): it is read front to back instead."""
+    big = DTD + record(f"{Q}StepCount", "1", "count") * 20_000 + END
+    archive = write_zip(tmp_path / "export.zip", {"apple_health_export/export.xml": big})
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[: len(whole) // 2])
+    batches = pull(archive)
+    assert 0 < len(samples(batches)) < 20_000
+    assert {s["value"] for s in samples(batches)} == {1}
+    [problem] = problems(batches)
+    assert problem["file"] == f"{archive}!/apple_health_export/export.xml"
+    assert problem["line_no"] > len(samples(batches))
+    assert "the zip breaks off here (TruncatedDataError)" in problem["reason"]
+    assert "the samples before it are kept" in problem["reason"]
+    archive.write_bytes(whole)  # replaced: read again whole
+    again = pull(archive, batches[-1].watermark)
+    assert (len(samples(again)), problems(again)) == (20_000, [])
