@@ -22,17 +22,14 @@ once each: a changed file is read again whole (the store dedupes samples).
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import re
 import tomllib
-import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal, cast
+from pathlib import Path
+from typing import IO, Any, Literal
 from xml.parsers import expat
 from xml.parsers.expat import XMLParserType
 
@@ -40,19 +37,17 @@ import polars as pl
 import pyarrow as pa
 from defusedxml.common import EntitiesForbidden, ExternalReferenceForbidden
 from defusedxml.ElementTree import DefusedXMLParser
-from isal import isal_zlib
 from pydantic import Field
-from stream_unzip import UnzipError, stream_unzip
 
-from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
+from connectors._files import FileConnector, describe_files, fingerprint
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
 from connectors.kinds import SourceConfig, SourceKind
+from connectors.wearables.apple_zip import READ_ERRORS, READ_SIZE, RefusedError, exports
 
 log = logging.getLogger(__name__)
 
 TYPES_FILE = Path(__file__).with_name("apple_health.toml")
-READ_SIZE = 1 << 20
 MAX_TOKEN = 16 << 20
 """The most XML read without a single element starting or ending. Apple writes no attribute or
 text near that long; a file that does (an attribute bomb: 1 GiB in one attribute, a megabyte
@@ -63,14 +58,11 @@ SLICE = 8192
 the memory); a chunk is `batch_samples` of them."""
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 DATE_EXAMPLE = "2016-04-13 09:06:19 +0100"
-EXPORT_MEMBER = "export.xml"
 CDA_COPY = "export_cda.xml"
 """Apple writes the same data again as a CDA document beside export.xml; it is not read."""
 HEADER_ELEMENTS = frozenset({"ExportDate", "Me"})
 """Top-level elements that are not data (Me is the person's birth date and sex: not kept)."""
 DEVICE_FIELD = re.compile(r"(\w+):(.*?)(?=, \w+:|>$)")
-READ_ERRORS = (OSError, EOFError, zlib.error, cast("type[Exception]", isal_zlib.error), zipfile.BadZipFile)
-"""What reading a damaged file (zip, gzip) raises part way."""
 ROWS = {
     "type": pl.String,
     "unit": pl.String,
@@ -118,15 +110,6 @@ def record_types() -> RecordTypes:
     )
 
 
-class RefusedError(Exception):
-    """A file that cannot be read at all (hostile, not an export, not a zip): raised before
-    any record of it is read."""
-
-    def __init__(self, origin: str, reason: str) -> None:
-        super().__init__(f"{origin} {reason}")
-        self.origin = origin
-
-
 class AppleHealthConnector(FileConnector[AppleHealthSource]):
     suffixes = (".zip", ".xml", ".xml.gz")
 
@@ -171,99 +154,6 @@ class AppleHealthConnector(FileConnector[AppleHealthSource]):
                 {"file": [e.origin], "line_no": [0], "reason": [str(e)], "raw": [""]}, schema=PROBLEM_SCHEMA
             )
             yield SAMPLE_SCHEMA.empty_table(), problem, Counter()
-
-
-def exports(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
-    """(origin, stream) of each export.xml in the file: a zip's members are read in place."""
-    if not path.name.endswith(".zip"):
-        with open_maybe_gzipped(path) as stream:
-            yield str(path), stream
-        return
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        with path.open("rb") as fh:
-            local_header = fh.read(4) == b"PK\x03\x04"
-        if local_header:  # a zip that starts as one but has lost its end: read up to the cut
-            yield from _cut_zip(path)
-            return
-        raise RefusedError(
-            str(path), f"is not a readable zip ({e}); export again from the Health app"
-        ) from None
-    with archive:
-        members = [
-            m
-            for m in archive.infolist()
-            if PurePosixPath(m.filename).name == EXPORT_MEMBER and not m.filename.startswith("__MACOSX/")
-        ]
-        if not members:
-            raise RefusedError(
-                str(path),
-                f"holds no {EXPORT_MEMBER}; the Health app's export.zip has apple_health_export/export.xml",
-            )
-        for member in members:
-            origin = f"{path}!/{member.filename}"
-            try:
-                stream = archive.open(member)
-            except (*READ_ERRORS, NotImplementedError) as e:
-                raise RefusedError(
-                    origin, f"cannot be unpacked ({e}); export again from the Health app"
-                ) from None
-            with stream:
-                yield origin, stream
-
-
-def _cut_zip(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
-    """(origin, stream) of each export.xml of a zip without its central directory, read front to
-    back from the members' own headers; a member's stream breaks off (EOFError) where the zip does."""
-    found = False
-    with path.open("rb") as fh:
-        members = stream_unzip(iter(lambda: fh.read(READ_SIZE), b""))
-        try:
-            for raw_name, _, content in members:
-                name = raw_name.decode(errors="replace")
-                if PurePosixPath(name).name == EXPORT_MEMBER and not name.startswith("__MACOSX/"):
-                    found = True
-                    with io.BufferedReader(_Unzipped(content), READ_SIZE) as stream:
-                        yield f"{path}!/{name}", stream
-                for _ in content:  # the rest of the member (stream-unzip reads them in order)
-                    pass
-        except (UnzipError, *READ_ERRORS) as e:
-            if not found:
-                raise RefusedError(
-                    str(path),
-                    f"is not a readable zip (it breaks off before its {EXPORT_MEMBER}: {type(e).__name__}); "
-                    "export again from the Health app",
-                ) from None
-            return  # the export's own stream reported the cut
-    if not found:
-        raise RefusedError(
-            str(path),
-            f"holds no {EXPORT_MEMBER}; the Health app's export.zip has apple_health_export/export.xml",
-        )
-
-
-class _Unzipped(io.RawIOBase):
-    """A member's chunks from stream-unzip as a stream; a damaged zip ends it with EOFError."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self.chunks, self.rest = chunks, b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self.rest:
-            try:
-                self.rest = next(self.chunks)
-            except StopIteration:
-                return 0
-            except (UnzipError, *READ_ERRORS) as e:
-                raise EOFError(f"the zip breaks off here ({type(e).__name__})") from None
-        n = min(len(buffer), len(self.rest))
-        buffer[:n] = self.rest[:n]
-        self.rest = self.rest[n:]
-        return n
 
 
 def read_export(stream: IO[bytes], origin: str, patient: str, limit: int) -> Iterator[Chunk]:
