@@ -35,6 +35,10 @@ UNUSUAL_REFERENCE = (
     r'"reference"\s*:\s*"(?:[^A-Z]|[A-Z](?:/|[A-Za-z]{64}|[A-Za-z]*(?:[^A-Za-z/]'
     r'|/(?:[^A-Za-z0-9.\-]|[A-Za-z0-9.\-]{65}|[A-Za-z0-9.\-]{1,64}[^A-Za-z0-9.\-"]))))'
 )
+UNQUOTED_ID = r'"id"\s*:\s*[^"\s]'
+"""Matches where some `id` (maybe a nested one) is not a JSON string: only those lines (nearly
+none) have the type of their `$.id` looked up; json_extract_string would take 123 or true as
+the id "123" or "true"."""
 FILE_TYPE = rf"(?:^|[/\\.])({TYPE})(?:\.[0-9]+)?\.ndjson(?:\.gz)?$"
 
 # The date a resource is "about" when meta.lastUpdated is absent: first present wins.
@@ -75,6 +79,8 @@ def _facts_sql(paths: list[str]) -> str:
                 json_extract_string(raw, '$.issue[0].diagnostics'),
                 json_extract_string(raw, '$.issue[0].details.text'),
                 json_extract_string(raw, '$.issue[0].code'), 'no details') END AS outcome,
+           CASE WHEN regexp_matches(raw, '{UNQUOTED_ID}') THEN try(json_type(raw, '$.id'))
+                ELSE 'VARCHAR' END AS id_type,
            CASE WHEN regexp_matches(raw, '{UNUSUAL_REFERENCE}')
                 THEN list_filter(regexp_extract_all(raw, '{REFERENCE_VALUE}', 1),
                                  r -> NOT regexp_full_match(r, '{REFERENCE}'))
@@ -102,6 +108,10 @@ SELECT
                  WHEN NOT regexp_full_match(resource_type, '{TYPE}')
                  THEN 'invalid resourceType ' || to_json(resource_type) END,
             CASE WHEN id IS NULL THEN 'missing id'
+                 WHEN id_type IS DISTINCT FROM 'VARCHAR'
+                 THEN 'id ' || id || ' is a JSON ' || CASE id_type WHEN 'BOOLEAN' THEN 'boolean'
+                      WHEN 'OBJECT' THEN 'object' WHEN 'ARRAY' THEN 'array' ELSE 'number' END
+                      || ', not a string (FHIR ids are strings: write it in quotes)'
                  WHEN NOT regexp_full_match(id, '{ID}')
                  THEN 'invalid id ' || to_json(id) || ' (FHIR ids are 1-64 of A-Z a-z 0-9 - .)' END,
             CASE WHEN file_type <> '' AND resource_type <> file_type

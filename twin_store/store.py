@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import StoreError
 from harmonize.records import usable_cores
-from harmonize.wearables.metrics import DAILY_SCHEMA, daily_resources
+from harmonize.wearables.daily_fhir import DailyFhir, daily_fhir
+from harmonize.wearables.metrics import DAILY_SCHEMA
 from twin_store import runs, schema
 from twin_store.connection import CATALOG, Transaction, connect, writer_lock
 from twin_store.genomics import VariantWriter
@@ -68,7 +69,7 @@ class TwinStore:
         self._samples = SampleWriter(con=self.con)
         # The FHIR of the days each batch rolls up, made in a process while later batches land.
         self._fhir_maker: ProcessPoolExecutor | None = None
-        self._fhir_made: list[tuple[pa.Table, Future[list[bytes]]]] = []
+        self._fhir_made: list[tuple[pa.Table, Future[DailyFhir]]] = []
         # Batches are checked on one core while the writer lands the one before (flows.sync):
         # leave that core to the checks; DuckDB's extra threads would only contend with them.
         self.con.execute(f"SET threads = {max(1, usable_cores() - 1)}")
@@ -205,7 +206,7 @@ class TwinStore:
                 # writer runs DuckDB threads.
                 self._fhir_maker = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
             self._fhir_made.append(
-                (days, self._fhir_maker.submit(daily_resources, days, datetime.now(UTC), activity))
+                (days, self._fhir_maker.submit(daily_fhir, days, datetime.now(UTC), activity))
             )
 
     @contextlib.contextmanager
@@ -256,21 +257,31 @@ class TwinStore:
         made = 0
         if self._fhir_made:
             days = pa.concat_tables([d for d, _ in self._fhir_made])
-            resources = [r for _, future in self._fhir_made for r in future.result()]
+            fhir = [future.result() for _, future in self._fhir_made]
             self._fhir_made.clear()
-            made += self._land_daily_fhir(run, days, resources)
-        while self._samples.any_pending() and len(days := self._samples.pending_days(chunk)):
-            made += self._land_daily_fhir(
-                run, days, daily_resources(days, datetime.now(UTC), f"run {run.run_id}")
+            both = DailyFhir(
+                resources=[r for f in fhir for r in f.resources],
+                problems=pa.concat_tables([f.problems for f in fhir]),
+                failed=pa.concat_tables([f.failed for f in fhir]),
             )
+            made += self._land_daily_fhir(run, days, both)
+        while self._samples.any_pending() and len(days := self._samples.pending_days(chunk)):
+            made += self._land_daily_fhir(run, days, daily_fhir(days, datetime.now(UTC), f"run {run.run_id}"))
         return made
 
-    def _land_daily_fhir(self, run: RunReport, days: pa.Table, resources: list[bytes]) -> int:
+    def _land_daily_fhir(self, run: RunReport, days: pa.Table, fhir: DailyFhir) -> int:
+        """Land the days' FHIR; the days whose FHIR failed its checks are quarantined, their
+        flags cleared too (a rerun would only fail them again)."""
         message = f"{run.flow} {run.source} run {run.run_id}: daily FHIR"
         with self._kept(), self.transaction(message, _about(run)):
-            derived = self.land_derived(run, resources, origin="wearable_daily")
-            self._samples.fhir_made(days)
+            derived = self.land_derived(run, fhir.resources, origin="wearable_daily")
+            if len(fhir.problems):
+                self._resources.quarantine(run, fhir.problems)
+            self._samples.fhir_made(days, failed=fhir.failed)
         run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
+        if len(fhir.problems):
+            run.stats["days whose daily FHIR failed its checks (quarantined)"] += len(fhir.problems)
+            run.counts["quarantined"] += len(fhir.problems)
         return len(days)
 
     def land_derived(self, run: RunReport, resources: list[bytes], *, origin: str) -> Counter[str]:

@@ -444,11 +444,13 @@ class SampleWriter:
             .cast(DAILY_SCHEMA)
         )
 
-    def fhir_made(self, days: pa.Table) -> None:
+    def fhir_made(self, days: pa.Table, failed: pa.Table | None = None) -> None:
         """Clear the flags of `days` and name the Observation each got (their FHIR landed in
-        this transaction)."""
-        keys = zip(*(days[c].to_pylist() for c in ("source", "patient_id", "metric", "day")), strict=True)
-        ids = pa.array([daily_id(*key) for key in keys], pa.string())
+        this transaction); the `failed` among them (quarantined) get none."""
+        names = ("source", "patient_id", "metric", "day")
+        keys = list(zip(*(days[c].to_pylist() for c in names), strict=True))
+        bad = set(zip(*(failed[c].to_pylist() for c in names), strict=True)) if failed is not None else set()
+        ids = pa.array([None if key in bad else daily_id(*key) for key in keys], pa.string())
         made = days.select(["source", "patient_id", "metric", "day"]).append_column("observation_id", ids)
         self.con.register("made", made)
         try:

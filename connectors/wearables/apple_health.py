@@ -13,7 +13,9 @@ are counted per type; the Records inside a Correlation are copies of top-level o
 says so) and are not read twice.
 
 A file broken part way (cut short, bad bytes, a damaged zip) keeps the samples read before the
-break; the break is a problem with its line, so nothing is lost silently. Files are read whole,
+break; the break is a problem with its line, so nothing is lost silently. A zip cut short has
+lost its central directory (its list of members, at the end): it is read front to back instead,
+member by member from their own headers (stream-unzip), up to the cut. Files are read whole,
 once each: a changed file is read again whole (the store dedupes samples).
 """
 
@@ -23,13 +25,11 @@ import functools
 import logging
 import re
 import tomllib
-import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal, cast
+from pathlib import Path
+from typing import IO, Any, Literal
 from xml.parsers import expat
 from xml.parsers.expat import XMLParserType
 
@@ -37,31 +37,32 @@ import polars as pl
 import pyarrow as pa
 from defusedxml.common import EntitiesForbidden, ExternalReferenceForbidden
 from defusedxml.ElementTree import DefusedXMLParser
-from isal import isal_zlib
 from pydantic import Field
 
-from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
+from connectors._files import FileConnector, describe_files, fingerprint
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.errors import SourceError
 from connectors.kinds import SourceConfig, SourceKind
+from connectors.wearables.apple_zip import READ_ERRORS, READ_SIZE, RefusedError, exports
 
 log = logging.getLogger(__name__)
 
 TYPES_FILE = Path(__file__).with_name("apple_health.toml")
-READ_SIZE = 1 << 20
+MAX_TOKEN = 16 << 20
+"""The most XML read without a single element starting or ending. Apple writes no attribute or
+text near that long; a file that does (an attribute bomb: 1 GiB in one attribute, a megabyte
+zipped) is cut there as if broken, in a second, instead of expat rescanning the growing token
+for minutes and holding it in memory."""
 SLICE = 8192
 """Rows are converted to Arrow this many at a time (as Python strings they take several times
 the memory); a chunk is `batch_samples` of them."""
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 DATE_EXAMPLE = "2016-04-13 09:06:19 +0100"
-EXPORT_MEMBER = "export.xml"
 CDA_COPY = "export_cda.xml"
 """Apple writes the same data again as a CDA document beside export.xml; it is not read."""
 HEADER_ELEMENTS = frozenset({"ExportDate", "Me"})
 """Top-level elements that are not data (Me is the person's birth date and sex: not kept)."""
 DEVICE_FIELD = re.compile(r"(\w+):(.*?)(?=, \w+:|>$)")
-READ_ERRORS = (OSError, EOFError, zlib.error, cast("type[Exception]", isal_zlib.error), zipfile.BadZipFile)
-"""What reading a damaged file (zip, gzip) raises part way."""
 ROWS = {
     "type": pl.String,
     "unit": pl.String,
@@ -107,15 +108,6 @@ def record_types() -> RecordTypes:
         fractions=frozenset(data["percent_as_fraction"]),
         categories=data["categories"],
     )
-
-
-class RefusedError(Exception):
-    """A file that cannot be read at all (hostile, not an export, not a zip): raised before
-    any record of it is read."""
-
-    def __init__(self, origin: str, reason: str) -> None:
-        super().__init__(f"{origin} {reason}")
-        self.origin = origin
 
 
 class AppleHealthConnector(FileConnector[AppleHealthSource]):
@@ -164,41 +156,6 @@ class AppleHealthConnector(FileConnector[AppleHealthSource]):
             yield SAMPLE_SCHEMA.empty_table(), problem, Counter()
 
 
-def exports(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
-    """(origin, stream) of each export.xml in the file: a zip's members are read in place."""
-    if not path.name.endswith(".zip"):
-        with open_maybe_gzipped(path) as stream:
-            yield str(path), stream
-        return
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise RefusedError(
-            str(path), f"is not a readable zip ({e}); export again from the Health app"
-        ) from None
-    with archive:
-        members = [
-            m
-            for m in archive.infolist()
-            if PurePosixPath(m.filename).name == EXPORT_MEMBER and not m.filename.startswith("__MACOSX/")
-        ]
-        if not members:
-            raise RefusedError(
-                str(path),
-                f"holds no {EXPORT_MEMBER}; the Health app's export.zip has apple_health_export/export.xml",
-            )
-        for member in members:
-            origin = f"{path}!/{member.filename}"
-            try:
-                stream = archive.open(member)
-            except (*READ_ERRORS, NotImplementedError) as e:
-                raise RefusedError(
-                    origin, f"cannot be unpacked ({e}); export again from the Health app"
-                ) from None
-            with stream:
-                yield origin, stream
-
-
 def read_export(stream: IO[bytes], origin: str, patient: str, limit: int) -> Iterator[Chunk]:
     """An export's samples in chunks of at most `limit` records (their last chunk carries the
     break, if the file breaks off). Raises `RefusedError` before the first record if it is
@@ -206,11 +163,22 @@ def read_export(stream: IO[bytes], origin: str, patient: str, limit: int) -> Ite
     parser = defused_expat()
     records = RecordReader(origin, patient, limit, parser)
     broken: tuple[int, str] | None = None
+    fed = 0
     try:
         while data := stream.read(READ_SIZE):
             parser.Parse(data, False)
+            fed += len(data)
+            if fed - records.last_event > MAX_TOKEN:
+                line = parser.CurrentLineNumber
+                broken = (
+                    line,
+                    f"holds more than {MAX_TOKEN >> 20} MiB without a tag after line {line} (byte "
+                    f"{records.last_event:,}): an attribute or text that long is no Health record",
+                )
+                break
             yield from records.ready()
-        parser.Parse(b"", True)
+        else:
+            parser.Parse(b"", True)
     except (EntitiesForbidden, ExternalReferenceForbidden) as e:
         declared = f" (SYSTEM {e.sysid!r})" if e.sysid else ""
         raise RefusedError(
@@ -249,6 +217,8 @@ class RecordReader:
         types = record_types()
         self.mapped = {name: name for name in [*types.quantities, *types.categories]}
         self.depth = 0
+        self.last_event = 0
+        """Where the last element started or ended (its byte index)."""
         self.rows: list[tuple[str | int | None, ...]] = []
         self.slices: list[tuple[pa.Table, pa.Table]] = []
         """The chunk's rows so far as samples and problems."""
@@ -262,6 +232,7 @@ class RecordReader:
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         self.depth += 1
+        self.last_event = self.parser.CurrentByteIndex
         if self.depth != 2:
             if self.depth == 1 and tag != "HealthData":
                 raise RefusedError(
@@ -300,6 +271,7 @@ class RecordReader:
 
     def end(self, tag: str) -> None:
         self.depth -= 1
+        self.last_event = self.parser.CurrentByteIndex
 
     def _device(self, source_name: str | None, device: str | None) -> str | None:
         text = device[device.find(">") + 1 :] if device else ""  # without <<HKDevice: 0x...>

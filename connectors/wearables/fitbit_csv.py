@@ -10,10 +10,17 @@ Fitbit's own figure for the day and may hold more (steps the hourly files miss):
 the day's reported value (`Batch.reported`); hourly rows covered by minute ones are only counted
 in the run's stats. The files of a source are read together (they decide together which grain
 wins), again only when one of them changed.
+
+Nothing is dropped unsaid: an empty value, a row of the wrong width, a line that is not UTF-8, a
+time that is not one, an account Id that cannot make a Patient id, or a gzip file cut short is
+a problem (quarantined) with its line, and the rest of the file lands. A file is read in one go
+with polars; only a file that read refuses is read again line by line to find the bad ones.
 """
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -23,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
+from connectors._files import GZIP_MAGIC, FileConnector, describe_files, fingerprint
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.kinds import SourceConfig, SourceKind
 
@@ -31,6 +38,13 @@ Grain = Literal["minute", "hour", "day"]
 GRAIN_ORDER = {"minute": 0, "hour": 1, "day": 2}
 LOCAL_TIME = "%m/%d/%Y %I:%M:%S %p"
 LOCAL_DAY = "%m/%d/%Y"
+FHIR_ID = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
+"""A FHIR id: an account's Patient id becomes `Patient/<id>` in the daily FHIR."""
+MAX_RAW = 64 * 1024
+"""The most of a bad line kept in quarantine."""
+OPTIONAL_COLUMNS = frozenset({"Fat"})
+"""Columns a device fills only when it measured them (a scale without body fat): their empty
+cells are counted in the run's stats, not quarantined."""
 
 
 class FitbitCsvSource(SourceConfig):
@@ -173,14 +187,14 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
         kind = _kind(path)
         assert kind is not None
         grain, time_column, time_format, measures = FILES[kind]
-        with open_maybe_gzipped(path) as fh:
-            raw = pl.read_csv(fh.read(), infer_schema=False)
-        raw = raw.with_row_index("line_no", offset=2)
+        raw, problems = read_rows(path, kind)
+        if raw is None:
+            return self._finish(_empty(), path, grain), _problems(str(path), problems)
         missing = [c for c in ["Id", time_column, *_columns(measures, raw.columns)] if c not in raw.columns]
         if missing:
             reason = f"{path.name} has no column {', '.join(missing)}; is it a Fitabase {kind} export?"
             return self._finish(_empty(), path, grain), _problems(
-                str(path), [(1, reason, ",".join(raw.columns))]
+                str(path), [*problems, (1, reason, ",".join(c for c in raw.columns if c != "line_no"))]
             )
         zone = self.source.timezone
         local = pl.col(time_column).str.strptime(pl.Datetime("us"), time_format, strict=False)
@@ -194,20 +208,23 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
         rows = rows.with_columns(
             pl.col("local")
             .dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
-            .alias("start")
+            .alias("start"),
+            # Checked here, at the boundary: an Id like "../x" must not become a Patient.
+            pl.col("patient_id").str.contains(f"^{FHIR_ID.pattern}$").fill_null(False).alias("valid_id"),
         )
         text = raw.select(
             "line_no", pl.concat_str(pl.exclude("line_no").fill_null(""), separator=",").alias("raw")
         )
-        bad_rows = rows.filter(pl.col("start").is_null() | pl.col("patient_id").is_null())
-        problems = [
-            (line, self._row_reason(kind, time_column, when, account), raw_text)
-            for line, when, account, raw_text in bad_rows.join(text, on="line_no")
-            .select("line_no", time_column, "Id", "raw")
+        usable = pl.col("start").is_not_null() & pl.col("valid_id")
+        bad_rows = rows.filter(~usable)
+        problems += [
+            (line, self._row_reason(kind, time_column, when, account, patient), raw_text)
+            for line, when, account, patient, raw_text in bad_rows.join(text, on="line_no")
+            .select("line_no", time_column, "Id", "patient_id", "raw")
             .iter_rows()
         ]
         # Times are worked out once per row: a wide row's 60 minutes share its hour's offset.
-        good = rows.filter(pl.col("start").is_not_null() & pl.col("patient_id").is_not_null()).with_columns(
+        good = rows.filter(usable).with_columns(
             pl.col("start").dt.convert_time_zone("UTC").alias("start_time"),
             (
                 pl.lit(None, pl.Datetime("us", "UTC"))
@@ -229,9 +246,34 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
             .select("line_no", "metric", "text", "raw")
             .iter_rows()
         ]
+        problems += self._empty_values(kind, frame.filter(pl.col("text").is_null()), text)
         return self._finish(frame.filter(pl.col("value").is_not_null()), path, grain), _problems(
             str(path), problems
         )
+
+    def _empty_values(self, kind: str, empty: pl.DataFrame, text: pl.DataFrame) -> list[tuple[int, str, str]]:
+        """A problem for each row and metric with an empty cell (per row, however many of a
+        wide row's minutes); empty optional cells only counted."""
+        optional = empty["column"].is_in(list(OPTIONAL_COLUMNS))
+        for column, n in empty.filter(optional)["column"].value_counts().iter_rows():
+            self.stats[f"empty {column} cells (not measured)"] += n
+        per_row = (
+            empty.filter(~optional)
+            .group_by("line_no", "metric", maintain_order=True)
+            .agg(pl.col("column").first(), pl.len().alias("cells"))
+            .join(text, on="line_no")
+        )
+        return [
+            (
+                line,
+                f"{kind}: the row has no {metric} value ({column} is empty)"
+                if cells == 1
+                else f"{kind}: the row has no {metric} value in {cells} of its minute columns "
+                f"({column}, ...)",
+                raw_text,
+            )
+            for line, metric, column, cells, raw_text in per_row.iter_rows()
+        ]
 
     def _finish(self, frame: pl.DataFrame, path: Path, grain: Grain) -> pl.DataFrame:
         return frame.with_columns(
@@ -240,18 +282,104 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
             pl.lit(GRAIN_ORDER[grain]).alias("grain"),
         )
 
-    def _row_reason(self, kind: str, column: str, when: str | None, account: str | None) -> str:
+    def _row_reason(
+        self, kind: str, column: str, when: str | None, account: str | None, patient: str | None
+    ) -> str:
+        patients = f"sources.{self.source.name}.patients"
         if not account:
             return f"{kind}: the row has no account Id"
+        if patient is None:
+            return (
+                f"{kind}: account {account} is not in {patients}; map it to its Patient id there "
+                "(or set patient_prefix)"
+            )
+        if not FHIR_ID.fullmatch(patient):
+            return (
+                f"{kind}: account Id {account!r} makes the Patient id {patient!r}, which is not a FHIR id "
+                f"(1-64 of A-Z a-z 0-9 - .); map the account to its Patient id in {patients}"
+            )
         if when is None:
             return f"{kind}: the row has no {column}"
-        if self.source.patient_prefix is None and account not in self.source.patients:
-            return (
-                f"{kind}: account {account} is not in sources.{self.source.name}.patients; map it to "
-                "its Patient id there (or set patient_prefix)"
-            )
         zone = self.source.timezone
         return f"{kind}: {column} {when!r} is not a time like 3/25/2016 1:00:00 PM that {zone} has"
+
+
+def read_rows(path: Path, kind: str) -> tuple[pl.DataFrame | None, list[tuple[int, str, str]]]:
+    """The file's rows as text columns with their `line_no`, and the problems of the lines that
+    cannot be rows: not UTF-8, the wrong number of fields, the damaged end of a gzip file. None
+    for a file of which no row can be read (its problem says why)."""
+    data, damage = _unpacked(path)
+    problems: list[tuple[int, str, str]] = []
+    if damage is not None:
+        end = data.rfind(b"\n") + 1  # the line the damage cuts is part of the damage
+        cut = data.count(b"\n", 0, end) + 1
+        reason = (
+            f"{kind}: file damaged after line {cut - 1:,} (byte {end:,} unpacked): {damage}; the lines "
+            "before it landed; replace the file and sync again"
+        )
+        problems.append((cut, reason, _shown(data[end:])))
+        data = data[:end]
+    if not data.strip():
+        return None, problems or [(1, f"{kind}: the file is empty; replace it with the export", "")]
+    try:
+        rows = pl.read_csv(data, infer_schema=False).with_row_index("line_no", offset=2)
+        return rows.with_columns(pl.col("line_no").cast(pl.Int64)), problems
+    except (pl.exceptions.PolarsError, ValueError):
+        pass  # a bad line somewhere: find it
+    lines = data.split(b"\n")
+    try:
+        header = lines[0].rstrip(b"\r").decode()
+    except UnicodeDecodeError:
+        return None, [
+            *problems,
+            (1, f"{kind}: the header line is not valid UTF-8; is it a Fitabase export?", _shown(lines[0])),
+        ]
+    width, kept, numbers, at = header.count(",") + 1, [lines[0]], [], len(lines[0]) + 1
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            fields = line.decode().count(",") + 1
+        except UnicodeDecodeError as e:
+            reason = f"{kind}: line {n:,} (byte {at + e.start:,}) is not valid UTF-8 ({e.reason})"
+            problems.append((n, reason, _shown(line)))
+        else:
+            if line.strip() and fields != width:
+                problems.append((n, f"{kind}: the row has {fields} fields, the header {width}", _shown(line)))
+            elif line.strip():
+                kept.append(line)
+                numbers.append(n)
+        at += len(line) + 1
+    try:
+        rows = pl.read_csv(b"\n".join(kept), infer_schema=False, quote_char=None)
+    except (pl.exceptions.PolarsError, ValueError) as e:
+        return None, [*problems, (1, f"{kind}: the file cannot be read as CSV ({type(e).__name__})", "")]
+    return rows.with_columns(pl.Series("line_no", numbers, pl.Int64)), problems
+
+
+def _unpacked(path: Path) -> tuple[bytes, str | None]:
+    """The file's bytes (unpacked if gzipped), and what broke off reading them, if anything: a
+    damaged gzip stream is unpacked a megabyte at a time, so all but the last one's text is kept."""
+    with path.open("rb") as fh:
+        if fh.read(2) != GZIP_MAGIC:
+            fh.seek(0)
+            return fh.read(), None
+        fh.seek(0)
+        out: list[bytes] = []
+        unpack = zlib.decompressobj(wbits=31)
+        while chunk := fh.read(1 << 20):
+            while chunk:
+                try:
+                    out.append(unpack.decompress(chunk))
+                except zlib.error as e:
+                    return b"".join(out), f"damaged gzip stream ({e})"
+                chunk = unpack.unused_data if unpack.eof else b""
+                if chunk:  # another gzip member follows
+                    unpack = zlib.decompressobj(wbits=31)
+        return b"".join(out), None if unpack.eof else "truncated gzip stream"
+
+
+def _shown(line: bytes) -> str:
+    """A bad line as kept in quarantine: its bytes as text, at most MAX_RAW of them."""
+    return line[:MAX_RAW].decode(errors="backslashreplace").rstrip("\r\n")
 
 
 def _kind(path: Path) -> str | None:
@@ -282,6 +410,7 @@ COLUMNS = [
     "value",
     "unit",
     "text",
+    "column",
 ]
 
 
@@ -294,6 +423,7 @@ def _measure(rows: pl.DataFrame, metric: str, spec: str, unit: str) -> pl.DataFr
         long = rows.select(*keep, *minutes).unpivot(index=keep, variable_name="minute", value_name="text")
         offset = pl.duration(minutes=pl.col("minute").str.slice(len(prefix)).cast(pl.Int32))
         long = long.with_columns(
+            pl.col("minute").alias("column"),
             (pl.col("start_time") + offset).alias("start_time"),
             (pl.col("start_time") + offset + pl.duration(minutes=1)).alias("end_time"),
             pl.col("text").cast(pl.Float64, strict=False).alias("value"),
@@ -302,6 +432,7 @@ def _measure(rows: pl.DataFrame, metric: str, spec: str, unit: str) -> pl.DataFr
         parts = [pl.col(p).cast(pl.Float64, strict=False) for p in spec.split("+")]
         long = rows.with_columns(
             pl.concat_str(spec.split("+"), separator="+").alias("text"),
+            pl.lit(spec).alias("column"),
             pl.when(pl.any_horizontal(p.is_null() for p in parts))
             .then(None)
             .otherwise(pl.sum_horizontal(parts))
@@ -334,11 +465,12 @@ def _empty() -> pl.DataFrame:
             "end_time": pl.Datetime("us", "UTC"),
             "utc_offset_minutes": pl.Int32,
             "day": pl.Date,
-            "line_no": pl.UInt32,
+            "line_no": pl.Int64,
             "metric": pl.String,
             "value": pl.Float64,
             "unit": pl.String,
             "text": pl.String,
+            "column": pl.String,
         }
     )
 

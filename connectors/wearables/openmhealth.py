@@ -12,7 +12,8 @@ metric). A data point that cannot become samples is a problem with the reason, n
   twinhub derives itself, so it is quarantined with the statistic and the period;
 - no `effective_time_frame` (older schemas allow it): the header's `creation_date_time` says when
   the data point was made, not when the body was measured, so twinhub does not guess;
-- a time interval that ends before it starts.
+- a time interval that ends before it starts, or a time or duration that cannot be one;
+- the damaged end of a file (a gzip file cut short): the data points before it land.
 
 Times become UTC instants; `utc_offset_minutes` is the offset the timestamp was written with (the
 start's; for end + duration the end's). A date + part_of_day has no offset: it is read in the
@@ -23,16 +24,18 @@ changed file is read again; the store drops the samples it already holds).
 from __future__ import annotations
 
 import io
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 import pyarrow as pa
+from isal import isal_zlib
 from pydantic import Field, field_validator, model_validator
 
 from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
@@ -49,6 +52,10 @@ from connectors.wearables.openmhealth_schemas import (
 
 BOM = b"\xef\xbb\xbf"
 WHOLE_FILE = "the file"
+READ_ERRORS = (OSError, EOFError, zlib.error, cast("type[Exception]", isal_zlib.error))
+"""What reading a damaged file (a gzip file cut short) raises part way."""
+MAX_RAW = 64 * 1024
+"""The most of a data point's text kept in quarantine."""
 
 
 class OpenMHealthSource(SourceConfig):
@@ -135,10 +142,15 @@ class OpenMHealthConnector(FileConnector[OpenMHealthSource]):
             if progress.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
-            for entry in data_points(path):
-                reader.read(str(path), entry)
-                if reader.size >= self.source.batch_samples:
-                    yield reader.batch(progress)
+            last = 0
+            try:
+                for entry in data_points(path):
+                    reader.read(str(path), entry)
+                    last = entry.position
+                    if reader.size >= self.source.batch_samples:
+                        yield reader.batch(progress)
+            except READ_ERRORS as e:  # the rest of the file cannot be read; what came before lands
+                reader.damaged(str(path), last + 1, f"{type(e).__name__}: {e}")
             progress[str(path)] = now
         yield reader.batch(progress)
 
@@ -213,16 +225,28 @@ class _Reader:
                 raise DataPointError(entry.error)
             samples = self._samples(entry.value)
         except DataPointError as e:
-            self.stats["quarantined"] += 1
-            self.problems.append(
-                {"file": file, "line_no": entry.position, "raw": entry.raw, "reason": f"{entry.where}: {e}"}
-            )
+            self._problem(file, entry.position, f"{entry.where}: {e}", entry.raw)
+            return
+        except (ValueError, OverflowError, KeyError, TypeError) as e:  # a date or duration no clock has
+            self._problem(file, entry.position, f"{entry.where}: cannot become samples ({e})", entry.raw)
             return
         origin = file if entry.where == WHOLE_FILE else f"{file}:{entry.where}"
         for sample in samples:
             for name, value in zip(SAMPLE_SCHEMA.names, (*sample, origin), strict=True):
                 self.columns[name].append(value)
         self.stats["samples"] += len(samples)
+
+    def _problem(self, file: str, line: int, reason: str, raw: str) -> None:
+        self.stats["quarantined"] += 1
+        self.problems.append({"file": file, "line_no": line, "raw": raw[:MAX_RAW], "reason": reason})
+
+    def damaged(self, file: str, line: int, error: str) -> None:
+        """The file breaks off at data point (or line) `line`: that is a problem, not the end."""
+        reason = (
+            f"file damaged at data point {line:,}: {error}; the data points before it landed; replace the "
+            "file and sync again"
+        )
+        self._problem(file, line, reason, "")
 
     def batch(self, progress: dict[str, Any]) -> Batch:
         samples = pa.table(

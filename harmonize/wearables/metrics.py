@@ -2,9 +2,12 @@
 Python per sample.
 
 `wearable_metrics.toml` names each metric's LOINC code, the UCUM unit it is kept in and the unit
-spellings vendors send with their conversion. `normalize_samples` converts a connector's samples
-to that unit and codes them; a sample whose metric or unit the file does not know, or whose
-value or times make no sense, is a problem with the reason (quarantined, never dropped).
+spellings vendors send with their conversion; `wearable_ranges.toml` the values a sample can
+plausibly take. `normalize_samples` converts a connector's samples to that unit and codes them; a
+sample whose metric or unit the file does not know, whose value is not a number or out of its
+range, whose times make no sense or whose patient id is not a FHIR id is a problem with the
+reason (quarantined, never dropped). Every wearable kind passes here, so the checks live in one
+place.
 
 Pure: the data file is read once per process.
 """
@@ -29,6 +32,10 @@ from connectors.base import PROBLEM_SCHEMA, SAMPLE_SCHEMA
 METRICS_FILE = Path(__file__).with_name("wearable_metrics.toml")
 WHERE = "harmonize/wearables/wearable_metrics.toml"
 """Where a user finds the metrics and unit spellings, for the reasons of samples refused."""
+RANGES_FILE = Path(__file__).with_name("wearable_ranges.toml")
+RANGES_WHERE = "harmonize/wearables/wearable_ranges.toml"
+FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
+"""A FHIR id (R4 datatypes): a sample's patient_id becomes `Patient/<id>` in its daily FHIR."""
 Rollup = Literal["sum", "mean", "last", "min", "max"]
 
 NORMALIZED_SCHEMA = pa.schema(
@@ -119,10 +126,21 @@ def _catalogue() -> tuple[dict[str, Metric], dict[str, Total]]:
 
 
 @functools.cache
+def ranges() -> dict[str, tuple[float, float]]:
+    """Metric -> the lowest and highest plausible value of one sample, in the metric's unit."""
+    data = tomllib.loads(RANGES_FILE.read_text())["ranges"]
+    return {name: (float(low), float(high)) for name, (low, high) in data.items()}
+
+
+def _range(metric: str) -> tuple[float, float]:
+    return ranges().get(metric, (-float("inf"), float("inf")))
+
+
+@functools.cache
 def _conversions() -> pl.DataFrame:
-    """(metric, sent unit) -> factor, offset, the metric's unit and LOINC code."""
+    """(metric, sent unit) -> factor, offset, the metric's unit, LOINC code and plausible range."""
     rows = [
-        (m.name, spelling, factor, offset, m.unit, m.loinc)
+        (m.name, spelling, factor, offset, m.unit, m.loinc, *_range(m.name))
         for m in metrics().values()
         for spelling, (factor, offset) in m.units.items()
     ]
@@ -135,6 +153,8 @@ def _conversions() -> pl.DataFrame:
             "offset": pl.Float64,
             "to_unit": pl.String,
             "loinc_code": pl.String,
+            "low": pl.Float64,
+            "high": pl.Float64,
         },
         orient="row",
     )
@@ -149,6 +169,7 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     frame = pl.from_arrow(samples)
     assert isinstance(frame, pl.DataFrame)
     known = frame.join(_conversions(), on=["metric", "unit"], how="left", maintain_order="left")
+    converted = pl.col("value") * pl.col("factor") + pl.col("offset")
     reason = (
         pl.when(~pl.col("metric").is_in(list(metrics())))
         .then(pl.format(f"unknown metric {{}} (not in {WHERE})", pl.col("metric")))
@@ -162,16 +183,20 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
         )
         .when(~pl.col("value").is_finite())
         .then(pl.format("value {} is not a number", pl.col("value")))
+        .when((converted < pl.col("low")) | (converted > pl.col("high")) | ~converted.is_finite())
+        .then(pl.lit(OUT_OF_RANGE))
         .when(pl.col("end_time") < pl.col("start_time"))
         .then(pl.lit("the sample ends before it starts"))
         .when(pl.col("patient_id") == "")
         .then(pl.lit("no patient"))
+        .when(~pl.col("patient_id").str.contains(FHIR_ID))
+        .then(pl.lit(NOT_AN_ID))
     )
-    judged = known.with_columns(reason.alias("reason"))
-    bad = judged.filter(pl.col("reason").is_not_null())
+    judged = known.with_columns(reason.alias("reason"), converted.alias("converted"))
+    bad = _out_of_range_reasons(judged.filter(pl.col("reason").is_not_null()))
     good = judged.filter(pl.col("reason").is_null()).select(
         *(name for name in NORMALIZED_SCHEMA.names if name not in ("value", "unit", "loinc_code")),
-        (pl.col("value") * pl.col("factor") + pl.col("offset")).alias("value"),
+        pl.col("converted").alias("value"),
         pl.col("loinc_code"),
         pl.col("to_unit").alias("unit"),
     )
@@ -188,9 +213,41 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     )
 
 
+OUT_OF_RANGE = "out of range"
+"""Stands for the reason until it is written (with the value, in Python: such rows are few)."""
+NOT_AN_ID = (
+    "the patient id is not a FHIR id (1-64 of A-Z a-z 0-9 - .); map the account to a Patient id "
+    "in the source's config"
+)
+
+
+def _out_of_range_reasons(bad: pl.DataFrame) -> pl.DataFrame:
+    """The bad samples, those out of range with the metric, the value and the range in words:
+    "steps -5 is outside the plausible range 0..100,000 (harmonize/...)"."""
+    out = bad["reason"] == OUT_OF_RANGE
+    if not out.any():
+        return bad
+    words = [
+        out_of_range(metric, value, unit) if reason == OUT_OF_RANGE else reason
+        for metric, value, unit, reason in bad.select("metric", "converted", "to_unit", "reason").iter_rows()
+    ]
+    return bad.with_columns(pl.Series("reason", words, pl.String))
+
+
+def out_of_range(metric: str, value: float, unit: str) -> str:
+    """Why a sample of `metric` with `value` (in `unit`, the metric's) is refused."""
+    low, high = _range(metric)
+    shown = "" if unit == "1" or unit.startswith("{") else f" {unit}"
+    return (
+        f"{metric} {value:,.10g}{shown} is outside the plausible range {low:,.10g}..{high:,.10g}{shown} "
+        f"({RANGES_WHERE})"
+    )
+
+
 def _one_clean_series(samples: pa.Table) -> pa.Table | None:
-    """The usual batch (one metric in one unit, every value a number, every time in order)
-    normalized without a join or a copy of its columns; None when it is not that batch."""
+    """The usual batch (one metric in one unit, every value a number in range, every time in
+    order, one valid patient id) normalized without a join or a copy of its columns; None when
+    it is not that batch."""
     if not len(samples) or any(pc.count_distinct(samples[c]).as_py() != 1 for c in ("metric", "unit")):
         return None
     metric = metrics().get(samples["metric"][0].as_py())
@@ -198,16 +255,21 @@ def _one_clean_series(samples: pa.Table) -> pa.Table | None:
         return None
     ends, starts = samples["end_time"], samples["start_time"]
     backwards = pc.any(pc.less(ends, starts)).as_py() if ends.null_count < len(ends) else False
+    patients = pc.unique(samples["patient_id"])
     if (
         not pc.all(pc.is_finite(samples["value"])).as_py()
         or backwards
-        or pc.any(pc.equal(samples["patient_id"], "")).as_py()
+        or not pc.all(pc.match_substring_regex(patients, FHIR_ID)).as_py()
     ):
         return None
     factor, offset = conversion
     value = samples["value"]
     if (factor, offset) != (1.0, 0.0):
         value = pc.add(pc.multiply(value, factor), offset)
+    low, high = _range(metric.name)
+    bounds = pc.min_max(value).as_py()
+    if bounds["min"] < low or bounds["max"] > high or not pc.all(pc.is_finite(value)).as_py():
+        return None
     n = len(samples)
     columns = {name: samples[name] for name in NORMALIZED_SCHEMA.names if name in samples.column_names}
     columns |= {

@@ -137,3 +137,25 @@ def test_operation_outcomes_are_quarantined_with_the_servers_words() -> None:
     assert reasons([outcome], file="https://ehr/bulk/errors.ndjson") == [
         "the server reported an error (OperationOutcome): Patient/9 is gone"
     ]
+
+
+def test_an_id_that_is_not_a_json_string_is_quarantined_not_landed() -> None:
+    """json_extract_string reads 123 and true as "123" and "true": the JSON type must be string."""
+    lines = [
+        obs(id=123),
+        obs(id=True),
+        obs(id=1.5),
+        obs(id=["o1"]),
+        '{"resourceType": "Observation", "id" :  false}',
+        obs(id="123"),  # a string of digits is a good id
+        obs(code={"coding": [{"id": 7, "code": "x"}]}),  # a nested id is not the resource's
+    ]
+    assert reasons(lines) == [
+        "id 123 is a JSON number, not a string (FHIR ids are strings: write it in quotes)",
+        "id true is a JSON boolean, not a string (FHIR ids are strings: write it in quotes)",
+        "id 1.5 is a JSON number, not a string (FHIR ids are strings: write it in quotes)",
+        'id ["o1"] is a JSON array, not a string (FHIR ids are strings: write it in quotes)',
+        "id false is a JSON boolean, not a string (FHIR ids are strings: write it in quotes)",
+        None,
+        None,
+    ]

@@ -753,3 +753,74 @@ def test_a_million_record_export_streams_in_bounded_memory(tmp_path: Path) -> No
     )
     assert measured["samples"] == expected and measured["problems"] == 0
     assert measured["max_rss_mb"] < 500
+
+
+def write_attribute_bomb(path: Path, size: int) -> None:
+    """An export.zip whose XML holds, after two good records, one Record with a `size`-byte
+    attribute: a megabyte or so zipped, streamed into the zip."""
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive,
+        archive.open("apple_health_export/export.xml", "w", force_zip64=True) as out,
+    ):
+        out.write((DTD + record(f"{Q}StepCount", "1", "count") * 2).encode())
+        out.write(f' <Record type="{Q}StepCount" sourceName="x" unit="count" value="'.encode())
+        block = b"A" * (1 << 20)
+        for _ in range(size >> 20):
+            out.write(block)
+        out.write(f'" startDate="{NOON}" endDate="{NOON}"/>\n{END}'.encode())
+
+
+def test_a_token_longer_than_the_limit_breaks_the_file_off_there(tmp_path: Path) -> None:
+    path = tmp_path / "export.zip"
+    write_attribute_bomb(path, 40 << 20)  # past MAX_TOKEN (16 MiB), small enough for the fast run
+    batches = pull(path)
+    assert [s["value"] for s in samples(batches)] == [1, 1], "the records before it"
+    [problem] = problems(batches)
+    assert problem["reason"].startswith(
+        f"{path}!/apple_health_export/export.xml holds more than 16 MiB without a tag after line "
+    )
+    assert "the samples before it are kept" in problem["reason"]
+
+
+@pytest.mark.slow
+def test_the_attribute_bomb_is_refused_within_seconds_in_bounded_memory(tmp_path: Path) -> None:
+    """A 1 MB zip whose XML holds one 1 GiB attribute took 308 s (expat rescanning the growing
+    token) and held it in memory."""
+    path = tmp_path / "export.zip"
+    write_attribute_bomb(path, 1 << 30)
+    assert path.stat().st_size < 4 << 20
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    measured = json.loads(result.stdout)
+    log.info(
+        f"attribute bomb ({path.stat().st_size / 1e6:.1f} MB zipped, 1 GiB attribute): "
+        f"{measured['seconds']:.2f} s, peak RSS {measured['max_rss_mb']:.0f} MB"
+    )
+    assert (measured["samples"], measured["problems"]) == (2, 1)
+    assert measured["seconds"] < 10
+    assert measured["max_rss_mb"] < 1000
+
+
+def test_a_zip_cut_short_keeps_the_samples_before_the_cut(tmp_path: Path) -> None:
+    """A cut zip has lost its list of members (at its end): it is read front to back instead."""
+    big = DTD + record(f"{Q}StepCount", "1", "count") * 20_000 + END
+    archive = write_zip(tmp_path / "export.zip", {"apple_health_export/export.xml": big})
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[: len(whole) // 2])
+    batches = pull(archive)
+    assert 0 < len(samples(batches)) < 20_000
+    assert {s["value"] for s in samples(batches)} == {1}
+    [problem] = problems(batches)
+    assert problem["file"] == f"{archive}!/apple_health_export/export.xml"
+    assert problem["line_no"] > len(samples(batches))
+    assert "the zip breaks off here (TruncatedDataError)" in problem["reason"]
+    assert "the samples before it are kept" in problem["reason"]
+    archive.write_bytes(whole)  # replaced: read again whole
+    again = pull(archive, batches[-1].watermark)
+    assert (len(samples(again)), problems(again)) == (20_000, [])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gzip
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -243,3 +243,149 @@ def test_heart_rate_every_few_seconds_lands_as_instants(tmp_path: Path) -> None:
     assert got["start_time"][1] == datetime(2016, 4, 12, 7, 21, 5, tzinfo=UTC)
     (problem,) = batches[-1].problems.to_pylist()
     assert problem["line_no"] == 4 and "'x' is not a number" in problem["reason"]
+
+
+def problems_of(batches: list[Batch]) -> list[tuple[str, int, str, str]]:
+    """(file name, line, reason, raw) of every problem, in file and line order."""
+    rows = [p for b in batches for p in b.problems.to_pylist()]
+    return sorted((Path(p["file"]).name, p["line_no"], p["reason"], p["raw"]) for p in rows)
+
+
+def test_a_row_missing_a_value_is_a_problem_and_an_unmeasured_fat_cell_is_counted(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "dailyActivity_merged",
+        [
+            "Id,ActivityDate,TotalSteps,TotalDistance,VeryActiveMinutes,FairlyActiveMinutes,Calories",
+            "111,3/12/2016,100,1.5,10,5,2000",
+            "111,3/13/2016,,2.5,0,1,2100",  # no steps
+            "111,3/14/2016,300,2.5,,1,2100",  # no very active minutes: the sum is unknown
+        ],
+    )
+    write(
+        tmp_path,
+        "minuteStepsWide_merged",
+        [
+            "Id,ActivityHour," + ",".join(f"Steps{m:02}" for m in range(60)),
+            "111,3/15/2016 1:00:00 PM," + ",".join("" if m in (5, 6) else "1" for m in range(60)),
+        ],
+    )
+    write(
+        tmp_path,
+        "weightLogInfo_merged",
+        [
+            "Id,Date,WeightKg,WeightPounds,Fat,BMI,IsManualReport,LogId",
+            "111,4/5/2016 11:59:59 PM,53.3,117.5,,22.97,True,1459900799000",  # a scale without body fat
+        ],
+    )
+    batches, connector = pull(tmp_path, patients={"111": "p1"})
+    got = samples(batches)
+    assert len(got) == 3 * 4 - 2 + 58 + 2, "all but the 2 empty daily cells, 2 empty minutes and no fat"
+    assert problems_of(batches) == [
+        (
+            "dailyActivity_merged.csv",
+            3,
+            "dailyActivity_merged: the row has no steps value (TotalSteps is empty)",
+            "111,3/13/2016,,2.5,0,1,2100",
+        ),
+        (
+            "dailyActivity_merged.csv",
+            4,
+            "dailyActivity_merged: the row has no active_minutes value "
+            "(VeryActiveMinutes+FairlyActiveMinutes is empty)",
+            "111,3/14/2016,300,2.5,,1,2100",
+        ),
+        (
+            "minuteStepsWide_merged.csv",
+            2,
+            "minuteStepsWide_merged: the row has no steps value in 2 of its minute columns (Steps05, ...)",
+            "111,3/15/2016 1:00:00 PM," + ",".join("" if m in (5, 6) else "1" for m in range(60)),
+        ),
+    ]
+    assert connector.stats["empty Fat cells (not measured)"] == 1
+
+
+def test_an_account_id_that_makes_no_fhir_id_is_quarantined_at_the_boundary(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "hourlySteps_merged",
+        ["Id,ActivityHour,StepTotal", "111,3/12/2016 12:00:00 AM,40", "../x,3/12/2016 12:00:00 AM,3"],
+    )
+    batches, _ = pull(tmp_path, patient_prefix="fitabase-")
+    assert samples(batches)["patient_id"].to_list() == ["fitabase-111"]
+    [(_, line, reason, raw)] = problems_of(batches)
+    assert (line, raw) == (3, "../x,3/12/2016 12:00:00 AM,3")
+    assert reason == (
+        "hourlySteps_merged: account Id '../x' makes the Patient id 'fitabase-../x', which is not a FHIR id "
+        "(1-64 of A-Z a-z 0-9 - .); map the account to its Patient id in sources.fa.patients"
+    )
+
+
+BAD_BYTE = b"\xff"
+
+
+def test_a_damaged_file_lands_its_readable_rows_and_quarantines_each_bad_line(tmp_path: Path) -> None:
+    """Non-UTF-8 bytes, a ragged row and a bad time once stopped the whole source."""
+    good = write(tmp_path, "dailySteps_merged", ["Id,ActivityDay,StepTotal", "111,3/12/2016,100"])
+    damaged = tmp_path / "hourlySteps_merged.csv"
+    damaged.write_bytes(
+        b"Id,ActivityHour,StepTotal\n"
+        b"111,3/12/2016 12:00:00 AM,40\n"
+        b"111,3/12/2016 1:00:00 AM,6\xff0\n"  # not UTF-8
+        b"111,3/12/2016 2:00:00 AM,6,7\n"  # one field too many
+        b"111,3/12/2016 3:00:00 AM\n"  # one too few
+        b"111,3/42/2016 4:00:00 AM,60\n"  # no such day
+        b"111,3/12/2016 5:00:00 AM,61\n"
+    )
+    batches, _ = pull(tmp_path, patients={"111": "p1"})
+    got = samples(batches).sort("start_time")
+    assert got.select("value", "origin").rows() == [(40.0, str(damaged)), (61.0, str(damaged))]
+    assert pl.from_arrow(batches[-1].reported)["origin"].to_list() == [str(good)]  # type: ignore[index]
+    assert problems_of(batches) == [
+        (
+            "hourlySteps_merged.csv",
+            3,
+            f"hourlySteps_merged: line 3 (byte {damaged.read_bytes().index(BAD_BYTE)}) is not valid UTF-8 "
+            "(invalid start byte)",
+            "111,3/12/2016 1:00:00 AM,6\\xff0",
+        ),
+        (
+            "hourlySteps_merged.csv",
+            4,
+            "hourlySteps_merged: the row has 4 fields, the header 3",
+            "111,3/12/2016 2:00:00 AM,6,7",
+        ),
+        (
+            "hourlySteps_merged.csv",
+            5,
+            "hourlySteps_merged: the row has 2 fields, the header 3",
+            "111,3/12/2016 3:00:00 AM",
+        ),
+        (
+            "hourlySteps_merged.csv",
+            6,
+            "hourlySteps_merged: ActivityHour '3/42/2016 4:00:00 AM' is not a time like 3/25/2016 1:00:00 PM "
+            "that UTC has",
+            "111,3/42/2016 4:00:00 AM,60",
+        ),
+    ]
+
+
+def test_a_gzip_file_cut_short_lands_the_lines_before_the_cut(tmp_path: Path) -> None:
+    hours = [datetime(2016, 3, 12) + timedelta(hours=h) for h in range(2000)]
+    lines = ["Id,ActivityHour,StepTotal"] + [
+        f"111,{t:%-m/%-d/%Y %-I:%M:%S %p},{h * 7919 % 1000}" for h, t in enumerate(hours)
+    ]
+    path = write(tmp_path, "hourlySteps_merged", lines, gzipped=True)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    batches, _ = pull(tmp_path, patients={"111": "p1"})
+    landed = samples(batches)
+    [(_, line, reason, raw)] = problems_of(batches)
+    assert 0 < len(landed) == line - 2 < 2000, "every line before the damaged one landed"
+    assert landed["value"].to_list() == [float(h * 7919 % 1000) for h in range(len(landed))]
+    assert reason.startswith(f"hourlySteps_merged: file damaged after line {line - 1:,} (byte ")
+    assert reason.endswith(
+        "unpacked): truncated gzip stream; the lines before it landed; replace the file and sync again"
+    )
+    assert lines[line - 1].startswith(raw), "the raw text is the start of the cut line"
