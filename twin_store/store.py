@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -260,7 +263,7 @@ class TwinStore:
                 # A process of its own: validating is pure Python, and in a thread it would hold
                 # the GIL the writer needs between its statements. Spawned, not forked: the
                 # writer runs DuckDB threads.
-                self._fhir_maker = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+                self._fhir_maker = fhir_maker()
             self._fhir_made.append(
                 (days, self._fhir_maker.submit(daily_resources, days, datetime.now(UTC), activity))
             )
@@ -343,6 +346,26 @@ class TwinStore:
         derived: Counter[str] = Counter()
         self._resources.upsert(run, checked.resources, None, derived)
         return derived
+
+
+def fhir_maker() -> ProcessPoolExecutor:
+    """The process that makes daily FHIR beside the writer. Spawned, not forked: the writer runs
+    DuckDB threads. It exits when the writer dies, even by SIGKILL (`_exit_with`)."""
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=get_context("spawn"), initializer=_exit_with, initargs=(os.getpid(),)
+    )
+
+
+def _exit_with(parent: int) -> None:
+    """In the worker: a thread that ends the process once `parent` is gone (it is adopted by
+    another), so a killed sync leaves no worker waiting for work that never comes."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _about(run: RunReport, **more: object) -> dict[str, object]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
+import psutil
 import pytest
 
 from connectors.errors import StoreError
@@ -121,3 +123,25 @@ def test_a_copied_or_moved_store_reads_and_writes_its_own_files(tmp_path: Path) 
     other = duckdb.connect()  # as `twinhub attach-sql` opens it in any DuckDB client
     other.execute(attach_statements(copy))
     assert other.sql("SELECT count(*), sum(length(resource)) > 0 FROM fhir_resource").fetchone() == (4, True)
+
+
+def test_the_daily_fhir_process_ends_with_a_killed_writer() -> None:
+    """The writer's helper process (and multiprocessing's resource tracker) end within seconds
+    of a SIGKILL of the writer, rather than waiting forever for work."""
+    script = (
+        "import os, signal, psutil\n"
+        "from twin_store.store import fhir_maker\n"
+        "maker = fhir_maker()\n"
+        "assert maker.submit(abs, -1).result() == 1\n"
+        "print(' '.join(str(c.pid) for c in psutil.Process().children(recursive=True)), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    helpers = [psutil.Process(int(pid)) for pid in writer.stdout.readline().split()]
+    writer.wait()
+    assert helpers
+    _, alive = psutil.wait_procs(helpers, timeout=10)
+    for process in alive:
+        process.kill()
+    assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
