@@ -62,7 +62,8 @@ class TwinStore:
         self._lock_timeout = lock_timeout
         self._lock = store_lock(root, lock_timeout)
         self._doing = Holder(what="twinhub")
-        self._run_locks: dict[str, FileLock] = {}
+        self._run_locks: dict[str, tuple[str, FileLock]] = {}
+        """source -> (run id, its run lock), from `begin_run` to `finish_run`."""
         self._depth = 0
         with self._lock.holding(self._doing):
             self.con = connect(root, read_only=False)
@@ -95,7 +96,7 @@ class TwinStore:
             self._fhir_maker.shutdown(cancel_futures=True)
         self.con.close()
         self._lock.release()
-        for lock in self._run_locks.values():
+        for _, lock in self._run_locks.values():
             lock.release()
         self._run_locks.clear()
 
@@ -139,9 +140,11 @@ class TwinStore:
         """Start a run, holding the source's run lock until `finish_run` (or `close`); runs
         left 'running' by a crash (their source's lock free) are marked 'interrupted' first."""
         run = RunReport(run_id=runs.new_run_id(), source=source, flow=flow)
+        if left := self._run_locks.pop(source, None):  # a run of ours this one replaces (it failed)
+            left[1].release()
         lock = run_lock(self.root, source, self._lock_timeout)
         lock.acquire(Holder(what=flow, source=source, run_id=run.run_id))
-        self._run_locks[run.run_id] = lock
+        self._run_locks[source] = (run.run_id, lock)
         self._doing = Holder(what=flow, source=source, run_id=run.run_id)
         run.started_snapshot_id = self.snapshot_id()
         ended = [
@@ -163,8 +166,8 @@ class TwinStore:
             len(run.patient_ids),
         )
         runs.finish(self.root, run)
-        if lock := self._run_locks.pop(run.run_id, None):
-            lock.release()
+        if self._run_locks.get(run.source, ("", None))[0] == run.run_id:
+            self._run_locks.pop(run.source)[1].release()
         return run
 
     def forget(self, source: str) -> RunReport:
