@@ -1,8 +1,9 @@
 """`twinhub listen NAME`: a live source's listener (an hl7v2 source's MLLP port), landing what it
 receives.
 
-Each batch received lands in its own run and transaction, with the writer lock held only while
-it lands, so scheduled syncs into the same store go on between batches.
+Each batch received lands in its own run and transaction, with the store lock held only while
+it lands, so syncs into the same store go on between batches, and a sync that waits on its
+server (an export in progress) holds nothing that would delay an ACK.
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ def listen(config: Path | None, name: str, *, ready: Callable[[int], None] | Non
     listener = kind.listen(source, Context(store=settings.store.path))
     harmonize = harmonizer(kind.records, source, mapping_files(source))
 
-    def land(received: Batch) -> Mapping[int, str]:
-        (batch,) = harmonize(iter([received]))
-        with TwinStore(settings.store.path) as store:
-            run = store.begin_run(source.name, "sync")
-            run.stats.update(batch.stats)
-            store.land(run, prepare(batch))
-            store.finish_run(run, "succeeded")
-        return dict(
-            zip(batch.problems["line_no"].to_pylist(), batch.problems["reason"].to_pylist(), strict=True)
-        )
+    with TwinStore(settings.store.path) as store:  # opened once: the store lock is taken per batch
 
-    listener.listen(land, ready=ready)
+        def land(received: Batch) -> Mapping[int, str]:
+            (batch,) = harmonize(iter([received]))
+            run = store.begin_run(source.name, "sync")
+            try:
+                run.stats.update(batch.stats)
+                store.land(run, prepare(batch))
+            except BaseException as e:
+                store.finish_run(run, "failed", error=f"{type(e).__name__}: {e}")
+                raise
+            store.finish_run(run, "succeeded")
+            return dict(
+                zip(batch.problems["line_no"].to_pylist(), batch.problems["reason"].to_pylist(), strict=True)
+            )
+
+        listener.listen(land, ready=ready)

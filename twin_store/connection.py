@@ -1,20 +1,20 @@
 """How a process opens the store: DuckDB with the DuckLake and SQLite extensions loaded from their
 PyPI wheels (nothing is ever downloaded at run time), the DuckLake catalog attached as `twin`, the
-run records beside it as the views `run_record` and `ingest_run`; and, for the one writer, its
-lock file and its transactions, each a snapshot that names what made it."""
+run records beside it as the views `run_record` and `ingest_run`; and the writer's transactions,
+each a snapshot that names what made it.
+
+The catalog keeps the absolute path of the data files' folder it was made with; every attach
+names the folder beside the catalog instead (`DATA_PATH` with `OVERRIDE_DATA_PATH`), so a store
+folder copied or moved elsewhere reads and writes its own files, never the original's."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
-import os
 import sqlite3
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 import duckdb
 import orjson
@@ -44,8 +44,8 @@ def connect(root: Path | str, *, read_only: bool = True) -> duckdb.DuckDBPyConne
     con = duckdb.connect()
     load_extensions(con)
     con.execute("SET TimeZone = 'UTC'")
-    options = "READ_ONLY" if read_only else f"DATA_PATH '{root / 'data'}/'"
-    con.execute(f"ATTACH 'ducklake:sqlite:{catalog}' AS {CATALOG} ({options})")
+    options = f"{'READ_ONLY, ' if read_only else ''}{data_path(root)}"
+    con.execute(f"ATTACH {literal(f'ducklake:sqlite:{catalog}')} AS {CATALOG} ({options})")
     con.execute(f"USE {CATALOG}")
     # The FHIRPath helpers the compiled views call: with them, a view's query (`twinhub views
     # show`) runs as printed in any session on the store.
@@ -54,6 +54,13 @@ def connect(root: Path | str, *, read_only: bool = True) -> duckdb.DuckDBPyConne
         con.execute(f"ATTACH '{root / RUNS_FILE}' AS twin_runs (TYPE sqlite, READ_ONLY)")
         con.execute(RUN_VIEWS_SQL)
     return con
+
+
+def data_path(root: Path) -> str:
+    """The attach options that point the DuckLake at the data folder beside its catalog, wherever
+    the folder was when the catalog was made."""
+    folder = (Path(root) / "data").resolve()
+    return f"DATA_PATH {literal(f'{folder}/')}, OVERRIDE_DATA_PATH true"
 
 
 def attach_statements(root: Path | str) -> str:
@@ -73,7 +80,8 @@ def attach_statements(root: Path | str) -> str:
         )
     return (
         f"{loads}SET TimeZone = 'UTC';\n"
-        f"ATTACH {literal(f'ducklake:sqlite:{catalog}')} AS {CATALOG} (READ_ONLY);\nUSE {CATALOG};\n"
+        f"ATTACH {literal(f'ducklake:sqlite:{catalog}')} AS {CATALOG} (READ_ONLY, {data_path(folder)});\n"
+        f"USE {CATALOG};\n"
         f"{MACROS_SQL.strip().rstrip(';')};\n{run_views}"
     )
 
@@ -118,28 +126,6 @@ def extension_path(name: str) -> Path:
             f"missing); install duckdb-extension-{name.replace('_', '-')}=={duckdb.__version__}"
         )
     return path
-
-
-def writer_lock(path: Path, timeout: float) -> IO[str]:
-    """Serialize writers: DuckLake writers to one table conflict at commit."""
-    fh = path.open("a+")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(str(os.getpid()))
-            fh.flush()
-            return fh
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                fh.close()
-                raise StoreError(
-                    f"another twinhub process is writing to {str(path.parent)!r}; wait for it "
-                    "to finish (readers like `twinhub sql` are never blocked)"
-                ) from None
-            time.sleep(0.2)
 
 
 AUTHOR = "twinhub"

@@ -104,12 +104,20 @@ def run_log(root: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def begin(root: Path, run: RunReport) -> None:
-    """Record the run as running; runs left 'running' by a crash are marked 'interrupted' first."""
+def running(root: Path) -> list[tuple[str, str]]:
+    """(run id, source) of the runs recorded as running."""
     with run_log(root) as db:
-        db.execute(
-            "UPDATE run_record SET status = 'interrupted', finished_at = ? WHERE status = 'running'",
-            [_now()],
+        return db.execute("SELECT run_id, source FROM run_record WHERE status = 'running'").fetchall()
+
+
+def begin(root: Path, run: RunReport, ended: list[str]) -> None:
+    """Record the run as running; the runs of `ended`, left 'running' by a crash, are marked
+    'interrupted' first."""
+    with run_log(root) as db:
+        db.executemany(
+            "UPDATE run_record SET status = 'interrupted', finished_at = ? "
+            "WHERE run_id = ? AND status = 'running'",
+            [(_now(), run_id) for run_id in ended],
         )
         db.execute(
             "INSERT INTO run_record (run_id, source, flow, started_at, status) "

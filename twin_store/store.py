@@ -1,11 +1,13 @@
 """The twin store: DuckLake (SQLite catalog + Parquet files) under one folder.
 
-One writer at a time (a file lock), any number of read-only readers in other processes. Every
-batch lands in one transaction together with its quarantine rows and an `ingest_batch` row that
-holds the source's watermark and the batch's counts, so a crash leaves the store at the end of
-some batch and the rerun resumes. Each transaction is one DuckLake snapshot whose commit message
-names the run and batch that made it; a run that lands nothing makes none (its record lives
-beside the DuckLake, `runs`).
+One writer at a time, any number of read-only readers in other processes. A writer holds the
+store lock only while it writes (opening the store, each batch's transaction: `locks`), and each
+run holds its source's run lock; between batches another writer may land, and the writer then
+reads again what it remembers of the store. Every batch lands in one transaction together with
+its quarantine rows and an `ingest_batch` row that holds the source's watermark and the batch's
+counts, so a crash leaves the store at the end of some batch and the rerun resumes. Each
+transaction is one DuckLake snapshot whose commit message names the run and batch that made it;
+a run that lands nothing makes none (its record lives beside the DuckLake, `runs`).
 
 `TwinStore` is the writer: it opens the store (creating or migrating its tables, `schema`) and
 lands each batch by table family, each in its own module: the FHIR resources and their view rows
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,9 +41,10 @@ from harmonize.records import usable_cores
 from harmonize.wearables.daily_fhir import DailyFhir, daily_fhir
 from harmonize.wearables.metrics import DAILY_SCHEMA
 from twin_store import runs, schema
-from twin_store.connection import CATALOG, Transaction, connect, writer_lock
+from twin_store.connection import CATALOG, Transaction, connect
 from twin_store.genomics import VariantWriter
 from twin_store.linkage import PatientLinker
+from twin_store.locks import FileLock, Holder, run_lock, store_lock
 from twin_store.prepare import PreparedBatch, prepare
 from twin_store.resources import ResourceWriter
 from twin_store.runs import FlowKind, RunReport, RunStatus
@@ -48,25 +54,29 @@ log = logging.getLogger(__name__)
 
 
 class TwinStore:
-    """The writer's handle on the store. Use as a context manager; it holds the writer lock."""
+    """The writer's handle on the store. Use as a context manager. It takes the store lock only
+    while it writes (`writing`), and a run's source lock from `begin_run` to `finish_run`."""
 
     def __init__(self, root: Path, *, lock_timeout: float = 300.0) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self._lock = writer_lock(root / "writer.lock", lock_timeout)
-        self.con = connect(root, read_only=False)
-        # Work from the in-memory catalog and name store tables `twin.x`: binding a name that
-        # is not in the default catalog would otherwise cost a DuckLake catalog read each time.
-        self.con.execute("USE memory")
-        schema.create(self.con)
-        schema.migrate(self.con, root)
-        schema.ensure_view_tables(self.con)
-        with runs.run_log(root):  # readers find the run records from the first open on
-            pass
-        self._resources = ResourceWriter(self.con)
-        self._variants = VariantWriter(self.con)
-        self._linker = PatientLinker(self.con, variants_wait=self._variants.any_waiting)
-        self._samples = SampleWriter(con=self.con)
+        self._lock_timeout = lock_timeout
+        self._lock = store_lock(root, lock_timeout)
+        self._doing = Holder(what="twinhub")
+        self._run_locks: dict[str, tuple[str, FileLock]] = {}
+        """source -> (run id, its run lock), from `begin_run` to `finish_run`."""
+        self._depth = 0
+        with self._lock.holding(self._doing):
+            self.con = connect(root, read_only=False)
+            # Work from the in-memory catalog and name store tables `twin.x`: binding a name that
+            # is not in the default catalog would otherwise cost a DuckLake catalog read each time.
+            self.con.execute("USE memory")
+            schema.create(self.con)
+            schema.migrate(self.con, root)
+            schema.ensure_view_tables(self.con)
+            with runs.run_log(root):  # readers find the run records from the first open on
+                pass
+            self._remember()
         # The FHIR of the days each batch rolls up, made in a process while later batches land.
         self._fhir_maker: ProcessPoolExecutor | None = None
         self._fhir_made: list[tuple[pa.Table, Future[DailyFhir]]] = []
@@ -86,15 +96,64 @@ class TwinStore:
         if self._fhir_maker is not None:
             self._fhir_maker.shutdown(cancel_futures=True)
         self.con.close()
-        self._lock.close()
+        self._lock.release()
+        for _, lock in self._run_locks.values():
+            lock.release()
+        self._run_locks.clear()
+
+    # -- the store lock -----------------------------------------------------------------------
+
+    def _remember(self) -> None:
+        """Read what the writer keeps of the store between batches (keys, whether anything is
+        held or waits, wearable coverage), as of the store's latest snapshot."""
+        self._resources = ResourceWriter(self.con)
+        self._variants = VariantWriter(self.con)
+        self._linker = PatientLinker(self.con, variants_wait=self._variants.any_waiting)
+        self._samples = SampleWriter(con=self.con)
+        self._seen = self.snapshot_id()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the store lock while what is inside writes (nested uses hold it once). When
+        another writer committed since this one last wrote, what it remembers is read again:
+        one look at the current snapshot id when nobody else wrote."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        with self._lock.holding(self._doing):
+            if self.snapshot_id() != self._seen:
+                self._remember()
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
+                with contextlib.suppress(duckdb.Error):
+                    self._seen = self.snapshot_id()
 
     # -- runs and watermarks ------------------------------------------------------------------
 
     def begin_run(self, source: str, flow: FlowKind) -> RunReport:
-        """Start a run; runs left 'running' by a crash are marked 'interrupted' first."""
+        """Start a run, holding the source's run lock until `finish_run` (or `close`); runs
+        left 'running' by a crash (their source's lock free) are marked 'interrupted' first."""
         run = RunReport(run_id=runs.new_run_id(), source=source, flow=flow)
+        if left := self._run_locks.pop(source, None):  # a run of ours this one replaces (it failed)
+            left[1].release()
+        lock = run_lock(self.root, source, self._lock_timeout)
+        lock.acquire(Holder(what=flow, source=source, run_id=run.run_id))
+        self._run_locks[source] = (run.run_id, lock)
+        self._doing = Holder(what=flow, source=source, run_id=run.run_id)
         run.started_snapshot_id = self.snapshot_id()
-        runs.begin(self.root, run)
+        ended = [
+            run_id
+            for run_id, other in runs.running(self.root)
+            if other == source or run_lock(self.root, other, 0).free()
+        ]
+        runs.begin(self.root, run, ended)
         return run
 
     def watermark(self, source: str) -> Watermark | None:
@@ -108,6 +167,8 @@ class TwinStore:
             len(run.patient_ids),
         )
         runs.finish(self.root, run)
+        if self._run_locks.get(run.source, ("", None))[0] == run.run_id:
+            self._run_locks.pop(run.source)[1].release()
         return run
 
     def forget(self, source: str) -> RunReport:
@@ -132,10 +193,12 @@ class TwinStore:
         assert row is not None
         return int(row[0])
 
-    def transaction(self, message: str, extra: Mapping[str, object] | None = None) -> Transaction:
+    @contextlib.contextmanager
+    def transaction(self, message: str, extra: Mapping[str, object] | None = None) -> Iterator[None]:
         """One DuckLake commit for the statements inside (the model runner's outputs), its
-        snapshot carrying `message`."""
-        return Transaction(self.con, message, extra)
+        snapshot carrying `message`, in the store lock."""
+        with self.writing(), Transaction(self.con, message, extra):
+            yield
 
     # -- landing ------------------------------------------------------------------------------
 
@@ -161,7 +224,7 @@ class TwinStore:
         days = DAILY_SCHEMA.empty_table()
         number = run.batches + 1
         message = f"{run.flow} {run.source} run {run.run_id} batch {number}"
-        with self._kept(), self.transaction(message, _about(run, batch=number)):
+        with self.writing(), self._kept(), self.transaction(message, _about(run, batch=number)):
             variants = batch.variants if batch.variants is not None else pa.table({})
             by_identifier = "patient_identifier" in variants.column_names and bool(
                 variants["patient_identifier"].null_count < len(variants)
@@ -204,7 +267,7 @@ class TwinStore:
                 # A process of its own: validating is pure Python, and in a thread it would hold
                 # the GIL the writer needs between its statements. Spawned, not forked: the
                 # writer runs DuckDB threads.
-                self._fhir_maker = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+                self._fhir_maker = fhir_maker()
             self._fhir_made.append(
                 (days, self._fhir_maker.submit(daily_fhir, days, datetime.now(UTC), activity))
             )
@@ -273,7 +336,7 @@ class TwinStore:
         """Land the days' FHIR; the days whose FHIR failed its checks are quarantined, their
         flags cleared too (a rerun would only fail them again)."""
         message = f"{run.flow} {run.source} run {run.run_id}: daily FHIR"
-        with self._kept(), self.transaction(message, _about(run)):
+        with self.writing(), self._kept(), self.transaction(message, _about(run)):
             derived = self.land_derived(run, fhir.resources, origin="wearable_daily")
             if len(fhir.problems):
                 self._resources.quarantine(run, fhir.problems)
@@ -297,6 +360,26 @@ class TwinStore:
         derived: Counter[str] = Counter()
         self._resources.upsert(run, checked.resources, None, derived)
         return derived
+
+
+def fhir_maker() -> ProcessPoolExecutor:
+    """The process that makes daily FHIR beside the writer. Spawned, not forked: the writer runs
+    DuckDB threads. It exits when the writer dies, even by SIGKILL (`_exit_with`)."""
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=get_context("spawn"), initializer=_exit_with, initargs=(os.getpid(),)
+    )
+
+
+def _exit_with(parent: int) -> None:
+    """In the worker: a thread that ends the process once `parent` is gone (it is adopted by
+    another), so a killed sync leaves no worker waiting for work that never comes."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _about(run: RunReport, **more: object) -> dict[str, object]:

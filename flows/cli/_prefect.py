@@ -3,26 +3,29 @@ stops cleanly.
 
 Without a Prefect server (no PREFECT_API_URL) Prefect starts a temporary one, a child process of
 the command. Started by Prefect on first use it sits in the terminal's process group, so Ctrl-C
-stopped it too, and the interrupted run then spent a minute retrying to report its end to it.
-`stoppable` starts it first, deaf to Ctrl-C (SIGINT blocked), and stops it when the command
-exits, after Prefect has sent it everything.
+stopped it too, and the interrupted run then spent a minute retrying to report its end to it;
+and a command killed outright (SIGKILL, the OOM killer) left it running. `stoppable` starts it
+first, deaf to Ctrl-C (SIGINT blocked) and bound to die with the command, and stops it when the
+command exits, after Prefect has sent it everything.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import subprocess
-import threading
+import sys
 import tomllib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prefect.server.api.server import SubprocessASGIServer
@@ -93,9 +96,8 @@ def stoppable() -> Iterator[None]:
 
 
 def _start_temporary_server() -> None:
-    """Start Prefect's temporary server (the one its client would start) from a thread that
-    blocks SIGINT: the server process inherits the blocked signal, and Ctrl-C meanwhile still
-    reaches this process."""
+    """Start Prefect's temporary server (the one its client would start), deaf to Ctrl-C (SIGINT
+    blocked) and bound to this process: it dies with it, even by SIGKILL (`_bound_child`)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     if PREFECT_API_URL.value():
@@ -104,24 +106,41 @@ def _start_temporary_server() -> None:
 
     PREFECT_HOME.value().mkdir(parents=True, exist_ok=True)  # its database's folder (`demo` starts afresh)
 
-    failed: list[BaseException] = []
+    class BoundServer(SubprocessASGIServer):
+        """Prefect's own server, its process started by `_bound_child`. Registered as the
+        instance Prefect's client asks for, so it is the one the runs use."""
 
-    server = SubprocessASGIServer()
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            popen = subprocess.Popen
+            subprocess.Popen = functools.partial(popen, preexec_fn=_bound_child(os.getpid()))  # type: ignore[assignment,misc]
+            try:  # Prefect makes the command; no other thread starts a process this early
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen  # type: ignore[misc]
 
-    def start() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            server.start()
-        except BaseException as e:
-            failed.append(e)
-
-    starting = threading.Thread(target=start, name="prefect-server", daemon=True)
-    starting.start()
-    while starting.is_alive():
-        starting.join(0.2)
-    if failed:
-        raise failed[0]
+    server = BoundServer()
+    server.start()
     atexit.register(_stop, server)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _bound_child(parent: int) -> Callable[[], None]:
+    """What a child runs before its program: block SIGINT (Ctrl-C stops the run, not the server
+    it reports to), and on Linux ask the kernel to SIGKILL it when this process dies, so a killed
+    `twinhub sync` leaves no server behind. The main thread starts it: the signal follows the
+    thread that forked."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+    def bind() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the parent died before the request took hold
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return bind
 
 
 def _stop(server: SubprocessASGIServer) -> None:
