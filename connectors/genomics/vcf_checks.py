@@ -31,6 +31,8 @@ import pyarrow as pa
 from connectors.base import PROBLEM_SCHEMA
 
 VERSIONS = ("VCFv4.1", "VCFv4.2", "VCFv4.3", "VCFv4.4", "VCFv4.5")
+BAD_POS = " is not a positive integer"
+"""The reason's end for a record whose POS is not 1 or more: the connector quarantines it."""
 COLUMNS = ("#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO")
 TYPES = {"Integer", "Float", "Flag", "Character", "String"}
 ALT_TYPES = ("DEL", "INS", "DUP", "INV", "CNV", "BND", "CNV:TR")
@@ -424,7 +426,7 @@ RECORD_RULES: list[tuple[str, str, str]] = [
         "n_fields <> $n_columns",
     ),
     ("chrom", "'CHROM ' || chrom || ' is not a valid contig name'", "NOT regexp_full_match(chrom, $chrom)"),
-    ("rec", "'POS ' || pos || ' is not a positive integer'", "coalesce(position < 0, true)"),
+    ("rec", f"'POS ' || pos || '{BAD_POS}'", "coalesce(position <= 0, true)"),
     (
         "id",
         "'ID ' || id || ' must be . or ;-separated names without whitespace'",
