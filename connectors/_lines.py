@@ -17,7 +17,7 @@ from connectors._files import GZIP_MAGIC
 RAW_KEPT = 64 << 10
 """How much of a damaged or over-long line a problem keeps (its `raw`)."""
 READ_SIZE = 1 << 20
-COMPRESSED_READ = 64 << 10
+COMPRESSED_READ = 16 << 10
 """Small, so that corrupt data loses little of what was decompressed before it."""
 
 

@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
 from connectors._lines import RAW_KEPT, FileLines, Problem, unreadable
 from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window, problems_from
-from connectors.genomics.vcf_checks import BAD_POS, VcfSpecError, check_text
+from connectors.genomics.vcf_checks import BAD_POS, COLUMNS_RULE, VcfSpecError, check_text
 from connectors.kinds import MappingFile, SourceConfig, SourceKind
 
 Assembly = Literal["GRCh37", "GRCh38"]
@@ -201,8 +201,14 @@ class VcfConnector(FileConnector[VcfSource]):
                 problems.append(problem)
         text = b"\n".join([*header, *(line for _, line in records)]) + b"\n"
         warnings = _text_warnings(str(path), text)  # raises VcfSpecError on a broken header
+        # Records with a bad POS are quarantined by _bad_positions; with too few or many columns
+        # (noise from a corrupt stream, often) here, without asking htslib about each.
         bad_pos = pc.match_substring_regex(warnings["reason"], BAD_POS)
-        unplaced = set(warnings.filter(bad_pos)["line_no"].to_pylist())  # quarantined by _bad_positions
+        ragged = pc.match_substring_regex(warnings["reason"], COLUMNS_RULE)
+        problems += [
+            (str(path), r["line_no"], r["reason"], r["raw"]) for r in warnings.filter(ragged).to_pylist()
+        ]
+        unplaced = set(warnings.filter(pc.or_(bad_pos, ragged))["line_no"].to_pylist())
         kept = [(n, line) for n, line in records if line.strip() and n not in unplaced]
         with tempfile.TemporaryDirectory(prefix="twinhub-vcf-") as folder:
             readable = Path(folder) / path.name.removesuffix(".gz").removesuffix(".bcf")

@@ -32,6 +32,8 @@ from connectors.base import PROBLEM_SCHEMA
 
 VERSIONS = ("VCFv4.1", "VCFv4.2", "VCFv4.3", "VCFv4.4", "VCFv4.5")
 BAD_POS = " is not a positive integer"
+COLUMNS_RULE = " tab-separated columns, not "
+"""Part of the reason for a record with too few or too many columns."""
 """The reason's end for a record whose POS is not 1 or more: the connector quarantines it."""
 COLUMNS = ("#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO")
 TYPES = {"Integer", "Float", "Flag", "Character", "String"}
@@ -422,7 +424,7 @@ RECORD_RULES: list[tuple[str, str, str]] = [
     # (table, reason: a SQL text expression, the condition that breaks the rule)
     (
         "rec",
-        "'a data line must have ' || $n_columns || ' tab-separated columns, not ' || n_fields",
+        f"'a data line must have ' || $n_columns || '{COLUMNS_RULE}' || n_fields",
         "n_fields <> $n_columns",
     ),
     ("chrom", "'CHROM ' || chrom || ' is not a valid contig name'", "NOT regexp_full_match(chrom, $chrom)"),
