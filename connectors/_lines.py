@@ -46,14 +46,13 @@ def unreadable(path: Path, error: OSError) -> Problem:
 class FileLines:
     """The lines of one file (plain or gzip), in chunks, in bounded memory."""
 
-    def __init__(self, path: Path, *, max_line: int, option: str) -> None:
+    def __init__(self, path: Path, *, max_line: int, option: str | None = None) -> None:
         self.path = path
         self.max_line = max_line
         self.option = option
-        """The source option that sets `max_line`, named in the reason of a line over it."""
+        """The source option that sets `max_line`, if one does: named in the reason of a line over it."""
         self.opened = False
-        self.damaged = False
-        """Whether the file ended in damage (or could not be opened): it landed as far as it could."""
+        """Whether the file could be opened (if not, it is read again at the next sync)."""
 
     def chunks(self, skip: int = 0, hint: int = 4 << 20) -> Iterator[tuple[int, list[bytes], Problem | None]]:
         """(number of the first line, about `hint` bytes of lines without their line end, and
@@ -71,7 +70,6 @@ class FileLines:
             if head.startswith(GZIP_MAGIC):
                 yield from self._split(_gunzipped(fh), skip, hint)
             elif self.path.name.endswith(".gz") and not _text(head):
-                self.damaged = True
                 reason = "file is named .gz but is neither gzip nor text; replace the file and sync again"
                 yield 1, [], self._problem(1, reason, b"") if skip < 1 else None
             else:
@@ -90,7 +88,6 @@ class FileLines:
             try:
                 chunk = next(pieces, b"")
             except DAMAGE as e:
-                self.damaged = True
                 line_no = first + len(lines)
                 at = f"after line {line_no - 1:,}" if line_no > 1 else "at its start"
                 reason = (
@@ -135,11 +132,17 @@ class FileLines:
             yield first, lines, None
 
     def _too_long(self, line_no: int, size: int, kept: bytes) -> Problem:
-        mb = size / (1 << 20)
-        reason = (
-            f"line {line_no:,} is {mb:,.1f} MB, over the source's {self.option} = "
-            f"{self.max_line >> 20}; its first 64 KiB are kept; raise {self.option} to land it"
-        )
+        mb, limit = size / (1 << 20), self.max_line >> 20
+        if self.option is None:
+            reason = (
+                f"line {line_no:,} is {mb:,.1f} MB, over the {limit} MB a line may have; "
+                "its first 64 KiB are kept"
+            )
+        else:
+            reason = (
+                f"line {line_no:,} is {mb:,.1f} MB, over the source's {self.option} = {limit}; "
+                f"its first 64 KiB are kept; raise {self.option} to land it"
+            )
         return self._problem(line_no, reason, kept)
 
     def _problem(self, line_no: int, reason: str, raw: bytes) -> Problem:

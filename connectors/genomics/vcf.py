@@ -187,7 +187,7 @@ class VcfConnector(FileConnector[VcfSource]):
         gzip stream) land, and each record htslib cannot read is quarantined with its line.
         Each such record costs one more read of the records after it; `SALVAGE_TRIES` bound
         them, and the rest of a file that breaks more often is quarantined as one problem."""
-        lines_of = FileLines(path, max_line=MAX_LINE, option="(a fixed limit for VCF)")
+        lines_of = FileLines(path, max_line=MAX_LINE)
         header: list[bytes] = []
         records: list[tuple[int, bytes]] = []
         problems: list[Problem] = []

@@ -155,7 +155,7 @@ class _CsvFile:
     def __init__(self, path: Path, delimiter: str) -> None:
         self.path = path
         self.delimiter = delimiter
-        self.lines = FileLines(path, max_line=MAX_LINE, option="(a fixed limit for CSV)")
+        self.lines = FileLines(path, max_line=MAX_LINE)
         self.fed: list[tuple[int, bytes, bool]] = []
         """The lines of the row being read: number, text, whether it is UTF-8."""
         self.problems: list[Problem] = []

@@ -354,3 +354,28 @@ def test_the_cli_line_names_files_never_their_content(tmp_path: Path, api_env: d
         "see twinhub quarantine list --source src"
     )
     assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_a_cut_synthea_file_lands_what_it_holds_beside_the_rest_of_the_export(
+    synthea: Path, tmp_path: Path
+) -> None:
+    """The shared Synthea export with its Observation file cut in half: the other files land
+    whole, the Observations before the cut land, and the cut is the one line quarantined."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for file in synthea.glob("*.ndjson.gz"):
+        (data / file.name).symlink_to(file)
+    cut = data / "Observation.ndjson.gz"
+    whole = cut.resolve().read_bytes()
+    cut.unlink()
+    cut.write_bytes(whole[: len(whole) // 2])
+    kept = zlib.decompressobj(wbits=31).decompress(whole[: len(whole) // 2]).count(b"\n")
+    report = sync(write_config(tmp_path, KINDS["fhir-ndjson"], data))
+    read_equals_landed_plus_quarantined(report)
+    total = sum(gzip.decompress(f.read_bytes()).count(b"\n") for f in synthea.glob("*.ndjson.gz"))
+    observations = gzip.decompress(whole).count(b"\n")
+    assert report.counts["lines_read"] == total - observations + kept + 1
+    assert report.counts["quarantined"] == 1
+    assert report.by_type["Observation"] == kept
