@@ -318,13 +318,13 @@ def _text_warnings(file: str, data: bytes) -> pa.Table:
 def _bad_positions(
     warnings: pa.Table, problems: pa.Table, chunks: list[pa.Table]
 ) -> tuple[pa.Table, pa.Table, list[pa.Table]]:
-    """Records whose POS is not a positive integer are quarantined with their line (not kept
+    """Records whose POS is negative or not a number are quarantined with their line (not kept
     as warnings) and make no rows; a quarantined line keeps no warnings."""
     bad = pc.match_substring_regex(warnings["reason"], BAD_POS)
     bad = pc.and_(bad, pc.invert(pc.is_in(warnings["line_no"], problems["line_no"])))
     problems = pa.concat_tables([problems, warnings.filter(bad)]).sort_by("line_no")
     warnings = warnings.filter(pc.invert(pc.is_in(warnings["line_no"], problems["line_no"])))
-    return warnings, problems, [chunk.filter(pc.greater(chunk["pos"], 0)) for chunk in chunks]
+    return warnings, problems, [chunk.filter(pc.greater_equal(chunk["pos"], 0)) for chunk in chunks]
 
 
 def _raw(line: bytes) -> str:

@@ -177,7 +177,7 @@ RECIPES = [
     recipe("fhir-ndjson", "not gzip", not_gzip),
     recipe("lab-csv", "truncated gzip", truncated, fast=True),
     recipe("lab-csv", "corrupt gzip", corrupt),
-    recipe("lab-csv", "ragged row", bad_line(f"x,p1,718-7,{SECRET}".encode())),
+    recipe("lab-csv", "ragged row", bad_line(f"x,p1,718-7,2024-01-01T10:00:00Z,1,g/dL,{SECRET}".encode())),
     recipe(
         "lab-csv", "field over 131,072", bad_line(f'x,p1,718-7,2024-01-01,"{SECRET * 20_000}",g/dL'.encode())
     ),
@@ -190,8 +190,8 @@ RECIPES = [
     recipe("vcf", "truncated gzip", truncated, fast=True),
     recipe("vcf", "corrupt gzip", corrupt),
     recipe("vcf", "malformed line", bad_line(f"chr5\t1045\t{SECRET}".encode())),
-    recipe("vcf", "POS 0", bad_line(b"chr5\t0\tzero\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:.")),
-    recipe("vcf", "POS -3", bad_line(b"chr5\t-3\tminus\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:.")),
+    recipe("vcf", "POS 1e3", bad_line(b"chr5\t1e3\tnan\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:.")),
+    recipe("vcf", "POS -3", bad_line(b"chr5\t-3\tminus\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:."), fast=True),
     recipe("vcf", "bad header", bad_header),
 ]
 
