@@ -104,6 +104,8 @@ def _command_section(path: list[str], command: Any, ctx: Any) -> list[str]:
         lines.append(f"- `{name}`: {_cell(help_text).replace(chr(92) + '|', '|')}")
     if arguments or options:
         lines.append("")
+    if command.epilog:
+        lines += [_one_line(command.epilog), ""]
     if hasattr(command, "list_commands"):
         lines += ["| command | what it does |", "|---|---|"]
         for name in command.list_commands(ctx):

@@ -109,6 +109,16 @@ def quarantined_lines(con: Con, source: str | None, reason: str | None, limit: i
     )
 
 
+def run_quarantine(con: Con, run_id: str) -> list[tuple[str | None, int, str | None]]:
+    """Per file, the lines one run quarantined and the reason of a problem with the file itself
+    (damage, unreadable) if it had one, files with the most lines first."""
+    return con.execute(
+        """SELECT file, count(*), min(reason) FILTER (WHERE reason LIKE 'file %')
+           FROM quarantine WHERE run_id = ? GROUP BY file ORDER BY count(*) DESC, file""",
+        [run_id],
+    ).fetchall()
+
+
 def days_awaiting_fhir(con: Con) -> int:
     """Wearable days rolled up whose FHIR Observation the next sync makes."""
     (pending,) = con.sql("SELECT count(*) FROM wearable_daily WHERE fhir_pending").fetchone() or (0,)

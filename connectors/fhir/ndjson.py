@@ -1,7 +1,9 @@
 """FHIR Bulk Data NDJSON files (plain or gzip), streamed in bounded memory.
 
 The watermark records, per file, its size and mtime and how many lines have landed, so an
-unchanged file is skipped and a file cut short by a crash resumes at its next line.
+unchanged file is skipped and a file cut short by a crash resumes at its next line. A damaged
+file lands up to its damage, which is quarantined (`connectors._lines`), and counts as read: a
+replaced file (new size or mtime) is read again.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from connectors._files import FileConnector, describe_files, open_maybe_gzipped, resume_point
-from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window
+from connectors._files import FileConnector, describe_files, resume_point
+from connectors._lines import FileLines, Problem, unreadable
+from connectors.base import RECORD_SCHEMA, Batch, Watermark, Window, problems_from
 from connectors.kinds import SourceConfig, SourceKind
 
 READ_HINT = 4 << 20
@@ -28,6 +31,9 @@ class FhirNdjsonSource(SourceConfig):
     kind: Literal["fhir-ndjson"]
     path: Path
     batch_mb: int = Field(default=32, ge=1, le=1024)
+    max_line_mb: int = Field(default=64, ge=1, le=2048)
+    """A line (one resource) over this many MB is quarantined (its first 64 KiB kept) without
+    being held whole in memory."""
 
 
 class FhirNdjsonConnector(FileConnector[FhirNdjsonSource]):
@@ -44,25 +50,38 @@ class FhirNdjsonConnector(FileConnector[FhirNdjsonSource]):
         chunks: list[pa.Table] = []
         size = 0
         changed = False
+        problems: list[Problem] = []
         for path in files:
-            done = resume_point(progress, path, "lines")
+            try:
+                done = resume_point(progress, path, "lines")
+            except OSError as e:  # it vanished since it was listed: the next sync looks again
+                problems.append(unreadable(path, e))
+                continue
             if done is None:
                 continue
             changed = True
             self.stats["files"] += 1
-            with open_maybe_gzipped(path) as fh:
-                for first_line, lines in line_chunks(fh, skip=done, hint=min(READ_HINT, limit)):
-                    chunks.append(records_table(str(path), first_line, lines))
-                    size += sum(map(len, lines))
-                    progress[str(path)]["lines"] = first_line - 1 + len(lines)
-                    if size >= limit:
-                        yield _batch(chunks, progress)
-                        limit = min(2 * limit, self.source.batch_mb << 20)
-                        chunks, size, changed = [], 0, False
-            progress[str(path)]["complete"] = True
+            lines_of = FileLines(path, max_line=self.source.max_line_mb << 20, option="max_line_mb")
+            for first_line, lines, problem in lines_of.chunks(skip=done, hint=min(READ_HINT, limit)):
+                chunks.append(records_table(str(path), first_line, lines))
+                size += sum(map(len, lines))
+                if problem is not None:
+                    problems.append(problem)
+                    size += len(problem[3])
+                progress[str(path)]["lines"] = first_line - 1 + len(lines) + (problem is not None)
+                if size >= limit:
+                    yield _batch(chunks, progress, problems)
+                    limit = min(2 * limit, self.source.batch_mb << 20)
+                    chunks, size, changed, problems = [], 0, False, []
+            if not lines_of.opened:  # unreadable: read it again next time
+                progress.pop(str(path))
+                if str(path) in known:
+                    progress[str(path)] = known[str(path)]
+            else:  # whole, or damaged: landed as far as it can be; a replaced file is read again
+                progress[str(path)]["complete"] = True
             changed = True
-        if chunks or changed:
-            yield _batch(chunks, progress)
+        if chunks or changed or problems:
+            yield _batch(chunks, progress, problems)
 
 
 def line_chunks(fh: IO[bytes], skip: int, hint: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -110,10 +129,10 @@ def _decode(lines: list[bytes]) -> tuple[pa.Array, pa.Array]:
         return pa.array(texts, pa.string()), pa.array(flags, pa.bool_())
 
 
-def _batch(chunks: list[pa.Table], progress: dict[str, Any]) -> Batch:
+def _batch(chunks: list[pa.Table], progress: dict[str, Any], problems: list[Problem]) -> Batch:
     records = pa.concat_tables(chunks) if chunks else RECORD_SCHEMA.empty_table()
     snapshot = {path: dict(state) for path, state in progress.items()}
-    return Batch(records=records, watermark={"files": snapshot})
+    return Batch(records=records, watermark={"files": snapshot}, problems=problems_from(problems))
 
 
 KIND = SourceKind(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +23,9 @@ from cyvcf2 import VCF
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
+from connectors._lines import RAW_KEPT, FileLines, Problem, unreadable
 from connectors.base import PROBLEM_SCHEMA, Batch, Watermark, Window, problems_from
-from connectors.genomics.vcf_checks import VcfSpecError, check_text
+from connectors.genomics.vcf_checks import BAD_POS, COLUMNS_RULE, VcfSpecError, check_text
 from connectors.kinds import MappingFile, SourceConfig, SourceKind
 
 Assembly = Literal["GRCh37", "GRCh38"]
@@ -55,6 +57,17 @@ VARIANT_SCHEMA = pa.schema(
 """One row per sample and carried alternate allele; `genotype` as in the file (0|1, 1/1)."""
 ANNOTATIONS = ("GENEINFO", "CLNSIG", "ALLELEID", "ANN")
 """The INFO keys rows take their gene, ClinVar and HGVS annotations from."""
+MAX_LINE = 256 << 20
+SALVAGE_TRIES = 100
+"""Records htslib cannot parse that a file may have before the rest of it is quarantined whole."""
+
+
+class RecordError(Exception):
+    """htslib could not read the record at `index` (0-based, among the file's records)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"record {index + 1}")
+        self.index = index
 
 
 def _region(text: str) -> str:
@@ -111,28 +124,26 @@ class VcfConnector(FileConnector[VcfSource]):
         known: dict[str, Any] = dict((since or {}).get("files", {}))
         progress = dict(known)
         for path in self.files():
-            now = fingerprint(path)
+            try:
+                now = fingerprint(path)
+            except OSError as e:  # it vanished since it was listed: the next sync looks again
+                yield Batch(
+                    records=_no_records(),
+                    watermark={"files": dict(progress)},
+                    problems=problems_from([unreadable(path, e)]),
+                )
+                continue
             if known.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
-            problem: tuple[str, int, str, str] | None = None
-            try:
-                warnings, chunks = self._read(path)
-            except VcfSpecError as e:
-                problem = (
-                    str(path),
-                    e.line_no,
-                    f"not valid VCF ({path.name} line {e.line_no}): {e.reason}",
-                    e.raw,
-                )
-            except Exception as e:  # htslib refuses the file: quarantine it whole
-                problem = (str(path), 0, f"not a readable VCF ({path.name}): {e}", "")
-            if problem:
+            warnings, chunks, problems = self._checked(path)
+            if not chunks:
                 progress[str(path)] = now
                 yield Batch(
                     records=_no_records(),
                     watermark={"files": dict(progress)},
-                    problems=problems_from([problem]),
+                    problems=problems,
+                    warnings=warnings,
                 )
                 continue
             for n, chunk in enumerate(chunks, start=1):
@@ -144,7 +155,87 @@ class VcfConnector(FileConnector[VcfSource]):
                     watermark={"files": dict(progress)},
                     variants=chunk,
                     warnings=warnings if last else PROBLEM_SCHEMA.empty_table(),
+                    problems=problems if last else PROBLEM_SCHEMA.empty_table(),
                 )
+
+    def _checked(self, path: Path) -> tuple[pa.Table, list[pa.Table], pa.Table]:
+        """The file's warnings, variant rows and problems: a broken header quarantines the file
+        whole; damage and records htslib cannot read are quarantined, and the rest lands."""
+        try:
+            try:
+                warnings, chunks = self._read(path)
+                problems = PROBLEM_SCHEMA.empty_table()
+            except VcfSpecError:
+                raise
+            except Exception:  # damage, or a record htslib cannot read: land what can be read
+                warnings, chunks, problems = self._salvage(path)
+        except VcfSpecError as e:
+            reason = f"not valid VCF ({path.name} line {e.line_no}): {e.reason}"
+            return PROBLEM_SCHEMA.empty_table(), [], problems_from([(str(path), e.line_no, reason, e.raw)])
+        except Exception as e:  # htslib refuses the file itself: quarantine it whole
+            why = str(e.__cause__ or e) if isinstance(e, RecordError) else str(e)
+            return (
+                PROBLEM_SCHEMA.empty_table(),
+                [],
+                problems_from([(str(path), 0, f"not a readable VCF ({path.name}): {why}", "")]),
+            )
+        warnings, problems, chunks = _bad_positions(warnings, problems, chunks)
+        return warnings, chunks, problems
+
+    def _salvage(self, path: Path) -> tuple[pa.Table, list[pa.Table], pa.Table]:
+        """A file htslib cannot read through: the records before its damage (a cut or corrupt
+        gzip stream) land, and each record htslib cannot read is quarantined with its line.
+        Each such record costs one more read of the records after it; `SALVAGE_TRIES` bound
+        them, and the rest of a file that breaks more often is quarantined as one problem."""
+        lines_of = FileLines(path, max_line=MAX_LINE)
+        header: list[bytes] = []
+        records: list[tuple[int, bytes]] = []
+        problems: list[Problem] = []
+        for first, lines, problem in lines_of.chunks():
+            for line_no, line in enumerate(lines, start=first):
+                if not records and line.startswith(b"#"):
+                    header.append(line)
+                else:
+                    records.append((line_no, line))
+            if problem is not None:
+                problems.append(problem)
+        text = b"\n".join([*header, *(line for _, line in records)]) + b"\n"
+        warnings = _text_warnings(str(path), text)  # raises VcfSpecError on a broken header
+        # Records with a bad POS are quarantined by _bad_positions; with too few or many columns
+        # (noise from a corrupt stream, often) here, without asking htslib about each.
+        bad_pos = pc.match_substring_regex(warnings["reason"], BAD_POS)
+        ragged = pc.match_substring_regex(warnings["reason"], COLUMNS_RULE)
+        problems += [
+            (str(path), r["line_no"], r["reason"], r["raw"]) for r in warnings.filter(ragged).to_pylist()
+        ]
+        unplaced = set(warnings.filter(pc.or_(bad_pos, ragged))["line_no"].to_pylist())
+        kept = [(n, line) for n, line in records if line.strip() and n not in unplaced]
+        with tempfile.TemporaryDirectory(prefix="twinhub-vcf-") as folder:
+            readable = Path(folder) / path.name.removesuffix(".gz").removesuffix(".bcf")
+            for _ in range(SALVAGE_TRIES):
+                readable.write_bytes(b"\n".join([*header, *(line for _, line in kept)]) + b"\n")
+                try:
+                    chunks = self._variants(readable, label=str(path))
+                    break
+                except RecordError as e:
+                    if e.index >= len(kept):  # not a record's fault: give up on the file
+                        raise
+                    line_no, line = kept.pop(e.index)
+                    reason = f"not a readable VCF record ({path.name} line {line_no}): htslib cannot parse it"
+                    problems.append((str(path), line_no, f"{reason}; fix the line", _raw(line)))
+            else:
+                chunks = []
+                rest = "; ".join(f"line {n}" for n, _ in kept[:5])
+                problems.append(
+                    (
+                        str(path),
+                        kept[0][0] if kept else 0,
+                        f"not a readable VCF ({path.name}): over {SALVAGE_TRIES} records htslib cannot parse "
+                        f"(from {rest}); fix the file",
+                        "",
+                    )
+                )
+        return warnings, chunks, problems_from(sorted(problems, key=lambda p: p[1]))
 
     def _read(self, path: Path) -> tuple[pa.Table, list[pa.Table]]:
         """The file's spec warnings and its variant rows. The checks (DuckDB, which lets go of
@@ -159,23 +250,33 @@ class VcfConnector(FileConnector[VcfSource]):
                 raise
             return checked.result(), chunks
 
-    def _variants(self, path: Path) -> list[pa.Table]:
+    def _variants(self, path: Path, label: str | None = None) -> list[pa.Table]:
         """The file's variant rows, `batch_variants` at a time. Each record is asked only for
         the annotation keys the header declares; htslib declares a key the header lacks once a
-        record uses it, and then the file is read again asking for all of them."""
+        record uses it, and then the file is read again asking for all of them. The rows name
+        the file `label` (by default `path`)."""
         vcf = VCF(str(path), strict_gt=True)
         declared = [key for key in ANNOTATIONS if vcf.contains(key)]
-        chunks = list(self._chunks(vcf, path, declared))
+        chunks = list(self._chunks(vcf, label or str(path), declared))
         if any(vcf.contains(key) for key in ANNOTATIONS if key not in declared):
-            chunks = list(self._chunks(VCF(str(path), strict_gt=True), path, ANNOTATIONS))
+            chunks = list(self._chunks(VCF(str(path), strict_gt=True), label or str(path), ANNOTATIONS))
         return chunks
 
-    def _chunks(self, vcf: VCF, path: Path, annotations: Sequence[str]) -> Iterator[pa.Table]:
+    def _chunks(self, vcf: VCF, path: str, annotations: Sequence[str]) -> Iterator[pa.Table]:
+        """The rows, in chunks; a record that cannot be read raises `RecordError` with its index."""
         assembly = self.source.assembly or header_assembly(vcf.raw_header)
         samples = list(vcf.samples)
         rows: list[tuple[Any, ...]] = []
-        for record in vcf:
-            rows += variant_rows(record, str(path), samples, self.source.samples, assembly, annotations)
+        records, index = iter(vcf), 0
+        while True:
+            try:
+                record = next(records)
+                rows += variant_rows(record, path, samples, self.source.samples, assembly, annotations)
+            except StopIteration:
+                break
+            except Exception as e:
+                raise RecordError(index) from e
+            index += 1
             if len(rows) >= self.source.batch_variants:
                 yield self._linked(_table(rows))
                 rows = []
@@ -198,17 +299,36 @@ def spec_warnings(path: Path) -> pa.Table:
     if path.name.endswith(".bcf"):
         return PROBLEM_SCHEMA.empty_table()
     with open_maybe_gzipped(path) as fh:
-        data = fh.read()
+        return _text_warnings(str(path), fh.read())
+
+
+def _text_warnings(file: str, data: bytes) -> pa.Table:
     try:
-        return check_text(str(path), data.decode())
+        return check_text(file, data.decode())
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        found = check_text(str(path), data.decode(errors="replace"))
+        found = check_text(file, data.decode(errors="replace"))
         bad = pa.table(
-            {"file": [str(path)], "line_no": [line], "reason": ["the text is not UTF-8"], "raw": [""]},
+            {"file": [file], "line_no": [line], "reason": ["the text is not UTF-8"], "raw": [""]},
             schema=PROBLEM_SCHEMA,
         )
         return pa.concat_tables([bad, found])
+
+
+def _bad_positions(
+    warnings: pa.Table, problems: pa.Table, chunks: list[pa.Table]
+) -> tuple[pa.Table, pa.Table, list[pa.Table]]:
+    """Records whose POS is negative or not a number are quarantined with their line (not kept
+    as warnings) and make no rows; a quarantined line keeps no warnings."""
+    bad = pc.match_substring_regex(warnings["reason"], BAD_POS)
+    bad = pc.and_(bad, pc.invert(pc.is_in(warnings["line_no"], problems["line_no"])))
+    problems = pa.concat_tables([problems, warnings.filter(bad)]).sort_by("line_no")
+    warnings = warnings.filter(pc.invert(pc.is_in(warnings["line_no"], problems["line_no"])))
+    return warnings, problems, [chunk.filter(pc.greater_equal(chunk["pos"], 0)) for chunk in chunks]
+
+
+def _raw(line: bytes) -> str:
+    return line[:RAW_KEPT].decode(errors="backslashreplace")
 
 
 def _table(rows: list[tuple[Any, ...]]) -> pa.Table:

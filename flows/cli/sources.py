@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from connectors.errors import TwinhubError
 from flows.cli._output import State, config_arg, out, para, print_report, settings, with_progress
 from flows.cli._prefect import stoppable
+
+if TYPE_CHECKING:
+    from twin_store import RunReport
+
+EXIT_PROBLEMS = 3
+"""A sync or backfill whose run quarantined something: it landed, with problems."""
+EXIT_CODES = (
+    "Exit code: 0 landed clean; 3 landed with problems (the run quarantined something: the "
+    "last line names the files); 1 failed; 130 interrupted (the next sync resumes)."
+)
+FILES_NAMED = 3
+"""The one line naming a run's quarantine names this many files, and counts the rest."""
 
 
 def sync(
@@ -31,6 +44,7 @@ def sync(
     with stoppable():
         report = with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh))
     print_report(report, settings().store.path)
+    _landed_with_problems(report)
 
 
 def backfill(
@@ -54,6 +68,7 @@ def backfill(
             name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
         )
     print_report(report)
+    _landed_with_problems(report)
 
 
 def listen(name: str) -> None:
@@ -100,6 +115,33 @@ def reset(
         )
     else:
         para(f"reset {name} (run {run.run_id}): it had not got anywhere; its next sync reads everything")
+
+
+def _landed_with_problems(report: RunReport) -> None:
+    """After the summary of a run that quarantined something, one line naming where (files and
+    the damage found in them, never their content), and exit 3."""
+    from twin_store import connect, queries
+
+    if not report.counts["quarantined"]:
+        return
+    per_file = queries.run_quarantine(connect(settings().store.path), report.run_id)
+    parts = []
+    for file, lines, damage in per_file[:FILES_NAMED]:
+        name = file.rsplit("/", 1)[-1] if file else "records"
+        what = re.match(r"file (damaged (?:after line [\d,]+|at its start)|cannot be read)", damage or "")
+        parts.append(f"{lines:,} in {name}" + (f" ({what[1]})" if what else ""))
+    if more := per_file[FILES_NAMED:]:
+        parts.append(f"{sum(n for _, n, _ in more):,} in {len(more):,} more files")
+    if parts:
+        parts[0] = parts[0].replace(" in ", " quarantined in ", 1)
+    out.print(
+        f"{report.flow} {report.source} landed with problems: {', '.join(parts)}; "
+        f"see twinhub quarantine list --source {report.source}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(EXIT_PROBLEMS)
 
 
 def _preflight(name: str) -> None:

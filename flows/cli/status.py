@@ -1,6 +1,8 @@
 """`twinhub status`: what the store holds and how each source is doing, as blocks of text that
 read at any width (80 columns too), or `--json`: the same facts as one document for monitoring.
-Exits 2 when the last sync or backfill of a configured source failed."""
+Exits 2 when the last sync or backfill of a configured source failed. A run that landed with
+problems (quarantined some lines) shows as such, but is healthy: its data landed, and the
+quarantine holds the rest with reasons."""
 
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ def gather(cfg: Settings, con: duckdb.DuckDBPyConnection) -> Facts:
         "store": str(cfg.store.path),
         "healthy": not failed,
         "failed_sources": failed,
+        "sources_with_problems": [name for name in configured if _with_problems(runs.get(name, []))],
         "sources": sources,
         "quarantine": list(quarantine.values()),
         "waiting": _rows(queries.waiting(con), waiting="records"),
@@ -155,6 +158,12 @@ def render(facts: Facts) -> None:
             )
 
 
+def _with_problems(runs: list[Facts]) -> bool:
+    """Whether the last sync or backfill landed with problems: it succeeded and quarantined some."""
+    last = next((r for r in runs if r["flow"] in ("sync", "backfill")), None)
+    return last is not None and last["status"] == "succeeded" and last["counts"]["quarantined"] > 0
+
+
 def _source(source: Facts) -> None:
     out.print()
     if source["in_config"]:
@@ -170,6 +179,8 @@ def _source(source: Facts) -> None:
         para("never synced", indent=2)
     for run in source["runs"]:
         state = run["status"].upper() if run["status"] == "failed" else run["status"]
+        if run["status"] == "succeeded" and run["counts"]["quarantined"]:
+            state = "succeeded, landed with PROBLEMS"
         took = f", {run['seconds']:.1f} s" if run["seconds"] is not None else ""
         snapshot = f", snapshot {run['snapshot_id']}" if run["snapshot_id"] is not None else ""
         para(
@@ -180,6 +191,13 @@ def _source(source: Facts) -> None:
         counts = run["counts"]
         if any(counts.values()):
             para(f"{plural(counts['lines_read'], 'line')} read -> {outcome(counts, run['flow'])}", indent=4)
+        if state.endswith("PROBLEMS"):
+            para(
+                f"{plural(counts['quarantined'], 'line')} quarantined: twinhub quarantine list --source "
+                f"{source['name']}",
+                indent=4,
+                style="yellow",
+            )
         if run["error"]:
             error = run["error"]
             if len(error) > ERROR_SHOWN:

@@ -33,6 +33,8 @@ from tests.support.vcf import RECORDS, write_vcf
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 300.0
+LANDED_WITH_PROBLEMS = 3
+"""A sync or backfill whose run quarantined something: the sample data has bad records on purpose."""
 LONG_RUNNING = {"listen": ("listening on port", signal.SIGINT), "serve": ("being served", signal.SIGTERM)}
 """Commands that run until stopped: what they print once ready, and how a user stops them."""
 DEMO_MODELS = ["ascvd-pce", "resting-hr-baseline", "diabetes-risk"]
@@ -78,7 +80,7 @@ class Sandbox:
         )
 
     def _check(self, block: Block, results: list[subprocess.CompletedProcess[str]]) -> None:
-        failed = [r for r in results if r.returncode != 0]
+        failed = [r for r in results if r.returncode not in (0, LANDED_WITH_PROBLEMS)]
         if block.failure is not None:
             said = "".join(r.stdout + r.stderr for r in failed)
             assert failed and block.failure in " ".join(said.split()), (

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
+import orjson
 import pytest
 
 from connectors.errors import SourceError
 from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
-from tests.support.data import write_ndjson
+from tests.support.data import ROOT, write_ndjson
 
 
 def connector(path: Path, batch_mb: int = 32) -> FhirNdjsonConnector:
@@ -65,3 +69,76 @@ def test_invalid_utf8_is_flagged_not_dropped(tmp_path: Path) -> None:
 def test_missing_path_names_the_source_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"source 't': path .* does not exist; point sources.path"):
         list(connector(tmp_path / "nope").pull(None))
+
+
+def test_a_line_over_max_line_mb_is_quarantined_with_its_start_and_the_rest_lands(tmp_path: Path) -> None:
+    big = '{"resourceType": "Binary", "id": "b", "data": "' + "A" * (3 << 20) + '"}'
+    write_ndjson(tmp_path / "Binary.ndjson", [*patients(2), big, *patients(1)])
+    batches = list(
+        FhirNdjsonConnector(
+            FhirNdjsonSource(name="t", kind="fhir-ndjson", path=tmp_path, max_line_mb=1)
+        ).pull(None)
+    )
+    assert [n for _, n in rows(batches)] == [1, 2, 4]
+    (problem,) = [p for b in batches for p in b.problems.to_pylist()]
+    assert (problem["line_no"], len(problem["raw"])) == (3, 64 << 10)
+    assert big.startswith(problem["raw"])
+    assert problem["reason"] == (
+        "line 3 is 3.0 MB, over the source's max_line_mb = 1; its first 64 KiB are kept; "
+        "raise max_line_mb to land it"
+    )
+    assert batches[-1].watermark["files"][str(tmp_path / "Binary.ndjson")]["lines"] == 4
+
+
+def test_a_cut_gzip_file_yields_every_whole_line_before_the_cut_and_resumes_no_further(
+    tmp_path: Path,
+) -> None:
+    lines = [orjson.dumps(p) for p in patients(20_000)]
+    data = gzip.compress(b"\n".join(lines) + b"\n")
+    (tmp_path / "Patient.ndjson.gz").write_bytes(data[: len(data) // 2])
+    whole = zlib.decompressobj(wbits=31).decompress(data[: len(data) // 2]).count(b"\n")
+    batches = list(connector(tmp_path, batch_mb=1).pull(None))
+    got = [r["raw"].encode() for b in batches for r in b.records.to_pylist()]
+    assert got == lines[:whole]
+    (problem,) = [p for b in batches for p in b.problems.to_pylist()]
+    assert problem["line_no"] == whole + 1
+    assert problem["reason"].startswith(f"file damaged after line {whole:,} (byte ")
+    assert lines[whole].startswith(problem["raw"].encode())
+    mark = batches[-1].watermark
+    assert mark["files"][str(tmp_path / "Patient.ndjson.gz")]["complete"], "damaged: not read again"
+    assert list(connector(tmp_path).pull(mark)) == []
+
+
+MEASURE = """
+import json, sys
+from pathlib import Path
+from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
+
+source = FhirNdjsonSource(name="big", kind="fhir-ndjson", path=Path(sys.argv[1]))
+counted = {"records": 0, "problems": 0}
+for batch in FhirNdjsonConnector(source).pull(None):
+    counted["records"] += batch.records.num_rows
+    counted["problems"] += batch.problems.num_rows
+status = Path("/proc/self/status").read_text().splitlines()  # this process's own peak
+counted["max_rss_mb"] = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+print(json.dumps(counted))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["big.ndjson", "big.ndjson.gz"])
+def test_a_200_mb_line_is_quarantined_in_bounded_memory(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    chunk = b"A" * (1 << 20)
+    with gzip.open(path, "wb", compresslevel=1) if name.endswith(".gz") else path.open("wb") as fh:
+        fh.write(b'{"resourceType": "Patient", "id": "a"}\n{"resourceType": "Binary", "data": "')
+        for _ in range(200):
+            fh.write(chunk)
+        fh.write(b'"}\n{"resourceType": "Patient", "id": "b"}\n')
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    counted = orjson.loads(done.stdout)
+    assert (counted["records"], counted["problems"]) == (2, 1)
+    assert counted["max_rss_mb"] < 1024, counted
+    print(f"{name}: peak RSS {counted['max_rss_mb']:.0f} MB")

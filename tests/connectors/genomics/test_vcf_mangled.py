@@ -1,7 +1,8 @@
 """Property tests: mangled VCF files (noise in fields, cut lines, wrong column counts, broken
-headers, damaged gzip) go through the real connector and the real store. Each file either lands
-(its rows, and warnings for what breaks the spec) or is quarantined whole with a reason; never an
-exception, never half a file, and the run's counts match what the store holds."""
+headers, damaged gzip) go through the real connector and the real store. A broken header
+quarantines the file whole; otherwise what can be read lands (with warnings for what breaks the
+spec) and the records htslib cannot read, or damage, are quarantined with a reason. Never an
+exception, and the run's counts match what the store holds."""
 
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def files(draw: st.DrawFn) -> tuple[str, bytes]:
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(files())
-def test_a_mangled_vcf_lands_whole_or_is_quarantined_whole(folder: Path, file: tuple[str, bytes]) -> None:
+def test_a_mangled_vcf_lands_what_it_can_and_quarantines_the_rest(
+    folder: Path, file: tuple[str, bytes]
+) -> None:
     name, data = file
     source_name = f"s{next(NAMES)}"
     path = folder / "in" / source_name / name
@@ -103,8 +106,8 @@ def test_a_mangled_vcf_lands_whole_or_is_quarantined_whole(folder: Path, file: t
         run.counts["warnings"],
     )
     assert without_reason == 0
-    assert quarantined in (0, 1)
-    if quarantined:  # the whole file, nothing of it landed
-        assert variants == warned == 0
-    event("quarantined" if quarantined else "landed with warnings" if warned else "landed clean")
+    if quarantined:
+        event("nothing landed" if not variants else "landed in part")
+    else:
+        event("landed with warnings" if warned else "landed clean")
     assert run.counts["updated"] == 0

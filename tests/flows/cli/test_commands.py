@@ -123,7 +123,12 @@ def test_bad_lines_are_quarantined_and_accounted_for(tmp_path: Path, api_env: di
     ]
     write_ndjson(tmp_path / "export" / "Patient.ndjson", lines)
     config = write_config(tmp_path, tmp_path / "export")
-    run_cli("--config", str(config), "sync", "src", env=api_env)
+    synced = run_cli("--config", str(config), "sync", "src", env=api_env, check=False)
+    assert synced.returncode == 3, "landed with problems"
+    assert synced.stdout.splitlines()[-1] == (
+        "sync src landed with problems: 3 quarantined in Patient.ndjson; "
+        "see twinhub quarantine list --source src"
+    )
     con = connect(tmp_path / "store")
     assert con.sql("SELECT count(*) FROM patient").fetchone() == (50,)
     assert con.sql("SELECT line_no, reason FROM quarantine ORDER BY 1").fetchall() == [

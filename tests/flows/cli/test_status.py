@@ -81,7 +81,9 @@ def test_status_reads_at_80_columns_says_why_a_run_failed_and_exits_2(tmp_path: 
     text = " ".join(result.stdout.split())
     assert "ehr (fhir-ndjson, schedule 0 2 * * *) progress: 1/1 files complete, 14 lines" in text
     assert (
-        "sync succeeded" in text and "14 lines read -> 4 new, 0 updated, 0 unchanged, 10 quarantined" in text
+        "sync succeeded, landed with PROBLEMS" in text
+        and "14 lines read -> 4 new, 0 updated, 0 unchanged, 10 quarantined" in text
+        and "10 lines quarantined: twinhub quarantine list --source ehr" in text
     )
     assert "copy (fhir-ndjson, no schedule) progress: none yet" in text
     assert (
@@ -95,6 +97,7 @@ def test_status_reads_at_80_columns_says_why_a_run_failed_and_exits_2(tmp_path: 
 
     facts = orjson.loads(run_cli("--config", str(config), "status", "--json", check=False).stdout)
     assert (facts["healthy"], facts["failed_sources"]) == (False, ["copy"])
+    assert facts["sources_with_problems"] == ["ehr"], "landed with problems: shown, and no failure"
     sources = {s["name"]: s for s in facts["sources"]}
     [ehr_run] = sources["ehr"]["runs"]
     assert ehr_run["status"] == "succeeded" and ehr_run["counts"]["quarantined"] == 10
