@@ -12,9 +12,8 @@ from tests.support.data import write_config, write_ndjson
 from twin_store import connect
 
 HOURLY = "Id,ActivityHour,StepTotal\n111,4/12/2016 12:00:00 AM,40\n111,4/12/2016 1:00:00 AM,61\n"
-"""Problems go to quarantine; until the CLI's "landed with problems" exit code (3) is merged, a
-sync with some may exit 0 or 3, never 1."""
-LANDED = (0, 3)
+"""The exit status of a sync whose problems went to quarantine: "landed with problems"."""
+LANDED = 3
 
 
 def config(tmp_path: Path, fitabase: Path) -> Path:
@@ -33,7 +32,7 @@ def test_after_a_bad_fitabase_id_another_source_still_syncs(tmp_path: Path, api_
     (fitabase / "hourlySteps_merged.csv").write_text(HOURLY + "../x,4/12/2016 2:00:00 AM,7\n")
     cfg = str(config(tmp_path, fitabase))
     first = run_cli("--config", cfg, "sync", "fa", env=api_env, check=False)
-    assert first.returncode in LANDED, first.stdout + first.stderr
+    assert first.returncode == LANDED, first.stdout + first.stderr
     ehr = run_cli("--config", cfg, "sync", "ehr", env=api_env, check=False)
     assert ehr.returncode == 0, ehr.stdout + ehr.stderr
     con = connect(tmp_path / "store")
@@ -59,7 +58,7 @@ def test_a_damaged_fitabase_file_lands_its_readable_rows_and_its_replacement_lan
     hourly.write_bytes(HOURLY.encode() + b"111,4/12/2016 2:00:00 AM,\xff\xfe\n111,4/12/2016 3:00:00 AM,9,9\n")
     cfg = str(config(tmp_path, fitabase))
     damaged = run_cli("--config", cfg, "sync", "fa", env=api_env, check=False)
-    assert damaged.returncode in LANDED, damaged.stdout + damaged.stderr
+    assert damaged.returncode == LANDED, damaged.stdout + damaged.stderr
     con = connect(tmp_path / "store")
     steps = "SELECT day, value FROM wearable_daily WHERE metric = 'steps' ORDER BY day"
     assert [v for _, v in con.sql(steps).fetchall()] == [101.0, 5000.0], (
