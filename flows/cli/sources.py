@@ -14,6 +14,7 @@ from flows.cli._prefect import stoppable
 
 if TYPE_CHECKING:
     from twin_store import RunReport
+    from twin_store.runs import FlowKind
 
 EXIT_PROBLEMS = 3
 """A sync or backfill whose run quarantined something: it landed, with problems."""
@@ -62,7 +63,7 @@ def backfill(
     if since >= until:
         raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
     step = _duration(window) if window else None
-    _preflight(name)
+    _preflight(name, "backfill")
     with stoppable():
         report = with_progress(
             name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
@@ -144,12 +145,19 @@ def _landed_with_problems(report: RunReport) -> None:
     raise typer.Exit(EXIT_PROBLEMS)
 
 
-def _preflight(name: str) -> None:
-    """Catch a wrong source name or path here, as one line, before any flow starts."""
+def _preflight(name: str, flow: FlowKind = "sync") -> None:
+    """Catch a wrong source name or path here, as one line, before any flow starts; a source
+    that cannot be read is recorded as a failed run, as it would be under `serve`."""
     from flows.sync import build_connector
+    from twin_store.runs import failed_to_start
 
     cfg = settings()
-    build_connector(cfg, cfg.source(name)).check()
+    source = cfg.source(name)
+    try:
+        build_connector(cfg, source).check()
+    except TwinhubError as e:
+        failed_to_start(cfg.store.path, name, flow, f"{type(e).__name__}: {e}")
+        raise
 
 
 def _duration(text: str) -> timedelta:
