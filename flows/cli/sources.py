@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
@@ -42,7 +44,7 @@ def sync(
     from flows.sync import sync as sync_flow
 
     _preflight(name)
-    with stoppable():
+    with stoppable(), _one_line(name):
         report = with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh))
     print_report(report, settings().store.path)
     _landed_with_problems(report)
@@ -64,7 +66,7 @@ def backfill(
         raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
     step = _duration(window) if window else None
     _preflight(name, "backfill")
-    with stoppable():
+    with stoppable(), _one_line(name):
         report = with_progress(
             name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
         )
@@ -143,6 +145,23 @@ def _landed_with_problems(report: RunReport) -> None:
         soft_wrap=True,
     )
     raise typer.Exit(EXIT_PROBLEMS)
+
+
+@contextlib.contextmanager
+def _one_line(name: str) -> Iterator[None]:
+    """An error no check foresaw (a bug, a library's surprise) ends the command in one line, as a
+    known one does, naming the source and where the run's record is; -v shows the traceback."""
+    try:
+        yield
+    except (TwinhubError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if State.verbose:
+            raise
+        raise TwinhubError(
+            f"source {name!r} stopped on an unexpected {type(e).__name__}: {e}; its run is recorded "
+            "(twinhub status); rerun with -v for the traceback"
+        ) from None
 
 
 def _preflight(name: str, flow: FlowKind = "sync") -> None:
