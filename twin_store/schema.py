@@ -146,6 +146,9 @@ def migrate(con: duckdb.DuckDBPyConnection, root: Path) -> None:
         with Transaction(con, "migrate: ingest_batch counts"):
             for count in missing:
                 con.execute(f"ALTER TABLE twin.ingest_batch ADD COLUMN {count} BIGINT DEFAULT 0")
+    if _plain_keys(con, {table for table, _ in columns}):
+        with Transaction(con, "migrate: resources known by source, view keys <source>/<id>"):
+            _qualify_patient_ids(con)
     if ("run_record", "run_id") in columns:
         # Run records move out of the DuckLake (`runs`): recording a run made a snapshot.
         runs.keep(root, con.execute(f"SELECT {RUN_RECORD_COLUMNS} FROM twin.run_record").fetchall())
@@ -154,13 +157,66 @@ def migrate(con: duckdb.DuckDBPyConnection, root: Path) -> None:
             con.execute("DROP TABLE twin.run_record")
 
 
+KEYED_VIEWS = ("patient", "observation")
+"""Standard view tables whose keys tell an earlier store's layout: plain ids, without `<source>/`."""
+PATIENT_COLUMNS = (
+    "genomic_variant",
+    "model_output",
+    "wearable_sample",
+    "wearable_daily",
+    "wearable_reported",
+)
+"""The tables whose `patient_id` names a twin's Patient by its key."""
+LINKED = r'"subject":\{"reference":"Patient/([^"/]+)","identifier":'
+"""A subject the linker of an earlier twinhub wrote: the Patient by plain id, beside the identifier."""
+
+
+def _plain_keys(con: duckdb.DuckDBPyConnection, tables: set[str]) -> bool:
+    """Whether the store keys its view rows by plain ids, as twinhub did before resources were
+    known by source (every key now holds a `/`)."""
+    reads = [f"SELECT 1 FROM twin.{t} WHERE NOT contains(id, '/')" for t in KEYED_VIEWS if t in tables]
+    return bool(reads) and bool(
+        one(con, f"SELECT count(*) > 0 FROM ({' UNION ALL '.join(reads)} LIMIT 1)")[0]
+    )
+
+
+def _qualify_patient_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """Patient ids become keys (`<source>/<id>`): where a results' subject was linked by
+    identifier, it names the Patient's source, and patient-id columns hold the key. An earlier
+    store knew one Patient per id, so each maps to one source; an id no Patient has (a wearable's
+    twin of its own) stays. The view tables are rebuilt after (`ensure_view_tables`)."""
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE patient_sources AS
+        SELECT id, any_value(source) AS source FROM twin.fhir_resource
+        WHERE resource_type = 'Patient' GROUP BY id"""
+    )
+    con.execute(
+        f"""UPDATE twin.fhir_resource r
+        SET resource = replace(r.resource, '"subject":{{"reference":"Patient/' || p.id || '",',
+                               '"subject":{{"reference":"' || p.source || '/Patient/' || p.id || '",')
+        FROM patient_sources p
+        WHERE contains(r.resource, '","identifier":') AND p.source <> r.source
+          AND regexp_extract(r.resource, {literal(LINKED)}, 1) = p.id"""
+    )
+    for table in PATIENT_COLUMNS:
+        con.execute(
+            f"""UPDATE twin.{table} t SET patient_id = p.source || '/' || p.id
+            FROM patient_sources p WHERE t.patient_id = p.id"""
+        )
+    con.execute("DROP TABLE patient_sources")
+
+
 RUN_RECORD_COLUMNS = "run_id, source, flow, started_at, finished_at, status, snapshot_id, error"
 
 
 def ensure_view_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create missing view tables; rebuild one whose definition changed (its comment differs)
     from the raw resources."""
-    views_read(con, "SELECT NULL::VARCHAR AS resource_type, NULL::VARCHAR AS resource WHERE false")
+    views_read(
+        con,
+        "SELECT NULL::VARCHAR AS resource_type, NULL::VARCHAR AS resource, NULL::VARCHAR AS source "
+        "WHERE false",
+    )
     comments = dict(
         con.execute(
             "SELECT table_name, comment FROM duckdb_tables() WHERE database_name = ?", [CATALOG]
@@ -182,7 +238,7 @@ def ensure_view_tables(con: duckdb.DuckDBPyConnection) -> None:
             if has_resources:
                 views_read(
                     con,
-                    "SELECT resource_type, resource FROM twin.fhir_resource "
+                    "SELECT resource_type, resource, source FROM twin.fhir_resource "
                     f"WHERE resource_type = '{view.resource_type}'",
                 )
                 con.execute(f"INSERT INTO twin.{view.name} {view.sql}")
