@@ -17,15 +17,17 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import Window
+from connectors.errors import ConfigError
 from harmonize.records import key_reference
 from twin_store.connection import literal, one
-from twin_store.prepare import BY_IDENTIFIER
+from twin_store.prepare import BY_IDENTIFIER, PreparedBatch
 from twin_store.runs import RunReport
 from twin_store.views import standard_views, views_read
 
@@ -196,6 +198,62 @@ class PatientLinker:
         )
         self.variants_wait = bool(one(self.con, VARIANTS_WAIT)[0])
         return linked
+
+
+class PatientKeys:
+    """The key of the twin's Patient that a wearable source names in its config: a key
+    (`ehr/p1`) as it is; a plain id, the key of the one source that has a Patient of that id, or
+    with none, the wearable source's own twin (`<source>/<id>`). A plain id that several sources
+    have is a config error. Resolved once per writer and id."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self._known: dict[tuple[str, str], str] = {}
+
+    def of(self, source: str, ids: list[str]) -> dict[str, str]:
+        plain = [i for i in ids if "/" not in i and (source, i) not in self._known]
+        if plain:
+            found = dict(
+                self.con.execute(
+                    """SELECT id, list(DISTINCT source ORDER BY source) FROM twin.fhir_resource
+                    WHERE resource_type = 'Patient' AND id IN (SELECT unnest($ids)) GROUP BY id""",
+                    {"ids": plain},
+                ).fetchall()
+            )
+            for id_ in plain:
+                sources = found.get(id_) or [source]
+                if len(sources) > 1:  # the id stays out of the message (it may identify someone)
+                    raise ConfigError(
+                        f"sources.{source}",
+                        f"a patient named by a plain id is a Patient of several sources "
+                        f"({', '.join(sources)}); name it by its key, <source>/<id>",
+                    )
+                self._known[source, id_] = f"{sources[0]}/{id_}"
+        return {i: i if "/" in i else self._known[source, i] for i in ids}
+
+    def keyed(self, source: str, batch: PreparedBatch) -> PreparedBatch:
+        """The batch's samples, vendor figures and their summary with patient keys."""
+        tables = [t for t in (batch.samples, batch.reported) if t is not None]
+        ids = sorted({p for t in tables for p in pc.unique(t["patient_id"]).to_pylist()})
+        keys = self.of(source, ids)
+        if all(k == v for k, v in keys.items()):
+            return batch
+        plain, keyed = pa.array(list(keys), pa.string()), pa.array(list(keys.values()), pa.string())
+
+        def rekeyed(table: pa.Table) -> pa.Table:
+            at = table.schema.get_field_index("patient_id")
+            column = pc.take(keyed, pc.index_in(table["patient_id"], plain))
+            return table.set_column(at, table.schema.field(at), column)
+
+        summary = batch.sample_summary
+        if summary is not None:
+            summary = replace(summary, spans=rekeyed(summary.spans), device_days=rekeyed(summary.device_days))
+        return replace(
+            batch,
+            samples=None if batch.samples is None else rekeyed(batch.samples),
+            reported=None if batch.reported is None else rekeyed(batch.reported),
+            sample_summary=summary,
+        )
 
 
 def with_subject(resources: pa.Table, patient_keys: pa.ChunkedArray | pa.Array) -> pa.Table:

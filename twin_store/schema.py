@@ -182,9 +182,10 @@ def _plain_keys(con: duckdb.DuckDBPyConnection, tables: set[str]) -> bool:
 
 def _qualify_patient_ids(con: duckdb.DuckDBPyConnection) -> None:
     """Patient ids become keys (`<source>/<id>`): where a results' subject was linked by
-    identifier, it names the Patient's source, and patient-id columns hold the key. An earlier
-    store knew one Patient per id, so each maps to one source; an id no Patient has (a wearable's
-    twin of its own) stays. The view tables are rebuilt after (`ensure_view_tables`)."""
+        identifier, it names the Patient's source, patient-id columns hold the key, and so does
+    `wearable_daily.observation_id`. An earlier
+        store knew one Patient per id, so each maps to one source; an id no Patient has (a wearable's
+        twin of its own) stays. The view tables are rebuilt after (`ensure_view_tables`)."""
     con.execute(
         """CREATE OR REPLACE TEMP TABLE patient_sources AS
         SELECT id, any_value(source) AS source FROM twin.fhir_resource
@@ -203,6 +204,10 @@ def _qualify_patient_ids(con: duckdb.DuckDBPyConnection) -> None:
             f"""UPDATE twin.{table} t SET patient_id = p.source || '/' || p.id
             FROM patient_sources p WHERE t.patient_id = p.id"""
         )
+    con.execute(
+        """UPDATE twin.wearable_daily SET observation_id = source || '/' || observation_id
+        WHERE NOT contains(observation_id, '/')"""
+    )
     con.execute("DROP TABLE patient_sources")
 
 

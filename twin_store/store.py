@@ -37,7 +37,7 @@ from harmonize.wearables.metrics import DAILY_SCHEMA, daily_resources
 from twin_store import runs, schema
 from twin_store.connection import CATALOG, Transaction, connect, writer_lock
 from twin_store.genomics import VariantWriter
-from twin_store.linkage import PatientLinker
+from twin_store.linkage import PatientKeys, PatientLinker
 from twin_store.prepare import PreparedBatch, prepare
 from twin_store.resources import ResourceWriter
 from twin_store.runs import FlowKind, RunReport, RunStatus
@@ -65,6 +65,7 @@ class TwinStore:
         self._resources = ResourceWriter(self.con)
         self._variants = VariantWriter(self.con)
         self._linker = PatientLinker(self.con, variants_wait=self._variants.any_waiting)
+        self._patient_keys = PatientKeys(self.con)
         self._samples = SampleWriter(con=self.con)
         # The FHIR of the days each batch rolls up, made in a process while later batches land.
         self._fhir_maker: ProcessPoolExecutor | None = None
@@ -155,6 +156,8 @@ class TwinStore:
         reads again, as `quarantined` gives them) those lines leave quarantine, the ones still
         bad come back with their reason, and the watermark is left alone too.
         """
+        if batch.samples is not None or batch.reported is not None:
+            batch = self._patient_keys.keyed(run.source, batch)
         resources, problems = batch.checked.resources, batch.checked.problems
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         days = DAILY_SCHEMA.empty_table()

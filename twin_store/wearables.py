@@ -445,15 +445,16 @@ class SampleWriter:
         )
 
     def fhir_made(self, days: pa.Table) -> None:
-        """Clear the flags of `days` and name the Observation each got (their FHIR landed in
-        this transaction)."""
+        """Clear the flags of `days` and name the Observation each got by its key (their FHIR
+        landed in this transaction, as the source's)."""
         keys = zip(*(days[c].to_pylist() for c in ("source", "patient_id", "metric", "day")), strict=True)
         ids = pa.array([daily_id(*key) for key in keys], pa.string())
         made = days.select(["source", "patient_id", "metric", "day"]).append_column("observation_id", ids)
         self.con.register("made", made)
         try:
             self.con.execute(
-                """UPDATE twin.wearable_daily w SET fhir_pending = false, observation_id = m.observation_id
+                """UPDATE twin.wearable_daily w
+                SET fhir_pending = false, observation_id = m.source || '/' || m.observation_id
                 FROM made m
                 WHERE (w.source, w.patient_id, w.metric, w.day) = (m.source, m.patient_id, m.metric, m.day)"""
             )

@@ -4,16 +4,25 @@ real pipeline into a real store. A resource is (source, type, id); the views key
 
 from __future__ import annotations
 
+import gzip
+import os
+import signal
+import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, Batch
+from connectors.base import DELETION_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch
+from connectors.errors import ConfigError
 from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
+from flows.sample_export import write_sample_export
 from flows.sync import land_batches
+from tests.flows.cli.test_commands import wait_for_landed_lines
 from tests.flows.test_patient_linkage import MRN, lab_feed, land
-from tests.support.data import write_ndjson
+from tests.support.cli import TWINHUB, run_cli
+from tests.support.data import write_config, write_ndjson
 from tests.support.hl7v2 import MESSAGE
 from twin_store import RunReport, TwinStore, connect
 
@@ -105,18 +114,13 @@ def test_a_deletion_in_one_source_leaves_the_others_resource(tmp_path: Path) -> 
     north, south = hospital(tmp_path, "north"), hospital(tmp_path, "south")
     sync(tmp_path / "store", north)
     sync(tmp_path / "store", south)
-    gone = pa.Table.from_pylist(
-        [
-            {
-                "resource_type": "Patient",
-                "id": "7",
-                "deleted_at": pa.scalar(0, pa.timestamp("ms", tz="UTC")).as_py(),
-                "origin": "test",
-            }
-        ],
-        DELETION_SCHEMA,
-    )
-    gone = gone.set_column(2, "deleted_at", pa.array([2_000_000_000_000], pa.timestamp("ms", tz="UTC")))
+    deleted = {
+        "resource_type": "Patient",
+        "id": "7",
+        "deleted_at": datetime(2030, 1, 1, tzinfo=UTC),
+        "origin": "test",
+    }
+    gone = pa.Table.from_pylist([deleted], DELETION_SCHEMA)
     with TwinStore(tmp_path / "store") as st:
         run = st.begin_run("south", "sync")
         batch = Batch(records=RECORD_SCHEMA.empty_table(), watermark={}, deletions=gone)
@@ -230,3 +234,122 @@ def test_a_store_of_plain_ids_migrates_on_its_next_write(tmp_path: Path) -> None
     }
     TwinStore(store).close()
     assert contents() == migrated
+
+
+def two_hospitals(folder: Path, export: Path) -> Path:
+    """A config of two fhir-ndjson sources with the same ids, different patients: north's sample
+    export, and south's, the same export with every family name changed."""
+    south = folder.parent / "south-export"
+    if not south.exists():
+        south.mkdir()
+        for file in export.glob("*.ndjson.gz"):
+            text = gzip.decompress(file.read_bytes()).replace(b'"family":"', b'"family":"South-')
+            (south / file.name).write_bytes(gzip.compress(text, mtime=0))
+    config = write_config(folder, export, name="north", batch_mb=1)
+    with config.open("a") as f:
+        f.write(f'\n[[sources]]\nname = "south"\nkind = "fhir-ndjson"\npath = "{south}"\nbatch_mb = 1\n')
+    return config
+
+
+def store_contents(store: Path) -> dict[str, list[tuple[object, ...]]]:
+    con = connect(store)
+    return {
+        "fhir_resource": con.sql(
+            "SELECT source, resource_type, id, version_id, content_hash FROM fhir_resource ORDER BY ALL"
+        ).fetchall(),
+        "observation": con.sql("SELECT * FROM observation ORDER BY ALL").fetchall(),
+        "patient": con.sql("SELECT * FROM patient ORDER BY ALL").fetchall(),
+        "quarantine": con.sql("SELECT source, file, line_no, reason FROM quarantine ORDER BY ALL").fetchall(),
+    }
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sync_of_a_second_source_sharing_ids_then_rerun_equals_a_clean_run(
+    tmp_path: Path, api_env: dict[str, str]
+) -> None:
+    write_sample_export(tmp_path / "export", patients=600)
+    clean = two_hospitals(tmp_path / "clean", tmp_path / "export")
+    for name in ("north", "south"):
+        assert run_cli("--config", str(clean), "sync", name, env=api_env, check=False).returncode in (0, 3)
+
+    crashed = two_hospitals(tmp_path / "crashed", tmp_path / "export")
+    assert run_cli("--config", str(crashed), "sync", "north", env=api_env, check=False).returncode in (0, 3)
+    north_lines = (
+        connect(tmp_path / "crashed" / "store").sql("SELECT sum(lines_read) FROM ingest_run").fetchone()
+    )
+    proc = subprocess.Popen(
+        [TWINHUB, "--config", str(crashed), "sync", "south"],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **api_env},
+    )
+    assert north_lines is not None
+    landed = wait_for_landed_lines(tmp_path / "crashed" / "store", proc, minimum=int(north_lines[0]) + 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    total = store_contents(tmp_path / "clean" / "store")
+    assert landed < 2 * int(north_lines[0]), "the kill came after south had landed whole"
+    assert run_cli("--config", str(crashed), "sync", "south", env=api_env, check=False).returncode in (0, 3)
+    assert store_contents(tmp_path / "crashed" / "store") == total
+    sources = {source for source, *_ in total["fhir_resource"]}
+    assert sources == {"north", "south"}
+
+
+def heart_rate(patients: list[str]) -> Batch:
+    """A wearable batch: one heart rate sample for each patient as the source's config names it."""
+    rows = [
+        {
+            "patient_id": patient,
+            "device": "watch",
+            "metric": "heart_rate",
+            "start_time": datetime(2024, 3, 1, 8, tzinfo=UTC),
+            "value": 61.0,
+            "unit": "bpm",
+            "origin": "test",
+        }
+        for patient in patients
+    ]
+    return Batch(
+        records=RECORD_SCHEMA.empty_table(), watermark={}, samples=pa.Table.from_pylist(rows, SAMPLE_SCHEMA)
+    )
+
+
+def test_a_wearable_names_its_patient_by_key_or_by_an_id_one_source_has(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    for name, patient in (("north", "jane"), ("south", "jane"), ("solo", "bob")):
+        land(
+            store, ehr_with_jane(tmp_path, name, "M-1") if patient == "jane" else ehr_with_bob(tmp_path, name)
+        )
+    with TwinStore(store) as st:
+        run = st.begin_run("watch", "sync")
+        land_batches(st, run, iter([heart_rate(["north/jane", "bob", "alice"])]))
+        st.finish_run(run, "succeeded")
+    con = connect(store)
+    keys = [("north/jane",), ("solo/bob",), ("watch/alice",)]  # alice: no source has her, the watch's own
+    assert con.sql("SELECT DISTINCT patient_id FROM wearable_sample ORDER BY 1").fetchall() == keys
+    assert con.sql("SELECT DISTINCT patient_id FROM wearable_daily ORDER BY 1").fetchall() == keys
+    # The daily Observations are the watch's, about those patients, and joined by their keys.
+    assert con.sql(
+        """SELECT w.patient_id, o.patient_id FROM wearable_daily w
+        JOIN observation o ON o.id = w.observation_id ORDER BY 1"""
+    ).fetchall() == [(k, k) for (k,) in keys]
+    assert con.sql("SELECT count(*) FROM observation o JOIN patient p ON o.patient_id = p.id").fetchone() == (
+        2,
+    )
+
+    with TwinStore(store) as st:
+        run = st.begin_run("watch", "sync")
+        with pytest.raises(ConfigError) as error:
+            land_batches(st, run, iter([heart_rate(["jane"])]))
+        st.finish_run(run, "failed", str(error.value))
+    assert str(error.value) == (
+        "config sources.watch: a patient named by a plain id is a Patient of several sources (north, south); "
+        "name it by its key, <source>/<id>"
+    )
+    assert con.sql("SELECT count(*) FROM wearable_sample").fetchone() == (3,)
+
+
+def ehr_with_bob(folder: Path, name: str) -> FhirNdjsonSource:
+    path = write_ndjson(folder / name / "Patient.ndjson", [{"resourceType": "Patient", "id": "bob"}])
+    return FhirNdjsonSource(name=name, kind="fhir-ndjson", path=path.parent)
