@@ -1,9 +1,9 @@
 """Linking records to the twin's Patient: lab results, HL7 v2 results and variant calls that name
 their patient by an identifier (an MRN) get the reference of the Patient with that identifier, of
 whichever source, whether it is stored or arrives in the same batch. The reference names that
-source (`<source>/Patient/<id>`), so its key (`getReferenceKey`) is the Patient's,
-`<source>/<id>`. Records whose patient has not arrived wait in `held_resource` (never dropped)
-and land with the batch that brings it; variant calls keep their `patient_identifier` and get
+source (`https://twinhub.invalid/sources/<source>/Patient/<id>`, see `SOURCE_BASE`), so its key
+(`getReferenceKey`) is the Patient's, `<source>/<id>`. Records whose patient has not arrived wait
+in `held_resource` (never dropped) and land with the batch that brings it; variant calls keep their `patient_identifier` and get
 their `patient_id` (the key) the same way.
 
 Names on the writer's connection: `arriving` (this batch's patients' identifiers, a temporary

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 
+from harmonize.sql_on_fhir.fhirpath import SOURCE_BASE
 from twin_store import runs
 from twin_store.connection import CATALOG, Transaction, literal, one
 from twin_store.runs import COUNTS
@@ -193,8 +194,9 @@ def _qualify_patient_ids(con: duckdb.DuckDBPyConnection) -> None:
     )
     con.execute(
         f"""UPDATE twin.fhir_resource r
-        SET resource = replace(r.resource, '"subject":{{"reference":"Patient/' || p.id || '",',
-                               '"subject":{{"reference":"' || p.source || '/Patient/' || p.id || '",')
+        SET resource = replace(
+            r.resource, '"subject":{{"reference":"Patient/' || p.id || '",',
+            '"subject":{{"reference":"{SOURCE_BASE}' || p.source || '/Patient/' || p.id || '",')
         FROM patient_sources p
         WHERE contains(r.resource, '","identifier":') AND p.source <> r.source
           AND regexp_extract(r.resource, {literal(LINKED)}, 1) = p.id"""

@@ -106,14 +106,18 @@ CREATE OR REPLACE TEMP MACRO fp_ref_key_of(m, source) AS
     CASE WHEN m.id = '' THEN NULL WHEN source IS NULL THEN m.id
          ELSE coalesce(nullif(m.base, ''), source) || '/' || m.id END;
 CREATE OR REPLACE TEMP MACRO fp_ref_key(reference, t, source) AS fp_ref_key_of(regexp_extract(
-    reference, '^(?:([^:/]*)/|.*/)?' || t || '/([^/]+)(?:/_history/[^/]+)?$', ['base', 'id']), source);
+    reference, '^(?:https://twinhub\\.invalid/sources/([^/]+)/|.*/)?' || t || '/([^/]+)(?:/_history/[^/]+)?$',
+    ['base', 'id']), source);
 """
 SOURCE = "source"
 """The column of the `resources` relation that names each resource's source (NULL where none
 is known): keys are `<source>/<id>` (getResourceKey, getReferenceKey), so two sources' ids never
-meet. A reference `S/Type/id` (one segment before the type, no scheme) names source S's resource;
-any other reference, relative or absolute, names one of the resource's own source. Without a
-source the key is the plain id, as the SQL-on-FHIR specification has it."""
+meet. A reference on the base `SOURCE_BASE` (`https://twinhub.invalid/sources/S/Type/id`) names
+source S's resource; any other reference, relative or absolute, names one of the resource's own
+source. Without a source the key is the plain id, as the SQL-on-FHIR specification has it."""
+SOURCE_BASE = "https://twinhub.invalid/sources/"
+"""The base of references that name another source's resource (a valid absolute FHIR reference
+on a host that never exists, RFC 2606): the linker's subjects, a wearable's or a model's Patient."""
 
 FUNCTIONS = {
     "where",

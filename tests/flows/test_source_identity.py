@@ -19,6 +19,7 @@ from connectors.errors import ConfigError
 from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from flows.sample_export import write_sample_export
 from flows.sync import land_batches
+from harmonize.sql_on_fhir.fhirpath import SOURCE_BASE
 from tests.flows.cli.test_commands import wait_for_landed_lines
 from tests.flows.test_patient_linkage import MRN, lab_feed, land
 from tests.support.cli import TWINHUB, run_cli
@@ -161,7 +162,7 @@ def test_a_lab_result_links_to_the_patient_of_the_source_with_its_mrn(
     assert con.sql("SELECT DISTINCT patient_id FROM diagnostic_report").fetchall() == [("south/jane",)]
     # The labs keep their own identity: their key is theirs, their subject names south's Patient.
     (subject,) = con.sql(LAB_SUBJECTS).fetchone() or (None,)
-    assert subject == "south/Patient/jane"
+    assert subject == f"{SOURCE_BASE}south/Patient/jane"
     assert con.sql("SELECT count(*) FROM observation WHERE id NOT LIKE 'labs/%'").fetchone() == (0,)
 
 
@@ -175,8 +176,9 @@ def test_a_store_of_plain_ids_migrates_on_its_next_write(tmp_path: Path) -> None
     with TwinStore(store) as st, st.transaction("as an earlier twinhub left it"):
         con = st.con
         con.execute(
-            """UPDATE twin.fhir_resource SET resource = replace(resource, '"reference":"ehr/Patient/jane"',
-                                                                  '"reference":"Patient/jane"')"""
+            f"""UPDATE twin.fhir_resource
+            SET resource = replace(resource, '"reference":"{SOURCE_BASE}ehr/Patient/jane"',
+                                   '"reference":"Patient/jane"')"""
         )
         for (table,) in con.execute(
             "SELECT DISTINCT table_name FROM duckdb_columns() "
@@ -228,7 +230,7 @@ def test_a_store_of_plain_ids_migrates_on_its_next_write(tmp_path: Path) -> None
         "patients": [("ehr/jane",)],
         "observed": [("ehr/jane",)],
         "reported": [("ehr/jane",)],
-        "subjects": [("ehr/Patient/jane",)],
+        "subjects": [(f"{SOURCE_BASE}ehr/Patient/jane",)],
         "outputs": [("alice",), ("ehr/jane",)],  # alice: a twin no Patient names, left as it was
         "identifiers": [("ehr/jane", "M-7")],
     }
