@@ -2,9 +2,9 @@
 their patient by an identifier (an MRN) get the reference of the Patient with that identifier, of
 whichever source, whether it is stored or arrives in the same batch. The reference names that
 source (`https://twinhub.invalid/sources/<source>/Patient/<id>`, see `SOURCE_BASE`), so its key
-(`getReferenceKey`) is the Patient's, `<source>/<id>`. Records whose patient has not arrived wait
-in `held_resource` (never dropped) and land with the batch that brings it; variant calls keep their `patient_identifier` and get
-their `patient_id` (the key) the same way.
+(`getReferenceKey`) is the Patient's, `<source>/<id>`. Records whose patient has not arrived
+wait in `held_resource` (never dropped) and land with the batch that brings it; variant calls
+keep their `patient_identifier` and get their `patient_id` (the key) the same way.
 
 Names on the writer's connection: `arriving` (this batch's patients' identifiers, a temporary
 table that lives from `link_resources` to `link_variants` within one batch), and, registered
