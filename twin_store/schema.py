@@ -182,11 +182,12 @@ def _plain_keys(con: duckdb.DuckDBPyConnection, tables: set[str]) -> bool:
 
 
 def _qualify_patient_ids(con: duckdb.DuckDBPyConnection) -> None:
-    """Patient ids become keys (`<source>/<id>`): where a results' subject was linked by
-        identifier, it names the Patient's source, patient-id columns hold the key, and so does
-    `wearable_daily.observation_id`. An earlier
-        store knew one Patient per id, so each maps to one source; an id no Patient has (a wearable's
-        twin of its own) stays. The view tables are rebuilt after (`ensure_view_tables`)."""
+    """Patient ids become keys (`<source>/<id>`): a subject the linker wrote by identifier names
+    the Patient's source, patient-id columns hold the key, and so does
+    `wearable_daily.observation_id`. An earlier store knew one Patient per id, so each maps to
+    one source; a wearable's patient or a sample's that no Patient has becomes its source's own
+    twin; a model's output for such a twin stays. The view tables are rebuilt after
+    (`ensure_view_tables`)."""
     con.execute(
         """CREATE OR REPLACE TEMP TABLE patient_sources AS
         SELECT id, any_value(source) AS source FROM twin.fhir_resource
@@ -202,9 +203,17 @@ def _qualify_patient_ids(con: duckdb.DuckDBPyConnection) -> None:
           AND regexp_extract(r.resource, {literal(LINKED)}, 1) = p.id"""
     )
     for table in PATIENT_COLUMNS:
+        linked = "AND t.patient_identifier IS NOT NULL" if table == "genomic_variant" else ""
         con.execute(
             f"""UPDATE twin.{table} t SET patient_id = p.source || '/' || p.id
-            FROM patient_sources p WHERE t.patient_id = p.id"""
+            FROM patient_sources p WHERE t.patient_id = p.id {linked}"""
+        )
+    # The rest is the source's own twin, as new writes name it: a sample mapped by plain id (its
+    # report names `Patient/<id>`, the source's own), a wearable's patient no source has.
+    for table in ("genomic_variant", "wearable_sample", "wearable_daily", "wearable_reported"):
+        con.execute(
+            f"""UPDATE twin.{table} SET patient_id = source || '/' || patient_id
+            WHERE NOT contains(patient_id, '/')"""
         )
     con.execute(
         """UPDATE twin.wearable_daily SET observation_id = source || '/' || observation_id

@@ -202,6 +202,10 @@ def test_a_store_of_plain_ids_migrates_on_its_next_write(tmp_path: Path) -> None
             "INSERT INTO twin.model_output (model, patient_id, status) "
             "VALUES ('m', 'jane', 'ok'), ('m', 'alice', 'ok')"
         )
+        con.execute(
+            "INSERT INTO twin.wearable_sample (source, patient_id, metric, value) "
+            "VALUES ('watch', 'jane', 'steps', 1), ('watch', 'alice', 'steps', 2)"
+        )
     old = connect(store)
     assert old.sql("SELECT DISTINCT patient_id FROM observation").fetchall() == [("jane",)]
     before = old.sql(
@@ -220,6 +224,7 @@ def test_a_store_of_plain_ids_migrates_on_its_next_write(tmp_path: Path) -> None
             "reported": con.sql("SELECT DISTINCT patient_id FROM diagnostic_report").fetchall(),
             "subjects": con.sql(LAB_SUBJECTS).fetchall(),
             "outputs": con.sql("SELECT patient_id FROM model_output ORDER BY 1").fetchall(),
+            "worn": con.sql("SELECT patient_id FROM wearable_sample ORDER BY 1").fetchall(),
             "identifiers": con.sql("SELECT id, value FROM patient_identifier").fetchall(),
         }
 
@@ -232,6 +237,7 @@ def test_a_store_of_plain_ids_migrates_on_its_next_write(tmp_path: Path) -> None
         "reported": [("ehr/jane",)],
         "subjects": [(f"{SOURCE_BASE}ehr/Patient/jane",)],
         "outputs": [("alice",), ("ehr/jane",)],  # alice: a twin no Patient names, left as it was
+        "worn": [("ehr/jane",), ("watch/alice",)],  # alice: the wearable's own twin, as it names her now
         "identifiers": [("ehr/jane", "M-7")],
     }
     TwinStore(store).close()
