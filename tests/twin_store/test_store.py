@@ -162,7 +162,8 @@ def test_view_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp
     described = con.sql(
         "SELECT comment FROM duckdb_columns() WHERE table_name = 'observation' AND column_name = 'patient_id'"
     ).fetchone()
-    assert described == ("The Patient the resource is about",), "column descriptions reach the catalog"
+    about = "The Patient the resource is about (its key, <source>/<id>)"
+    assert described == (about,), "column descriptions reach the catalog"
 
 
 def test_a_failed_batch_leaves_no_trace_in_what_the_writer_knows(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
