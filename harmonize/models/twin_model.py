@@ -160,8 +160,8 @@ def _references(inputs: list[str] | None) -> list[dict[str, str]]:
     refs = []
     for item in inputs or []:
         table, _, ident = item.partition("/")
-        if kind := RESOURCE_OF_TABLE.get(table):
-            refs.append({"reference": f"{kind}/{ident}"})
+        if kind := RESOURCE_OF_TABLE.get(table):  # a view row's key names its source too
+            refs.append({"reference": key_reference(ident, kind)})
     return list({r["reference"]: r for r in refs}.values())
 
 

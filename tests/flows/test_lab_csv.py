@@ -46,9 +46,9 @@ def test_rows_land_as_observations_and_bad_rows_are_quarantined_with_reasons(tmp
     assert con.sql(
         "SELECT patient_id, code, value_numeric, value_ucum, value_string FROM lab_result ORDER BY ALL"
     ).fetchall() == [
-        ("p1", "14749-6", Decimal("5.5"), "mmol/L", None),
-        ("p1", "718-7", Decimal("13.9"), "g/dL", None),
-        ("p2", "5767-9", None, None, "cloudy"),
+        ("lab/p1", "14749-6", Decimal("5.5"), "mmol/L", None),
+        ("lab/p1", "718-7", Decimal("13.9"), "g/dL", None),
+        ("lab/p2", "5767-9", None, None, "cloudy"),
     ]
     reasons = dict(con.sql("SELECT line_no, reason FROM quarantine ORDER BY 1").fetchall())
     assert reasons[4] == "no patient (column 'patient' is empty)"
