@@ -142,7 +142,8 @@ def test_an_overlapping_pull_adds_nothing_and_a_changed_sample_updates_its_day(t
     assert daily(tmp_path)["heart_rate"][3:5] == (60.0, 99.0)
     versions = dict(
         con.sql(
-            "SELECT code, version_id FROM observation o JOIN fhir_resource r ON o.id = r.source || '/' || r.id"
+            "SELECT code, version_id FROM observation o "
+            "JOIN fhir_resource r ON o.id = r.source || '/' || r.id"
         ).fetchall()
     )
     assert versions["8867-4"] == 3, "the first half, both halves, the change"
