@@ -86,7 +86,10 @@ def main() -> None:
     data = resources(10_000, 90_000)
     con.execute("CREATE TABLE raw (resource_type VARCHAR, resource VARCHAR)")
     con.executemany("INSERT INTO raw VALUES (?, ?)", data)
-    con.execute("CREATE TABLE resources AS SELECT resource_type, resource::JSON AS resource FROM raw")
+    con.execute(
+        "CREATE TABLE resources AS "
+        "SELECT resource_type, resource::JSON AS resource, 'bench' AS source FROM raw"
+    )
     compiled = compile_view(VIEW).sql
     times: dict[str, list[float]] = {"twinhub": [], "baseline": []}
     counts = {}

@@ -15,6 +15,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from connectors.base import Batch, problems_from, records_from
+from harmonize.sql_on_fhir.fhirpath import SOURCE_BASE
 
 MAPPING_ERRORS = (ValueError, IndexError, KeyError)
 """What a mapping raises for a bad record (a pydantic ValidationError is a ValueError)."""
@@ -89,10 +90,18 @@ def reason(error: Exception) -> str:
     return str(error)
 
 
+def key_reference(key: str, resource_type: str = "Patient") -> str:
+    """The reference to the resource a store key names: a key `<source>/<id>` names the source
+    too, on the base the store's views read as that source's (`SOURCE_BASE`), a plain id the
+    resource of the referring resource's own source (`Patient/<id>`)."""
+    source, _, id_ = key.rpartition("/")
+    return f"{SOURCE_BASE}{source}/{resource_type}/{id_}" if source else f"{resource_type}/{id_}"
+
+
 def patient_reference(patient: str, system: str | None) -> dict[str, Any]:
     """The subject of a record: the Patient by id, or by identifier when the source names its
     patients in an identifier `system` (an MRN); the store then links it to the twin's Patient
     with that identifier, holding it until that Patient arrives."""
     if system is None:
-        return {"reference": f"Patient/{patient}"}
+        return {"reference": key_reference(patient)}
     return {"identifier": {"system": system, "value": patient}}

@@ -49,14 +49,22 @@ class VariantWriter:
                     f"DELETE FROM twin.genomic_variant t USING variants v WHERE {match}",
                     {"source": run.source},
                 )
+            # A sample mapped to a patient by plain id names the source's own twin (the rule of
+            # keys, see `resources`): the key is what the calls' DiagnosticReport names too.
             con.execute(
                 "INSERT INTO twin.genomic_variant BY NAME "
-                "SELECT $source AS source, *, $run_id AS run_id, now() AS ingested_at FROM variants",
+                "SELECT $source AS source, * REPLACE (CASE WHEN contains(patient_id, '/') "
+                "THEN patient_id ELSE $source || '/' || patient_id END AS patient_id), "
+                "$run_id AS run_id, now() AS ingested_at FROM variants",
                 {"source": run.source, "run_id": run.run_id},
             )
         finally:
             con.unregister("variants")
         self._called |= samples
         run.changed["genomic_variant"] += len(variants)
-        run.patient_ids.update(p for p in pc.unique(variants["patient_id"]).to_pylist() if p is not None)
+        run.patient_ids.update(
+            p if "/" in p else f"{run.source}/{p}"
+            for p in pc.unique(variants["patient_id"]).to_pylist()
+            if p is not None
+        )
         return len(variants) - replaced, replaced

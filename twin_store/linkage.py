@@ -1,8 +1,10 @@
 """Linking records to the twin's Patient: lab results, HL7 v2 results and variant calls that name
-their patient by an identifier (an MRN) get the reference of the Patient with that identifier,
-whether it is stored or arrives in the same batch. Records whose patient has not arrived wait in
-`held_resource` (never dropped) and land with the batch that brings it; variant calls keep their
-`patient_identifier` and get their `patient_id` the same way.
+their patient by an identifier (an MRN) get the reference of the Patient with that identifier, of
+whichever source, whether it is stored or arrives in the same batch. The reference names that
+source (`https://twinhub.invalid/sources/<source>/Patient/<id>`, see `SOURCE_BASE`), so its key
+(`getReferenceKey`) is the Patient's, `<source>/<id>`. Records whose patient has not arrived
+wait in `held_resource` (never dropped) and land with the batch that brings it; variant calls
+keep their `patient_identifier` and get their `patient_id` (the key) the same way.
 
 Names on the writer's connection: `arriving` (this batch's patients' identifiers, a temporary
 table that lives from `link_resources` to `link_variants` within one batch), and, registered
@@ -15,14 +17,17 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import Window
-from twin_store.connection import one
-from twin_store.prepare import BY_IDENTIFIER
+from connectors.errors import ConfigError
+from harmonize.records import key_reference
+from twin_store.connection import literal, one
+from twin_store.prepare import BY_IDENTIFIER, PreparedBatch
 from twin_store.runs import RunReport
 from twin_store.views import standard_views, views_read
 
@@ -87,7 +92,7 @@ class PatientLinker:
     ) -> pa.Table:
         con = self.con
         index = next(view for view in standard_views() if view.name == "patient_identifier")
-        views_read(con, "FROM batch_patients")
+        views_read(con, f"SELECT *, {literal(run.source)} AS source FROM batch_patients")
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE arriving AS
             SELECT system, value, min(id) AS patient_id FROM ({index.sql}) GROUP BY ALL"""
@@ -98,15 +103,16 @@ class PatientLinker:
                     FROM arriving UNION ALL
                     SELECT system, value, id FROM twin.patient_identifier
                     WHERE (system, value) IN (SELECT (system, value) FROM links)
-                      AND id NOT IN (SELECT id FROM batch_patients)) GROUP BY ALL)
+                      AND id NOT IN (SELECT $source || '/' || id FROM batch_patients)) GROUP BY ALL)
             SELECT l.pos, k.patient_id, l.system, l.value FROM links l
             LEFT JOIN known k ON k.system IS NOT DISTINCT FROM l.system AND k.value = l.value
-            ORDER BY l.pos"""
+            ORDER BY l.pos""",
+            {"source": run.source},
         ).to_arrow_table()
         waiting = resolved.filter(pc.is_null(resolved["patient_id"]))
         found = resolved.filter(pc.is_valid(resolved["patient_id"]))
         if self.has_held:  # a copy landing now (linked or held again) replaces an older held one
-            self._replace_held(resources, window)
+            self._replace_held(run, resources, window)
         if len(waiting):
             self._hold(run, resources.take(waiting["pos"]), waiting, counts)
         linked = with_subject(resources.take(found["pos"]), found["patient_id"])
@@ -124,7 +130,7 @@ class PatientLinker:
                 ] + [released]
         return pa.concat_tables([t.cast(landing[-1].schema) for t in landing])
 
-    def _replace_held(self, resources: pa.Table, window: Window | None) -> None:
+    def _replace_held(self, run: RunReport, resources: pa.Table, window: Window | None) -> None:
         landing_keys = resources.select(["resource_type", "id", "last_updated"])
         if window:  # copies outside a backfill's window do not land, so replace nothing
             at = resources["window_time"]
@@ -134,8 +140,9 @@ class PatientLinker:
         self.con.register("landing_keys", landing_keys)
         self.con.execute(
             """DELETE FROM twin.held_resource h USING landing_keys b
-            WHERE h.resource_type = b.resource_type AND h.id = b.id
-              AND coalesce(b.last_updated >= h.last_updated, true)"""
+            WHERE h.source = $source AND h.resource_type = b.resource_type AND h.id = b.id
+              AND coalesce(b.last_updated >= h.last_updated, true)""",
+            {"source": run.source},
         )
         self.con.unregister("landing_keys")
 
@@ -150,8 +157,9 @@ class PatientLinker:
         (kept,) = self.con.execute(
             """INSERT INTO twin.held_resource
             SELECT link_system, link_value, $source, $run_id, now(), * EXCLUDE (link_system, link_value)
-            FROM held w WHERE NOT EXISTS (SELECT 1 FROM twin.held_resource h
-                                          WHERE h.resource_type = w.resource_type AND h.id = w.id)""",
+            FROM held w WHERE NOT EXISTS (
+                SELECT 1 FROM twin.held_resource h
+                WHERE h.source = $source AND h.resource_type = w.resource_type AND h.id = w.id)""",
             {"source": run.source, "run_id": run.run_id},
         ).fetchone() or (0,)
         self.con.unregister("held")
@@ -171,14 +179,14 @@ class PatientLinker:
         self.con.register("released", released)
         self.con.execute(
             """DELETE FROM twin.held_resource h USING released r
-            WHERE h.resource_type = r.resource_type AND h.id = r.id"""
+            WHERE h.source = r.read_by AND h.resource_type = r.resource_type AND h.id = r.id"""
         )
         self.con.unregister("released")
         counts["released"] += len(released)
         return with_subject(released.drop(["patient_id"]), released["patient_id"])
 
     def link_variants(self) -> int:
-        """Variant calls of samples named by patient identifier get the twin's Patient id once
+        """Variant calls of samples named by patient identifier get the twin's Patient key once
         it is known (stored, or `arriving` in this batch); returns how many did."""
         (linked,) = one(
             self.con,
@@ -192,11 +200,68 @@ class PatientLinker:
         return linked
 
 
-def with_subject(resources: pa.Table, patient_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
-    """The resources with `subject.reference` set to their Patient, the identifier kept."""
+class PatientKeys:
+    """The key of the twin's Patient that a wearable source names in its config: a key
+    (`ehr/p1`) as it is; a plain id, the key of the one source that has a Patient of that id, or
+    with none, the wearable source's own twin (`<source>/<id>`). A plain id that several sources
+    have is a config error. Resolved once per writer and id."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self._known: dict[tuple[str, str], str] = {}
+
+    def of(self, source: str, ids: list[str]) -> dict[str, str]:
+        plain = [i for i in ids if "/" not in i and (source, i) not in self._known]
+        if plain:
+            found = dict(
+                self.con.execute(
+                    """SELECT id, list(DISTINCT source ORDER BY source) FROM twin.fhir_resource
+                    WHERE resource_type = 'Patient' AND id IN (SELECT unnest($ids)) GROUP BY id""",
+                    {"ids": plain},
+                ).fetchall()
+            )
+            for id_ in plain:
+                sources = found.get(id_) or [source]
+                if len(sources) > 1:  # the id stays out of the message (it may identify someone)
+                    raise ConfigError(
+                        f"sources.{source}",
+                        f"a patient named by a plain id is a Patient of several sources "
+                        f"({', '.join(sources)}); name it by its key, <source>/<id>",
+                    )
+                self._known[source, id_] = f"{sources[0]}/{id_}"
+        return {i: i if "/" in i else self._known[source, i] for i in ids}
+
+    def keyed(self, source: str, batch: PreparedBatch) -> PreparedBatch:
+        """The batch's samples, vendor figures and their summary with patient keys."""
+        tables = [t for t in (batch.samples, batch.reported) if t is not None]
+        ids = sorted({p for t in tables for p in pc.unique(t["patient_id"]).to_pylist()})
+        keys = self.of(source, ids)
+        if all(k == v for k, v in keys.items()):
+            return batch
+        plain, keyed = pa.array(list(keys), pa.string()), pa.array(list(keys.values()), pa.string())
+
+        def rekeyed(table: pa.Table) -> pa.Table:
+            at = table.schema.get_field_index("patient_id")
+            column = pc.take(keyed, pc.index_in(table["patient_id"], plain))
+            return table.set_column(at, table.schema.field(at), column)
+
+        summary = batch.sample_summary
+        if summary is not None:
+            summary = replace(summary, spans=rekeyed(summary.spans), device_days=rekeyed(summary.device_days))
+        return replace(
+            batch,
+            samples=None if batch.samples is None else rekeyed(batch.samples),
+            reported=None if batch.reported is None else rekeyed(batch.reported),
+            sample_summary=summary,
+        )
+
+
+def with_subject(resources: pa.Table, patient_keys: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """The resources with `subject.reference` set to their Patient (named by its key: the
+    reference names its source), the identifier kept."""
     texts = [
-        text.replace(BY_IDENTIFIER, f'"subject":{{"reference":"Patient/{patient}","identifier":', 1)
-        for text, patient in zip(resources["resource"].to_pylist(), patient_ids.to_pylist(), strict=True)
+        text.replace(BY_IDENTIFIER, f'"subject":{{"reference":"{key_reference(key)}","identifier":', 1)
+        for text, key in zip(resources["resource"].to_pylist(), patient_keys.to_pylist(), strict=True)
     ]
     column = resources.schema.get_field_index("resource")
     return resources.set_column(column, "resource", pa.array(texts, pa.string()))

@@ -2,7 +2,11 @@
 (the rows of what changed, recomputed), `fhir_deletion`, and what does not land: `quarantine`
 (bad lines, with the reason) and `ingest_warning` (spec violations of records that landed).
 
-The writer judges every batch against its own copy of `fhir_resource`'s keys (type, id,
+A resource is known by (source, resource_type, id): two sources' resources never meet, whatever
+their ids, and a source's deletion removes only its own. The standard views key each row by
+`<source>/<id>` (see `harmonize.sql_on_fhir.fhirpath.SOURCE`).
+
+The writer judges every batch against its own copy of `fhir_resource`'s keys (source, type, id,
 version, hash, lastUpdated), the temporary table `temp.stored_keys`: it changes in the batch's
 transaction (a temporary table may be written beside the store) and rolls back with it, and the
 writer lock keeps other writers out while it lives. Judging against the store itself would read
@@ -26,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import Window
-from twin_store.connection import one
+from twin_store.connection import literal, one
 from twin_store.runs import RunReport
 from twin_store.views import standard_views, views_read
 
@@ -76,31 +80,34 @@ class ResourceWriter:
         in_window = "window_time >= $since AND window_time < $until" if window else "true"
         if window and "read_by" in resources.column_names:  # released: read before, they land now
             in_window = f"({in_window}) OR read_by IS NOT NULL"
-        params = {"since": window.since, "until": window.until} if window else {}
-        # A copy no newer than a deletion the source reported stays deleted.
+        params: dict[str, object] = {"source": run.source}
+        if window:
+            params.update(since=window.since, until=window.until)
+        source = _source_of(resources)
+        # A copy no newer than a deletion its source reported stays deleted.
         tombstones = (
-            """LEFT JOIN (SELECT resource_type, id, max(deleted_at) AS deleted_at
+            """LEFT JOIN (SELECT source, resource_type, id, max(deleted_at) AS deleted_at
                           FROM twin.fhir_deletion GROUP BY ALL) d
-                   ON d.resource_type = i.resource_type AND d.id = i.id"""
+                   ON d.source = i.source AND d.resource_type = i.resource_type AND d.id = i.id"""
             if self._has_tombstones
             else "LEFT JOIN (SELECT NULL::TIMESTAMPTZ AS deleted_at) d ON false"
         )
         # Only positions travel through DuckDB; Arrow's take() moves the JSON text.
         incoming = con.execute(
             f"""WITH incoming AS (
-                SELECT pos, resource_type, id, last_updated, content_hash
+                SELECT pos, {source} AS source, resource_type, id, last_updated, content_hash
                 FROM batch WHERE {in_window}),
             judged AS (
-                SELECT i.pos, t.version_id AS prior_version,
+                SELECT i.pos, i.source, t.version_id AS prior_version,
                        coalesce(d.deleted_at >= i.last_updated, false) AS was_deleted,
                        t.content_hash IS DISTINCT FROM i.content_hash
                        AND NOT coalesce(t.last_updated > i.last_updated, false) AS newer,
                        t.content_hash IS DISTINCT FROM i.content_hash
                        AND coalesce(t.last_updated > i.last_updated, false) AS older
                 FROM incoming i LEFT JOIN {self._stored_keys()} t
-                    ON t.resource_type = i.resource_type AND t.id = i.id
+                    ON t.source = i.source AND t.resource_type = i.resource_type AND t.id = i.id
                 {tombstones})
-            SELECT pos, prior_version, was_deleted, newer AND NOT was_deleted AS is_change,
+            SELECT pos, source, prior_version, was_deleted, newer AND NOT was_deleted AS is_change,
                    older AND NOT was_deleted AS is_older
             FROM judged ORDER BY pos""",
             params,
@@ -108,8 +115,10 @@ class ResourceWriter:
         changes = incoming.filter(incoming["is_change"])
         # Every row changed (a first landing): keep the batch's buffers, copy nothing.
         everything = len(changes) == len(resources)
-        changed = (resources if everything else resources.take(changes["pos"])).append_column(
-            "prior_version", changes["prior_version"]
+        changed = (
+            (resources if everything else resources.take(changes["pos"]))
+            .append_column("prior_version", changes["prior_version"])
+            .append_column("source", changes["source"])
         )
         n_upd = len(changed) - changed["prior_version"].null_count
         n_gone = pc.sum(incoming["was_deleted"]).as_py() or 0
@@ -126,49 +135,48 @@ class ResourceWriter:
             for table in ("twin.fhir_resource", STORED_KEYS):
                 con.execute(f"""
                     DELETE FROM {table} t USING changed c
-                    WHERE c.prior_version IS NOT NULL
+                    WHERE c.prior_version IS NOT NULL AND t.source = c.source
                       AND t.resource_type = c.resource_type AND t.id = c.id""")
         if len(changed):
-            provenance = (
-                "coalesce(read_by, $source), coalesce(read_in, $run_id)"
-                if "read_by" in changed.column_names
-                else "$source, $run_id"
-            )
+            read_in = "coalesce(read_in, $run_id)" if "read_in" in changed.column_names else "$run_id"
             con.execute(
                 f"""INSERT INTO twin.fhir_resource
                 SELECT resource_type, id, coalesce(prior_version + 1, 1), meta_version_id,
-                       last_updated, {provenance}, content_hash, now(), resource
+                       last_updated, source, {read_in}, content_hash, now(), resource
                 FROM changed""",
-                {"source": run.source, "run_id": run.run_id},
+                {"run_id": run.run_id},
             )
             con.execute(
                 f"""INSERT INTO {STORED_KEYS}
-                SELECT resource_type, id, coalesce(prior_version + 1, 1), content_hash, last_updated
+                SELECT source, resource_type, id, coalesce(prior_version + 1, 1), content_hash, last_updated
                 FROM changed"""
             )
             run.changed["fhir_resource"] += len(changed)
         if window:
-            self._materialize(run, resources.take(incoming["pos"]), replace_all=True)
+            landing = resources.take(incoming["pos"]).append_column("source", incoming["source"])
+            self._materialize(run, landing, replace_all=True)
         else:
             self._materialize(run, changed, replace_all=False)
 
     def _stored_keys(self) -> str:
-        """The writer's copy of `fhir_resource`'s keys, read from the store on first use."""
+        """The writer's copy of `fhir_resource`'s keys, read from the store on first use (every
+        source's: a batch may release resources another source read, see `linkage`)."""
         if not self._keys_loaded:
             self.con.execute(
                 f"""CREATE OR REPLACE TEMP TABLE {STORED_KEYS} AS
-                SELECT resource_type, id, version_id, content_hash, last_updated FROM twin.fhir_resource"""
+                SELECT source, resource_type, id, version_id, content_hash, last_updated
+                FROM twin.fhir_resource"""
             )
             self._keys_loaded = True
         return STORED_KEYS
 
     def _materialize(self, run: RunReport, derived: pa.Table, *, replace_all: bool) -> None:
-        """Compute the view rows of the `derived` resources, and only theirs, and write them.
-        Old rows are deleted only where they may exist: for updated resources, or for all of
-        them with `replace_all`."""
+        """Compute the view rows of the `derived` resources (each with its `source`), and only
+        theirs, and write them. Old rows are deleted only where they may exist: for updated
+        resources, or for all of them with `replace_all`."""
         con = self.con
         con.register("derived", derived)
-        views_read(con, "SELECT resource_type, resource FROM derived")
+        views_read(con, "SELECT resource_type, resource, source, source || '/' || id AS key FROM derived")
         counted = [("id", "count")] + ([] if replace_all else [("prior_version", "count")])
         stats = derived.group_by("resource_type").aggregate(counted).to_pylist()
         per_type = {row["resource_type"]: row for row in stats}
@@ -178,9 +186,9 @@ class ResourceWriter:
             row = per_type.get(view.resource_type)
             if row is None:
                 continue
-            of_type = f"FROM derived WHERE resource_type = '{view.resource_type}'"
+            of_type = f"FROM resources WHERE resource_type = '{view.resource_type}'"
             if replace_all or row["prior_version_count"]:
-                con.execute(f"DELETE FROM twin.{view.name} WHERE id IN (SELECT id {of_type})")
+                con.execute(f"DELETE FROM twin.{view.name} WHERE id IN (SELECT key {of_type})")
             rows = view.sql
             if view.subset_of:  # the superset's rows, computed just before, of those that pass
                 passing = f'SELECT id FROM passes_{view.subset_of} WHERE "{view.name}"'
@@ -198,7 +206,7 @@ class ResourceWriter:
                 # category codes), which DuckDB then extracts from the JSON once, not per subset.
                 wheres = ", ".join(f'{v.where} AS "{v.name}"' for v in subsets[view.name])
                 con.execute(
-                    f"CREATE OR REPLACE TEMP TABLE passes_{view.name} AS SELECT id, {wheres} {of_type}"
+                    f"CREATE OR REPLACE TEMP TABLE passes_{view.name} AS SELECT key AS id, {wheres} {of_type}"
                 )
             (written,) = one(con, f"INSERT INTO twin.{view.name} {rows}")
             run.changed[view.name] += written
@@ -207,8 +215,9 @@ class ResourceWriter:
             con.execute(f"DROP TABLE IF EXISTS passes_{name}")
 
     def delete(self, run: RunReport, deletions: pa.Table) -> int:
-        """Record what the source reports deleted and remove the stored copies (and their view
-        rows) that are no newer than the deletion. Returns how many were removed."""
+        """Record what the source reports deleted and remove its stored copies (and their view
+        rows) that are no newer than the deletion; another source's resource of the same id
+        stays. Returns how many were removed."""
         con = self.con
         con.register("gone", deletions)
         try:
@@ -217,30 +226,30 @@ class ResourceWriter:
                 SELECT DISTINCT g.resource_type, g.id, g.deleted_at, $source, $run_id, g.origin, now()
                 FROM gone g WHERE NOT EXISTS (
                     SELECT 1 FROM twin.fhir_deletion d
-                    WHERE (d.resource_type, d.id, d.deleted_at) = (g.resource_type, g.id, g.deleted_at))""",
+                    WHERE (d.source, d.resource_type, d.id, d.deleted_at)
+                          = ($source, g.resource_type, g.id, g.deleted_at))""",
                 {"source": run.source, "run_id": run.run_id},
             )
             self._has_tombstones = True
             removed = con.execute(
                 """SELECT DISTINCT t.resource_type, t.id FROM twin.fhir_resource t
-                JOIN gone g ON t.resource_type = g.resource_type AND t.id = g.id
-                WHERE coalesce(t.last_updated <= g.deleted_at, true)"""
+                JOIN gone g ON t.source = $source AND t.resource_type = g.resource_type AND t.id = g.id
+                WHERE coalesce(t.last_updated <= g.deleted_at, true)""",
+                {"source": run.source},
             ).to_arrow_table()
             if not len(removed):
                 return 0
             con.register("removed", removed)
-            con.execute(
-                """DELETE FROM twin.fhir_resource t USING removed r
-                WHERE t.resource_type = r.resource_type AND t.id = r.id"""
-            )
-            if self._keys_loaded:
+            for table in ["twin.fhir_resource", *([STORED_KEYS] if self._keys_loaded else [])]:
                 con.execute(
-                    f"""DELETE FROM {STORED_KEYS} t USING removed r
-                    WHERE t.resource_type = r.resource_type AND t.id = r.id"""
+                    f"""DELETE FROM {table} t USING removed r
+                    WHERE t.source = $source AND t.resource_type = r.resource_type AND t.id = r.id""",
+                    {"source": run.source},
                 )
             run.changed["fhir_resource"] += len(removed)
+            key = f"{literal(run.source)} || '/' || id"
             for view in standard_views():
-                ids = f"SELECT id FROM removed WHERE resource_type = '{view.resource_type}'"
+                ids = f"SELECT {key} FROM removed WHERE resource_type = '{view.resource_type}'"
                 (n,) = one(con, f"SELECT count(*) FROM ({ids})")
                 if n:
                     (gone,) = one(con, f"DELETE FROM twin.{view.name} WHERE id IN ({ids})")
@@ -310,6 +319,12 @@ class ResourceWriter:
         finally:
             self.con.unregister("batch_warnings")
         return int(row[0]) if row else 0
+
+
+def _source_of(resources: pa.Table) -> str:
+    """SQL for the source of each of the batch's resources: the batch's own (`$source`), or for
+    those another source read and a link released (`linkage`), theirs."""
+    return "coalesce(read_by, $source)" if "read_by" in resources.column_names else "$source"
 
 
 def _printable_reasons(problems: pa.Table) -> pa.Table:

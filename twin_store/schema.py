@@ -14,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 
+from harmonize.sql_on_fhir.fhirpath import SOURCE_BASE
 from twin_store import runs
 from twin_store.connection import CATALOG, Transaction, literal, one
 from twin_store.runs import COUNTS
@@ -146,6 +147,9 @@ def migrate(con: duckdb.DuckDBPyConnection, root: Path) -> None:
         with Transaction(con, "migrate: ingest_batch counts"):
             for count in missing:
                 con.execute(f"ALTER TABLE twin.ingest_batch ADD COLUMN {count} BIGINT DEFAULT 0")
+    if _plain_keys(con, {table for table, _ in columns}):
+        with Transaction(con, "migrate: resources known by source, view keys <source>/<id>"):
+            _qualify_patient_ids(con)
     if ("run_record", "run_id") in columns:
         # Run records move out of the DuckLake (`runs`): recording a run made a snapshot.
         runs.keep(root, con.execute(f"SELECT {RUN_RECORD_COLUMNS} FROM twin.run_record").fetchall())
@@ -154,13 +158,81 @@ def migrate(con: duckdb.DuckDBPyConnection, root: Path) -> None:
             con.execute("DROP TABLE twin.run_record")
 
 
+KEYED_VIEWS = ("patient", "observation")
+"""Standard view tables whose keys tell an earlier store's layout: plain ids, without `<source>/`."""
+PATIENT_COLUMNS = (
+    "genomic_variant",
+    "model_output",
+    "wearable_sample",
+    "wearable_daily",
+    "wearable_reported",
+)
+"""The tables whose `patient_id` names a twin's Patient by its key."""
+LINKED = r'"subject":\{"reference":"Patient/([^"/]+)","identifier":'
+"""A subject the linker of an earlier twinhub wrote: the Patient by plain id, beside the identifier."""
+
+
+def _plain_keys(con: duckdb.DuckDBPyConnection, tables: set[str]) -> bool:
+    """Whether the store keys its view rows by plain ids, as twinhub did before resources were
+    known by source (every key now holds a `/`)."""
+    reads = [f"SELECT 1 FROM twin.{t} WHERE NOT contains(id, '/')" for t in KEYED_VIEWS if t in tables]
+    return bool(reads) and bool(
+        one(con, f"SELECT count(*) > 0 FROM ({' UNION ALL '.join(reads)} LIMIT 1)")[0]
+    )
+
+
+def _qualify_patient_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """Patient ids become keys (`<source>/<id>`): a subject the linker wrote by identifier names
+    the Patient's source, patient-id columns hold the key, and so does
+    `wearable_daily.observation_id`. An earlier store knew one Patient per id, so each maps to
+    one source; a wearable's patient or a sample's that no Patient has becomes its source's own
+    twin; a model's output for such a twin stays. The view tables are rebuilt after
+    (`ensure_view_tables`)."""
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE patient_sources AS
+        SELECT id, any_value(source) AS source FROM twin.fhir_resource
+        WHERE resource_type = 'Patient' GROUP BY id"""
+    )
+    con.execute(
+        f"""UPDATE twin.fhir_resource r
+        SET resource = replace(
+            r.resource, '"subject":{{"reference":"Patient/' || p.id || '",',
+            '"subject":{{"reference":"{SOURCE_BASE}' || p.source || '/Patient/' || p.id || '",')
+        FROM patient_sources p
+        WHERE contains(r.resource, '","identifier":') AND p.source <> r.source
+          AND regexp_extract(r.resource, {literal(LINKED)}, 1) = p.id"""
+    )
+    for table in PATIENT_COLUMNS:
+        linked = "AND t.patient_identifier IS NOT NULL" if table == "genomic_variant" else ""
+        con.execute(
+            f"""UPDATE twin.{table} t SET patient_id = p.source || '/' || p.id
+            FROM patient_sources p WHERE t.patient_id = p.id {linked}"""
+        )
+    # The rest is the source's own twin, as new writes name it: a sample mapped by plain id (its
+    # report names `Patient/<id>`, the source's own), a wearable's patient no source has.
+    for table in ("genomic_variant", "wearable_sample", "wearable_daily", "wearable_reported"):
+        con.execute(
+            f"""UPDATE twin.{table} SET patient_id = source || '/' || patient_id
+            WHERE NOT contains(patient_id, '/')"""
+        )
+    con.execute(
+        """UPDATE twin.wearable_daily SET observation_id = source || '/' || observation_id
+        WHERE NOT contains(observation_id, '/')"""
+    )
+    con.execute("DROP TABLE patient_sources")
+
+
 RUN_RECORD_COLUMNS = "run_id, source, flow, started_at, finished_at, status, snapshot_id, error"
 
 
 def ensure_view_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create missing view tables; rebuild one whose definition changed (its comment differs)
     from the raw resources."""
-    views_read(con, "SELECT NULL::VARCHAR AS resource_type, NULL::VARCHAR AS resource WHERE false")
+    views_read(
+        con,
+        "SELECT NULL::VARCHAR AS resource_type, NULL::VARCHAR AS resource, NULL::VARCHAR AS source "
+        "WHERE false",
+    )
     comments = dict(
         con.execute(
             "SELECT table_name, comment FROM duckdb_tables() WHERE database_name = ?", [CATALOG]
@@ -182,7 +254,7 @@ def ensure_view_tables(con: duckdb.DuckDBPyConnection) -> None:
             if has_resources:
                 views_read(
                     con,
-                    "SELECT resource_type, resource FROM twin.fhir_resource "
+                    "SELECT resource_type, resource, source FROM twin.fhir_resource "
                     f"WHERE resource_type = '{view.resource_type}'",
                 )
                 con.execute(f"INSERT INTO twin.{view.name} {view.sql}")

@@ -43,7 +43,7 @@ from harmonize.wearables.metrics import DAILY_SCHEMA
 from twin_store import runs, schema
 from twin_store.connection import CATALOG, Transaction, connect
 from twin_store.genomics import VariantWriter
-from twin_store.linkage import PatientLinker
+from twin_store.linkage import PatientKeys, PatientLinker
 from twin_store.locks import FileLock, Holder, run_lock, store_lock
 from twin_store.prepare import PreparedBatch, prepare
 from twin_store.resources import ResourceWriter
@@ -110,6 +110,7 @@ class TwinStore:
         self._variants = VariantWriter(self.con)
         self._linker = PatientLinker(self.con, variants_wait=self._variants.any_waiting)
         self._samples = SampleWriter(con=self.con)
+        self._patient_keys = PatientKeys(self.con)
         self._seen = self.snapshot_id()
 
     @contextlib.contextmanager
@@ -219,6 +220,8 @@ class TwinStore:
         reads again, as `quarantined` gives them) those lines leave quarantine, the ones still
         bad come back with their reason, and the watermark is left alone too.
         """
+        if batch.samples is not None or batch.reported is not None:
+            batch = self._patient_keys.keyed(run.source, batch)
         resources, problems = batch.checked.resources, batch.checked.problems
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         days = DAILY_SCHEMA.empty_table()

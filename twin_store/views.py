@@ -25,13 +25,13 @@ LIBRARY = Path(__file__).with_name("view_library")
 @dataclass(frozen=True, kw_only=True)
 class MaterializedView:
     """A library view kept as the store table of the same name, one row per resource, keyed by
-    its first column `id` (the resource id): the store rewrites only the rows of resources that
-    changed."""
+    its first column `id` (the resource's key, `<source>/<id>`): the store rewrites only the rows
+    of resources that changed."""
 
     name: str
     resource_type: str
     sql: str
-    """The typed query over a relation `resources(resource_type, resource)`."""
+    """The typed query over a relation `resources(resource_type, resource, source)`."""
     comment: str
     """The table's comment: the view's title and a hash of its query, so a changed definition
     is noticed (and the table rebuilt from the raw resources)."""
@@ -151,7 +151,7 @@ def _read_view_file(path: Path) -> ViewFile:
     return ViewFile(name=name if isinstance(name, str) and name else path.stem, path=path, view=view)
 
 
-STORE_RESOURCES = "SELECT resource_type, resource FROM twin.fhir_resource"
+STORE_RESOURCES = "SELECT resource_type, resource, source FROM twin.fhir_resource"
 
 
 def view_sql(view: dict[str, Any]) -> str:
@@ -168,8 +168,8 @@ def view_relation(con: duckdb.DuckDBPyConnection, view: dict[str, Any]) -> duckd
 
 
 def views_read(con: duckdb.DuckDBPyConnection, relation: str) -> None:
-    """Point the compiled views at `relation` (a query of `resource_type, resource`): they read
-    the temporary view `resources`, which this replaces."""
+    """Point the compiled views at `relation` (a query of `resource_type, resource, source`):
+    they read the temporary view `resources`, which this replaces."""
     con.execute(f"CREATE OR REPLACE TEMP VIEW resources AS {relation}")
 
 

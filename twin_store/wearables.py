@@ -445,8 +445,8 @@ class SampleWriter:
         )
 
     def fhir_made(self, days: pa.Table, failed: pa.Table | None = None) -> None:
-        """Clear the flags of `days` and name the Observation each got (their FHIR landed in
-        this transaction); the `failed` among them (quarantined) get none."""
+        """Clear the flags of `days` and name the Observation each got by its key (their FHIR
+        landed in this transaction, as the source's); the `failed` among them (quarantined) get none."""
         names = ("source", "patient_id", "metric", "day")
         keys = list(zip(*(days[c].to_pylist() for c in names), strict=True))
         bad = set(zip(*(failed[c].to_pylist() for c in names), strict=True)) if failed is not None else set()
@@ -455,7 +455,8 @@ class SampleWriter:
         self.con.register("made", made)
         try:
             self.con.execute(
-                """UPDATE twin.wearable_daily w SET fhir_pending = false, observation_id = m.observation_id
+                """UPDATE twin.wearable_daily w
+                SET fhir_pending = false, observation_id = m.source || '/' || m.observation_id
                 FROM made m
                 WHERE (w.source, w.patient_id, w.metric, w.day) = (m.source, m.patient_id, m.metric, m.day)"""
             )

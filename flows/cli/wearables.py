@@ -18,7 +18,7 @@ app = typer.Typer(no_args_is_help=True, help="Wearable accounts: connect a patie
 @app.command("connect")
 def connect(
     vendor: Annotated[str, typer.Argument(help="The source kind of the account, e.g. fitbit")],
-    patient: Annotated[str, typer.Option("--patient", help="The twin's FHIR Patient id")],
+    patient: Annotated[str, typer.Option("--patient", help="The twin's Patient: key (ehr/p1) or id")],
     source: Annotated[
         str | None, typer.Option("--source", help="The source of that kind (needed when there are several)")
     ] = None,

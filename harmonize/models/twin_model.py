@@ -25,6 +25,8 @@ from typing import Any, Literal
 import orjson
 import polars as pl
 
+from harmonize.records import key_reference
+
 Scope = Literal["patient", "population"]
 OUTPUT_COLUMNS: dict[str, pl.DataType | type[pl.DataType]] = {
     "patient_id": pl.String,
@@ -144,7 +146,7 @@ def _common(model: TwinModel, version: str, row: dict[str, Any]) -> dict[str, An
         "resourceType": model.fhir.resource,
         "id": output_id(model.name, row["patient_id"]),
         "meta": {"source": f"{MODEL_SYSTEM}:{model.name}"},
-        "subject": {"reference": f"Patient/{row['patient_id']}"},
+        "subject": {"reference": key_reference(row["patient_id"])},
         "note": [{"text": row["reason"] if row["status"] == "refused" else f"outputs: {row['outputs']}"}],
     }
 
@@ -158,8 +160,8 @@ def _references(inputs: list[str] | None) -> list[dict[str, str]]:
     refs = []
     for item in inputs or []:
         table, _, ident = item.partition("/")
-        if kind := RESOURCE_OF_TABLE.get(table):
-            refs.append({"reference": f"{kind}/{ident}"})
+        if kind := RESOURCE_OF_TABLE.get(table):  # a view row's key names its source too
+            refs.append({"reference": key_reference(ident, kind)})
     return list({r["reference"]: r for r in refs}.values())
 
 

@@ -101,9 +101,23 @@ CREATE OR REPLACE TEMP MACRO fp_boundary(x, kind, low) AS
          WHEN kind = 'date' THEN
               to_json(CASE WHEN low THEN fp_low_date(x ->> '$') ELSE fp_high_date(x ->> '$') END)
          ELSE to_json(CASE WHEN low THEN fp_low_datetime(x ->> '$') ELSE fp_high_datetime(x ->> '$') END) END;
-CREATE OR REPLACE TEMP MACRO fp_ref_key(reference, t) AS
-    nullif(regexp_extract(reference, '(^|/)' || t || '/([^/]+)(/_history/[^/]+)?$', 2), '');
+CREATE OR REPLACE TEMP MACRO fp_key(id, source) AS coalesce(source || '/' || id, id);
+CREATE OR REPLACE TEMP MACRO fp_ref_key_of(m, source) AS
+    CASE WHEN m.id = '' THEN NULL WHEN source IS NULL THEN m.id
+         ELSE coalesce(nullif(m.base, ''), source) || '/' || m.id END;
+CREATE OR REPLACE TEMP MACRO fp_ref_key(reference, t, source) AS fp_ref_key_of(regexp_extract(
+    reference, '^(?:https://twinhub\\.invalid/sources/([^/]+)/|.*/)?' || t || '/([^/]+)(?:/_history/[^/]+)?$',
+    ['base', 'id']), source);
 """
+SOURCE = "source"
+"""The column of the `resources` relation that names each resource's source (NULL where none
+is known): keys are `<source>/<id>` (getResourceKey, getReferenceKey), so two sources' ids never
+meet. A reference on the base `SOURCE_BASE` (`https://twinhub.invalid/sources/S/Type/id`) names
+source S's resource; any other reference, relative or absolute, names one of the resource's own
+source. Without a source the key is the plain id, as the SQL-on-FHIR specification has it."""
+SOURCE_BASE = "https://twinhub.invalid/sources/"
+"""The base of references that name another source's resource (a valid absolute FHIR reference
+on a host that never exists, RFC 2606): the linker's subjects, a wearable's or a model's Patient."""
 
 FUNCTIONS = {
     "where",
@@ -520,9 +534,9 @@ class _Compiler:
             if node.value == "getReferenceKey":
                 resource_type = args[0].value if args and args[0].kind == "member" else "[A-Za-z]+"
                 reference = parent.child("reference", None)
-                return replace(reference, call=TextCall("fp_ref_key", (_quote(resource_type),)))
+                return replace(reference, call=TextCall("fp_ref_key", (_quote(resource_type), SOURCE)))
             if node.value == "getResourceKey" and not args:
-                return parent.child("id", None)
+                return replace(parent.child("id", None), call=TextCall("fp_key", (SOURCE,)))
         return None
 
     def many(self, node: Node, scope: Scope) -> _Many | None:
@@ -810,14 +824,15 @@ class _Compiler:
                 "lambda b: b IS NOT NULL)"
             )
         if name == "getResourceKey":
-            return f"fp_child({base}, '$.id')"
+            key = f"to_json(fp_key(x ->> '$', {SOURCE}))"
+            return f"list_transform(fp_child({base}, '$.id'), lambda x: {key})"
         if name == "getReferenceKey":
             resource_type = "[A-Za-z]+"
             if args:
                 if args[0].kind != "member":
                     raise self.error("getReferenceKey() takes a resource type")
                 resource_type = args[0].value
-            key = f"to_json(fp_ref_key(x ->> '$.reference', {_quote(resource_type)}))"
+            key = f"to_json(fp_ref_key(x ->> '$.reference', {_quote(resource_type)}, {SOURCE}))"
             return f"list_filter(list_transform({base}, lambda x: {key}), lambda k: k IS NOT NULL)"
         raise self.error(f"function {name}() is not supported yet")
 

@@ -4,7 +4,9 @@ Each `select` compiles to an expression of type JSON[]: the rows it yields, one 
 row, for one focus. `forEach` maps over a collection, `unionAll` concatenates, sibling parts
 multiply; the query unnests the rows of every resource and reads the columns out, each as its
 type. Pure: a view in, SQL text out. The query reads a relation `resources(resource_type,
-resource)`, the resource as JSON text (VARCHAR, as the store keeps it, or JSON).
+resource, source)`, the resource as JSON text (VARCHAR, as the store keeps it, or JSON), and the
+source that sent it, which qualifies its keys (NULL where none is known: plain ids; see
+`fhirpath.SOURCE`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from connectors.errors import TwinhubError
 from harmonize.sql_on_fhir.fhirpath import (
+    SOURCE,
     FhirPathError,
     Scope,
     compile_boolean,
@@ -317,7 +320,7 @@ def _projection(
         root: f", json_extract_string({root}, [{', '.join(map(_quote, paths))}]) AS _{root}" if paths else ""
         for root, paths in shared.items()
     }
-    inner = f"SELECT resource{extract['resource']}{unnest} FROM resources WHERE {filters}"
+    inner = f"SELECT resource, {SOURCE}{extract['resource']}{unnest} FROM resources WHERE {filters}"
     if extract["_item"]:
         inner = f"SELECT *{extract['_item']} FROM ({inner})"
     return f"SELECT {', '.join(values)} FROM ({inner})"

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import PROBLEM_SCHEMA, SAMPLE_SCHEMA
+from harmonize.records import key_reference
 
 METRICS_FILE = Path(__file__).with_name("wearable_metrics.toml")
 WHERE = "harmonize/wearables/wearable_metrics.toml"
@@ -411,7 +412,7 @@ def _observation(row: dict[str, Any], obs_id: str, coded: _Coded, device: str | 
         "status": "final",
         "category": [{"coding": [{"system": CATEGORY, "code": coded.category}]}],
         "code": {"coding": coded.codings, "text": coded.display},
-        "subject": {"reference": f"Patient/{row['patient_id']}"},
+        "subject": {"reference": key_reference(row["patient_id"])},
         "effectivePeriod": _local_day(row),
         "valueQuantity": _quantity(row["value"], coded.unit),
     }
@@ -477,6 +478,6 @@ def _device(row: dict[str, Any], reference: str) -> bytes:
             "id": reference.removeprefix("Device/"),
             "meta": {"source": f"urn:twinhub:source:{row['source']}"},
             "deviceName": [{"name": row["device"], "type": "user-friendly-name"}],
-            "patient": {"reference": f"Patient/{row['patient_id']}"},
+            "patient": {"reference": key_reference(row["patient_id"])},
         }
     )

@@ -12,6 +12,7 @@ from orjson import loads as orjson_loads
 from connectors.errors import SourceError
 from connectors.labs.lab_csv import LabCsvColumns, LabCsvConnector, LabCsvSource
 from flows.sync import harmonized, land_batches
+from harmonize.sql_on_fhir.fhirpath import SOURCE_BASE
 from tests.support.data import SHARED, SYNTHEA
 from twin_store import RunReport, TwinStore, connect
 
@@ -45,9 +46,9 @@ def test_rows_land_as_observations_and_bad_rows_are_quarantined_with_reasons(tmp
     assert con.sql(
         "SELECT patient_id, code, value_numeric, value_ucum, value_string FROM lab_result ORDER BY ALL"
     ).fetchall() == [
-        ("p1", "14749-6", Decimal("5.5"), "mmol/L", None),
-        ("p1", "718-7", Decimal("13.9"), "g/dL", None),
-        ("p2", "5767-9", None, None, "cloudy"),
+        ("lab/p1", "14749-6", Decimal("5.5"), "mmol/L", None),
+        ("lab/p1", "718-7", Decimal("13.9"), "g/dL", None),
+        ("lab/p2", "5767-9", None, None, "cloudy"),
     ]
     reasons = dict(con.sql("SELECT line_no, reason FROM quarantine ORDER BY 1").fetchall())
     assert reasons[4] == "no patient (column 'patient' is empty)"
@@ -134,14 +135,14 @@ def test_the_shared_lab_csv_lands_every_row_linked_to_a_synthea_patient(tmp_path
     linked = con.sql(
         """SELECT count(*), count(p.id), count(DISTINCT l.patient_id) FROM lab_result l
         LEFT JOIN patient p ON p.id = l.patient_id
-        WHERE l.id IN (SELECT id FROM fhir_resource WHERE source = 'labs')"""
+        WHERE l.id IN (SELECT 'labs/' || id FROM fhir_resource WHERE source = 'labs')"""
     ).fetchone()
     assert linked == (54_953, 54_953, 615), "every lab row belongs to a Synthea patient"
     assert con.sql("SELECT count(*) FROM held_resource").fetchone() == (0,)
     same_patient = con.sql(
         """SELECT count(*) FROM fhir_resource r
-        JOIN lab_result l ON l.id = r.id
-        JOIN lab_result synthea ON synthea.id = (r.resource->>'$.identifier[0].value')
+        JOIN lab_result l ON l.id = r.source || '/' || r.id
+        JOIN lab_result synthea ON synthea.id = 'synthea/' || (r.resource->>'$.identifier[0].value')
         WHERE r.source = 'labs' AND l.patient_id = synthea.patient_id"""
     ).fetchone()
     assert same_patient == (54_953,), "each result links to the patient of the Synthea original"
@@ -185,7 +186,8 @@ def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tm
     first = sync(tmp_path / "store", source)
     assert (first.counts["inserted"], first.counts["held"]) == (1, 2)
     con = connect(tmp_path / "store")
-    assert con.sql("SELECT patient_id FROM lab_result").fetchall() == [("pat-1",)]
+    # Each Patient is its file's source's (`patients-pat-1.ndjson`): its key names that source.
+    assert con.sql("SELECT patient_id FROM lab_result").fetchall() == [("patients-pat-1.ndjson/pat-1",)]
     assert con.sql("SELECT link_value, count(*) FROM held_resource GROUP BY 1").fetchall() == [("M2", 2)]
     con.close()
 
@@ -195,17 +197,17 @@ def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tm
         (2,)
     ]
     assert con.sql("SELECT patient_id, code FROM lab_result ORDER BY ALL").fetchall() == [
-        ("pat-1", "718-7"),
-        ("pat-2", "2345-7"),
-        ("pat-2", "718-7"),
+        ("patients-pat-1.ndjson/pat-1", "718-7"),
+        ("patients-pat-2.ndjson/pat-2", "2345-7"),
+        ("patients-pat-2.ndjson/pat-2", "718-7"),
     ]
     assert con.sql("SELECT count(*) FROM held_resource").fetchall() == [(0,)]
     subject = con.sql(
-        "SELECT resource::JSON->'subject', source FROM fhir_resource WHERE id IN "
-        "(SELECT id FROM lab_result WHERE patient_id = 'pat-2') LIMIT 1"
+        "SELECT resource::JSON->'subject', source FROM fhir_resource WHERE source || '/' || id IN "
+        "(SELECT id FROM lab_result WHERE patient_id = 'patients-pat-2.ndjson/pat-2') LIMIT 1"
     ).fetchone()
     assert subject is not None and orjson_loads(subject[0]) == {
-        "reference": "Patient/pat-2",
+        "reference": f"{SOURCE_BASE}patients-pat-2.ndjson/Patient/pat-2",
         "identifier": {"system": mrn, "value": "M2"},
     }
     assert subject[1] == "lab", "a released result keeps the source that read it"

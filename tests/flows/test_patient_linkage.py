@@ -57,9 +57,9 @@ def test_hl7_results_link_to_the_ehr_patient_with_their_mrn(tmp_path: Path, pati
     report = land(tmp_path / "store", second)
     con = connect(tmp_path / "store")
     assert con.sql("SELECT count(*) FROM patient").fetchone() == (1,), "no second Patient from PID"
-    assert con.sql("SELECT DISTINCT patient_id FROM observation").fetchall() == [("jane",)]
+    assert con.sql("SELECT DISTINCT patient_id FROM observation").fetchall() == [("ehr/jane",)]
     assert con.sql("SELECT count(*) FROM observation").fetchone() == (3,)
-    assert con.sql("SELECT DISTINCT patient_id FROM diagnostic_report").fetchall() == [("jane",)]
+    assert con.sql("SELECT DISTINCT patient_id FROM diagnostic_report").fetchall() == [("ehr/jane",)]
     assert con.sql("SELECT count(*) FROM held_resource").fetchone() == (0,)
     if not patient_first:  # report, specimen and 3 observations waited, then came with Jane
         assert (report.counts["released"], report.counts["inserted"]) == (5, 6)
@@ -112,11 +112,11 @@ def test_variant_calls_of_a_sample_named_by_mrn_link_when_the_patient_arrives(tm
     assert report.counts["released"] == 4, "the 4 resources land; the 3 calls get their patient"
     con = connect(tmp_path / "store")
     assert con.sql("SELECT sample, patient_id FROM genomic_variant GROUP BY ALL ORDER BY 1").fetchall() == [
-        ("S1", "jane"),
+        ("S1", "ehr/jane"),
         ("S2", None),
     ]
-    assert con.sql("SELECT patient_id FROM diagnostic_report").fetchall() == [("jane",)]
-    assert con.sql("SELECT patient_id, code FROM observation").fetchall() == [("jane", "69548-6")] * 3
+    assert con.sql("SELECT patient_id FROM diagnostic_report").fetchall() == [("ehr/jane",)]
+    assert con.sql("SELECT patient_id, code FROM observation").fetchall() == [("ehr/jane", "69548-6")] * 3
 
 
 # -- edge cases (each lost or misplaced a record before it was fixed) ----------------------------
@@ -162,26 +162,26 @@ def test_a_backfill_that_brings_the_patient_lands_its_held_results_whatever_the_
     report = land_files(tmp_path / "store", "ehr", [{**JANE, "birthDate": "1990-05-01"}], window)
     assert report.counts["released"] == 1
     con = connect(tmp_path / "store")
-    assert con.sql("SELECT id, patient_id FROM observation").fetchall() == [("o1", "jane")]
+    assert con.sql("SELECT id, patient_id FROM observation").fetchall() == [("labs/o1", "ehr/jane")]
     assert con.sql("SELECT count(*) FROM held_resource").fetchone() == (0,)
 
 
 def test_an_older_copy_does_not_replace_a_newer_one_that_waits(tmp_path: Path) -> None:
     land_files(tmp_path / "store", "labs", [lab(BY_MRN, "2021-06-01T00:00:00Z", 99)])
-    replay = land_files(tmp_path / "store", "replay", [lab(BY_MRN, "2020-06-01T00:00:00Z", 60)])
+    replay = land_files(tmp_path / "store", "labs", [lab(BY_MRN, "2020-06-01T00:00:00Z", 60)])
     assert (replay.counts["held"], replay.counts["superseded"]) == (0, 1)
     land_files(tmp_path / "store", "ehr", [JANE])
     con = connect(tmp_path / "store")
-    assert con.sql("SELECT value_numeric, patient_id FROM observation").fetchall() == [(99.0, "jane")]
+    assert con.sql("SELECT value_numeric, patient_id FROM observation").fetchall() == [(99.0, "ehr/jane")]
 
 
 def test_a_patient_that_takes_an_identifier_over_in_the_batch_gets_the_result(tmp_path: Path) -> None:
     amy = {"resourceType": "Patient", "id": "amy", "identifier": [{"system": MRN, "value": "M-7"}]}
     land_files(tmp_path / "store", "ehr", [amy])
     moved = {**amy, "identifier": [{"system": MRN, "value": "M-8"}]}
-    land_files(tmp_path / "store", "ehr2", [moved, {**JANE, "id": "zed"}, lab(BY_MRN)])
+    land_files(tmp_path / "store", "ehr", [moved, {**JANE, "id": "zed"}, lab(BY_MRN)])
     con = connect(tmp_path / "store")
-    assert con.sql("SELECT patient_id FROM observation").fetchall() == [("zed",)]
+    assert con.sql("SELECT patient_id FROM observation").fetchall() == [("ehr/zed",)]
 
 
 def test_a_contained_subject_by_identifier_is_left_alone(tmp_path: Path) -> None:
@@ -199,4 +199,4 @@ def test_a_contained_subject_by_identifier_is_left_alone(tmp_path: Path) -> None
     report = land_files(tmp_path / "store", "ehr", [JANE, outer])
     assert (report.counts["inserted"], report.counts["held"]) == (2, 0)
     con = connect(tmp_path / "store")
-    assert con.sql("SELECT patient_id FROM immunization").fetchall() == [("jane",)]
+    assert con.sql("SELECT patient_id FROM immunization").fetchall() == [("ehr/jane",)]

@@ -241,9 +241,12 @@ def refreshed(store: Path, run_id: str, proc: subprocess.Popen[str], timeout: fl
 
 
 def outputs_per_patient(store: Path) -> dict[str, int]:
-    return dict(
-        query(store, "SELECT patient_id, count(*) FROM model_output WHERE model = 'ascvd-pce' GROUP BY ALL")
+    """Outputs per patient, by native id (the twins' source is `twins`: keys `twins/<id>`)."""
+    rows = query(
+        store, "SELECT patient_id, count(*) FROM model_output WHERE model = 'ascvd-pce' GROUP BY ALL"
     )
+    assert all(patient.startswith("twins/") for patient, _ in rows)
+    return {patient.removeprefix("twins/"): n for patient, n in rows}
 
 
 def test_serve_offers_the_refresh_trigger_and_syncs_that_leave_it_to_it(tmp_path: Path) -> None:
@@ -322,7 +325,7 @@ def test_the_event_refreshes_the_changed_twins_under_the_test_harness(
             "WHERE model_run_id = ?",
             [one.model_run_id],
         )
-        assert newest == [("p2", one.input_snapshot_id, "59")]
+        assert newest == [("twins/p2", one.input_snapshot_id, "59")]
         assert one.input_snapshot_id == changed_snapshot
 
 

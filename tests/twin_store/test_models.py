@@ -129,7 +129,8 @@ def run_model(store_root: Path, model: TwinModel = PCE) -> ModelRunReport:
 
 
 def outputs(store_root: Path, model: str = "ascvd-pce") -> list[tuple[Any, ...]]:
-    return (
+    """Each output's patient by native id: every patient is the source `ehr`'s (key `ehr/<id>`)."""
+    rows = (
         connect(store_root)
         .sql(
             f"""SELECT patient_id, status, value, input_snapshot_id FROM model_output
@@ -137,6 +138,8 @@ def outputs(store_root: Path, model: str = "ascvd-pce") -> list[tuple[Any, ...]]
         )
         .fetchall()
     )
+    assert all(patient.startswith("ehr/") for patient, *_ in rows)
+    return [(patient.removeprefix("ehr/"), *rest) for patient, *rest in rows]
 
 
 def test_outputs_carry_their_snapshot_and_valid_fhir_and_a_rerun_adds_nothing(tmp_path: Path) -> None:
@@ -178,9 +181,9 @@ def test_a_changed_lab_refreshes_that_patient_only(tmp_path: Path) -> None:
     assert newest["snap"][-1] == snapshot and newest["v"][-1] > newest["v"][0], "more cholesterol, more risk"
     # Time travel from the output back to the exact input it was computed from
     (inputs,) = connect(tmp_path / "store").sql(
-        f"SELECT inputs FROM model_output WHERE patient_id = 'p2' AND input_snapshot_id = {snapshot}"
+        f"SELECT inputs FROM model_output WHERE patient_id = 'ehr/p2' AND input_snapshot_id = {snapshot}"
     ).fetchone() or ([],)
-    lab_id = next(i.removeprefix("lab_result/") for i in inputs if i.startswith("lab_result/p2-tc"))
+    lab_id = next(i.removeprefix("lab_result/") for i in inputs if i.startswith("lab_result/ehr/p2-tc"))
     then = (
         connect(tmp_path / "store")
         .sql(f"SELECT value_numeric FROM lab_result AT (VERSION => {snapshot}) WHERE id = '{lab_id}'")
@@ -201,7 +204,7 @@ def test_a_new_version_computes_everyone_and_its_own_fhir_never_triggers_it(tmp_
 
 def test_a_model_that_fails_for_one_patient_records_it_and_computes_the_others(tmp_path: Path) -> None:
     def fragile(rows: pl.DataFrame, params: dict[str, Any] | None) -> pl.DataFrame:
-        if "p2" in rows["patient_id"].to_list():
+        if "ehr/p2" in rows["patient_id"].to_list():
             raise ZeroDivisionError("p2's data broke the model")
         ok = {"status": "ok", "value": 0.5, "outputs": orjson.dumps({"n": 1}).decode(), "reason": None}
         return output_frame(
@@ -225,7 +228,7 @@ def test_a_model_that_fails_for_one_patient_records_it_and_computes_the_others(t
         )
         .fetchall()
     )
-    assert rows == [("p2", "error", "ZeroDivisionError: p2's data broke the model")]
+    assert rows == [("ehr/p2", "error", "ZeroDivisionError: p2's data broke the model")]
     (run,) = (
         connect(tmp_path / "store")
         .sql("SELECT ok, errors, status FROM model_run WHERE model = 'fragile'")
@@ -258,7 +261,7 @@ def test_a_patient_the_store_does_not_know_is_refused_before_anything_is_compute
     write_ndjson(tmp_path / "ehr" / "data.ndjson", twins())  # type: ignore[arg-type]
     land(tmp_path / "store", tmp_path / "ehr")
     with TwinStore(tmp_path / "store") as store, pytest.raises(TwinhubError) as raised:
-        refresh(store, RESTING_HR, trigger="cli", patients=["p1", "nobody", "p2"])
+        refresh(store, RESTING_HR, trigger="cli", patients=["ehr/p1", "nobody", "ehr/p2"])
     assert str(raised.value) == (
         "model resting-hr-baseline: 1 of the 3 patients asked for (#2) is not in the store; "
         'list them with: twinhub sql "SELECT id FROM patient"'

@@ -63,12 +63,12 @@ def test_upserts_are_idempotent_and_versioned(tmp_path: Path) -> None:
         ("o3", 1),
     ]
     assert con.sql("SELECT id, value_numeric, code, patient_id FROM observation ORDER BY 1").fetchall() == [
-        ("o1", 61.0, "8867-4", "p1"),
-        ("o2", 70.0, "8867-4", "p1"),
-        ("o3", 80.0, "8867-4", "p1"),
+        ("src/o1", 61.0, "8867-4", "src/p1"),
+        ("src/o2", 70.0, "8867-4", "src/p1"),
+        ("src/o3", 80.0, "8867-4", "src/p1"),
     ]
     old = con.sql(
-        f"SELECT value_numeric FROM observation AT (VERSION => {first.snapshot_id}) WHERE id = 'o1'"
+        f"SELECT value_numeric FROM observation AT (VERSION => {first.snapshot_id}) WHERE id = 'src/o1'"
     ).fetchall()
     assert old == [(60.0,)]
 
@@ -137,7 +137,7 @@ def test_of_two_copies_in_one_batch_the_newest_lands(tmp_path: Path) -> None:
         report = land_folder(store, tmp_path / "data")
     assert (report.counts["inserted"], report.counts["superseded"], report.counts["lines_read"]) == (2, 2, 4)
     rows = connect(tmp_path / "store").sql("SELECT id, value_numeric FROM observation ORDER BY 1").fetchall()
-    assert rows == [("o1", 61.0), ("o2", 71.0)]
+    assert rows == [("src/o1", 61.0), ("src/o2", 71.0)]
 
 
 def test_view_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp_path: Path) -> None:
@@ -162,7 +162,8 @@ def test_view_tables_whose_definition_changed_are_rebuilt_from_the_raw_table(tmp
     described = con.sql(
         "SELECT comment FROM duckdb_columns() WHERE table_name = 'observation' AND column_name = 'patient_id'"
     ).fetchone()
-    assert described == ("The Patient the resource is about",), "column descriptions reach the catalog"
+    about = "The Patient the resource is about (its key, <source>/<id>)"
+    assert described == (about,), "column descriptions reach the catalog"
 
 
 def test_a_failed_batch_leaves_no_trace_in_what_the_writer_knows(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -193,7 +194,7 @@ def test_a_failed_batch_leaves_no_trace_in_what_the_writer_knows(tmp_path: Path,
     assert (again.counts["inserted"], again.counts["updated"]) == (1, 1)
     assert kept == stored and [row[2] for row in stored] == [2, 1]
     rows = connect(tmp_path / "store").sql("SELECT id, value_numeric FROM observation ORDER BY 1").fetchall()
-    assert rows == [("o1", 61.0), ("o2", 70.0)]
+    assert rows == [("src/o1", 61.0), ("src/o2", 70.0)]
 
 
 def test_a_needle_is_found_across_scan_steps_and_chunks() -> None:

@@ -94,7 +94,8 @@ def test_each_metric_rolls_up_its_local_day_by_its_own_rule(tmp_path: Path) -> N
 def test_daily_rollups_land_as_valid_fhir_in_the_views(tmp_path: Path) -> None:
     land(tmp_path, [batch(a_day())])
     con = connect(tmp_path)
-    stored = con.sql("SELECT resource_type, id, resource FROM fhir_resource").fetchall()
+    # By key, as the views name them (`<source>/<id>`: the source is `fit`).
+    stored = con.sql("SELECT resource_type, source || '/' || id, resource FROM fhir_resource").fetchall()
     kinds = sorted(kind for kind, _, _ in stored)
     assert kinds.count("Observation") == 6, "heart rate, steps, weight, deep and light sleep, duration"
     assert kinds.count("Observation") + kinds.count("Device") + kinds.count("Provenance") == len(kinds) == 8
@@ -111,11 +112,11 @@ def test_daily_rollups_land_as_valid_fhir_in_the_views(tmp_path: Path) -> None:
         "end": "2024-03-03T00:00:00+02:00",
     }
     assert heart["category"][0]["coding"][0]["code"] == "vital-signs"
-    device = by_id[("Device", heart["device"]["reference"].removeprefix("Device/"))]
+    device = by_id[("Device", "fit/" + heart["device"]["reference"].removeprefix("Device/"))]
     assert device["deviceName"][0]["name"] == "Charge 6"
     (provenance,) = (r for (kind, _), r in by_id.items() if kind == "Provenance")
     assert {t["reference"] for t in provenance["target"]} == {
-        f"Observation/{ident}" for kind, ident in by_id if kind == "Observation"
+        f"Observation/{ident.removeprefix('fit/')}" for kind, ident in by_id if kind == "Observation"
     }
     assert provenance["agent"][0]["who"] == heart["device"]
     steps = con.sql(
@@ -140,7 +141,10 @@ def test_an_overlapping_pull_adds_nothing_and_a_changed_sample_updates_its_day(t
     ).fetchone() == (275,)
     assert daily(tmp_path)["heart_rate"][3:5] == (60.0, 99.0)
     versions = dict(
-        con.sql("SELECT code, version_id FROM observation JOIN fhir_resource USING (id)").fetchall()
+        con.sql(
+            "SELECT code, version_id FROM observation o "
+            "JOIN fhir_resource r ON o.id = r.source || '/' || r.id"
+        ).fetchall()
     )
     assert versions["8867-4"] == 3, "the first half, both halves, the change"
     assert versions["41950-7"] == 1, "steps came with the second pull and never changed"

@@ -111,7 +111,7 @@ def test_replay_of_a_fhir_source_lands_what_passes_now_and_only_for_kinds_it_can
     assert "3 lines read -> 1 new, 0 updated, 0 unchanged, 2 quarantined" in replayed
     assert "ehr: 3 quarantined lines read again -> 1 left quarantine, 2 stay" in replayed
     con = connect(tmp_path / "store")
-    assert con.sql("SELECT id FROM patient ORDER BY id").fetchall() == [("p1",), ("p2",)]
+    assert con.sql("SELECT id FROM patient ORDER BY id").fetchall() == [("ehr/p1",), ("ehr/p2",)]
     quarantined = con.sql("SELECT line_no, reason FROM quarantine ORDER BY line_no").fetchall()
     assert quarantined == [(2, "invalid JSON"), (3, "missing id")]
     con.close()

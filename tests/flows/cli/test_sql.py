@@ -70,7 +70,7 @@ def test_views_run_table_prints_verbatim(store: Path, tmp_path: Path) -> None:
 QUERY_NESTED = (
     "SELECT id, [1, 2] AS list, {'a': 1, 'b': 'x'} AS struct, MAP {'k': 1} AS map, "
     "'ab\\x00'::BLOB AS blob, 1.50::DECIMAL(5, 2) AS amount, 72::DECIMAL(38, 12) AS whole, "
-    "100::DECIMAL(18, 0) AS hundred, id = 'p1' AS first "
+    "100::DECIMAL(18, 0) AS hundred, id = 'src/p1' AS first "
     "FROM patient ORDER BY id LIMIT 2"
 )
 
@@ -93,7 +93,7 @@ def test_json_writes_blobs_as_base64_and_keeps_types(store: Path) -> None:
     assert '"amount":1.5,"whole":72,"hundred":100,' in text  # exact, without the scale's padding
     rows = orjson.loads(text)
     assert rows[0] == {
-        "id": "p1",
+        "id": "src/p1",
         "list": [1, 2],
         "struct": {"a": 1, "b": "x"},
         "map": {"k": 1},

@@ -33,7 +33,8 @@ VIEW = {
         {"forEach": "name.given", "column": [{"name": "given", "path": "$this", "type": "string"}]},
     ],
 }
-EXPECTED = [("p1", True, "Ann"), ("p1", True, "Bea"), ("p2", False, "Cy")]
+EXPECTED = [("src/p1", True, "Ann"), ("src/p1", True, "Bea"), ("src/p2", False, "Cy")]
+"""Over the store a view's keys are `<source>/<id>` (the store's rule)."""
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_user_views_are_named_by_their_name_and_bad_files_are_warned_of(tmp_path
         assert any(twice in w for w in warnings), warnings
 
     ran = run_cli("--config", config, "views", "run", "given_names", "-f", "csv")
-    assert sorted(ran.stdout.splitlines()[1:]) == ["p1,true,Ann", "p1,true,Bea", "p2,false,Cy"]
+    assert sorted(ran.stdout.splitlines()[1:]) == ["src/p1,true,Ann", "src/p1,true,Bea", "src/p2,false,Cy"]
     failed = run_cli("--config", config, "views", "run", "twice", check=False)
     lines = failed.stderr.strip().splitlines()
     assert failed.returncode == 1 and len(lines) == 1, failed.stderr
@@ -218,8 +219,8 @@ def test_views_run_json_keeps_column_types(tmp_path: Path, store: Path) -> None:
     config = views_config(tmp_path, store, {"flags.json": orjson.dumps(untyped)})
     printed = run_cli("--config", config, "views", "run", "flags", "-f", "json").stdout
     assert sorted(json.loads(printed), key=lambda row: row["id"]) == [
-        {"id": "p1", "active": True, "has_name": True, "names": 2},
-        {"id": "p2", "active": False, "has_name": True, "names": 1},
+        {"id": "src/p1", "active": True, "has_name": True, "names": 2},
+        {"id": "src/p2", "active": False, "has_name": True, "names": 1},
     ]
 
 

@@ -24,12 +24,13 @@ SUITE_FILES = [*sorted((SUITE / "tests").glob("*.json")), SUITE / "upstream-newe
 @contextmanager
 def view_over(resources: list[dict[str, Any]], view: dict[str, Any]) -> Iterator[duckdb.DuckDBPyRelation]:
     """The relation `twinhub views run` runs, over `resources` in a store's `twin.fhir_resource`
-    (the store keeps each resource as JSON text)."""
+    (the store keeps each resource as JSON text), of no known source: keys are plain ids."""
     with duckdb.connect() as con:
         con.execute("ATTACH ':memory:' AS twin")
         con.execute(
             "CREATE TABLE twin.fhir_resource AS SELECT json_extract_string(r, '$.resourceType') AS "
-            "resource_type, r::VARCHAR AS resource FROM (SELECT unnest(?::JSON[]) AS r)",
+            "resource_type, r::VARCHAR AS resource, NULL::VARCHAR AS source "
+            "FROM (SELECT unnest(?::JSON[]) AS r)",
             [[json.dumps(r) for r in resources]],
         )
         yield view_relation(con, view)
