@@ -11,18 +11,22 @@ them: `twinhub --help` loads none.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from connectors.base import Batch, Connector, Watermark
 from connectors.errors import ConfigError, TwinhubError
 
 ENTRY_POINTS = "twinhub.sources"
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
+"""What a source may be called: its name starts the keys of its records (`<name>/<id>`) and the
+base of references to them from other sources, so it holds no `/`, space or `:`."""
 Modality = Literal["ehr", "labs", "genomics", "wearables"]
 RecordFormat = Literal["fhir", "lab-rows", "hl7v2", "vcf", "samples"]
 """What a connector's batches hold, which decides how they are harmonized: FHIR resources as
@@ -36,9 +40,20 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
+    """Names the source everywhere, and its records' keys in the store (`<name>/<id>`)."""
     kind: str
     schedule: str | None = None
     """A cron expression: `twinhub serve` syncs the source on it."""
+
+    @field_validator("name")
+    @classmethod
+    def _usable_in_keys(cls, name: str) -> str:
+        if not SOURCE_NAME.fullmatch(name):
+            raise ValueError(
+                f"source name {name!r} must be 1-64 of A-Z a-z 0-9 . _ - (starting with a letter or "
+                "digit): it is part of every key the source's records get"
+            )
+        return name
 
     def mapping_files(self) -> dict[str, MappingFile]:
         """Files the source's harmonizer reads (a ConceptMap, a BED file), by their config key."""

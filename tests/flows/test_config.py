@@ -44,6 +44,13 @@ def test_paths_are_relative_to_the_file_and_env_overrides(
             "config sources[0].colour: is not a known setting",
         ),
         ("[store\n", "is not valid TOML"),
+        *(
+            (
+                f'[[sources]]\nname = "{name}"\nkind = "fhir-ndjson"\npath = "x"\n',
+                f"config sources[0].name: source name {name!r} must be 1-64 of A-Z a-z 0-9 . _ -",
+            )
+            for name in ("north/ehr", "north ehr", "", "-x", "x" * 65)
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_key_and_fix(tmp_path: Path, body: str, message: str) -> None:
