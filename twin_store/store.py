@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import Batch, Watermark, Window, records_from
-from connectors.errors import StoreError
 from harmonize.records import usable_cores
 from harmonize.wearables.daily_fhir import DailyFhir, daily_fhir
 from harmonize.wearables.metrics import DAILY_SCHEMA
@@ -353,14 +352,22 @@ class TwinStore:
     def land_derived(self, run: RunReport, resources: list[bytes], *, origin: str) -> Counter[str]:
         """Land resources twinhub made itself (daily rollups, model outputs) in the current
         transaction, through the same checks and upsert as any: counted apart from lines read.
-        Of several copies of one resource the last wins."""
+        Of several copies of one resource the last wins. One that fails the checks (a bug, not
+        bad input) is quarantined under `origin`, never stopping the rest or the store."""
         records = records_from([(origin, n, r.decode()) for n, r in enumerate(resources, start=1)])
         checked = prepare(Batch(records=records, watermark={})).checked
-        if len(checked.problems):  # our own resources: a failed check is a bug, not bad input
-            raise StoreError(
-                f"{origin}: a resource twinhub made failed the checks: {checked.problems['reason'][0]}"
-            )
         derived: Counter[str] = Counter()
+        if len(checked.problems):
+            reasons = pc.binary_join_element_wise(
+                "a resource twinhub made failed the checks (a bug: please report it): ",
+                checked.problems["reason"],
+                "",
+            )
+            self._resources.quarantine(run, checked.problems.set_column(2, "reason", reasons))
+            derived["quarantined"] = len(checked.problems)
+            log.warning(
+                "%s: %d resources twinhub made failed the checks (quarantined)", origin, len(checked.problems)
+            )
         self._resources.upsert(run, checked.resources, None, derived)
         return derived
 

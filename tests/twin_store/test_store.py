@@ -246,3 +246,23 @@ def test_run_records_an_earlier_twinhub_kept_in_the_ducklake_move_beside_it(tmp_
     ]
     left = "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'twin' AND table_name = 'run_record'"
     assert con.sql(left).fetchone() == (0,)
+
+
+def test_a_resource_twinhub_made_that_fails_the_checks_is_quarantined_not_the_store(tmp_path: Path) -> None:
+    """A model output or daily rollup that fails the checks is a bug, but it quarantines only
+    itself: the others land, and the store takes the next write."""
+    good = {"resourceType": "Observation", "id": "made-1", "status": "final"}
+    bad = {"resourceType": "Observation", "id": "made 2", "status": "final"}
+    with TwinStore(tmp_path) as store:
+        run = store.begin_run("model:x", "refresh")
+        with store.transaction("model x"):
+            derived = store.land_derived(run, [orjson.dumps(good), orjson.dumps(bad)], origin="model x")
+        store.finish_run(run, "succeeded")
+        assert (derived["inserted"], derived["quarantined"]) == (1, 1)
+        with store.transaction("again"):
+            assert store.land_derived(run, [orjson.dumps(good)], origin="model x")["unchanged"] == 1
+    con = connect(tmp_path)
+    assert con.sql("SELECT id FROM fhir_resource").fetchall() == [("made-1",)]
+    [(source, file, reason)] = con.sql("SELECT source, file, reason FROM quarantine").fetchall()
+    assert (source, file) == ("model:x", "model x")
+    assert reason.startswith("a resource twinhub made failed the checks (a bug: please report it): invalid id")
