@@ -39,7 +39,7 @@ def test_each_carried_allele_of_each_sample_is_a_row(tmp_path: Path) -> None:
     assert rows == [
         (
             "S1",
-            "p1",
+            "seq/p1",  # a plain id names the source's own twin: its key
             "GRCh38",
             112841059,
             "rs459552",
@@ -71,7 +71,7 @@ def test_each_carried_allele_of_each_sample_is_a_row(tmp_path: Path) -> None:
         ),
         (
             "S1",
-            "p1",
+            "seq/p1",
             "GRCh38",
             112841100,
             None,
@@ -87,7 +87,7 @@ def test_each_carried_allele_of_each_sample_is_a_row(tmp_path: Path) -> None:
         ),
         (
             "S1",
-            "p1",
+            "seq/p1",
             "GRCh38",
             112841100,
             None,
