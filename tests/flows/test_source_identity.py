@@ -21,11 +21,10 @@ from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from flows.sample_export import write_sample_export
 from flows.sync import land_batches
 from harmonize.sql_on_fhir.fhirpath import SOURCE_BASE
-from tests.flows.cli.test_commands import wait_for_landed_lines
-from tests.flows.test_patient_linkage import MRN, lab_feed, land
-from tests.support.cli import TWINHUB, run_cli
+from tests.support.cli import TWINHUB, run_cli, wait_for_landed_lines
 from tests.support.data import write_config, write_ndjson
 from tests.support.hl7v2 import MESSAGE
+from tests.support.lab_feed import MRN, lab_feed, land
 from twin_store import RunReport, TwinStore, connect
 
 PATIENTS = 300

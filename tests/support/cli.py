@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TWINHUB = str(Path(sys.executable).with_name("twinhub"))
@@ -23,3 +24,21 @@ def run_cli(
     if check and result.returncode != 0:
         raise AssertionError(f"twinhub {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wait_for_landed_lines(
+    store: Path, proc: subprocess.Popen[str], minimum: int, timeout: float = 120
+) -> int:
+    """Wait until the store's runs have read `minimum` lines while `proc` (a sync) runs."""
+    from twin_store import connect
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            row = connect(store).sql("SELECT coalesce(sum(lines_read), 0) FROM ingest_run").fetchone()
+            if row and row[0] >= minimum:
+                return int(row[0])
+        except Exception:
+            pass  # the store is not created yet
+        time.sleep(0.05)
+    raise AssertionError(f"sync ended or stalled before landing {minimum} lines: {proc.poll()}")

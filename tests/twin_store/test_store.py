@@ -265,4 +265,6 @@ def test_a_resource_twinhub_made_that_fails_the_checks_is_quarantined_not_the_st
     assert con.sql("SELECT id FROM fhir_resource").fetchall() == [("made-1",)]
     [(source, file, reason)] = con.sql("SELECT source, file, reason FROM quarantine").fetchall()
     assert (source, file) == ("model:x", "model x")
-    assert reason.startswith("a resource twinhub made failed the checks (a bug: please report it): invalid id")
+    assert reason.startswith(
+        "a resource twinhub made failed the checks (a bug: please report it): invalid id"
+    )

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from flows.sample_export import write_sample_export
-from tests.support.cli import TWINHUB, run_cli
+from tests.support.cli import TWINHUB, run_cli, wait_for_landed_lines
 from tests.support.data import write_config, write_ndjson
 from tests.support.hl7v2 import MESSAGE
 from twin_store import connect, view_relation
@@ -171,21 +171,6 @@ def in_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
-
-
-def wait_for_landed_lines(
-    store: Path, proc: subprocess.Popen[str], minimum: int, timeout: float = 120
-) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            row = connect(store).sql("SELECT coalesce(sum(lines_read), 0) FROM ingest_run").fetchone()
-            if row and row[0] >= minimum:
-                return int(row[0])
-        except Exception:
-            pass  # the store is not created yet
-        time.sleep(0.05)
-    raise AssertionError(f"sync ended or stalled before landing {minimum} lines: {proc.poll()}")
 
 
 @pytest.mark.slow
