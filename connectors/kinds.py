@@ -24,9 +24,9 @@ from connectors.base import Batch, Connector, Watermark
 from connectors.errors import ConfigError, TwinhubError
 
 ENTRY_POINTS = "twinhub.sources"
-SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 """What a source may be called: its name starts the keys of its records (`<name>/<id>`) and the
-base of references to them from other sources, so it holds no `/`, space or `:`."""
+base of references to them from other sources, so it holds no `/`, `.`, space or `:`."""
 Modality = Literal["ehr", "labs", "genomics", "wearables"]
 RecordFormat = Literal["fhir", "lab-rows", "hl7v2", "vcf", "samples"]
 """What a connector's batches hold, which decides how they are harmonized: FHIR resources as
@@ -50,7 +50,7 @@ class SourceConfig(BaseModel):
     def _usable_in_keys(cls, name: str) -> str:
         if not SOURCE_NAME.fullmatch(name):
             raise ValueError(
-                f"source name {name!r} must be 1-64 of A-Z a-z 0-9 . _ - (starting with a letter or "
+                f"source name {name!r} must be 1-64 of A-Z a-z 0-9 _ - (starting with a letter or "
                 "digit): it is part of every key the source's records get"
             )
         return name

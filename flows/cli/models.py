@@ -59,7 +59,8 @@ def models_list() -> None:
 def models_run(
     name: str,
     patient: Annotated[
-        list[str] | None, typer.Option("--patient", help="Compute this patient now (repeatable)")
+        list[str] | None,
+        typer.Option("--patient", help="Compute this patient now: its key, <source>/<id> (repeatable)"),
     ] = None,
 ) -> None:
     """Refresh model NAME now (what changed since its last run, or --patient whatever changed)."""
@@ -86,7 +87,9 @@ def models_run(
 @app.command("history")
 def models_history(
     name: str,
-    patient: Annotated[str | None, typer.Option("--patient", help="Only this patient")] = None,
+    patient: Annotated[
+        str | None, typer.Option("--patient", help="Only this patient (its key, <source>/<id>)")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many outputs, newest first")] = 20,
 ) -> None:
     """Outputs of model NAME with their lineage: the input snapshot (time-travel to it) and the rows used."""

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import PROBLEM_SCHEMA, SAMPLE_SCHEMA
+from connectors.kinds import SOURCE_NAME
 from harmonize.records import key_reference
 
 METRICS_FILE = Path(__file__).with_name("wearable_metrics.toml")
@@ -35,8 +36,9 @@ WHERE = "harmonize/wearables/wearable_metrics.toml"
 """Where a user finds the metrics and unit spellings, for the reasons of samples refused."""
 RANGES_FILE = Path(__file__).with_name("wearable_ranges.toml")
 RANGES_WHERE = "harmonize/wearables/wearable_ranges.toml"
-FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
-"""A FHIR id (R4 datatypes): a sample's patient_id becomes `Patient/<id>` in its daily FHIR."""
+FHIR_ID = rf"^({SOURCE_NAME.pattern}/)?[A-Za-z0-9\-\.]{{1,64}}$"
+"""A FHIR id (R4 datatypes), or the key `<source>/<id>` of another source's Patient: a sample's
+patient_id names the Patient of its daily FHIR."""
 Rollup = Literal["sum", "mean", "last", "min", "max"]
 
 NORMALIZED_SCHEMA = pa.schema(
@@ -217,8 +219,8 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
 OUT_OF_RANGE = "out of range"
 """Stands for the reason until it is written (with the value, in Python: such rows are few)."""
 NOT_AN_ID = (
-    "the patient id is not a FHIR id (1-64 of A-Z a-z 0-9 - .); map the account to a Patient id "
-    "in the source's config"
+    "the patient id is neither a FHIR id (1-64 of A-Z a-z 0-9 - .) nor a key <source>/<id>; map the "
+    "account to a Patient in the source's config"
 )
 
 

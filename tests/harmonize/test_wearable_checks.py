@@ -86,7 +86,7 @@ def test_every_metric_has_a_plausible_range() -> None:
     assert all(low < high for low, high in ranges().values())
 
 
-@pytest.mark.parametrize("patient", ["fitabase-../x", "a b", "x" * 65, "p1/../p2"])
+@pytest.mark.parametrize("patient", ["fitabase-../x", "a b", "x" * 65, "p1/../p2", "ehr/a b"])
 def test_a_patient_id_that_is_no_fhir_id_is_quarantined_whatever_the_kind(patient: str) -> None:
     normalized, problems = normalize_samples(
         samples([(patient, "steps", 10, "steps"), ("p1", "steps", 10, "steps")])
@@ -94,8 +94,8 @@ def test_a_patient_id_that_is_no_fhir_id_is_quarantined_whatever_the_kind(patien
     assert normalized["patient_id"].to_pylist() == ["p1"]
     [reason] = problems["reason"].to_pylist()
     assert reason.endswith(
-        "the patient id is not a FHIR id (1-64 of A-Z a-z 0-9 - .); map the account to a Patient id in "
-        "the source's config"
+        "the patient id is neither a FHIR id (1-64 of A-Z a-z 0-9 - .) nor a key <source>/<id>; map the "
+        "account to a Patient in the source's config"
     )
 
 
@@ -117,7 +117,7 @@ def day(patient: str, metric: str = "heart_rate") -> dict[str, object]:
 
 def test_a_patient_whose_daily_fhir_fails_the_checks_is_a_problem_and_the_others_fhir_is_made() -> None:
     days = pa.Table.from_pylist(
-        [day("p1"), day("fitabase-../x"), day("fitabase-../x", "body_weight"), day("p2")], DAILY_SCHEMA
+        [day("p1"), day("fitabase-a b"), day("fitabase-a b", "body_weight"), day("p2")], DAILY_SCHEMA
     )
     made = daily_fhir(days, AT, "run r1")
     subjects = {orjson.loads(r).get("subject", {}).get("reference") for r in made.resources}
@@ -130,11 +130,11 @@ def test_a_patient_whose_daily_fhir_fails_the_checks_is_a_problem_and_the_others
         "Provenance",
         "Provenance",
     ]
-    assert made.failed["patient_id"].to_pylist() == ["fitabase-../x"] * 2
+    assert made.failed["patient_id"].to_pylist() == ["fitabase-a b"] * 2
     reasons = made.problems["reason"].to_pylist()
     assert reasons[0].startswith(
-        "the daily FHIR of heart_rate on 2016-04-12 for patient 'fitabase-../x' of source fa fails the "
-        'checks (malformed reference "Patient/fitabase-../x"'
+        "the daily FHIR of heart_rate on 2016-04-12 for patient 'fitabase-a b' of source fa fails the "
+        'checks (malformed reference "Patient/fitabase-a b"'
     )
     assert reasons[1].startswith("the daily FHIR of body_weight on 2016-04-12")
     assert set(made.problems["file"].to_pylist()) == {"wearable_daily"}

@@ -309,13 +309,13 @@ def fhir_of_code(root: Path, code: str) -> list[float]:
 
 
 def test_a_day_whose_fhir_fails_the_checks_is_quarantined_and_never_stops_the_store(tmp_path: Path) -> None:
-    """A store from before ids were checked holds a pending day of Patient "fitabase-../x": its
+    """A store from before ids were checked holds a pending day of Patient "fitabase-a b": its
     FHIR fails the store's own check. Once every later run of every source failed on it."""
     land(tmp_path, [batch(a_day())])
     with TwinStore(tmp_path) as store, store.transaction("a day of a bad id, as an older twinhub left it"):
         store.con.execute(
             """INSERT INTO twin.wearable_daily
-            SELECT * REPLACE ('fitabase-../x' AS patient_id, true AS fhir_pending, NULL AS observation_id)
+            SELECT * REPLACE ('fitabase-a b' AS patient_id, true AS fhir_pending, NULL AS observation_id)
             FROM twin.wearable_daily WHERE metric = 'heart_rate'"""
         )
     later = land(tmp_path, [batch([sample("steps", 200, 10, "steps", minutes=1)], mark=1)])
@@ -325,11 +325,11 @@ def test_a_day_whose_fhir_fails_the_checks_is_quarantined_and_never_stops_the_st
     [(file, reason)] = con.sql("SELECT file, reason FROM quarantine").fetchall()
     assert file == "wearable_daily"
     assert reason.startswith(
-        "the daily FHIR of heart_rate on 2024-03-02 for patient 'fitabase-../x' of source fit fails the "
+        "the daily FHIR of heart_rate on 2024-03-02 for patient 'fitabase-a b' of source fit fails the "
         "checks "
     )
     flags = con.sql("SELECT patient_id, fhir_pending, observation_id IS NULL FROM wearable_daily").fetchall()
-    assert ("fitabase-../x", False, True) in flags, "cleared: the next run does not fail it again"
+    assert ("fitabase-a b", False, True) in flags, "cleared: the next run does not fail it again"
     assert not any(pending for _, pending, _ in flags)
     steps = con.sql("SELECT value_numeric FROM observation WHERE code = '41950-7'").fetchall()
     assert steps == [(910.0,)], "the good day's FHIR landed beside it"

@@ -209,7 +209,8 @@ def test_fitabase_hourly_steps_all_land_and_roll_up_to_the_daily_totals(tmp_path
     assert landed == (hourly_rows, accounts) and hourly_rows > 20_000
     (hourly_days, same_sum) = con.sql(
         f"""SELECT count(*), count(*) FILTER (w.sum = h.steps)
-        FROM (SELECT 'fa-' || Id AS patient_id, strptime(ActivityHour, '%m/%d/%Y %I:%M:%S %p')::DATE AS day,
+        FROM (SELECT 'fa/fa-' || Id AS patient_id,
+                     strptime(ActivityHour, '%m/%d/%Y %I:%M:%S %p')::DATE AS day,
                      sum(StepTotal::DOUBLE) AS steps
               FROM {hourly_csv} GROUP BY ALL) h
         LEFT JOIN wearable_daily w ON w.metric = 'steps' AND (w.patient_id, w.day) = (h.patient_id, h.day)"""
@@ -217,7 +218,7 @@ def test_fitabase_hourly_steps_all_land_and_roll_up_to_the_daily_totals(tmp_path
     assert same_sum == hourly_days > 1000, "every user-day's sum is exactly its hourly rows'"
     (listed, same_value, above_hourly) = con.sql(
         f"""SELECT count(*), count(*) FILTER (w.value = d.steps), count(*) FILTER (w.value > w.sum)
-        FROM (SELECT 'fa-' || Id AS patient_id, strptime(ActivityDate, '%m/%d/%Y')::DATE AS day,
+        FROM (SELECT 'fa/fa-' || Id AS patient_id, strptime(ActivityDate, '%m/%d/%Y')::DATE AS day,
                      TotalSteps::DOUBLE AS steps
               FROM {daily_csv}) d
         LEFT JOIN wearable_daily w ON w.metric = 'steps' AND (w.patient_id, w.day) = (d.patient_id, d.day)"""

@@ -40,8 +40,8 @@ def test_after_a_bad_fitabase_id_another_source_still_syncs(tmp_path: Path, api_
     assert (source, line) == ("fa", 4)
     assert "account Id '../x' makes the Patient id 'fitabase-../x', which is not a FHIR id" in reason
     patients = con.sql("SELECT DISTINCT patient_id FROM wearable_sample").fetchall()
-    assert patients == [("fitabase-111",)]
-    assert con.sql("SELECT id FROM patient").fetchall() == [("e1",)]
+    assert patients == [("fa/fitabase-111",)]  # the wearable's own twin: no other source has it
+    assert con.sql("SELECT id FROM patient").fetchall() == [("ehr/e1",)]
     assert "../x" not in first.stdout + first.stderr, (
         "a printed message names the file and line, never the data"
     )
