@@ -269,6 +269,7 @@ def bad_line(line: bytes) -> Callable[[FileKind, Path], Damage]:
         lines = kind.lines("odd", GOOD)
         lines[kind.header_lines + 4] = line
         path = folder / f"odd{kind.suffix.removesuffix('.gz')}"
+        path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"".join(x + b"\n" for x in lines))
         return Damage(
             path=path, prefix="odd", records=GOOD, landed=GOOD - 1, quarantined=[kind.header_lines + 5]
@@ -313,8 +314,18 @@ RECIPES = [
     recipe("vcf", "POS -3", bad_line(b"chr5\t-3\tminus\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:."), fast=True),
     recipe("vcf", "bad header", bad_header),
     recipe("hl7v2", "truncated gzip", truncated, fast=True),
+    recipe(
+        "hl7v2", "garbled message", bad_line(f"MSH|^~\\&|LAB|{SECRET}\x00\rPID|1||\rOBX|1|NM|||".encode())
+    ),
     recipe("fitbit-csv", "truncated gzip", truncated, fast=True),
+    recipe("fitbit-csv", "not UTF-8", bad_line(b"odd1,3/1/2016 4:00:00 AM,\xb5" + SECRET.encode())),
+    recipe("fitbit-csv", "missing value", bad_line(b"odd1,3/1/2016 4:00:00 AM,")),
     recipe("openmhealth", "truncated gzip", truncated, fast=True),
+    recipe(
+        "openmhealth",
+        "impossible heart rate",
+        bad_line(_omh("odd", 5)[4].replace(b'"value":64', b'"value":6400')),
+    ),
     recipe("apple-health", "truncated zip", truncated, fast=True),
 ]
 
