@@ -262,9 +262,10 @@ class _Reader:
 
     def damaged(self, file: str, line: int, error: str) -> None:
         """The file breaks off at data point (or line) `line`: that is a problem, not the end."""
+        where = f"after line {line - 1:,}" if line > 1 else "at its start"
         reason = (
-            f"file damaged at data point {line:,}: {error}; the data points before it landed; replace the "
-            "file and sync again"
+            f"file damaged {where}: {error}; the data points before it landed; "
+            "replace the file and sync again"
         )
         self._problem(file, line, reason, "")
 

@@ -436,6 +436,8 @@ def test_a_file_that_vanishes_or_cannot_be_read_after_listing_is_one_problem(tmp
         "fhir-ndjson",
         pytest.param("lab-csv", marks=pytest.mark.slow),
         pytest.param("vcf", marks=pytest.mark.slow),
+        pytest.param("fitbit-csv", marks=pytest.mark.slow),
+        pytest.param("openmhealth", marks=pytest.mark.slow),
     ],
 )
 def test_the_cli_ends_a_sync_that_quarantined_with_exit_code_3_and_one_line(
