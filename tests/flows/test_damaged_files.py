@@ -313,20 +313,20 @@ RECIPES = [
     recipe("vcf", "POS 1e3", bad_line(b"chr5\t1e3\tnan\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:.")),
     recipe("vcf", "POS -3", bad_line(b"chr5\t-3\tminus\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:."), fast=True),
     recipe("vcf", "bad header", bad_header),
-    recipe("hl7v2", "truncated gzip", truncated, fast=True),
+    recipe("hl7v2", "truncated gzip", truncated),
     recipe(
         "hl7v2", "garbled message", bad_line(f"MSH|^~\\&|LAB|{SECRET}\x00\rPID|1||\rOBX|1|NM|||".encode())
     ),
-    recipe("fitbit-csv", "truncated gzip", truncated, fast=True),
+    recipe("fitbit-csv", "truncated gzip", truncated),
     recipe("fitbit-csv", "not UTF-8", bad_line(b"odd1,3/1/2016 4:00:00 AM,\xb5" + SECRET.encode())),
     recipe("fitbit-csv", "missing value", bad_line(b"odd1,3/1/2016 4:00:00 AM,")),
-    recipe("openmhealth", "truncated gzip", truncated, fast=True),
+    recipe("openmhealth", "truncated gzip", truncated),
     recipe(
         "openmhealth",
         "impossible heart rate",
         bad_line(_omh("odd", 5)[4].replace(b'"value":64', b'"value":6400')),
     ),
-    recipe("apple-health", "truncated zip", truncated, fast=True),
+    recipe("apple-health", "truncated zip", truncated),
 ]
 
 
