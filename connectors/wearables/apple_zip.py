@@ -86,8 +86,9 @@ def _cut_zip(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
                 name = raw_name.decode(errors="replace")
                 if PurePosixPath(name).name == EXPORT_MEMBER and not name.startswith("__MACOSX/"):
                     found = True
-                    with io.BufferedReader(_Unzipped(content), READ_SIZE) as stream:
-                        yield f"{path}!/{name}", stream
+                    # Unbuffered: a buffered read that meets the cut loses what it had gathered.
+                    with _Unzipped(content) as stream:
+                        yield f"{path}!/{name}", cast(IO[bytes], stream)
                 for _ in content:  # the rest of the member (stream-unzip reads them in order)
                     pass
         except (UnzipError, *READ_ERRORS) as e:

@@ -314,7 +314,7 @@ def read_rows(path: Path, kind: str) -> tuple[pl.DataFrame | None, list[tuple[in
         end = data.rfind(b"\n") + 1  # the line the damage cuts is part of the damage
         cut = data.count(b"\n", 0, end) + 1
         reason = (
-            f"{kind}: file damaged after line {cut - 1:,} (byte {end:,} unpacked): {damage}; the lines "
+            f"file damaged after line {cut - 1:,} (byte {end:,} unpacked): {damage}; the lines "
             "before it landed; replace the file and sync again"
         )
         problems.append((cut, reason, _shown(data[end:])))

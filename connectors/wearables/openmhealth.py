@@ -24,21 +24,20 @@ changed file is read again; the store drops the samples it already holds).
 from __future__ import annotations
 
 import io
-import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 import pyarrow as pa
-from isal import isal_zlib
 from pydantic import Field, field_validator, model_validator
 
-from connectors._files import FileConnector, describe_files, fingerprint, open_maybe_gzipped
+from connectors._files import GZIP_MAGIC, FileConnector, describe_files, fingerprint, open_maybe_gzipped
+from connectors._lines import DAMAGE, _gunzipped
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
 from connectors.kinds import SourceConfig, SourceKind
 from connectors.wearables.openmhealth_schemas import (
@@ -52,7 +51,7 @@ from connectors.wearables.openmhealth_schemas import (
 
 BOM = b"\xef\xbb\xbf"
 WHOLE_FILE = "the file"
-READ_ERRORS = (OSError, EOFError, zlib.error, cast("type[Exception]", isal_zlib.error))
+READ_ERRORS = DAMAGE
 """What reading a damaged file (a gzip file cut short) raises part way."""
 MAX_RAW = 64 * 1024
 """The most of a data point's text kept in quarantine."""
@@ -158,10 +157,10 @@ class OpenMHealthConnector(FileConnector[OpenMHealthSource]):
 def data_points(path: Path) -> Iterator[Entry]:
     """The data points of a file: NDJSON files line by line; a JSON file as one document (a data
     point or an array of them), else as JSON lines."""
+    if path.name.endswith((".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")):
+        yield from _lines(_file_lines(path))
+        return
     with open_maybe_gzipped(path) as fh:
-        if path.name.endswith((".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")):
-            yield from _lines(fh)
-            return
         data = fh.read().removeprefix(BOM)
     try:
         document = orjson.loads(data)
@@ -179,7 +178,28 @@ def data_points(path: Path) -> Iterator[Entry]:
         yield Entry(position=1, where=WHOLE_FILE, raw=_text(data), value=document)
 
 
-def _lines(fh: IO[bytes]) -> Iterator[Entry]:
+def _file_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file, plain or gzip. A GzipFile loses the lines it decompressed before a
+    damaged stream fails; here every whole line before the damage comes out first."""
+    with path.open("rb") as fh:
+        if fh.read(2) != GZIP_MAGIC:
+            fh.seek(0)
+            yield from fh
+            return
+        fh.seek(0)
+        parts: list[bytes] = []  # the line not finished yet, in pieces
+        for piece in _gunzipped(fh):
+            *ended, rest = piece.split(b"\n")
+            if ended:
+                yield b"".join([*parts, ended[0]]) + b"\n"
+                yield from (line + b"\n" for line in ended[1:])
+                parts = []
+            parts.append(rest)
+        if last := b"".join(parts):
+            yield last
+
+
+def _lines(fh: Iterable[bytes]) -> Iterator[Entry]:
     for n, line in enumerate(fh, start=1):
         line = line.removeprefix(BOM) if n == 1 else line
         if not line.strip():
@@ -242,9 +262,10 @@ class _Reader:
 
     def damaged(self, file: str, line: int, error: str) -> None:
         """The file breaks off at data point (or line) `line`: that is a problem, not the end."""
+        where = f"after line {line - 1:,}" if line > 1 else "at its start"
         reason = (
-            f"file damaged at data point {line:,}: {error}; the data points before it landed; replace the "
-            "file and sync again"
+            f"file damaged {where}: {error}; the data points before it landed; "
+            "replace the file and sync again"
         )
         self._problem(file, line, reason, "")
 

@@ -204,8 +204,8 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
         pl.col("to_unit").alias("unit"),
     )
     problems = bad.select(
-        pl.col("origin").alias("file"),
-        pl.lit(0, pl.Int64).alias("line_no"),
+        pl.col("origin").str.replace(ORIGIN_AT, "${1}").alias("file"),
+        pl.col("origin").str.extract(ORIGIN_AT, 2).cast(pl.Int64).fill_null(0).alias("line_no"),
         pl.format("{} sample of {}: {}", pl.col("metric"), pl.col("patient_id"), pl.col("reason")).alias(
             "reason"
         ),
@@ -216,6 +216,9 @@ def normalize_samples(samples: pa.Table) -> tuple[pa.Table, pa.Table]:
     )
 
 
+ORIGIN_AT = r"^(.*):(?:line|item) ([0-9]+)$"
+"""An origin that names the line (or JSON array item) of its file, "<path>:line 5": a problem
+names the file and the line apart."""
 OUT_OF_RANGE = "out of range"
 """Stands for the reason until it is written (with the value, in Python: such rows are few)."""
 NOT_AN_ID = (

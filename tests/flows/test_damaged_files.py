@@ -9,10 +9,13 @@ damage recipes to `RECIPES`."""
 from __future__ import annotations
 
 import gzip
+import io
 import random
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -22,6 +25,8 @@ from connectors.kinds import SourceConfig
 from flows.config import load_settings
 from flows.sync import build_connector, harmonized, land_batches
 from tests.support.cli import run_cli
+from tests.support.hl7v2 import MESSAGE
+from tests.support.kinds import HEART_RATE_SCHEMA
 from tests.support.vcf import HEADER as VCF_HEADER
 from twin_store import RunReport, TwinStore, connect
 
@@ -45,11 +50,27 @@ class FileKind:
     """The text of `n` records (a file's header first) with ids starting `prefix`."""
     landed: str
     """SQL counting the records landed whose ids start with $prefix (one per file)."""
+    member: str = ""
+    """What a problem's file adds to the file's path: the member of a zip it is in."""
 
     def write(self, path: Path, prefix: str, n: int = GOOD) -> Path:
         data = b"".join(line + b"\n" for line in self.lines(prefix, n))
+        path.parent.mkdir(parents=True, exist_ok=True)  # a suffix may name a subfolder
+        if path.name.endswith(".zip"):  # an Apple Health export: its export.xml, deflated
+            packed = io.BytesIO()
+            with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr("apple_health_export/export.xml", data)
+            data = packed.getvalue()
         path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
         return path
+
+
+def unpacked(cut: bytes) -> bytes:
+    """What a gzip file (or a zip of one deflated member) cut short still holds."""
+    if cut.startswith(b"PK"):
+        name, extra = int.from_bytes(cut[26:28], "little"), int.from_bytes(cut[28:30], "little")
+        return zlib.decompressobj(wbits=-15).decompress(cut[30 + name + extra :])
+    return zlib.decompressobj(wbits=31).decompress(cut)
 
 
 def _ndjson(prefix: str, n: int) -> list[bytes]:
@@ -69,6 +90,68 @@ def _vcf(prefix: str, n: int) -> list[bytes]:
     return [line.encode() for line in [*VCF_HEADER.splitlines(), *records]]
 
 
+def _hl7v2(prefix: str, n: int) -> list[bytes]:
+    """One ORU^R01 a line (segments end with CR), with MSH-10 and the order numbers `prefix`i."""
+    return [
+        MESSAGE.replace("MSG001", f"{prefix}{i}").replace("PL1|FL1", f"{prefix}{i}|{prefix}{i}").encode()
+        for i in range(n)
+    ]
+
+
+def _fitabase(prefix: str, n: int) -> list[bytes]:
+    """Hourly steps of one account, `prefix`1 (its Patient "fa-<prefix>1")."""
+    rows = [f"{prefix}1,3/{1 + i // 24}/2016 {i % 12 or 12}:00:00 {'AP'[i // 12 % 2]}M,{i}" for i in range(n)]
+    return [line.encode() for line in ["Id,ActivityHour,StepTotal", *rows]]
+
+
+DAY = 86_400
+DAY0 = 19_723  # 2024-01-01: the records of the k-th prefix are on day DAY0 + k, a minute apart
+
+
+def _moment(prefix: str, i: int, form: str) -> str:
+    return datetime.fromtimestamp((DAY0 + PREFIXES.index(prefix) + 1) * DAY + 60 * i, UTC).strftime(form)
+
+
+def _omh(prefix: str, n: int) -> list[bytes]:
+    schema = {"namespace": "omh", "name": "heart-rate", "version": "1.0"}
+    return [
+        orjson.dumps(
+            {
+                "header": {
+                    "id": f"{prefix}{i}",
+                    "creation_date_time": "2024-05-02T00:00:00Z",
+                    "schema_id": schema,
+                },
+                "body": {
+                    "heart_rate": {"value": 60 + i % 40, "unit": "beats/min"},
+                    "effective_time_frame": {"date_time": _moment(prefix, i, "%Y-%m-%dT%H:%M:%SZ")},
+                },
+            }
+        )
+        for i in range(n)
+    ]
+
+
+def _apple(prefix: str, n: int) -> list[bytes]:
+    head = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<HealthData locale="en_GB">',
+        ' <ExportDate value="2024-06-10 09:00:00 +0000"/>',
+    ]
+    records = [
+        f' <Record type="HKQuantityTypeIdentifierHeartRate" sourceName="Watch" unit="count/min" '
+        f'creationDate="{at}" startDate="{at}" endDate="{at}" value="{60 + i % 40}"/>'
+        for i in range(n)
+        for at in [_moment(prefix, i, "%Y-%m-%d %H:%M:%S +0000")]
+    ]
+    return [line.encode() for line in [*head, *records, "</HealthData>"]]
+
+
+ON_ITS_DAY = (
+    "SELECT count(*) FROM wearable_sample WHERE epoch(start_time)::BIGINT // 86400 = "
+    f"{DAY0 + 1} + list_position({PREFIXES}, $prefix) - 1"
+)
+"""Samples of the prefix's day (wearables have no ids of their own)."""
 COLUMNS = (
     'columns = { id = "id", patient = "patient", code = "loinc", time = "when", value = "value", '
     'ucum = "unit" }'
@@ -98,6 +181,42 @@ KINDS = {
         lines=_vcf,
         landed="SELECT count(*) FROM genomic_variant WHERE starts_with(variant_id, $prefix)",
     ),
+    "hl7v2": FileKind(
+        kind="hl7v2",
+        suffix=".hl7.gz",
+        header_lines=0,
+        options="",
+        lines=_hl7v2,
+        landed=(
+            "SELECT count(*) FROM fhir_resource WHERE resource_type = 'DiagnosticReport' "
+            'AND contains(resource, \'"value":"\' || $prefix)'
+        ),
+    ),
+    "fitbit-csv": FileKind(
+        kind="fitbit-csv",
+        suffix="/hourlySteps_merged.csv.gz",  # the file's name says what it holds: one a folder
+        header_lines=1,
+        options='patient_prefix = "fa-"\ntimezone = "UTC"',
+        lines=_fitabase,
+        landed="SELECT count(*) FROM wearable_sample WHERE contains(patient_id, 'fa-' || $prefix || '1')",
+    ),
+    "openmhealth": FileKind(
+        kind="openmhealth",
+        suffix=".ndjson.gz",
+        header_lines=0,
+        options='schemas = "{schemas}"\npatient = "p1"',  # write_config writes the schema
+        lines=_omh,
+        landed=ON_ITS_DAY,
+    ),
+    "apple-health": FileKind(
+        kind="apple-health",
+        suffix=".zip",
+        header_lines=3,
+        options='patient = "p1"',
+        lines=_apple,
+        landed=ON_ITS_DAY,
+        member="!/apple_health_export/export.xml",
+    ),
 }
 
 
@@ -118,7 +237,7 @@ def truncated(kind: FileKind, folder: Path) -> Damage:
     path = kind.write(folder / f"cut{kind.suffix}", "cut")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    whole = zlib.decompressobj(wbits=31).decompress(data[: len(data) // 2]).count(b"\n")
+    whole = unpacked(data[: len(data) // 2]).count(b"\n")
     return Damage(
         path=path,
         prefix="cut",
@@ -150,6 +269,7 @@ def bad_line(line: bytes) -> Callable[[FileKind, Path], Damage]:
         lines = kind.lines("odd", GOOD)
         lines[kind.header_lines + 4] = line
         path = folder / f"odd{kind.suffix.removesuffix('.gz')}"
+        path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"".join(x + b"\n" for x in lines))
         return Damage(
             path=path, prefix="odd", records=GOOD, landed=GOOD - 1, quarantined=[kind.header_lines + 5]
@@ -193,14 +313,31 @@ RECIPES = [
     recipe("vcf", "POS 1e3", bad_line(b"chr5\t1e3\tnan\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:.")),
     recipe("vcf", "POS -3", bad_line(b"chr5\t-3\tminus\tT\tA\t50\tPASS\t.\tGT:PS\t0/1:.\t0/0:."), fast=True),
     recipe("vcf", "bad header", bad_header),
+    recipe("hl7v2", "truncated gzip", truncated),
+    recipe(
+        "hl7v2", "garbled message", bad_line(f"MSH|^~\\&|LAB|{SECRET}\x00\rPID|1||\rOBX|1|NM|||".encode())
+    ),
+    recipe("fitbit-csv", "truncated gzip", truncated),
+    recipe("fitbit-csv", "not UTF-8", bad_line(b"odd1,3/1/2016 4:00:00 AM,\xb5" + SECRET.encode())),
+    recipe("fitbit-csv", "missing value", bad_line(b"odd1,3/1/2016 4:00:00 AM,")),
+    recipe("openmhealth", "truncated gzip", truncated),
+    recipe(
+        "openmhealth",
+        "impossible heart rate",
+        bad_line(_omh("odd", 5)[4].replace(b'"value":64', b'"value":6400')),
+    ),
+    recipe("apple-health", "truncated zip", truncated),
 ]
 
 
 def write_config(folder: Path, kind: FileKind, data: Path) -> Path:
     config = folder / "twinhub.toml"
+    schemas = folder / "schema"
+    (schemas / "omh").mkdir(parents=True, exist_ok=True)
+    (schemas / "omh" / "heart-rate-1.0.json").write_bytes(orjson.dumps(HEART_RATE_SCHEMA))
     config.write_text(
         f'[store]\npath = "{folder / "store"}"\n\n[[sources]]\nname = "src"\nkind = "{kind.kind}"\n'
-        f'path = "{data}"\n{kind.options}\n'
+        f'path = "{data}"\n{kind.options.replace("{schemas}", str(schemas))}\n'
     )
     return config
 
@@ -246,7 +383,7 @@ def test_a_damaged_file_lands_its_readable_part_beside_the_good_files(
     quarantine = (
         connect(store).sql("SELECT file, line_no, reason FROM quarantine ORDER BY line_no").fetchall()
     )
-    assert {file for file, _, _ in quarantine} == {str(bad.path)}
+    assert {file for file, _, _ in quarantine} == {f"{bad.path}{kind.member}"}
     assert all(reason for _, _, reason in quarantine)
     lines = [line for _, line, _ in quarantine]
     got = landed(kind, store, bad.prefix)
@@ -299,6 +436,8 @@ def test_a_file_that_vanishes_or_cannot_be_read_after_listing_is_one_problem(tmp
         "fhir-ndjson",
         pytest.param("lab-csv", marks=pytest.mark.slow),
         pytest.param("vcf", marks=pytest.mark.slow),
+        pytest.param("fitbit-csv", marks=pytest.mark.slow),
+        pytest.param("openmhealth", marks=pytest.mark.slow),
     ],
 )
 def test_the_cli_ends_a_sync_that_quarantined_with_exit_code_3_and_one_line(

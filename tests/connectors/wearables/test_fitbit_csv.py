@@ -385,7 +385,7 @@ def test_a_gzip_file_cut_short_lands_the_lines_before_the_cut(tmp_path: Path) ->
     [(_, line, reason, raw)] = problems_of(batches)
     assert 0 < len(landed) == line - 2 < 2000, "every line before the damaged one landed"
     assert landed["value"].to_list() == [float(h * 7919 % 1000) for h in range(len(landed))]
-    assert reason.startswith(f"hourlySteps_merged: file damaged after line {line - 1:,} (byte ")
+    assert reason.startswith(f"file damaged after line {line - 1:,} (byte ")
     assert reason.endswith(
         "unpacked): truncated gzip stream; the lines before it landed; replace the file and sync again"
     )

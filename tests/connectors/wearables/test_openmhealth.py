@@ -753,7 +753,7 @@ def test_a_gzip_file_cut_short_lands_its_data_points_before_the_cut_and_the_othe
     assert 0 < landed < 20_000
     [problem] = [p for b in batches for p in b.problems.to_pylist()]
     assert (problem["file"], problem["line_no"]) == (str(data / "b.ndjson.gz"), landed + 1)
-    assert problem["reason"].startswith(f"file damaged at data point {landed + 1:,}: EOFError")
+    assert problem["reason"].startswith(f"file damaged after line {landed:,}: EOFError")
     assert problem["reason"].endswith("the data points before it landed; replace the file and sync again")
     assert str(data / "b.ndjson.gz") in batches[-1].watermark["files"], "read: a replaced file is read again"
 
