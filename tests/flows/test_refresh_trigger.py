@@ -445,4 +445,6 @@ def test_serve_refreshes_after_a_sync_against_a_real_prefect_server(tmp_path: Pa
     print(f"\nsync end -> outputs landed: {latency:.1f} s ({steps}; noticed {noticed:.1f} s after the sync)")
     assert outputs == 3
     assert outputs_per_patient(store) == {"p1": 1, "p2": 1, "p3": 1}
-    assert latency < 15
+    # The latency is measured and quoted (docs/benchmarks.md), not held to a time here: a busy
+    # host doubles it. The bound catches only a refresh left to a poll interval or a lost event.
+    assert latency < 60
