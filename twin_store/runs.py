@@ -118,6 +118,20 @@ def begin(root: Path, run: RunReport) -> None:
         )
 
 
+def failed_to_start(root: Path, source: str, flow: FlowKind, error: str) -> None:
+    """Record a run that failed before it began (its source could not be read), so `status` and
+    monitoring see the failure, not the last run that worked. Only in a store that exists."""
+    if not (root / RUNS_FILE).exists():
+        return
+    now = _now()
+    with run_log(root) as db:
+        db.execute(
+            "INSERT INTO run_record (run_id, source, flow, started_at, finished_at, status, error) "
+            "VALUES (?, ?, ?, ?, ?, 'failed', ?)",
+            [new_run_id(), source, flow, now, now, error],
+        )
+
+
 def finish(root: Path, run: RunReport) -> None:
     with run_log(root) as db:
         db.execute(

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from connectors.errors import TwinhubError
 from flows.cli._output import State, config_arg, out, para, print_report, settings, with_progress
 from flows.cli._prefect import stoppable
+
+if TYPE_CHECKING:
+    from twin_store.runs import FlowKind
 
 
 def sync(
@@ -28,7 +33,7 @@ def sync(
     from flows.sync import sync as sync_flow
 
     _preflight(name)
-    with stoppable():
+    with stoppable(), _one_line(name):
         report = with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh))
     print_report(report, settings().store.path)
 
@@ -48,8 +53,8 @@ def backfill(
     if since >= until:
         raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
     step = _duration(window) if window else None
-    _preflight(name)
-    with stoppable():
+    _preflight(name, "backfill")
+    with stoppable(), _one_line(name):
         report = with_progress(
             name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
         )
@@ -102,12 +107,36 @@ def reset(
         para(f"reset {name} (run {run.run_id}): it had not got anywhere; its next sync reads everything")
 
 
-def _preflight(name: str) -> None:
-    """Catch a wrong source name or path here, as one line, before any flow starts."""
+@contextlib.contextmanager
+def _one_line(name: str) -> Iterator[None]:
+    """An error no check foresaw (a bug, a library's surprise) ends the command in one line, as a
+    known one does, naming the source and where the run's record is; -v shows the traceback."""
+    try:
+        yield
+    except (TwinhubError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if State.verbose:
+            raise
+        raise TwinhubError(
+            f"source {name!r} stopped on an unexpected {type(e).__name__}: {e}; its run is recorded "
+            "(twinhub status); rerun with -v for the traceback"
+        ) from None
+
+
+def _preflight(name: str, flow: FlowKind = "sync") -> None:
+    """Catch a wrong source name or path here, as one line, before any flow starts; a source
+    that cannot be read is recorded as a failed run, as it would be under `serve`."""
     from flows.sync import build_connector
+    from twin_store.runs import failed_to_start
 
     cfg = settings()
-    build_connector(cfg, cfg.source(name)).check()
+    source = cfg.source(name)
+    try:
+        build_connector(cfg, source).check()
+    except TwinhubError as e:
+        failed_to_start(cfg.store.path, name, flow, f"{type(e).__name__}: {e}")
+        raise
 
 
 def _duration(text: str) -> timedelta:

@@ -158,3 +158,23 @@ def test_status_says_how_far_a_source_of_each_kind_got(tmp_path: Path, fitbit_se
     assert re.fullmatch(rf"exported up to {INSTANT}{AT}", progress["fhir-bulk"])
     assert re.fullmatch(rf"1 patient, complete through {today - timedelta(days=1)}{AT}", progress["fitbit"])
     assert progress["never"] == "never synced"
+
+
+def test_a_sync_that_fails_before_its_run_begins_is_a_failed_run(tmp_path: Path) -> None:
+    """The CLI checks a source before any flow starts; when that check fails (its folder moved
+    away), the failure is recorded like a run's, so status and monitoring do not report the last
+    sync that worked."""
+    export = write_ndjson(tmp_path / "export" / "Patient.ndjson", bad_lines(0)[:4]).parent
+    config = write_sources_config(tmp_path, {"ehr": {"kind": "fhir-ndjson", "path": str(export)}})
+    land_source.fn(str(config), "ehr")
+    export.rename(tmp_path / "moved")
+
+    synced = run_cli("--config", str(config), "sync", "ehr", check=False)
+    assert synced.returncode == 1 and "does not exist" in synced.stderr
+    status = run_cli("--config", str(config), "status", "--json", check=False)
+    assert status.returncode == 2, "the last sync of ehr failed"
+    facts = orjson.loads(status.stdout)
+    assert (facts["healthy"], facts["failed_sources"]) == (False, ["ehr"])
+    failed, succeeded = next(s for s in facts["sources"] if s["name"] == "ehr")["runs"][:2]
+    assert (failed["status"], succeeded["status"]) == ("failed", "succeeded")
+    assert "does not exist" in failed["error"]
