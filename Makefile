@@ -49,4 +49,5 @@ bench: $(BIN)/.installed $(SEKMET_VENV)
 	$(BIN)/python bench/ehr_bulk.py
 
 clean:
-	rm -rf $(VENV) $(SEKMET_VENV) .twinhub site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SEKMET_VENV) site .pytest_cache .mypy_cache .ruff_cache
+	@echo "kept the stores (.twinhub, twinhub-demo/): delete them yourself if you mean to"

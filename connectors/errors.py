@@ -33,6 +33,17 @@ class StoreError(TwinhubError):
     """The twin store cannot be opened or written as asked."""
 
 
+class InterruptedRunError(TwinhubError):
+    """A run stopped on request (Ctrl-C): its committed batches stay, and the next run resumes
+    after them. Never retried."""
+
+    def __init__(self, run_id: str, source: str, lines: int) -> None:
+        super().__init__(
+            f"interrupted: run {run_id} of {source} stopped after {lines:,} lines; the next sync resumes"
+        )
+        self.run_id = run_id
+
+
 def safe_url(url: object) -> str:
     """A URL fit for logs and errors: no credentials, no query (it may hold search terms or a
     signed-URL token)."""

@@ -119,7 +119,7 @@ def _command_section(path: list[str], command: Any, ctx: Any) -> list[str]:
 
 def config_page() -> str:
     from connectors.kinds import SourceConfig
-    from flows.config import ModelsConfig, StoreConfig, ViewsConfig
+    from flows.config import ModelsConfig, ProjectConfig, StoreConfig, ViewsConfig
 
     lines = [
         "# Configuration file",
@@ -131,7 +131,13 @@ def config_page() -> str:
         "override keys (`TWINHUB_STORE__PATH=/data/twin`). Every table refuses keys it does not know.",
         "",
     ]
-    for table, model in (("[store]", StoreConfig), ("[views]", ViewsConfig), ("[models]", ModelsConfig)):
+    tables = (
+        ("[project]", ProjectConfig),
+        ("[store]", StoreConfig),
+        ("[views]", ViewsConfig),
+        ("[models]", ModelsConfig),
+    )
+    for table, model in tables:
         lines += [f"## `{table}`", "", *_fields_table(model), ""]
     lines += [
         "## `[[sources]]`",

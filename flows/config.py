@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +19,22 @@ from connectors.kinds import MappingFile, SourceConfig, kind_names, source_kind
 
 DEFAULT_CONFIG = Path("twinhub.toml")
 AUTH_TYPES = ("none", "bearer", "basic", "smart")
+
+
+class ProjectConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    """Names this project's Prefect deployments (`sync/<source>@<name>`, `refresh-models/<name>`)
+    and events, so projects that share a Prefect server never mix; default: the config file's
+    folder name."""
+
+    @field_validator("name")
+    @classmethod
+    def _usable(cls, name: str) -> str:
+        if bad := set(name) & set("/%&<>@"):
+            raise ValueError(f"project name {name!r} may not hold {''.join(sorted(bad))}")
+        return name
 
 
 class StoreConfig(BaseModel):
@@ -40,8 +56,8 @@ class ModelsConfig(BaseModel):
     enabled: list[str] = []
     """Twin models to refresh (names of `twinhub.models` entry points; `twinhub models list`)."""
     refresh_after_sync: bool = True
-    """Refresh the enabled models in the sync itself. `twinhub serve` leaves it to the trigger on
-    the `twinhub.store.updated` event instead."""
+    """Refresh the enabled models in the sync itself; false leaves it to the trigger of a
+    `twinhub serve` on the sync's Prefect server (a sync that finds none refreshes them anyway)."""
     retrain_after: dict[str, int] = {}
     """Model name -> how many new patients make a model that learns fit itself again."""
 
@@ -51,6 +67,7 @@ class Settings(BaseSettings):
         env_prefix="TWINHUB_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
+    project: ProjectConfig = ProjectConfig()
     store: StoreConfig = StoreConfig()
     views: ViewsConfig = ViewsConfig()
     models: ModelsConfig = ModelsConfig()
@@ -103,7 +120,9 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError("file", f"{str(file)!r} is not valid TOML ({e}); fix the syntax") from None
     sources = [_source(file, n, table) for n, table in enumerate(raw.sources)]
     _check_sources(sources)
-    settings = Settings.model_construct(store=raw.store, views=raw.views, models=raw.models, sources=sources)
+    settings = Settings.model_construct(
+        project=raw.project, store=raw.store, views=raw.views, models=raw.models, sources=sources
+    )
     return _resolve_paths(settings, file.resolve().parent)
 
 
@@ -125,10 +144,10 @@ def _check_sources(sources: list[SourceConfig]) -> None:
     names = [s.name for s in sources]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError("sources", f"source names must be unique; {', '.join(dupes)} appear twice")
-    from prefect.client.schemas.schedules import CronSchedule  # Prefect is slow to import
-
     for source in sources:
         if source.schedule is not None:
+            from prefect.client.schemas.schedules import CronSchedule  # Prefect is slow to import
+
             try:
                 CronSchedule(cron=source.schedule)
             except ValidationError:
@@ -141,10 +160,18 @@ def _check_sources(sources: list[SourceConfig]) -> None:
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     """Every path in the file (data, key and token files) is relative to the file's folder."""
+    project = ProjectConfig(name=settings.project.name or _folder_name(base))
     store = StoreConfig(path=base / settings.store.path)
     views = ViewsConfig(path=base / settings.views.path if settings.views.path else None)
     sources = [_rebase(s, base) for s in settings.sources]
-    return Settings.model_construct(store=store, views=views, models=settings.models, sources=sources)
+    return Settings.model_construct(
+        project=project, store=store, views=views, models=settings.models, sources=sources
+    )
+
+
+def _folder_name(folder: Path) -> str:
+    """A project's default name: its config file's folder's, less what deployment names refuse."""
+    return "".join(c for c in folder.name if c not in "/%&<>@") or "twinhub"
 
 
 def _rebase(model: Any, base: Path) -> Any:

@@ -1,5 +1,8 @@
 """All deployments in one place: one scheduled `sync` per source that has a `schedule`, and, when
-models are enabled, `refresh-models` run by a trigger on every `twinhub.store.updated` event."""
+models are enabled, `refresh-models` run by a trigger on every `twinhub.store.updated` event of
+the project. Their names and tags carry the project's name (`[project] name`), so projects that
+share a Prefect server never overwrite each other's deployments nor trigger each other's
+refreshes."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from prefect.events import DeploymentEventTrigger
 
 from connectors.errors import ConfigError
 from flows.config import Settings
-from flows.refresh import refresh_models
+from flows.refresh import refresh_models, served_as
 from flows.sync import STORE_UPDATED, sync
 
 REFRESH_TRIGGER = (
@@ -37,13 +40,14 @@ def deployments(settings: Settings, config: str | None) -> list[RunnerDeployment
     """A `sync` per scheduled source, plus `refresh-models` on the event when models are
     enabled (the served syncs then leave refreshing to it)."""
     refresh = bool(settings.models.enabled)
+    project = settings.project.name
     served = [
         made(
             sync.to_deployment(
-                name=f"sync-{s.name}",
+                name=f"{s.name}@{project}",
                 cron=s.schedule,
                 parameters={"source": s.name, "config": config} | ({"refresh": False} if refresh else {}),
-                tags=["twinhub", f"source:{s.name}"],
+                tags=["twinhub", f"project:{project}", f"source:{s.name}"],
             )
         )
         for s in settings.sources
@@ -51,10 +55,10 @@ def deployments(settings: Settings, config: str | None) -> list[RunnerDeployment
     ]
     if refresh:
         trigger = DeploymentEventTrigger(
-            name="twinhub-refresh-on-store-updated",
+            name=f"twinhub-refresh-on-store-updated@{project}",
             description="Refresh the enabled twin models after a sync or backfill lands data",
             expect={STORE_UPDATED},
-            match={"prefect.resource.id": "twinhub.source.*"},
+            match={"prefect.resource.id": "twinhub.source.*", "twinhub.project": project},
             parameters={
                 "config": config,
                 "trigger": REFRESH_TRIGGER,
@@ -64,10 +68,10 @@ def deployments(settings: Settings, config: str | None) -> list[RunnerDeployment
         served.append(
             made(
                 refresh_models.to_deployment(
-                    name="refresh-models",
+                    name=served_as(project),
                     parameters={"config": config},
                     triggers=[trigger],
-                    tags=["twinhub", "models"],
+                    tags=["twinhub", f"project:{project}", "models"],
                 )
             )
         )

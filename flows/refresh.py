@@ -3,8 +3,9 @@
 Models come from the `twinhub.models` entry-point group (twinhub's own in pyproject.toml; a
 user's package adds its own the same way) and run when `[models] enabled` names them. A sync
 runs this flow in-process after landing (embedded defaults); under `twinhub serve` a deployment
-trigger on the `twinhub.store.updated` event runs it instead. Either way the store decides
-what each model must compute (twin_store.models): a repeated or missed event changes nothing.
+trigger on the `twinhub.store.updated` event runs it instead (`flows.sync.refresh_here` decides).
+Either way the store decides what each model must compute (twin_store.models): a repeated or
+missed event changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from twin_store.models import ModelRunReport, refresh
 
 log = logging.getLogger(__name__)
 ENTRY_POINTS = "twinhub.models"
+
+
+def served_as(project: str) -> str:
+    """The name of a project's `refresh-models` deployment under `twinhub serve`."""
+    return project
 
 
 def installed() -> dict[str, EntryPoint]:

@@ -1,4 +1,5 @@
-"""The sync and backfill flows: pull -> harmonize -> land, per source, then tell the world."""
+"""The sync and backfill flows: pull -> harmonize -> land, per source, then tell the world and
+refresh the twin models (here, or by `twinhub serve`'s trigger on the event)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from typing import Any, TypeVar
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from connectors.base import Batch, Connector
+from connectors.errors import InterruptedRunError
 from connectors.kinds import Context, SourceConfig, source_kind
 from flows.config import Settings, load_settings, mapping_files
-from flows.refresh import refresh_models
+from flows.refresh import refresh_models, served_as
 from flows.retries import is_retryable
 from harmonize.formats import harmonizer
 from twin_store import RunReport, TwinStore, Window, prepare
@@ -33,6 +38,9 @@ on_batch: ContextVar[Callable[[RunReport], None] | None] = ContextVar("on_batch"
 on_progress: ContextVar[Callable[[str], None] | None] = ContextVar("on_progress", default=None)
 """Set by the CLI to draw progress (batches landed; a connector's own news, like an export's
 X-Progress); flows run the same without them."""
+interrupt_requested = threading.Event()
+"""Set by the CLI on Ctrl-C: whatever error the interruption surfaces as (a KeyboardInterrupt,
+DuckDB's "Query interrupted"), the run ends `interrupted`, and is not retried."""
 
 
 def build_connector(settings: Settings, source: SourceConfig) -> Connector:
@@ -62,6 +70,10 @@ def land_source(config: str | None, source_name: str, window: Window | None = No
             since = None if window else store.watermark(source.name)
             land_batches(store, run, harmonized(source, connector.pull(since, window)), window=window)
         except BaseException as e:
+            if interrupt_requested.is_set() or isinstance(e, KeyboardInterrupt):
+                store.finish_run(run, "interrupted")
+                run.counts["lines_read"] = store.lines_landed(run)
+                raise InterruptedRunError(run.run_id, run.source, run.counts["lines_read"]) from None
             store.finish_run(run, "failed", error=f"{type(e).__name__}: {e}")
             raise
         finally:
@@ -80,6 +92,8 @@ def land_batches(
     backfill = window is not None
     for batch in prefetch(prepare(batch, backfill=backfill) for batch in prefetch(noted(batches, run))):
         store.land(run, batch, window=window)
+        if interrupt_requested.is_set():  # in case the KeyboardInterrupt met code that ate it
+            raise KeyboardInterrupt
         log.info("%s: %s lines landed so far", run.source, run.counts["lines_read"])
         if callback := on_batch.get():
             callback(run)
@@ -94,13 +108,14 @@ def noted(batches: Iterator[Batch], run: RunReport) -> Iterator[Batch]:
 
 
 @task(cache_policy=NO_CACHE)
-def emit_store_updated(report: RunReport) -> None:
-    """Announce what changed; the model-refresh automation subscribes to this event."""
+def emit_store_updated(report: RunReport, project: str) -> None:
+    """Announce what changed; the project's model-refresh automation subscribes to this event."""
     emit_event(
         event=STORE_UPDATED,
         resource={
             "prefect.resource.id": f"twinhub.source.{report.source}",
             "prefect.resource.name": report.source,
+            "twinhub.project": project,
         },
         payload=event_payload(report),
     )
@@ -123,12 +138,11 @@ def event_payload(report: RunReport) -> dict[str, Any]:
 @flow(name="sync")
 def sync(source: str, config: str | None = None, refresh: bool | None = None) -> RunReport:
     """Land what is new in one source since its watermark, then refresh the enabled twin models
-    in-process unless `refresh` is False (`twinhub serve` leaves that to the event's trigger);
-    None follows `[models] refresh_after_sync`."""
+    (`refresh_here` decides where; None follows `[models] refresh_after_sync`)."""
     report = land_source(config, source)
-    emit_store_updated(report)
-    models = load_settings(Path(config) if config else None).models
-    if models.enabled and (refresh if refresh is not None else models.refresh_after_sync):
+    settings = load_settings(Path(config) if config else None)
+    emit_store_updated(report, settings.project.name)
+    if landed(report) and refresh_here(settings, refresh):
         refresh_models(config, trigger=f"sync {report.run_id}", snapshot_id=report.snapshot_id)
     return report
 
@@ -138,11 +152,48 @@ def backfill(
     source: str, since: datetime, until: datetime, config: str | None = None, step: timedelta | None = None
 ) -> RunReport:
     """Re-pull a source and re-land what falls in [since, until), re-deriving even unchanged
-    resources (after a mapping change or an outage). Leaves the sync watermark alone. Sources
-    that query by time ask for one `step` of the window at a time."""
+    resources (after a mapping change or an outage), then refresh the models as a sync does.
+    Leaves the sync watermark alone. Sources that query by time ask for one `step` of the
+    window at a time."""
     report = land_source(config, source, Window(since=since, until=until, step=step))
-    emit_store_updated(report)
+    settings = load_settings(Path(config) if config else None)
+    emit_store_updated(report, settings.project.name)
+    if landed(report) and refresh_here(settings, None):
+        refresh_models(config, trigger=f"backfill {report.run_id}", snapshot_id=report.snapshot_id)
     return report
+
+
+def landed(report: RunReport) -> bool:
+    """Whether the run changed the store (a run that landed nothing gives the models nothing new)."""
+    return report.snapshot_id != report.started_snapshot_id
+
+
+def refresh_here(settings: Settings, asked: bool | None) -> bool:
+    """Whether this run refreshes the enabled models itself: yes, unless told not to (`--no-refresh`,
+    `refresh_after_sync = false`) while the Prefect API it reports to serves this project's
+    refresh trigger (`twinhub serve`). Without one the event would refresh nothing: then the run
+    refreshes them anyway and says so in one line, so no setting leaves the models stale."""
+    if not settings.models.enabled:
+        return False
+    if asked if asked is not None else settings.models.refresh_after_sync:
+        return True
+    if not PREFECT_API_URL.value():
+        why = "no Prefect server is set (PREFECT_API_URL), so no `twinhub serve` sees this run's event"
+    elif not _deployed(f"refresh-models/{served_as(settings.project.name)}"):
+        why = f"no `twinhub serve` of project {settings.project.name!r} has served that Prefect server"
+    else:
+        return False
+    log.warning("refreshing the models here: %s", why)
+    return True
+
+
+def _deployed(name: str) -> bool:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
 
 
 def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:

@@ -30,6 +30,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
+from connectors.errors import TwinhubError
 from harmonize.models.twin_model import OUTPUT_COLUMNS, TwinModel, output_id, output_resources
 from twin_store.runs import RunReport
 from twin_store.store import TwinStore
@@ -104,6 +105,8 @@ def refresh(
             if changed is not None and model.scope == "patient":
                 report.scope, scope = "changed", sorted(changed)
         everyone = _everyone(con, model)
+        if patients is not None:
+            _check_known(model, patients, everyone)
         params = None
         if model.trainable:
             params, training = _trained(store, model, training, everyone, now, retrain_after)
@@ -138,6 +141,23 @@ def _everyone(con: duckdb.DuckDBPyConnection, model: TwinModel) -> list[str]:
             selects.append(f"SELECT patient_id FROM {table}")
     query = f"SELECT DISTINCT patient_id FROM ({' UNION ALL '.join(selects)}) WHERE patient_id IS NOT NULL"
     return [p for (p,) in con.execute(f"{query} ORDER BY 1").fetchall()]
+
+
+def _check_known(model: TwinModel, patients: list[str], everyone: list[str]) -> None:
+    """Refuse patients the store does not know: computing them would write outputs (refusals)
+    for patients who do not exist. The message counts them; the ids stay out of it."""
+    known = set(everyone)
+    unknown = [n for n, p in enumerate(patients, start=1) if p not in known]
+    if unknown:
+        which = ", ".join(f"#{n}" for n in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        who = (
+            "the patient asked for is"
+            if len(patients) == 1
+            else f"{len(unknown)} of the {len(patients)} patients asked for ({which}) "
+            + ("is" if len(unknown) == 1 else "are")
+        )
+        listing = 'twinhub sql "SELECT id FROM patient"'
+        raise TwinhubError(f"model {model.name}: {who} not in the store; list them with: {listing}")
 
 
 def _unpin(con: duckdb.DuckDBPyConnection, model: TwinModel) -> None:
@@ -249,7 +269,7 @@ def _trained(
         con.unregister("scope_patients")
     fitted = model.train(rows)
     number = 1 if training is None else training[0] + 1
-    with store.transaction():
+    with store.transaction(f"train model {model.name} {model.version}: training {number}"):
         con.execute(
             "INSERT INTO twin.model_training VALUES (?, ?, ?, now(), ?, ?, ?, ?)",
             [
@@ -304,7 +324,8 @@ def _record(
         for p, s in outputs.select("patient_id", "status").rows()
     ]
     table = outputs.with_columns(pl.Series("resource_id", ids, pl.String)).to_arrow()
-    with store.transaction():
+    about = {"model_run_id": report.model_run_id, "model": model.name, "trigger": report.trigger}
+    with store.transaction(f"refresh model {model.name} run {report.model_run_id}", about):
         if len(table):
             con.register("outputs", table)
             try:

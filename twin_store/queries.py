@@ -8,6 +8,7 @@ from datetime import date
 
 import duckdb
 
+from twin_store.runs import COUNTS
 from twin_store.views import standard_views
 
 EXAMPLE_QUERY = """SELECT code_display, value_unit, count(*) AS n, round(avg(value_numeric), 1) AS mean
@@ -31,15 +32,25 @@ Con = duckdb.DuckDBPyConnection
 
 
 def last_runs(con: Con, per_source: int = 3) -> Relation:
-    """The last runs of each source with their counts, newest first."""
+    """The last runs of each source with their counts and error, newest first."""
     return con.sql(
-        """SELECT source, flow, status, started_at, round(epoch(finished_at - started_at), 1) AS secs,
-                  lines_read, inserted, updated, unchanged, superseded, quarantined, out_of_window, held,
-                  deleted, released, warnings, snapshot_id
-           FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= $n
-           ORDER BY source, started_at DESC""",
+        f"""SELECT source, run_id, flow, status, started_at, finished_at,
+                   round(epoch(finished_at - started_at), 1) AS secs, {", ".join(COUNTS)}, snapshot_id, error
+            FROM ingest_run QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) <= $n
+            ORDER BY source, started_at DESC""",
         params={"n": per_source},
     )
+
+
+def failed_sources(con: Con) -> list[str]:
+    """The sources whose last sync or backfill failed (what `status` exits non-zero for)."""
+    rows = con.execute(
+        """SELECT source FROM ingest_run WHERE flow IN ('sync', 'backfill')
+           QUALIFY row_number() OVER (PARTITION BY source ORDER BY started_at DESC) = 1
+               AND status = 'failed'
+           ORDER BY source"""
+    ).fetchall()
+    return [source for (source,) in rows]
 
 
 def watermarks(con: Con) -> list[tuple[str, object, str]]:
@@ -70,11 +81,31 @@ def waiting(con: Con) -> Relation:
     )
 
 
-def quarantine_reasons(con: Con, limit: int = 20) -> Relation:
-    """The most frequent reasons lines were quarantined, per source."""
+def quarantine_reasons(con: Con, per_source: int = 5) -> Relation:
+    """Per source, its most frequent quarantine reasons with their lines, and its totals: every
+    line (`source_lines`) and how many distinct reasons (`reasons`)."""
     return con.sql(
-        "SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL ORDER BY 3 DESC LIMIT $limit",
-        params={"limit": limit},
+        """WITH reasons AS (SELECT source, reason, count(*) AS lines FROM quarantine GROUP BY ALL)
+           SELECT source, reason, lines, sum(lines) OVER (PARTITION BY source) AS source_lines,
+                  count(*) OVER (PARTITION BY source) AS reasons
+           FROM reasons
+           QUALIFY row_number() OVER (PARTITION BY source ORDER BY lines DESC, reason) <= $n
+           ORDER BY source, lines DESC, reason""",
+        params={"n": per_source},
+    )
+
+
+def quarantined_lines(con: Con, source: str | None, reason: str | None, limit: int) -> tuple[int, Relation]:
+    """How many quarantined lines match, and the first `limit` of them (source, file, line,
+    reason, when), in source, file and line order. `reason` matches a part, any case."""
+    match = """($source IS NULL OR source = $source)
+               AND ($reason IS NULL OR contains(lower(reason), lower($reason)))"""
+    params = {"source": source, "reason": reason}
+    (total,) = con.execute(f"SELECT count(*) FROM quarantine WHERE {match}", params).fetchone() or (0,)
+    return int(total), con.sql(
+        f"""SELECT source, file, line_no, reason, quarantined_at FROM quarantine WHERE {match}
+            ORDER BY source, file, line_no, quarantined_at LIMIT $limit""",
+        params={**params, "limit": limit},
     )
 
 
@@ -93,6 +124,21 @@ def model_runs(con: Con, per_model: int = 3) -> Relation:
            ORDER BY model, finished_at DESC""",
         params={"n": per_model},
     )
+
+
+def refreshes_of(con: Con, trigger: str) -> Relation:
+    """The model refreshes one trigger ran (a sync's: `sync <run id>`), by model."""
+    return con.sql(
+        """SELECT model, version, scope, patients, ok, refused, errors, round(seconds, 1) AS secs
+           FROM model_run WHERE trigger = $trigger ORDER BY model, finished_at""",
+        params={"trigger": trigger},
+    )
+
+
+def has_outputs(con: Con, model: str) -> bool:
+    """Whether the store holds outputs of `model` (installed or not any more)."""
+    row = con.execute("SELECT count(*) > 0 FROM model_output WHERE model = ?", [model]).fetchone()
+    return bool(row and row[0])
 
 
 def last_model_runs(con: Con) -> dict[str, tuple[object, ...]]:
@@ -129,14 +175,20 @@ def output_history(con: Con, model: str, patient: str | None, limit: int) -> Rel
 
 
 def model_summary(con: Con) -> Relation:
-    """Per model: patients computed, refused and in error, the median value, the latest snapshot."""
+    """Per model, where each patient stands now (their latest output: a patient refused once and
+    computed later counts as computed, once): patients computed, refused and in error, the
+    median value, the latest snapshot."""
     return con.sql(
-        """SELECT model, version, count(DISTINCT patient_id) FILTER (status = 'ok') AS computed,
-                  count(DISTINCT patient_id) FILTER (status = 'refused') AS refused,
-                  count(DISTINCT patient_id) FILTER (status = 'error') AS errors,
+        """WITH latest AS (
+               FROM model_output QUALIFY row_number() OVER (
+                   PARTITION BY model, patient_id ORDER BY input_snapshot_id DESC, computed_at DESC) = 1)
+           SELECT model, string_agg(DISTINCT version, ', ' ORDER BY version) AS version,
+                  count(*) FILTER (status = 'ok') AS computed,
+                  count(*) FILTER (status = 'refused') AS refused,
+                  count(*) FILTER (status = 'error') AS errors,
                   round(median(value) FILTER (status = 'ok'), 4) AS median_value,
                   max(input_snapshot_id) AS snapshot
-           FROM model_output GROUP BY ALL ORDER BY model"""
+           FROM latest GROUP BY model ORDER BY model"""
     )
 
 

@@ -11,7 +11,7 @@ the key columns of every data file, per batch.
 Names on the writer's connection, each registered and dropped by the method that uses it:
 `batch` (the resources to upsert, with their position `pos`), `changed` (those that changed),
 `derived` and `rows_<view>` / `passes_<view>` (view rows being computed), `gone` and `removed`
-(deletions), `batch_problems` and `batch_warnings`.
+(deletions), `batch_problems`, `replayed` (quarantined lines read again) and `batch_warnings`.
 """
 
 from __future__ import annotations
@@ -263,6 +263,32 @@ class ResourceWriter:
             )
         finally:
             self.con.unregister("batch_problems")
+
+    def quarantined(self, source: str) -> pa.Table:
+        """The quarantined lines of `source` as records to read again (RECORD_SCHEMA, plus each
+        line's `raw_hash` and `reason`), in file and line order. A line that was not valid UTF-8
+        stays marked so: its text holds replacement characters, not what the source sent."""
+        return self.con.execute(
+            """SELECT coalesce(file, '') AS file, coalesce(line_no, 0) AS line_no, coalesce(raw, '') AS raw,
+                      reason = 'line is not valid UTF-8' AS bad_utf8, raw_hash, reason
+            FROM twin.quarantine WHERE source = ? ORDER BY file, line_no, quarantined_at""",
+            [source],
+        ).to_arrow_table()
+
+    def release(self, run: RunReport, replayed: pa.Table) -> None:
+        """Take the `replayed` lines (file, line_no, raw_hash) out of quarantine; those still bad
+        come back with their reason as the batch quarantines its problems."""
+        self.con.register("replayed", replayed.select(["file", "line_no", "raw_hash"]))
+        try:
+            self.con.execute(
+                """DELETE FROM twin.quarantine q USING replayed r
+                WHERE q.source = $source AND coalesce(q.file, '') = r.file
+                  AND coalesce(q.line_no, 0) = r.line_no
+                  AND q.raw_hash IS NOT DISTINCT FROM r.raw_hash""",
+                {"source": run.source},
+            )
+        finally:
+            self.con.unregister("replayed")
 
     def warn(self, run: RunReport, warnings: pa.Table) -> int:
         """Keep spec violations of records that landed anyway; a warning already kept (same

@@ -1,5 +1,6 @@
 """Every table of the store, created on first open, and what brings a store an earlier twinhub
-wrote up to date (on its next write; readers never change it).
+wrote up to date (on its next write; readers never change it). The run records live beside the
+DuckLake (`runs`).
 
 The standard views are tables too (`twin_store.views`): a table's comment holds its view's title
 and a hash of its definition, and a table whose definition changed is rebuilt from the raw
@@ -9,9 +10,11 @@ resources.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import duckdb
 
+from twin_store import runs
 from twin_store.connection import CATALOG, Transaction, literal, one
 from twin_store.runs import COUNTS
 from twin_store.views import standard_views, views_read
@@ -87,10 +90,6 @@ CREATE TABLE IF NOT EXISTS twin.model_training (
 );
 """
 RUNS_SQL = f"""
-CREATE TABLE IF NOT EXISTS twin.run_record (
-    run_id VARCHAR, source VARCHAR, flow VARCHAR, started_at TIMESTAMPTZ,
-    finished_at TIMESTAMPTZ, status VARCHAR, snapshot_id BIGINT, error VARCHAR
-);
 CREATE TABLE IF NOT EXISTS twin.ingest_batch (
     run_id VARCHAR, source VARCHAR, batch_no INTEGER, committed_at TIMESTAMPTZ, watermark VARCHAR,
     {", ".join(f"{c} BIGINT" for c in COUNTS)}
@@ -99,13 +98,6 @@ CREATE VIEW IF NOT EXISTS twin.sync_state AS
     SELECT source, arg_max(watermark, (committed_at, batch_no)) AS watermark,
            arg_max(run_id, (committed_at, batch_no)) AS run_id, max(committed_at) AS updated_at
     FROM ingest_batch WHERE watermark IS NOT NULL GROUP BY source;
-CREATE VIEW IF NOT EXISTS twin.ingest_run AS
-    SELECT r.run_id, r.source, r.flow, r.started_at, r.finished_at, r.status,
-           {", ".join(f"coalesce(b.{c}, 0)::BIGINT AS {c}" for c in COUNTS)},
-           r.snapshot_id, r.error
-    FROM run_record r LEFT JOIN (
-        SELECT run_id, {", ".join(f"sum({c}) AS {c}" for c in COUNTS)} FROM ingest_batch GROUP BY run_id
-    ) b USING (run_id);
 """
 SCHEMA_SQL = RESOURCES_SQL + GENOMICS_SQL + WEARABLES_SQL + MODELS_SQL + RUNS_SQL
 STORE_TABLES = (
@@ -115,7 +107,6 @@ STORE_TABLES = (
     "held_resource",
     "quarantine",
     "ingest_warning",
-    "run_record",
     "ingest_batch",
     "wearable_sample",
     "wearable_daily",
@@ -131,13 +122,13 @@ def create(con: duckdb.DuckDBPyConnection) -> None:
     """Create what is missing: a new store (or a new table) in one commit, not one per statement."""
     (tables,) = one(con, f"SELECT count(*) FROM duckdb_tables() WHERE database_name = '{CATALOG}'")
     if tables < len(STORE_TABLES):
-        with Transaction(con):
+        with Transaction(con, "create the store's tables"):
             con.execute(SCHEMA_SQL)
             # Raw JSON: lz4 writes twice as fast as the default snappy, and smaller.
             con.execute(f"CALL {CATALOG}.set_option('parquet_compression', 'lz4_raw')")
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> None:
+def migrate(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     """Bring a store written by an earlier twinhub up to this schema."""
     columns = {
         (table, column)
@@ -146,19 +137,24 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
         ).fetchall()
     }
     if ("genomic_variant", "patient_identifier") not in columns:
-        with Transaction(con):
+        with Transaction(con, "migrate: genomic_variant.patient_identifier"):
             con.execute("ALTER TABLE twin.genomic_variant ADD COLUMN patient_identifier VARCHAR")
     if ("wearable_daily", "reported") not in columns:
-        with Transaction(con):
+        with Transaction(con, "migrate: wearable_daily.reported"):
             con.execute("ALTER TABLE twin.wearable_daily ADD COLUMN reported DOUBLE")
-    if all(("ingest_run", count) in columns for count in COUNTS):
-        return
-    with Transaction(con):
-        for count in COUNTS:
-            if ("ingest_batch", count) not in columns:
+    if missing := [count for count in COUNTS if ("ingest_batch", count) not in columns]:
+        with Transaction(con, "migrate: ingest_batch counts"):
+            for count in missing:
                 con.execute(f"ALTER TABLE twin.ingest_batch ADD COLUMN {count} BIGINT DEFAULT 0")
-        con.execute("DROP VIEW twin.ingest_run")
-        con.execute(SCHEMA_SQL)
+    if ("run_record", "run_id") in columns:
+        # Run records move out of the DuckLake (`runs`): recording a run made a snapshot.
+        runs.keep(root, con.execute(f"SELECT {RUN_RECORD_COLUMNS} FROM twin.run_record").fetchall())
+        with Transaction(con, "migrate: run records move to runs.sqlite"):
+            con.execute("DROP VIEW IF EXISTS twin.ingest_run")
+            con.execute("DROP TABLE twin.run_record")
+
+
+RUN_RECORD_COLUMNS = "run_id, source, flow, started_at, finished_at, status, snapshot_id, error"
 
 
 def ensure_view_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -174,7 +170,7 @@ def ensure_view_tables(con: duckdb.DuckDBPyConnection) -> None:
     if not stale:
         return
     (has_resources,) = one(con, "SELECT count(*) > 0 FROM twin.fhir_resource")
-    with Transaction(con):
+    with Transaction(con, f"views: {', '.join(view.name for view in stale)} (re)built"):
         for view in stale:
             if view.name in comments:
                 log.info("view %s changed definition; rebuilding its table", view.name)

@@ -3,7 +3,9 @@
 One writer at a time (a file lock), any number of read-only readers in other processes. Every
 batch lands in one transaction together with its quarantine rows and an `ingest_batch` row that
 holds the source's watermark and the batch's counts, so a crash leaves the store at the end of
-some batch and the rerun resumes.
+some batch and the rerun resumes. Each transaction is one DuckLake snapshot whose commit message
+names the run and batch that made it; a run that lands nothing makes none (its record lives
+beside the DuckLake, `runs`).
 
 `TwinStore` is the writer: it opens the store (creating or migrating its tables, `schema`) and
 lands each batch by table family, each in its own module: the FHIR resources and their view rows
@@ -16,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime
 from multiprocessing import get_context
@@ -31,7 +33,6 @@ import pyarrow.compute as pc
 from connectors.base import Batch, Watermark, Window, records_from
 from connectors.errors import StoreError
 from harmonize.records import usable_cores
-from harmonize.sql_on_fhir.fhirpath import MACROS_SQL
 from harmonize.wearables.metrics import DAILY_SCHEMA, daily_resources
 from twin_store import runs, schema
 from twin_store.connection import CATALOG, Transaction, connect, writer_lock
@@ -56,10 +57,11 @@ class TwinStore:
         # Work from the in-memory catalog and name store tables `twin.x`: binding a name that
         # is not in the default catalog would otherwise cost a DuckLake catalog read each time.
         self.con.execute("USE memory")
-        self.con.execute(MACROS_SQL)
         schema.create(self.con)
-        schema.migrate(self.con)
+        schema.migrate(self.con, root)
         schema.ensure_view_tables(self.con)
+        with runs.run_log(root):  # readers find the run records from the first open on
+            pass
         self._resources = ResourceWriter(self.con)
         self._variants = VariantWriter(self.con)
         self._linker = PatientLinker(self.con, variants_wait=self._variants.any_waiting)
@@ -90,8 +92,8 @@ class TwinStore:
     def begin_run(self, source: str, flow: FlowKind) -> RunReport:
         """Start a run; runs left 'running' by a crash are marked 'interrupted' first."""
         run = RunReport(run_id=runs.new_run_id(), source=source, flow=flow)
-        with self.transaction():
-            runs.begin(self.con, run)
+        run.started_snapshot_id = self.snapshot_id()
+        runs.begin(self.root, run)
         return run
 
     def watermark(self, source: str) -> Watermark | None:
@@ -104,33 +106,61 @@ class TwinStore:
             sorted(run.patient_ids)[: runs.PATIENTS_LISTED],
             len(run.patient_ids),
         )
-        with self.transaction():
-            runs.finish(self.con, run)
+        runs.finish(self.root, run)
         return run
+
+    def forget(self, source: str) -> RunReport:
+        """Forget where `source` got (a `reset` run): its next sync reads everything again. What
+        landed stays; read again unchanged, it counts as unchanged."""
+        run = self.begin_run(source, "reset")
+        with self.transaction(f"reset {source} run {run.run_id}", _about(run)):
+            run.stats["watermarks forgotten"] = runs.forget_watermark(self.con, source)
+        return self.finish_run(run, "succeeded")
+
+    def quarantined(self, source: str) -> pa.Table:
+        """The quarantined lines of `source`, as records to read again (`land(replayed=...)`)."""
+        return self._resources.quarantined(source)
+
+    def lines_landed(self, run: RunReport) -> int:
+        """The lines of the run's committed batches, as the store has them (an interrupted run's
+        last commit may have ended without the writer hearing of it)."""
+        return runs.lines_landed(self.con, run.run_id)
 
     def snapshot_id(self) -> int:
         row = self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{CATALOG}')").fetchone()
         assert row is not None
         return int(row[0])
 
-    def transaction(self) -> Transaction:
-        """One DuckLake commit for the statements inside (the model runner's outputs)."""
-        return Transaction(self.con)
+    def transaction(self, message: str, extra: Mapping[str, object] | None = None) -> Transaction:
+        """One DuckLake commit for the statements inside (the model runner's outputs), its
+        snapshot carrying `message`."""
+        return Transaction(self.con, message, extra)
 
     # -- landing ------------------------------------------------------------------------------
 
-    def land(self, run: RunReport, batch: PreparedBatch, *, window: Window | None = None) -> None:
+    def land(
+        self,
+        run: RunReport,
+        batch: PreparedBatch,
+        *,
+        window: Window | None = None,
+        replayed: pa.Table | None = None,
+    ) -> None:
         """Upsert one batch, the view rows of what changed, quarantine, watermark and run
         counts atomically.
 
         Unchanged content (same hash) writes nothing. With a `window` (a backfill) only
         resources in it land, the view rows of all of them are recomputed even if unchanged,
-        and the sync watermark is left alone.
+        and the sync watermark is left alone. With `replayed` (the quarantined lines the batch
+        reads again, as `quarantined` gives them) those lines leave quarantine, the ones still
+        bad come back with their reason, and the watermark is left alone too.
         """
         resources, problems = batch.checked.resources, batch.checked.problems
         counts: Counter[str] = Counter(lines_read=batch.lines_read)
         days = DAILY_SCHEMA.empty_table()
-        with self._kept(), self.transaction():
+        number = run.batches + 1
+        message = f"{run.flow} {run.source} run {run.run_id} batch {number}"
+        with self._kept(), self.transaction(message, _about(run, batch=number)):
             variants = batch.variants if batch.variants is not None else pa.table({})
             by_identifier = "patient_identifier" in variants.column_names and bool(
                 variants["patient_identifier"].null_count < len(variants)
@@ -142,6 +172,8 @@ class TwinStore:
             counts.update(quarantined=len(problems), superseded=batch.superseded)
             if len(resources):
                 self._resources.upsert(run, resources, window, counts)
+            if replayed is not None:
+                self._resources.release(run, replayed)
             if len(problems):
                 self._resources.quarantine(run, problems)
             if len(variants):
@@ -158,7 +190,8 @@ class TwinStore:
             if by_identifier or self._linker.variants_wait:
                 run.changed["genomic_variant"] += self._linker.link_variants()
             run.batches += 1
-            runs.record_batch(self.con, run, counts, None if window else batch.watermark)
+            mark = None if window or replayed is not None else batch.watermark
+            runs.record_batch(self.con, run, counts, mark)
         run.counts.update(counts)
         counted = pc.value_counts(resources["resource_type"])
         run.by_type.update(
@@ -233,7 +266,8 @@ class TwinStore:
         return made
 
     def _land_daily_fhir(self, run: RunReport, days: pa.Table, resources: list[bytes]) -> int:
-        with self._kept(), self.transaction():
+        message = f"{run.flow} {run.source} run {run.run_id}: daily FHIR"
+        with self._kept(), self.transaction(message, _about(run)):
             derived = self.land_derived(run, resources, origin="wearable_daily")
             self._samples.fhir_made(days)
         run.stats["daily FHIR resources written"] += derived["inserted"] + derived["updated"]
@@ -252,3 +286,8 @@ class TwinStore:
         derived: Counter[str] = Counter()
         self._resources.upsert(run, checked.resources, None, derived)
         return derived
+
+
+def _about(run: RunReport, **more: object) -> dict[str, object]:
+    """What a run's snapshots carry as their commit's extra info (JSON)."""
+    return {"run_id": run.run_id, "source": run.source, "flow": run.flow, **more}

@@ -61,7 +61,9 @@ class Hl7v2Connector(FileConnector[Hl7v2Source]):
             if known.get(str(path)) == now:
                 continue
             self.stats["files"] += 1
-            records += [(str(path), n, message) for n, message in enumerate(split_messages(path), start=1)]
+            messages = split_messages(path)
+            self.stats["messages"] += len(messages)  # the run counts the resources they map to
+            records += [(str(path), n, message) for n, message in enumerate(messages, start=1)]
             progress[str(path)] = now
             if len(records) >= self.source.batch_messages:
                 yield _batch(records, progress)

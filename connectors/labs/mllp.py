@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from hl7.mllp import start_hl7_server
 from hl7.mllp.exceptions import InvalidBlockError
 
 from connectors.base import Batch, records_from
-from connectors.errors import ConfigError
+from connectors.errors import ConfigError, SourceError
 from connectors.kinds import Land as LandBatch
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class MllpListener:
             raise ConfigError(
                 f"sources.{source}.port", "an hl7v2 source needs `port = 2575` (0: any) to listen"
             )
-        self.host, self.port = host, port
+        self.source, self.host, self.port = source, host, port
 
     def listen(self, land: LandBatch, *, ready: Callable[[int], None] | None = None) -> None:
         origin = f"mllp://{self.host}:{self.port}"
@@ -51,7 +52,7 @@ class MllpListener:
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-            await serve(self.host, self.port, land_messages, ready=ready, stop=stop)
+            await serve(self.source, self.host, self.port, land_messages, ready=ready, stop=stop)
 
         asyncio.run(main())
 
@@ -64,6 +65,7 @@ class _Pending:
 
 
 async def serve(
+    source: str,
     host: str,
     port: int,
     land: Land,
@@ -116,7 +118,14 @@ async def serve(
             for pending in batch:
                 pending.done.set_result(failed.get(pending.seq))
 
-    server = await start_hl7_server(connection, host=host, port=port)
+    try:
+        server = await start_hl7_server(connection, host=host, port=port)
+    except OSError as e:  # in use, not ours to take, or no such address
+        raise SourceError(
+            source,
+            f"cannot listen on {host}:{port} ({os.strerror(e.errno) if e.errno else e}); stop what "
+            "holds the port or set another `port`",
+        ) from None
     batcher = asyncio.create_task(batches())
     try:
         if ready:

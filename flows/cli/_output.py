@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import textwrap
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 if TYPE_CHECKING:
-    import duckdb
-
     from flows.config import Settings
     from twin_store import RunReport
 
@@ -38,15 +36,6 @@ def settings() -> Settings:
 def config_arg() -> str | None:
     """The config file as a flow parameter (flows run in other processes under `serve`)."""
     return str(State.config.resolve()) if State.config else None
-
-
-def show(rel: duckdb.DuckDBPyRelation, title: str | None = None) -> None:
-    table = Table(title=title)
-    for col in rel.columns:
-        table.add_column(col)
-    for row in rel.fetchall():
-        table.add_row(*("" if v is None else str(v) for v in row))
-    out.print(table)
 
 
 def with_progress(name: str, work: Callable[[], RunReport]) -> RunReport:
@@ -79,21 +68,79 @@ def with_progress(name: str, work: Callable[[], RunReport]) -> RunReport:
             on_progress.reset(tokens[1])
 
 
-def print_report(report: RunReport) -> None:
-    c = report.counts
+def print_report(report: RunReport, store: Path | None = None) -> None:
+    """A run's summary: what became of every line it read, by type, what the connector did and,
+    given the `store`, the model refreshes the sync ran after landing."""
+    c, stats = report.counts, dict(report.stats)
+    read = f"{plural(c['lines_read'], 'line')} read"
+    if messages := stats.pop("messages", 0):  # HL7 v2: a message maps to several resources
+        read = f"{plural(messages, 'message')} ({plural(c['lines_read'], 'record')}) read"
+    out.print(
+        f"[bold]{report.flow} {escape(report.source)}[/] run {report.run_id}: {read} -> "
+        f"{outcome(c, report.flow)} in {report.seconds:.1f} s (snapshot {report.snapshot_id})",
+        highlight=False,
+    )
+    if report.by_type:
+        out.print("  by type: " + ", ".join(f"{t} {n:,}" for t, n in sorted(report.by_type.items())))
+    if stats := {k: v for k, v in stats.items() if v}:
+        out.print("  " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats.items())), markup=False)
+    if store is not None and report.flow == "sync":
+        print_refreshes(store, f"sync {report.run_id}")  # the trigger flows.sync gives its refresh
+
+
+def outcome(c: Mapping[str, int], flow: str) -> str:
+    """What became of a run's lines, in words (each line read is counted once; `released`
+    records were read before and land now)."""
     parts = [f"{c['inserted']:,} new", f"{c['updated']:,} updated", f"{c['unchanged']:,} unchanged"]
     if c["superseded"]:
         parts.append(f"{c['superseded']:,} superseded by a newer copy")
     parts.append(f"{c['quarantined']:,} quarantined")
-    if report.flow == "backfill":
+    if flow == "backfill" or c["out_of_window"]:
         parts.append(f"{c['out_of_window']:,} outside the window")
+    if c["held"]:
+        parts.append(f"{c['held']:,} waiting for their patient")
+    if c["released"]:
+        parts.append(f"{c['released']:,} released (their patient arrived)")
     if c["deleted"]:
         parts.append(f"{c['deleted']:,} deleted")
-    out.print(
-        f"[bold]{report.flow} {report.source}[/] run {report.run_id}: {c['lines_read']:,} lines read -> "
-        f"{', '.join(parts)} in {report.seconds:.1f} s (snapshot {report.snapshot_id})"
+    if c["warnings"]:
+        parts.append(f"{c['warnings']:,} landed with warnings")
+    return ", ".join(parts)
+
+
+def print_refreshes(store: Path, trigger: str) -> None:
+    """The model refreshes `trigger` ran, one line per model."""
+    from twin_store import connect, queries
+
+    if not (store / "catalog.sqlite").exists():
+        return
+    for model, version, scope, patients, ok, refused, errors, secs in queries.refreshes_of(
+        connect(store), trigger
+    ).fetchall():
+        if scope == "unchanged":
+            para(f"model {model} {version}: unchanged (nothing it reads changed)", indent=2)
+        else:
+            para(
+                f"model {model} {version}: {plural(patients, 'patient')} ({scope}) -> {ok:,} computed, "
+                f"{refused:,} refused, {errors:,} errors in {secs:.1f} s",
+                indent=2,
+            )
+
+
+def plural(count: int, word: str) -> str:
+    """`count` `word`s, the count with thousands separators: 1 line, 2,000 lines."""
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
+
+
+def para(text: str, *, indent: int = 0, hang: int = 2, style: str | None = None) -> None:
+    """Print `text` as is (no markup), wrapped to the console's width (COLUMNS), `indent`
+    spaces in and its further lines `hang` more."""
+    lines = textwrap.wrap(
+        text,
+        width=max(out.width, 20),
+        initial_indent=" " * indent,
+        subsequent_indent=" " * (indent + hang),
+        break_on_hyphens=False,
     )
-    if report.by_type:
-        out.print("  by type: " + ", ".join(f"{t} {n:,}" for t, n in sorted(report.by_type.items())))
-    if stats := {k: v for k, v in report.stats.items() if v}:
-        out.print("  " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats.items())))
+    for line in lines or [""]:
+        out.print(line, style=style, markup=False, highlight=False, soft_wrap=True)

@@ -9,7 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from connectors.errors import TwinhubError
-from flows.cli._output import out, settings, show
+from flows.cli._output import out, settings
+from flows.cli._results import show
 
 app = typer.Typer(no_args_is_help=True, help="Twin models: list, run now, and their outputs' history.")
 
@@ -67,6 +68,7 @@ def models_run(
     from twin_store.models import refresh
 
     cfg = settings()
+    _installed(name)
     model = load_model(name)
     retrain_after = cfg.models.retrain_after.get(name)
     with TwinStore(cfg.store.path) as store:
@@ -90,7 +92,19 @@ def models_history(
     """Outputs of model NAME with their lineage: the input snapshot (time-travel to it) and the rows used."""
     from twin_store import connect, queries
 
+    con = connect(settings().store.path)
+    if not queries.has_outputs(con, name):
+        _installed(name)  # an uninstalled model's outputs stay readable
     show(
-        queries.output_history(connect(settings().store.path), name, patient, limit),
+        queries.output_history(con, name, patient, limit),
         f"{name}: outputs, newest first (each row's inputs: FROM <table> AT (VERSION => input_snapshot_id))",
     )
+
+
+def _installed(name: str) -> None:
+    """A model name the user typed: one line naming the installed ones when it is none of them."""
+    from flows.refresh import installed
+
+    names = sorted(installed())
+    if name not in names:
+        raise TwinhubError(f"no model {name!r}; installed: {', '.join(names) or 'none'}")

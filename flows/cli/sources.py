@@ -1,16 +1,20 @@
-"""Commands on sources: sync, backfill, listen, and the store's status."""
+"""Commands on sources: sync, backfill, listen and reset."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import orjson
 import typer
-from rich.table import Table
 
 from connectors.errors import TwinhubError
-from flows.cli._output import State, config_arg, err, out, print_report, settings, show, with_progress
+from flows.cli._output import State, config_arg, out, para, print_report, settings, with_progress
+from flows.cli._prefect import stoppable
+
+if TYPE_CHECKING:
+    from twin_store.runs import FlowKind
 
 
 def sync(
@@ -20,15 +24,18 @@ def sync(
         typer.Option(
             "--refresh/--no-refresh",
             help="Refresh the enabled models after landing (default: the config's "
-            "models.refresh_after_sync); --no-refresh while `twinhub serve` runs: its trigger refreshes them",
+            "models.refresh_after_sync). --no-refresh leaves it to `twinhub serve`'s trigger, when "
+            "one serves the Prefect server this sync reports to; otherwise the sync refreshes them",
         ),
     ] = None,
 ) -> None:
-    """Land what is new in source NAME."""
+    """Land what is new in source NAME (Ctrl-C stops it; the next sync resumes)."""
     from flows.sync import sync as sync_flow
 
     _preflight(name)
-    print_report(with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh)))
+    with stoppable(), _one_line(name):
+        report = with_progress(name, lambda: sync_flow(name, config_arg(), refresh=refresh))
+    print_report(report, settings().store.path)
 
 
 def backfill(
@@ -46,10 +53,11 @@ def backfill(
     if since >= until:
         raise TwinhubError(f"--since {since:%Y-%m-%d} must be before --until {until:%Y-%m-%d}")
     step = _duration(window) if window else None
-    _preflight(name)
-    report = with_progress(
-        name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
-    )
+    _preflight(name, "backfill")
+    with stoppable(), _one_line(name):
+        report = with_progress(
+            name, lambda: backfill_flow(name, _utc(since), _utc(until), config_arg(), step=step)
+        )
     print_report(report)
 
 
@@ -63,64 +71,72 @@ def listen(name: str) -> None:
     listen_flow(State.config, name, ready=ready)
 
 
-def status() -> None:
-    """Sources, watermarks, last runs, table counts and quarantine."""
+def reset(
+    name: str,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Do it (without: say what it would do, and stop)")
+    ] = False,
+) -> None:
+    """Forget how far source NAME got, so that its next sync reads everything again. Deletes no
+    data: landed records stay, and read again unchanged they count as unchanged (no duplicates);
+    quarantine and records waiting for their patient stay too. An export job in progress is
+    abandoned and its downloads removed."""
+    from flows.cli.status import progress_of
+    from flows.repair import reset as reset_source
     from twin_store import connect, queries
 
     cfg = settings()
-    con = connect(cfg.store.path)
-    show(
-        queries.last_runs(con),
-        "Last runs per source (lines_read + released = inserted + updated + unchanged + superseded"
-        " + quarantined + out_of_window + held)",
-    )
-    configured = {s.name: s for s in cfg.sources}
-    table = Table(title="Sources and watermarks")
-    for col in ("source", "kind", "schedule", "watermark"):
-        table.add_column(col)
-    seen = set()
-    for source, updated_at, watermark in queries.watermarks(con):
-        seen.add(source)
-        found = configured.get(source)
-        progress = _progress(found.kind, watermark) if found else "its kind is not in the config"
-        table.add_row(
-            source,
-            found.kind if found else "(not in config)",
-            (found.schedule or "-") if found else "-",
-            f"{progress} at {updated_at:%Y-%m-%d %H:%M:%S}",
+    source = cfg.source(name)
+    if not yes:
+        progress = "never synced"
+        if (cfg.store.path / "catalog.sqlite").exists():
+            marks = {s: mark for s, _, mark in queries.watermarks(connect(cfg.store.path))}
+            if name in marks:
+                progress = progress_of(source.kind, marks[name])
+        raise TwinhubError(
+            f"reset would forget how far source {name!r} got ({progress}), so that its next sync reads "
+            "everything again; no data is deleted. Add --yes to do it"
         )
-    for name, s in configured.items():
-        if name not in seen:
-            table.add_row(name, s.kind, s.schedule or "-", "never synced")
-    out.print(table)
-    show(queries.table_counts(con), "Rows per table")
-    show(
-        queries.waiting(con),
-        "Waiting for their patient (records that name a patient identifier no Patient has yet)",
-    )
-    show(queries.quarantine_reasons(con), "Quarantine (bad lines, kept with their reason)")
-    if pending := queries.days_awaiting_fhir(con):
-        out.print(f"{pending:,} wearable days wait for their FHIR Observation (the next sync makes them)")
-    show(queries.model_runs(con), "Twin model refreshes (last 3 per model)")
+    run = reset_source(cfg, name)
+    if run.stats["watermarks forgotten"]:
+        para(
+            f"reset {name} (run {run.run_id}): forgot how far it got; its next sync reads everything "
+            "again (landed data stays: what is unchanged counts as unchanged)"
+        )
+    else:
+        para(f"reset {name} (run {run.run_id}): it had not got anywhere; its next sync reads everything")
 
 
-def _progress(kind: str, watermark: str) -> str:
-    """How far a source got, in its kind's words."""
-    from connectors.kinds import source_kind
-
+@contextlib.contextmanager
+def _one_line(name: str) -> Iterator[None]:
+    """An error no check foresaw (a bug, a library's surprise) ends the command in one line, as a
+    known one does, naming the source and where the run's record is; -v shows the traceback."""
     try:
-        return source_kind(kind).describe(orjson.loads(watermark))
-    except Exception as e:  # a plugin's describe must not break status
-        err.print(f"warning: kind {kind!r} cannot describe its watermark ({type(e).__name__})", markup=False)
-        return "(watermark not understood)"
+        yield
+    except (TwinhubError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if State.verbose:
+            raise
+        raise TwinhubError(
+            f"source {name!r} stopped on an unexpected {type(e).__name__}: {e}; its run is recorded "
+            "(twinhub status); rerun with -v for the traceback"
+        ) from None
 
 
-def _preflight(name: str) -> None:
-    """Catch a wrong source name or path here, as one line, before any flow starts."""
+def _preflight(name: str, flow: FlowKind = "sync") -> None:
+    """Catch a wrong source name or path here, as one line, before any flow starts; a source
+    that cannot be read is recorded as a failed run, as it would be under `serve`."""
     from flows.sync import build_connector
+    from twin_store.runs import failed_to_start
 
     cfg = settings()
-    build_connector(cfg, cfg.source(name)).check()
+    source = cfg.source(name)
+    try:
+        build_connector(cfg, source).check()
+    except TwinhubError as e:
+        failed_to_start(cfg.store.path, name, flow, f"{type(e).__name__}: {e}")
+        raise
 
 
 def _duration(text: str) -> timedelta:

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import functools
 import re
-import types
-import typing
 from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Any
 
 from connectors.errors import TwinhubError
+from harmonize.sql_on_fhir.schema import (
+    choice_element,
+    choice_types,
+    complex_model,
+    element,
+    type_name,
+    unknown_element,
+    unknown_type,
+)
 
 MACROS_SQL = """
 CREATE OR REPLACE TEMP MACRO fp_items(j) AS
@@ -118,6 +125,31 @@ FUNCTIONS = {
 }
 
 
+_FUNCTION_TYPES = {
+    **dict.fromkeys(["exists", "empty", "not"], "boolean"),
+    **dict.fromkeys(["join", "toString", "getResourceKey", "getReferenceKey"], "string"),
+    "count": "integer",
+}
+"""The FHIR type of what a function yields, where that does not depend on its input."""
+_BOOLEAN_OPERATORS = {
+    "=",
+    "!=",
+    "~",
+    "!~",
+    "<",
+    ">",
+    "<=",
+    ">=",
+    "and",
+    "or",
+    "xor",
+    "implies",
+    "in",
+    "contains",
+    "is",
+}
+
+
 class FhirPathError(TwinhubError):
     """An expression twinhub cannot compile; the message names the expression and the problem."""
 
@@ -145,6 +177,7 @@ class Node:
     args: tuple[Node, ...] = field(default_factory=tuple)
 
 
+@functools.cache
 def parse(text: str) -> Node:
     tokens = _tokenize(text)
     parser = _Parser(text, tokens)
@@ -307,13 +340,15 @@ class Scope:
     focus: str
     resource_type: str
     constants: dict[str, str]
+    constant_types: dict[str, str] = field(default_factory=dict)
+    """The FHIR type of each constant: valueCode is "code"."""
     row_index: str = "0"
     names: count[int] = field(default_factory=count)
     single: str | None = None
     """The focus as one JSON value, when it is one element (the resource, a forEach item)."""
     model: Any = None
-    """The focus's FHIR model class (fhir.resources R4B), when known: it says which elements
-    repeat, so single-valued paths compile to plain JSON extraction."""
+    """The focus's model (see `schema`), when known: it says which elements exist and which
+    repeat, so misspelled ones fail and single-valued paths compile to plain JSON extraction."""
 
     def with_focus(
         self, focus: str, row_index: str | None = None, *, single: str | None = None, model: Any = None
@@ -332,24 +367,26 @@ class Scope:
 
 def compile_path(text: str, scope: Scope) -> str:
     """FHIRPath `text` as a DuckDB expression of type JSON[]."""
-    return _Compiler(text).sql(parse(text), scope)
+    compiler, node = _checked(text, scope)
+    return compiler.sql(node, scope)
 
 
 def compile_single(text: str, scope: Scope) -> str | None:
     """FHIRPath `text` as one JSON value (NULL when empty), when the schema proves it can never
     hold more than one; else None. Plain JSON extraction: the fast path for columns."""
-    single = _Compiler(text).single(parse(text), scope)
+    compiler, node = _checked(text, scope)
+    single = compiler.single(node, scope)
     return single.sql if single else None
 
 
 def compile_boolean(text: str, scope: Scope) -> str | None:
     """FHIRPath `text` as an SQL BOOLEAN when its form is boolean by construction (a comparison,
     `exists()`, `and`/`or` of those); else None (evaluate it as a collection)."""
-    node = parse(text)
+    compiler, node = _checked(text, scope)
     if (node.kind == "binary" and node.value in ("=", "!=", "and", "or")) or (
         node.kind == "call" and node.value == "exists"
     ):
-        return _Compiler(text).boolean(node, scope)
+        return compiler.boolean(node, scope)
     return None
 
 
@@ -357,15 +394,32 @@ def single_path(text: str, scope: Scope) -> tuple[str, TextCall | None] | None:
     """The JSONPath into the focus (e.g. `$."valueQuantity"."value"`) and the function applied
     to the text read there, when `text` is a single value read straight from the focus: such
     columns share one parse of the resource."""
-    single = _Compiler(text).single(parse(text), scope)
+    compiler, node = _checked(text, scope)
+    single = compiler.single(node, scope)
     if single and single.root == scope.single and single.path != "$":
         return single.path, single.call
     return None
 
 
 def element_model(text: str, scope: Scope) -> Any:
-    """The FHIR model class of the elements `text` yields (None when unknown)."""
-    return _Compiler(text).model(parse(text), scope)
+    """The model of the elements `text` yields (None when unknown)."""
+    compiler, node = _checked(text, scope)
+    return compiler.model(node, scope)
+
+
+def path_type(text: str, scope: Scope) -> str | None:
+    """The FHIR type of what `text` yields ("boolean", "decimal", "HumanName"), from the schema
+    and the functions it ends in; None when neither says."""
+    compiler, node = _checked(text, scope)
+    return compiler.type_of(node, scope)
+
+
+def _checked(text: str, scope: Scope) -> tuple[_Compiler, Node]:
+    """`text` parsed, once every element it names is known to the schema: a misspelled one
+    would read nothing, so it fails here naming the closest one."""
+    compiler, node = _Compiler(text), parse(text)
+    compiler.check(node, scope)
+    return compiler, node
 
 
 @dataclass(frozen=True)
@@ -414,42 +468,6 @@ class _Many:
         return f"json_extract({self.root}, {_quote(self.path)})"
 
 
-def _field(model: Any, name: str) -> tuple[bool, Any] | None:
-    """(repeats, element model) of `name` in `model` (fhir.resources), None when unknown."""
-    if model is None:
-        return None
-    info = _fields(model).get(name)
-    if info is None:
-        return None
-    annotation = info.annotation
-    repeats = False
-    for _ in range(4):  # unwrap Optional[List[Annotated[...]]]
-        origin = typing.get_origin(annotation)
-        if origin is list:
-            repeats = True
-        if origin in (list, typing.Union, types.UnionType, typing.Annotated):
-            args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            annotation = args[0]
-    klass = getattr(annotation, "get_model_klass", None)
-    return repeats, klass() if klass else None
-
-
-@functools.cache
-def _fields(model: Any) -> dict[str, Any]:
-    return {(info.alias or name): info for name, info in model.model_fields.items()}
-
-
-@functools.cache
-def resource_model(resource_type: str) -> Any:
-    """The fhir.resources R4B model of a resource type, None for an unknown one."""
-    from fhir.resources.R4B import get_fhir_model_class
-
-    try:
-        return get_fhir_model_class(resource_type)
-    except (KeyError, ValueError, ImportError):
-        return None
-
-
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -478,22 +496,20 @@ class _Compiler:
             if base.kind == "this" and node.value == scope.resource_type:
                 return self.single(base, scope)
             parent = self.single(base, scope)
-            found = _field(parent.model, node.value) if parent else None
+            found = element(parent.model, node.value) if parent else None
             if parent is None or found is None or found[0]:
                 return None
             return parent.child(node.value, found[1])
         if node.kind == "call":
             base, *args = node.args
-            if node.value == "ofType" and base.kind == "member" and args and args[0].kind == "member":
-                type_name = args[0].value
-                choice = Node("member", base.value + type_name[:1].upper() + type_name[1:], base.args)
+            if choice := self.choice(node, scope):
                 return self.single(choice, scope)
             if node.value == "first" and not args:
                 parent = self.single(base, scope)
                 if parent is not None:
                     return parent
                 if base.kind == "member" and (owner := self.single(base.args[0], scope)):
-                    found = _field(owner.model, base.value)
+                    found = element(owner.model, base.value)
                     if found:  # a repeating element of a single one: its first is index 0
                         return _Single(owner.root, f'{owner.path}."{base.value}"[0]', found[1])
                 model = self.model(base, scope)
@@ -516,17 +532,12 @@ class _Compiler:
             if base.kind == "this" and node.value == scope.resource_type:
                 return None
             start = self.single(base, scope) or self.many(base, scope)
-            found = _field(start.model, node.value) if start else None
+            found = element(start.model, node.value) if start else None
             if start is None or found is None or (isinstance(start, _Single) and not found[0]):
                 return None
             return _Many(start.root, f'{start.path}."{node.value}"' + ("[*]" if found[0] else ""), found[1])
-        if node.kind == "call" and node.value == "ofType":
-            base, *args = node.args
-            if base.kind == "member" and args and args[0].kind == "member":
-                type_name = args[0].value
-                return self.many(
-                    Node("member", base.value + type_name[:1].upper() + type_name[1:], base.args), scope
-                )
+        if choice := self.choice(node, scope):
+            return self.many(choice, scope)
         return None
 
     def boolean(self, node: Node, scope: Scope) -> str:
@@ -577,24 +588,98 @@ class _Compiler:
             f"list_contains(json_extract_string({many.root}, {_quote(many.path)}), {_quote(literal.value)})"
         )
 
+    def choice(self, node: Node, scope: Scope) -> Node | None:
+        """`X.ofType(T)` as the element it names when X is a choice (value.ofType(Quantity) is
+        valueQuantity): X is one of its model's choices, or its model is unknown."""
+        if node.kind != "call" or node.value != "ofType" or len(node.args) != 2:
+            return None
+        base, type_node = node.args
+        if base.kind != "member" or type_node.kind != "member":
+            return None
+        owner = self.model(base.args[0], scope)
+        if owner is not None and not choice_types(owner, base.value):
+            return None
+        return Node("member", choice_element(base.value, type_node.value), base.args)
+
     def model(self, node: Node, scope: Scope) -> Any:
-        """The model class of the elements `node` yields, when member steps make it known."""
+        """The model of the elements `node` yields (see `schema`), when the steps make it known."""
         if node.kind == "this":
             return scope.model
         if node.kind == "member":
             (base,) = node.args
             if base.kind == "this" and node.value == scope.resource_type:
                 return scope.model
-            found = _field(self.model(base, scope), node.value)
+            found = element(self.model(base, scope), node.value)
             return found[1] if found else None
         if node.kind == "call" and node.value in ("where", "first", "last", "single") and node.args:
             return self.model(node.args[0], scope)
-        if node.kind == "call" and node.value == "ofType" and node.args[0].kind == "member":
-            base, type_node = node.args[0], node.args[1]
-            choice = base.value + type_node.value[:1].upper() + type_node.value[1:]
-            return self.model(Node("member", choice, base.args), scope)
+        if node.kind == "call" and node.value == "extension":
+            return complex_model("Extension")
+        if choice := self.choice(node, scope):
+            return self.model(choice, scope)
+        if node.kind == "call" and node.value == "ofType" and node.args[1].kind == "member":
+            return complex_model(node.args[1].value)  # contained.ofType(Patient)
         if node.kind == "index":
             return self.model(node.args[0], scope)
+        return None
+
+    def check(self, node: Node, scope: Scope) -> None:
+        """Raise naming an element the schema does not know, or a type its choice cannot take."""
+        if node.kind == "member":
+            (base,) = node.args
+            if base.kind == "this" and node.value == scope.resource_type:
+                return
+            self.check(base, scope)
+            if problem := unknown_element(self.model(base, scope), node.value):
+                raise self.error(problem)
+        elif node.kind == "call":
+            base, *args = node.args
+            self.check(base, scope)
+            if node.value == "ofType" and base.kind == "member" and args and args[0].kind == "member":
+                owner = self.model(base.args[0], scope)
+                if problem := unknown_type(owner, base.value, args[0].value):
+                    raise self.error(problem)
+            if node.value in ("where", "exists") and args:  # criteria, evaluated on each item
+                self.check(args[0], scope.with_focus(scope.focus, model=self.model(base, scope)))
+        elif node.kind in ("binary", "negate", "plus"):
+            for arg in node.args:
+                self.check(arg, scope)
+        elif node.kind == "index":
+            self.check(node.args[0], scope)
+
+    def type_of(self, node: Node, scope: Scope) -> str | None:
+        """The FHIR type of what `node` yields: the schema's for elements, the function's or
+        the operator's for the rest (FHIRPath's Boolean is boolean, and so on)."""
+        kind, name = node.kind, node.value
+        if kind in ("this", "member", "index") or (
+            kind == "call" and name in ("where", "first", "last", "single", "ofType", "extension")
+        ):
+            model = self.model(node, scope)
+            if model is None and kind == "call" and name == "ofType" and node.args[1].kind == "member":
+                return str(node.args[1].value)  # the type it names, where the schema is silent
+            return type_name(model)
+        if kind in ("literal", "number", "boolean"):
+            return {"literal": "string", "boolean": "boolean"}.get(kind) or (
+                "decimal" if "." in name else "integer"
+            )
+        if kind == "const":
+            return "integer" if name == "rowIndex" else scope.constant_types.get(name)
+        if kind in ("negate", "plus"):
+            return self.type_of(node.args[0], scope)
+        if kind == "call":
+            if name in ("lowBoundary", "highBoundary"):
+                return self.type_of(node.args[0], scope)
+            return _FUNCTION_TYPES.get(name)
+        if kind == "binary":
+            if name in _BOOLEAN_OPERATORS:
+                return "boolean"
+            if name == "&":
+                return "string"
+            left, right = (self.type_of(arg, scope) for arg in node.args)
+            if name == "|":
+                return left if left == right else None
+            if {left, right} <= {"integer", "decimal"} and name in ("+", "-", "*", "/"):
+                return "integer" if left == right == "integer" and name != "/" else "decimal"
         return None
 
     def sql(self, node: Node, scope: Scope) -> str:
@@ -625,6 +710,10 @@ class _Compiler:
             (base,) = node.args
             if base.kind == "this" and node.value == scope.resource_type:
                 return scope.focus
+            if choices := choice_types(self.model(base, scope), node.value):  # value: any value[x]
+                v = scope.variable()
+                items = ", ".join(f"fp_items(json_extract({v}, {_json_path(e)}))" for e in choices.values())
+                return f"flatten(list_transform({self.sql(base, scope)}, lambda {v}: flatten([{items}])))"
             if parent := self.single(base, scope):  # a repeating element of a single one
                 return f"fp_items(json_extract({parent.sql}, {_json_path(node.value)}))"
             return f"fp_child({self.sql(base, scope)}, {_json_path(node.value)})"
@@ -677,12 +766,9 @@ class _Compiler:
         if name == "ofType":
             if len(args) != 1 or args[0].kind != "member":
                 raise self.error("ofType() takes a type name")
-            type_name = args[0].value
-            if base_node.kind == "member":  # a choice element: value.ofType(Quantity) is valueQuantity
-                (parent,) = base_node.args
-                element = base_node.value + type_name[:1].upper() + type_name[1:]
-                return f"fp_child({self.sql(parent, scope)}, {_json_path(element)})"
-            is_type = f"json_extract_string(x, '$.resourceType') = {_quote(type_name)}"
+            if choice := self.choice(node, scope):  # value.ofType(Quantity) is valueQuantity
+                return self.sql(choice, scope)
+            is_type = f"json_extract_string(x, '$.resourceType') = {_quote(args[0].value)}"
             return f"list_filter({self.sql(base_node, scope)}, lambda x: {is_type})"
         base = self.sql(base_node, scope)
         if name == "where":

@@ -2,9 +2,9 @@
 
 Each `select` compiles to an expression of type JSON[]: the rows it yields, one JSON object per
 row, for one focus. `forEach` maps over a collection, `unionAll` concatenates, sibling parts
-multiply; the query unnests the rows of every resource and reads the columns out. Pure: a view
-in, SQL text out. The query reads a relation `resources(resource_type, resource)`, the resource
-as JSON text (VARCHAR, as the store keeps it, or JSON).
+multiply; the query unnests the rows of every resource and reads the columns out, each as its
+type. Pure: a view in, SQL text out. The query reads a relation `resources(resource_type,
+resource)`, the resource as JSON text (VARCHAR, as the store keeps it, or JSON).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from harmonize.sql_on_fhir.fhirpath import (
     compile_path,
     compile_single,
     element_model,
-    resource_model,
+    path_type,
     single_path,
 )
+from harmonize.sql_on_fhir.schema import resource_model, unknown_resource
 
 REPEAT_DEPTH = 8
 """How deep `repeat` follows its paths (FHIR Questionnaire items rarely nest past 4)."""
@@ -35,86 +36,111 @@ class ViewError(TwinhubError):
     """A ViewDefinition that cannot be compiled; the message names the element and the fix."""
 
 
+SQL_TYPES = {
+    "boolean": "BOOLEAN",
+    "decimal": "DECIMAL(38, 12)",
+    **dict.fromkeys(["integer", "positiveInt", "unsignedInt"], "INTEGER"),
+    "integer64": "BIGINT",
+    "instant": "TIMESTAMPTZ",
+    "base64Binary": "BLOB",
+}
+"""The SQL-on-FHIR default type mappings (https://sql-on-fhir.org/ig/latest, "Default Type
+Mappings"), but decimals exact and numeric (DECIMAL, 12 places) rather than text; every other
+primitive (code, string, date, dateTime, time: partial dates stay as written) is VARCHAR, and a
+complex type (HumanName) or a collection is JSON."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Column:
     name: str
     type: str | None
+    """The column's FHIR type: its `type`, else what the schema and the path say (None: unknown)."""
     collection: bool
 
-
-SQL_TYPES = {
-    "boolean": "BOOLEAN",
-    "decimal": "DOUBLE",
-    **dict.fromkeys(["integer", "positiveInt", "unsignedInt", "integer64"], "BIGINT"),
-}
+    @property
+    def sql_type(self) -> str:
+        fhir_type = (self.type or "").rsplit("/", 1)[-1]  # a StructureDefinition URL names it too
+        if self.collection or fhir_type[:1].isupper():
+            return "JSON"
+        return SQL_TYPES.get(fhir_type, "VARCHAR")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompiledView:
-    """`sql` yields every column as JSON (exact, for comparing); `typed_sql` casts each to the
-    column's `type` (strings as VARCHAR, collections stay JSON arrays) for analysts and files."""
+    """The view's query: each column of its `sql_type`, read straight from the resources."""
 
     name: str
     resource: str
     columns: list[Column]
     sql: str
-    typed_sql: str
     where: str
     """The view-level `where` as an SQL boolean over `resource` ("true" without one)."""
 
 
-def _typed(value: str, column: Column) -> str:
-    """A JSON `value` as the column's SQL type."""
-    if column.collection:
-        return value
-    if column.type in SQL_TYPES:
-        return f"{value}::{SQL_TYPES[column.type]}"
-    return f"json_extract_string({value}, '$')"
+def _from_text(text: str, column: Column) -> str:
+    """A value read as text (a JSON string unquoted, any other JSON as written) as the column's
+    type; a value that is not of that type reads as NULL (the raw resource still holds it)."""
+    target = column.sql_type
+    if target == "VARCHAR":
+        return text
+    if target == "BLOB":
+        return f"try(from_base64({text}))"
+    return f"TRY_CAST({text} AS {target})"
 
 
-def _typed_text(text: str, column: Column) -> str:
-    """A value read as text (a JSON string unquoted, any other JSON as written) as the column's type."""
-    return f"{text}::{SQL_TYPES[column.type]}" if column.type in SQL_TYPES else text
+def _from_json(value: str, column: Column) -> str:
+    """A JSON `value` as the column's type (JSON null as NULL, but for a collection's `[]`)."""
+    if column.sql_type != "JSON":
+        return _from_text(f"json_extract_string({value}, '$')", column)
+    return value if column.collection else f"nullif({value}, 'null'::JSON)"
 
 
-def compile_view(view: dict[str, Any]) -> CompiledView:
-    """The query for `view`; raises ViewError naming what is wrong."""
+def _row_value(column: Column) -> str:
+    return f"json_extract(row, {_quote('$.' + column.name)})"
+
+
+def compile_view(view: dict[str, Any], *, name: str | None = None) -> CompiledView:
+    """The query for `view` (known as `name`, else by its own `name`); raises ViewError naming
+    the view and what is wrong."""
+    name = name or view.get("name") or str(view.get("resource", "view")).lower()
+    try:
+        return _compile(view, name)
+    except ViewError as e:
+        raise ViewError(f"view {name!r}: {e}") from None
+
+
+def _compile(view: dict[str, Any], name: str) -> CompiledView:
     resource = view.get("resource")
     if not isinstance(resource, str) or not resource:
         raise ViewError("the view has no `resource`; name the FHIR resource type it reads, e.g. Patient")
+    if problem := unknown_resource(resource):
+        raise ViewError(f"resource {problem}")
     if not view.get("select"):
         raise ViewError("the view has no `select`; give it at least one column")
     _check_shape(view, "view")
     constants = {c["name"]: _constant(c) for c in view.get("constant", [])}
-    model = resource_model(resource)
     scope = Scope(
-        focus="[resource::JSON]", resource_type=resource, constants=constants, single="resource", model=model
+        focus="[resource::JSON]",
+        resource_type=resource,
+        constants={key: sql for key, (sql, _) in constants.items()},
+        constant_types={key: fhir_type for key, (_, fhir_type) in constants.items()},
+        single="resource",
+        model=resource_model(resource),
     )
     try:
-        columns = _columns(view)
+        columns = _columns(view, scope)
         where = [_where(w["path"], scope) for w in view.get("where", [])]
         filters = " AND ".join([f"resource_type = {_quote(resource)}", *where])
         if parts := _flat_parts(view):  # columns straight from the resource, or one forEach's items
-            sql = _projection(columns, parts, scope, filters, typed=False)
-            typed_sql = _projection(columns, parts, scope, filters, typed=True)
+            sql = _projection(columns, parts, scope, filters)
         else:
             rows = _rows(view, scope)
-            reads = ", ".join(
-                f"json_extract(row, {_quote('$.' + c.name)}) AS {_ident(c.name)}" for c in columns
-            )
+            reads = ", ".join(f"{_from_json(_row_value(c), c)} AS {_ident(c.name)}" for c in columns)
             sql = f"SELECT {reads} FROM (SELECT unnest({rows}) AS row FROM resources WHERE {filters})"
-            typed = ", ".join(f"{_typed(_ident(c.name), c)} AS {_ident(c.name)}" for c in columns)
-            typed_sql = f"SELECT {typed} FROM ({sql})"
     except FhirPathError as e:
         raise ViewError(str(e)) from None
-    name = view.get("name", resource.lower())
     return CompiledView(
-        name=name,
-        resource=resource,
-        columns=columns,
-        sql=sql,
-        typed_sql=typed_sql,
-        where=" AND ".join(where) or "true",
+        name=name, resource=resource, columns=columns, sql=sql, where=" AND ".join(where) or "true"
     )
 
 
@@ -149,16 +175,19 @@ def _where(path: str, scope: Scope) -> str:
     return f"fp_where({compile_path(path, scope)}, {_quote(message)})"
 
 
-def _constant(constant: dict[str, Any]) -> str:
+def _constant(constant: dict[str, Any]) -> tuple[str, str]:
+    """The constant as a JSON SQL literal, and its FHIR type (valueCode: code)."""
     values = [(k, v) for k, v in constant.items() if k.startswith("value")]
     if len(values) != 1:
         raise ViewError(f"constant {constant.get('name')!r} needs exactly one value[x]")
-    return f"{_quote(json.dumps(values[0][1]))}::JSON"
+    key, value = values[0]
+    return f"{_quote(json.dumps(value))}::JSON", key[5:6].lower() + key[6:]
 
 
-def _columns(select: dict[str, Any]) -> list[Column]:
+def _columns(select: dict[str, Any], scope: Scope) -> list[Column]:
     """The view's columns in order: a select's own, then its nested selects', then its unionAll's
-    (whose branches must agree)."""
+    (whose branches must agree), each typed as the scope it reads says."""
+    scope = _item_scope(select, scope)
     out = []
     for column in select.get("column", []):
         name = column.get("name")
@@ -166,21 +195,41 @@ def _columns(select: dict[str, Any]) -> list[Column]:
             raise ViewError(
                 f"column name {name!r} must start with a letter and hold only letters, digits and _"
             )
-        out.append(Column(name=name, type=column.get("type"), collection=bool(column.get("collection"))))
+        try:
+            inferred = path_type(column["path"], scope)
+        except FhirPathError as e:
+            raise FhirPathError(f"column {name}: {e}") from None
+        declared = column.get("type")
+        out.append(
+            Column(
+                name=name,
+                type=declared if isinstance(declared, str) and declared else inferred,
+                collection=bool(column.get("collection")),
+            )
+        )
     for nested in select.get("select", []):
-        out += _columns(nested)
+        out += _columns(nested, scope)
     if branches := select.get("unionAll"):
-        first = [c.name for c in _columns(branches[0])]
-        for branch in branches[1:]:
-            if [c.name for c in _columns(branch)] != first:
-                raise ViewError(
-                    f"unionAll branches must have the same columns in the same order; {first} differ"
-                )
-        out += _columns(branches[0])
+        typed = [_columns(branch, scope) for branch in branches]
+        first = [c.name for c in typed[0]]
+        if any([c.name for c in branch] != first for branch in typed[1:]):
+            raise ViewError(f"unionAll branches must have the same columns in the same order; {first} differ")
+        for i, column in enumerate(typed[0]):  # a branch's `true` says what the others' paths do not
+            known = next((branch[i].type for branch in typed if branch[i].type), None)
+            out.append(Column(name=column.name, type=known, collection=column.collection))
     names = [c.name for c in out]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise ViewError(f"column names must be unique; {', '.join(dupes)} appear twice")
     return out
+
+
+def _item_scope(select: dict[str, Any], scope: Scope) -> Scope:
+    """The scope a select's columns read: the items of its forEach (of unknown model under a
+    repeat, whose items may be of several levels)."""
+    for key in ("forEach", "forEachOrNull"):
+        if key in select:
+            return scope.with_focus(scope.focus, model=element_model(select[key], scope))
+    return scope.with_focus(scope.focus) if "repeat" in select else scope
 
 
 def _rows(select: dict[str, Any], scope: Scope) -> str:
@@ -193,8 +242,8 @@ def _rows(select: dict[str, Any], scope: Scope) -> str:
     if not iterators:
         return _product(select, scope)
     kind = iterators[0]
-    items = (
-        _repeat(select["repeat"], scope, REPEAT_DEPTH)
+    items = (  # repeat's paths read nodes of every level: no one model checks them
+        _repeat(select["repeat"], scope.with_focus(scope.focus, single=scope.single), REPEAT_DEPTH)
         if kind == "repeat"
         else compile_path(select[kind], scope)
     )
@@ -240,13 +289,11 @@ def _projection(
     parts: list[tuple[str | None, list[dict[str, Any]]]],
     scope: Scope,
     filters: str,
-    *,
-    typed: bool,
 ) -> str:
     """One row per resource, or per item of its one `forEach` (`parts` pairs each group of
     columns with the forEach path it reads from, None for the resource). Columns that are single
     values at a path are read with one multi-path extraction per resource or item (one parse for
-    all of them): as JSON, or when `typed` as text cast straight to the column's type."""
+    all of them), as text cast straight to the column's type."""
     values, unnest = [], ""
     shared: dict[str, list[str]] = {"resource": [], "_item": []}
     column_iter = iter(columns)
@@ -258,21 +305,16 @@ def _projection(
             unnest = f", unnest({compile_path(each, scope)}) AS _item"
         for spec in specs:
             column = next(column_iter)
-            read = None if spec.get("collection") else single_path(spec["path"], focus)
+            read = None if column.collection else single_path(spec["path"], focus)
             if read:
                 shared[root].append(read[0])
                 value = f"_{root}[{len(shared[root])}]"
-                if call := read[1]:
-                    value = call.sql(value if typed else f"({value} ->> '$')")
-                    value = value if typed else f"to_json({value})"
-                value = _typed_text(value, column) if typed else value
+                value = _from_text(read[1].sql(value) if read[1] else value, column)
             else:
-                value = _value(spec, focus)
-                value = _typed(value, column) if typed else value
+                value = _from_json(_value(spec, focus), column)
             values.append(f"{value} AS {_ident(column.name)}")
-    extract_fn = "json_extract_string" if typed else "json_extract"
     extract = {
-        root: f", {extract_fn}({root}, [{', '.join(map(_quote, paths))}]) AS _{root}" if paths else ""
+        root: f", json_extract_string({root}, [{', '.join(map(_quote, paths))}]) AS _{root}" if paths else ""
         for root, paths in shared.items()
     }
     inner = f"SELECT resource{extract['resource']}{unnest} FROM resources WHERE {filters}"

@@ -113,3 +113,28 @@ def test_vendor_presets_are_valid_configs(preset: Path) -> None:
     for source in settings.sources:
         assert source.kind in ("fhir-bulk", "fhir-search")
         assert source.auth.type == "smart"  # type: ignore[union-attr]
+
+
+def test_the_clis_early_read_of_the_store_path_agrees_with_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI puts Prefect's home in the store before Prefect (or the config) loads: it reads
+    the store path on its own, and must find the folder `load_settings` names."""
+    from flows.cli._prefect import store_path
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    config = folder / "twinhub.toml"
+    for text, env in [
+        ("", {}),
+        ('[store]\npath = "data/twin"\n', {}),
+        (f'[store]\npath = "{tmp_path / "elsewhere"}"\n', {}),
+        ('[store]\npath = "data/twin"\n', {"TWINHUB_STORE__PATH": "env-store"}),
+    ]:
+        config.write_text(text)
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            assert store_path(config) == load_settings(config).store.path, (text, env)
+            m.setenv("TWINHUB_CONFIG", str(config))
+            assert store_path(None) == load_settings(None).store.path, (text, env)

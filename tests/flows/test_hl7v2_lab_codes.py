@@ -3,6 +3,7 @@ unit normalization as the lab CSV path (tests/flows/test_lab_csv.py)."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 from flows.sync import land_source
@@ -35,6 +36,7 @@ def test_hl7_local_codes_map_and_units_normalize_into_the_views(tmp_path: Path) 
     report = land_source.fn(str(tmp_path / "twinhub.toml"), "feed")
     assert report.stats == {
         "files": 1,
+        "messages": 1,
         "codes mapped": 1,
         "values converted": 1,
         "codes unmapped": 1,
@@ -44,11 +46,16 @@ def test_hl7_local_codes_map_and_units_normalize_into_the_views(tmp_path: Path) 
     assert con.sql(
         "SELECT code, value_numeric, value_unit, value_ucum FROM lab_result ORDER BY code"
     ).fetchall() == [
-        ("2093-3", 201.0, "mg/dL", "mg/dL"),  # CHOL -> LOINC, 5.20 mmol/L -> mg/dL (386.65 g/mol)
-        ("26464-8", 6.1, "Tsd/ul", None),  # neither UCUM nor listed: kept as text, flagged
-        ("718-7", 139.0, "g/l-1", "g/L"),
-        ("789-8", 4.5, "tera per litre", "10*12/L"),  # OBX-6.1 T/l: listed (as UCUM, tesla per litre)
-        ("FERR", 35.0, "ng/ml", "ng/mL"),
+        ("2093-3", Decimal("201"), "mg/dL", "mg/dL"),  # CHOL -> LOINC, 5.20 mmol/L -> mg/dL (386.65 g/mol)
+        ("26464-8", Decimal("6.1"), "Tsd/ul", None),  # neither UCUM nor listed: kept as text, flagged
+        ("718-7", Decimal("139"), "g/l-1", "g/L"),
+        (
+            "789-8",
+            Decimal("4.5"),
+            "tera per litre",
+            "10*12/L",
+        ),  # OBX-6.1 T/l: listed (as UCUM, tesla per litre)
+        ("FERR", Decimal("35"), "ng/ml", "ng/mL"),
     ]
     flagged = con.sql(
         """SELECT json_extract_string(resource, '$.code.coding[0].code') AS code,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,8 @@ def test_rows_land_as_observations_and_bad_rows_are_quarantined_with_reasons(tmp
     assert con.sql(
         "SELECT patient_id, code, value_numeric, value_ucum, value_string FROM lab_result ORDER BY ALL"
     ).fetchall() == [
-        ("p1", "14749-6", 5.5, "mmol/L", None),
-        ("p1", "718-7", 13.9, "g/dL", None),
+        ("p1", "14749-6", Decimal("5.5"), "mmol/L", None),
+        ("p1", "718-7", Decimal("13.9"), "g/dL", None),
         ("p2", "5767-9", None, None, "cloudy"),
     ]
     reasons = dict(con.sql("SELECT line_no, reason FROM quarantine ORDER BY 1").fetchall())
@@ -259,9 +260,9 @@ def test_local_codes_map_through_the_concept_map_and_unmapped_ones_are_queryable
     assert con.sql(
         "SELECT code, code_system, value_numeric, value_unit, value_ucum FROM lab_result ORDER BY code"
     ).fetchall() == [
-        ("2002", "urn:acme:lab-codes", 35.0, "ng/mL", "ng/mL"),
-        ("2345-7", "http://loinc.org", 99.1, "mg/dL", "mg/dL"),
-        ("718-7", "http://loinc.org", 13.9, "g/dl", "g/dL"),
+        ("2002", "urn:acme:lab-codes", Decimal("35"), "ng/mL", "ng/mL"),
+        ("2345-7", "http://loinc.org", Decimal("99.1"), "mg/dL", "mg/dL"),
+        ("718-7", "http://loinc.org", Decimal("13.9"), "g/dl", "g/dL"),
     ]
     assert con.sql("SELECT code FROM observation ORDER BY code").fetchall() == [
         ("2002",),

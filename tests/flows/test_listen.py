@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hl7.mllp import open_hl7_connection
 from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
 from connectors.labs.mllp import ack
 from flows.sync import harmonized, land_batches
-from tests.support.cli import TWINHUB
+from tests.support.cli import TWINHUB, run_cli
 from tests.support.data import SHARED
 from twin_store import TwinStore, connect
 
@@ -89,3 +90,23 @@ def test_acks_echo_the_control_id_and_escape_the_reason() -> None:
     assert refused[1] == "MSA|AE|C123|OBX-3 holds 'a\\F\\b\\S\\c', bad"
     assert refused[2].startswith("ERR|||207")
     assert ack("garbage", None).split("\r")[1].startswith("MSA|AR||not an HL7 v2 message")
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """Issue 16, item 7: no asyncio traceback, the port and the fix named."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "twinhub.toml").write_text(
+            '[store]\npath = "store"\n'
+            f'[[sources]]\nname = "labs"\nkind = "hl7v2"\npath = "in"\nport = {port}\n'
+        )
+        result = run_cli(
+            "--config", str(tmp_path / "twinhub.toml"), "listen", "labs", check=False, timeout=60
+        )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: source 'labs': cannot listen on 127.0.0.1:{port} (Address already in use); stop what "
+        "holds the port or set another `port`"
+    ]

@@ -117,9 +117,9 @@ def test_a_kind_from_another_package_syncs_and_shows_in_status(
     assert landed == [("Patient", f"tk-{i}") for i in range(6)]
     assert con.sql("SELECT source, lines_read, inserted FROM ingest_run").fetchall() == [("made-up", 6, 6)]
 
-    status = run_cli("--config", str(config), "status", env=plugin_path).stdout
-    [row] = [line for line in status.splitlines() if "made-up" in line and "testkind" in line]
-    assert "testkind landed 2 of 2 batches, the last ending at tk-5" in row
+    status = run_cli("--config", str(config), "status", env={**plugin_path, "COLUMNS": "200"}).stdout
+    block = status[status.index("made-up (testkind") :]
+    assert "progress: testkind landed 2 of 2 batches, the last ending at tk-5" in block.splitlines()[1]
 
 
 def test_a_misspelled_kind_lists_the_installed_plugin_kind(

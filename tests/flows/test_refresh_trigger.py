@@ -103,9 +103,12 @@ def write_twins(folder: Path, cholesterol: dict[str, float]) -> Path:
     return write_ndjson(folder / "twins.ndjson", lines)
 
 
+PROJECT = "cardio"
+
+
 def twins_config(tmp_path: Path, models: str, **source: object) -> Path:
     config = write_config(tmp_path, tmp_path / "export", name="twins", **source)
-    config.write_text(config.read_text() + f"\n[models]\n{models}")
+    config.write_text(config.read_text() + f'\n[project]\nname = "{PROJECT}"\n\n[models]\n{models}')
     return config
 
 
@@ -166,7 +169,7 @@ def serving(config: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[str]
 
             def automation() -> str | None:
                 try:
-                    deployment = client.read_deployment_by_name("refresh-models/refresh-models")
+                    deployment = client.read_deployment_by_name(f"refresh-models/{PROJECT}")
                 except Exception:
                     return None
                 owner = f"prefect.deployment.{deployment.id}"
@@ -213,7 +216,7 @@ def refreshed(store: Path, run_id: str, proc: subprocess.Popen[str], timeout: fl
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    only = DeploymentFilter(name=DeploymentFilterName(any_=["refresh-models"]))
+    only = DeploymentFilter(name=DeploymentFilterName(any_=[PROJECT]))
     with get_client(sync_client=True) as client:
 
         def ended() -> FlowRun | None:
@@ -247,11 +250,14 @@ def test_serve_offers_the_refresh_trigger_and_syncs_that_leave_it_to_it(tmp_path
     config = twins_config(tmp_path, 'enabled = ["ascvd-pce"]\n', schedule="0 2 * * *")
     sync_deployment, refresh = deployments(load_settings(config), str(config))
     assert sync_deployment.parameters == {"source": "twins", "config": str(config), "refresh": False}
-    assert refresh.name == "refresh-models" and refresh.parameters == {"config": str(config)}
+    assert refresh.name == PROJECT and refresh.parameters == {"config": str(config)}
     [trigger] = refresh.triggers
     assert isinstance(trigger, DeploymentEventTrigger)
     assert trigger.expect == {"twinhub.store.updated"}
-    assert dict(trigger.match.items()) == {"prefect.resource.id": ["twinhub.source.*"]}  # any source
+    assert dict(trigger.match.items()) == {  # any source of this project, none of another's
+        "prefect.resource.id": ["twinhub.source.*"],
+        "twinhub.project": [PROJECT],
+    }
     assert trigger.parameters == {
         "config": str(config),
         "trigger": REFRESH_TRIGGER,
@@ -261,6 +267,16 @@ def test_serve_offers_the_refresh_trigger_and_syncs_that_leave_it_to_it(tmp_path
     no_models = twins_config(tmp_path, "enabled = []\n", schedule="0 2 * * *")
     [sync_only] = deployments(load_settings(no_models), None)
     assert sync_only.parameters == {"source": "twins", "config": None}
+
+    # Named after the project (by default its config's folder): two projects with a source of
+    # the same name on one Prefect server keep apart.
+    assert (sync_deployment.name, sync_deployment.tags) == (
+        f"twins@{PROJECT}",
+        ["twinhub", f"project:{PROJECT}", "source:twins"],
+    )
+    unnamed = write_config(tmp_path / "oncology", tmp_path / "export", name="twins", schedule="0 2 * * *")
+    [other] = deployments(load_settings(unnamed), None)
+    assert other.name == "twins@oncology" and "project:oncology" in other.tags
 
     nothing = twins_config(tmp_path, "enabled = []\n")
     with pytest.raises(ConfigError, match="nothing to serve"):
@@ -308,6 +324,50 @@ def test_the_event_refreshes_the_changed_twins_under_the_test_harness(
         )
         assert newest == [("p2", one.input_snapshot_id, "59")]
         assert one.input_snapshot_id == changed_snapshot
+
+
+@pytest.mark.slow
+def test_a_sync_beside_a_serve_without_a_prefect_server_refreshes_the_models_itself(tmp_path: Path) -> None:
+    """No PREFECT_API_URL: `twinhub serve` and a `twinhub sync --no-refresh` started beside it
+    each report to a temporary Prefect server of their own, so the sync's event never reaches
+    serve's trigger. The sync refreshes the models itself (and says why), and serve's note no
+    longer advises --no-refresh."""
+    write_twins(tmp_path / "export", CHOLESTEROL)
+    config = twins_config(tmp_path, 'enabled = ["ascvd-pce"]\n')
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    serve = subprocess.Popen(
+        [TWINHUB, "--config", str(config), "serve"],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    failed = True
+    try:
+        assert serve.stdout is not None
+        note = serve.stdout.readline()
+        assert note.startswith("note: no Prefect server is set") and "--no-refresh or not" in note, note
+        synced = run_cli("--config", str(config), "sync", "twins", "--no-refresh", env=env)
+        assert "refreshing the models here: no Prefect server is set" in synced.stderr
+        run_id, snapshot = last_sync(store)
+        found = wait_for(f"refresh after sync {run_id}", lambda: refresh_of_sync(store, run_id), 60, serve)
+        assert found == (f"sync {run_id}", "full", snapshot, 3)
+        assert outputs_per_patient(store) == {"p1": 1, "p2": 1, "p3": 1}
+        failed = False
+    finally:
+        stop(serve, failed)
+
+
+def refresh_of_sync(store: Path, run_id: str) -> tuple[Any, ...] | None:
+    """The model run that followed sync `run_id`, whoever started it (the sync, or the event)."""
+    found = query(
+        store,
+        "SELECT trigger, scope, input_snapshot_id, ok FROM model_run WHERE model = 'ascvd-pce' AND "
+        "status = 'succeeded' AND (trigger = ? OR trigger LIKE ?)",
+        [f"sync {run_id}", f"event sync {run_id} %"],
+    )
+    return found[0] if found else None
 
 
 @contextmanager

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from flows.sample_export import write_sample_export
-from flows.sync import STORE_UPDATED, backfill, sync
+from flows.sync import STORE_UPDATED, backfill, land_source, sync
 from tests.support.data import write_config
 from twin_store import connect
 
@@ -129,3 +130,38 @@ def test_pipeline_stops_its_threads_when_the_consumer_fails() -> None:
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
+
+
+def test_each_snapshot_names_its_run_and_a_sync_of_unchanged_input_makes_none(tmp_path: Path) -> None:
+    """`twin.snapshots()` says which run and batch made each snapshot; a sync that lands nothing
+    leaves the store's history as it was, while its run record still says it ran."""
+    write_sample_export(tmp_path / "export", patients=30)
+    config = write_config(tmp_path, tmp_path / "export")
+    first = land_source.fn(str(config), "src")
+    con = connect(tmp_path / "store")
+    snapshots = con.sql(
+        "SELECT snapshot_id, author, commit_message, commit_extra_info FROM twin.snapshots() ORDER BY 1"
+    ).fetchall()
+    mine = [
+        (n, message, orjson.loads(extra))
+        for n, _, message, extra in snapshots
+        if first.run_id in (extra or "")
+    ]
+    assert mine and mine[-1][0] == first.snapshot_id, "the run ended at its last batch's snapshot"
+    assert [message for _, message, _ in mine] == [
+        f"sync src run {first.run_id} batch {n}" for n in range(1, len(mine) + 1)
+    ]
+    assert all(extra["run_id"] == first.run_id and extra["source"] == "src" for *_, extra in mine)
+    assert {author for _, author, *_ in snapshots[1:]} == {"twinhub"}, "every commit names its maker"
+
+    second = land_source.fn(str(config), "src")
+    assert second.counts["lines_read"] == 0 and second.snapshot_id == first.snapshot_id
+    assert connect(tmp_path / "store").sql("SELECT count(*) FROM twin.snapshots()").fetchone() == (
+        len(snapshots),
+    )
+    assert connect(tmp_path / "store").sql(
+        "SELECT run_id, status, snapshot_id FROM ingest_run ORDER BY started_at"
+    ).fetchall() == [
+        (first.run_id, "succeeded", first.snapshot_id),
+        (second.run_id, "succeeded", first.snapshot_id),
+    ]

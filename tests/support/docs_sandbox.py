@@ -1,4 +1,5 @@
-"""The docs sandbox: a folder where the docs' commands run as a reader runs them after `make demo`.
+"""The docs sandbox: a folder where the docs' commands run as a reader runs them after `make demo`
+(in the demo's folder, `twinhub-demo/`, as the demo advises).
 
 It holds the demo's store (`twinhub demo --generate`: generated FHIR and Fitbit data, so
 ../shared is not needed) and a `twinhub.toml` naming the sources the pages use: the README's
@@ -193,6 +194,7 @@ def build(root: Path, prefect_api: str, ehr: FhirServer, fitbit: FitbitServer) -
         check=False,
     )
     assert demo.returncode == 0, f"twinhub demo --generate failed:\n{demo.stdout}\n{demo.stderr}"
+    root = root / "twinhub-demo"  # where the demo tells its reader to `cd`
     (root / "twinhub.toml").write_text(config(root, ehr, fitbit))
     (root / "keys").mkdir()
     (root / "keys" / "ehr.token").write_text(ADMIN_TOKEN + "\n")
@@ -204,7 +206,7 @@ def build(root: Path, prefect_api: str, ehr: FhirServer, fitbit: FitbitServer) -
 def config(root: Path, ehr: FhirServer, fitbit: FitbitServer) -> str:
     """The sandbox's twinhub.toml: the demo's own config (its store, models and two sources),
     then one source per name the docs' commands use."""
-    demo = (root / ".twinhub" / "demo.toml").read_text()
+    demo = (root / "twinhub.toml").read_text()
     demo = demo.replace(
         "[models]\n", "[models]\nrefresh_after_sync = false   # `twinhub models run` refreshes\n"
     )
@@ -218,7 +220,7 @@ def config(root: Path, ehr: FhirServer, fitbit: FitbitServer) -> str:
 [[sources]]
 name = "synthea"
 kind = "fhir-ndjson"
-path = ".twinhub/sample-export"
+path = "sample-export"
 schedule = "0 2 * * *"
 
 [[sources]]

@@ -4,7 +4,8 @@ every command and config snippet runs).
 A page's fenced blocks are found by their language:
 
 - `toml`: a twinhub config file, loaded with `flows.config.load_settings` (a block with a
-  `[project]` table is a package's pyproject.toml: its twinhub entry points are checked);
+  `[project.entry-points...]` table is a package's pyproject.toml: its twinhub entry points are
+  checked);
 - `bash` (or `console`, `sh`, `shell`; a leading `$ ` is dropped): one command per line, `#`
   comments and `\\` continuations allowed. `twinhub ...` runs in the docs sandbox; `make TARGET`
   is dry-run (`make -n`) in the project; for `.venv/bin/python SCRIPT`, the script must exist and

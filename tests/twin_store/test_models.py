@@ -232,3 +232,38 @@ def test_a_model_that_fails_for_one_patient_records_it_and_computes_the_others(t
         .fetchall()
     )
     assert run == (3, 1, "succeeded")
+
+
+def test_the_summary_counts_each_patient_once_where_they_stand_now(tmp_path: Path) -> None:
+    """A patient refused for a missing input, computed once it arrives, counts as computed only:
+    computed + refused + errors is the number of patients."""
+    from twin_store import queries
+
+    without_hdl = [r for r in twins() if r["id"] != "p3-hdl"]
+    write_ndjson(tmp_path / "ehr" / "data.ndjson", without_hdl)  # type: ignore[arg-type]
+    land(tmp_path / "store", tmp_path / "ehr")
+    assert run_model(tmp_path / "store").counts["refused"] == 2, "the kid, and p3 without HDL"
+    write_ndjson(tmp_path / "ehr" / "data.ndjson", twins())  # type: ignore[arg-type]
+    land(tmp_path / "store", tmp_path / "ehr")
+    assert run_model(tmp_path / "store").counts["ok"] == 1, "p3, now with HDL"
+    summary = queries.model_summary(connect(tmp_path / "store"))
+    rows = [dict(zip(summary.columns, row, strict=True)) for row in summary.fetchall()]
+    assert [(r["model"], r["computed"], r["refused"], r["errors"]) for r in rows] == [("ascvd-pce", 3, 1, 0)]
+
+
+def test_a_patient_the_store_does_not_know_is_refused_before_anything_is_computed(tmp_path: Path) -> None:
+    from connectors.errors import TwinhubError
+    from harmonize.models.resting_hr import MODEL as RESTING_HR
+
+    write_ndjson(tmp_path / "ehr" / "data.ndjson", twins())  # type: ignore[arg-type]
+    land(tmp_path / "store", tmp_path / "ehr")
+    with TwinStore(tmp_path / "store") as store, pytest.raises(TwinhubError) as raised:
+        refresh(store, RESTING_HR, trigger="cli", patients=["p1", "nobody", "p2"])
+    assert str(raised.value) == (
+        "model resting-hr-baseline: 1 of the 3 patients asked for (#2) is not in the store; "
+        'list them with: twinhub sql "SELECT id FROM patient"'
+    )
+    assert "nobody" not in str(raised.value)
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT count(*) FROM model_output").fetchone() == (0,)
+    assert con.sql("SELECT count(*) FROM model_run").fetchone() == (0,)

@@ -218,3 +218,30 @@ def test_a_reader_with_a_query_open_never_blocks_the_writer(tmp_path: Path) -> N
         f"SELECT status FROM run_record WHERE run_id = '{run.run_id}'"
     ).fetchall() == [("succeeded",)]
     reader.close()
+
+
+def test_run_records_an_earlier_twinhub_kept_in_the_ducklake_move_beside_it(tmp_path: Path) -> None:
+    """Run records used to be a DuckLake table (each record a snapshot); the next write moves
+    them to runs.sqlite, and `ingest_run` reads them there with their batches' counts."""
+    write_ndjson(tmp_path / "export" / "Observation.ndjson", [obs(1, 60.0)])
+    with TwinStore(tmp_path / "store") as store:
+        landed = land_folder(store, tmp_path / "export")
+        store.con.execute(
+            "CREATE TABLE twin.run_record (run_id VARCHAR, source VARCHAR, flow VARCHAR, started_at "
+            "TIMESTAMPTZ, finished_at TIMESTAMPTZ, status VARCHAR, snapshot_id BIGINT, error VARCHAR)"
+        )
+        store.con.execute(
+            "INSERT INTO twin.run_record VALUES (?, 'src', 'sync', now(), now(), 'succeeded', ?, NULL)",
+            [landed.run_id, landed.snapshot_id],
+        )
+        store.con.execute("CREATE VIEW twin.ingest_run AS SELECT * FROM twin.run_record")
+    (tmp_path / "store" / "runs.sqlite").unlink()
+
+    with TwinStore(tmp_path / "store"):
+        pass
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT run_id, status, snapshot_id, lines_read FROM ingest_run").fetchall() == [
+        (landed.run_id, "succeeded", landed.snapshot_id, 1)
+    ]
+    left = "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'twin' AND table_name = 'run_record'"
+    assert con.sql(left).fetchone() == (0,)

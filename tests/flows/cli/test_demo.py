@@ -13,21 +13,46 @@ from tests.support.data import SHARED
 from twin_store import connect
 
 
-def demo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def demo(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200"}
     env.pop("PREFECT_API_URL", None)  # embedded defaults: no server
     result = subprocess.run(
-        [TWINHUB, "demo", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+        [TWINHUB, *args] if args[:1] == ("--config",) else [TWINHUB, "demo", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0 or not check, result.stdout + result.stderr
     return result
+
+
+def test_the_demo_leaves_alone_what_it_did_not_make(tmp_path: Path) -> None:
+    """Issue 16, item 6: a folder of that name the demo did not make, and `--config`, are refused
+    before anything is written or deleted."""
+    (tmp_path / "twinhub-demo").mkdir()
+    (tmp_path / "twinhub-demo" / "notes.txt").write_text("mine")
+    refused = demo(tmp_path, check=False)
+    assert refused.returncode == 1
+    assert "'twinhub-demo' exists and was not made by `twinhub demo`" in refused.stderr
+    assert [p.name for p in (tmp_path / "twinhub-demo").iterdir()] == ["notes.txt"]
+    (tmp_path / "mine.toml").write_text('[store]\npath = "mine"\n')
+    with_config = demo(tmp_path, "--config", "mine.toml", "demo", "--dir", "elsewhere", check=False)
+    assert with_config.returncode == 1
+    assert "the demo writes its own config" in with_config.stderr
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.slow
 def test_the_generated_demo_syncs_and_refreshes_the_models(tmp_path: Path) -> None:
+    # The store of the project's own twinhub.toml lives in ./.twinhub: the demo never touches it.
+    (tmp_path / ".twinhub").mkdir()
+    (tmp_path / ".twinhub" / "fitbit-tokens.json").write_text("{}")
     result = demo(tmp_path, "--generate")
     assert "Twin models refreshed after the sync" in result.stdout
-    con = connect(tmp_path / ".twinhub")
+    assert [p.name for p in (tmp_path / ".twinhub").iterdir()] == ["fitbit-tokens.json"]
+    con = connect(tmp_path / "twinhub-demo" / ".twinhub")
     (ok, without_inputs) = con.sql(
         """SELECT count(*) FILTER (status = 'ok'), count(*) FILTER (status = 'ok' AND len(inputs) < 4)
         FROM model_output WHERE model = 'ascvd-pce'"""
@@ -39,6 +64,11 @@ def test_the_generated_demo_syncs_and_refreshes_the_models(tmp_path: Path) -> No
         "SELECT scope, patients FROM model_run WHERE model = 'ascvd-pce' ORDER BY finished_at"
     ).fetchall()
     assert refreshes == [("full", refreshes[0][1]), ("changed", 5)]
+    con.close()
+    # Run again: the demo takes back its own folder and starts afresh.
+    demo(tmp_path, "--generate")
+    again = connect(tmp_path / "twinhub-demo" / ".twinhub")
+    assert again.sql("SELECT count(*) FROM model_run WHERE model = 'ascvd-pce'").fetchone() == (2,)
 
 
 @pytest.mark.slow
@@ -51,7 +81,7 @@ def test_on_synthea_every_eligible_patient_gets_a_risk_with_lineage(tmp_path: Pa
     (tmp_path / "shared").symlink_to(SHARED.parent)
     (tmp_path / "work").mkdir()
     demo(tmp_path / "work")
-    con = connect(tmp_path / "work" / ".twinhub")
+    con = connect(tmp_path / "work" / "twinhub-demo" / ".twinhub")
     eligible = {
         p
         for (p,) in con.sql(
@@ -89,8 +119,8 @@ def test_on_synthea_every_eligible_patient_gets_a_risk_with_lineage(tmp_path: Pa
     }
     assert len(eligible) > 100 and computed == eligible
     history = subprocess.run(
-        [TWINHUB, "--config", ".twinhub/demo.toml", "models", "history", "ascvd-pce", "--limit", "5"],
-        cwd=tmp_path / "work",
+        [TWINHUB, "models", "history", "ascvd-pce", "--limit", "5"],
+        cwd=tmp_path / "work" / "twinhub-demo",
         capture_output=True,
         text=True,
         timeout=300,
