@@ -27,6 +27,9 @@ ENTRY_POINTS = "twinhub.sources"
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 """What a source may be called: its name starts the keys of its records (`<name>/<id>`) and the
 base of references to them from other sources, so it holds no `/`, `.`, space or `:`."""
+PATIENT_ID = re.compile(rf"({SOURCE_NAME.pattern}/)?[A-Za-z0-9\-\.]{{1,64}}")
+"""What a wearable sample may name as its patient: a FHIR id (R4 datatypes), or the key
+`<source>/<id>` of another source's Patient (the Patient of its daily FHIR)."""
 Modality = Literal["ehr", "labs", "genomics", "wearables"]
 RecordFormat = Literal["fhir", "lab-rows", "hl7v2", "vcf", "samples"]
 """What a connector's batches hold, which decides how they are harmonized: FHIR resources as

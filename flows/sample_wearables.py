@@ -39,7 +39,7 @@ def write_sample_wearables(
         )
         for account in accounts:
             resting = rng.uniform(52, 74)
-            kg = rng.uniform(55, 105)
+            kg, metres = rng.uniform(55, 105), rng.uniform(1.55, 1.92)
             for n in range(days):
                 day = first + timedelta(days=n)
                 midnight = datetime(day.year, day.month, day.day)
@@ -66,6 +66,15 @@ def write_sample_wearables(
                     when = midnight + timedelta(hours=7, minutes=rng.randrange(60))
                     pounds, log_id = round(kg * 2.20462, 1), int(when.timestamp() * 1000)
                     weight_out.writerow(
-                        [account, when.strftime(LOCAL), round(kg, 1), pounds, "", "", "True", log_id]
+                        [
+                            account,
+                            when.strftime(LOCAL),
+                            round(kg, 1),
+                            pounds,
+                            "",
+                            round(kg / metres**2, 2),
+                            "True",
+                            log_id,
+                        ]
                     )
     return accounts

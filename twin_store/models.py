@@ -193,7 +193,8 @@ def patients_changed(con: duckdb.DuckDBPyConnection, tables: Iterable[str], sinc
         patient = "patient_id" if "patient_id" in columns else "id" if table == "patient" else None
         if patient is None:
             continue
-        own = "AND id NOT IN (SELECT resource_id FROM twin.model_output)" if "id" in columns else ""
+        # A view's id is the key `<source>/<id>`; a model lands its FHIR as source `model:<name>`.
+        own = "AND NOT starts_with(id, 'model:')" if "id" in columns else ""
         rows = con.execute(
             f"""SELECT DISTINCT {patient} FROM twin.table_changes('{table}', {since + 1}, {now})
             WHERE {patient} IS NOT NULL {own}"""

@@ -19,7 +19,6 @@ with polars; only a file that read refuses is read again line by line to find th
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,13 +31,12 @@ from pydantic import Field, field_validator
 
 from connectors._files import GZIP_MAGIC, FileConnector, describe_files, fingerprint
 from connectors.base import PROBLEM_SCHEMA, RECORD_SCHEMA, SAMPLE_SCHEMA, Batch, Watermark, Window
-from connectors.kinds import SourceConfig, SourceKind
+from connectors.kinds import PATIENT_ID, SourceConfig, SourceKind
 
 Grain = Literal["minute", "hour", "day"]
 GRAIN_ORDER = {"minute": 0, "hour": 1, "day": 2}
 LOCAL_TIME = "%m/%d/%Y %I:%M:%S %p"
 LOCAL_DAY = "%m/%d/%Y"
-FHIR_ID = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
 """A FHIR id: an account's Patient id becomes `Patient/<id>` in the daily FHIR."""
 MAX_RAW = 64 * 1024
 """The most of a bad line kept in quarantine."""
@@ -210,7 +208,7 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
             .dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
             .alias("start"),
             # Checked here, at the boundary: an Id like "../x" must not become a Patient.
-            pl.col("patient_id").str.contains(f"^{FHIR_ID.pattern}$").fill_null(False).alias("valid_id"),
+            pl.col("patient_id").str.contains(f"^{PATIENT_ID.pattern}$").fill_null(False).alias("valid_id"),
         )
         text = raw.select(
             "line_no", pl.concat_str(pl.exclude("line_no").fill_null(""), separator=",").alias("raw")
@@ -293,7 +291,7 @@ class FitbitCsvConnector(FileConnector[FitbitCsvSource]):
                 f"{kind}: account {account} is not in {patients}; map it to its Patient id there "
                 "(or set patient_prefix)"
             )
-        if not FHIR_ID.fullmatch(patient):
+        if not PATIENT_ID.fullmatch(patient):
             return (
                 f"{kind}: account Id {account!r} makes the Patient id {patient!r}, which is not a FHIR id "
                 f"(1-64 of A-Z a-z 0-9 - .); map the account to its Patient id in {patients}"

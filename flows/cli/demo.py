@@ -15,6 +15,7 @@ from connectors.errors import TwinhubError
 from flows.cli._output import State, out, print_report, with_progress
 from flows.cli._prefect import stoppable, use_home
 from flows.cli._results import show
+from flows.cli.sources import EXIT_PROBLEMS, problems
 
 SHARED_SYNTHEA = Path("../shared/data/fhir/bulk-ndjson/synthea-r4-617-bundles-derived")
 DEMO_MODELS = ("ascvd-pce", "resting-hr-baseline", "diabetes-risk")
@@ -67,10 +68,13 @@ def demo(
     )
     State.config = config
     started = time.perf_counter()
+    reports = []
     with stoppable():
-        print_report(with_progress(name, lambda: sync_flow(name, str(config.resolve()))), store)
+        reports.append(with_progress(name, lambda: sync_flow(name, str(config.resolve()))))
+        print_report(reports[-1], store)
         wearables = _demo_wearables(folder, config)
-        print_report(with_progress(wearables, lambda: sync_flow(wearables, str(config.resolve()))), store)
+        reports.append(with_progress(wearables, lambda: sync_flow(wearables, str(config.resolve()))))
+        print_report(reports[-1], store)
     con = connect(store)
     show(queries.table_counts(con), "Rows per table")
     out.print(f'\nExample query (twinhub sql "..." in {folder}/):')
@@ -85,6 +89,11 @@ def demo(
         f"`source .venv/bin/activate; cd {folder}`, then try `twinhub status` and `twinhub sql`.",
         highlight=False,
     )
+    # The demo's data is clean: a quarantine here is a bug the user should see, never a quiet pass.
+    if lines := [line for report in reports if (line := problems(report, store))]:
+        for line in lines:
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 def _claim(folder: Path, *, fresh: bool) -> None:

@@ -15,6 +15,8 @@ from flows.cli._output import State, config_arg, out, para, print_report, settin
 from flows.cli._prefect import stoppable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from twin_store import RunReport
     from twin_store.runs import FlowKind
 
@@ -121,13 +123,20 @@ def reset(
 
 
 def _landed_with_problems(report: RunReport) -> None:
-    """After the summary of a run that quarantined something, one line naming where (files and
-    the damage found in them, never their content), and exit 3."""
+    """After the summary of a run that quarantined something, its one line and exit 3."""
+    if line := problems(report, settings().store.path):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+def problems(report: RunReport, store: Path) -> str | None:
+    """The one line naming where a run quarantined something (files and the damage found in
+    them, never their content); None for a clean run."""
     from twin_store import connect, queries
 
     if not report.counts["quarantined"]:
-        return
-    per_file = queries.run_quarantine(connect(settings().store.path), report.run_id)
+        return None
+    per_file = queries.run_quarantine(connect(store), report.run_id)
     parts = []
     for file, lines, damage in per_file[:FILES_NAMED]:
         name = file.rsplit("/", 1)[-1] if file else "records"
@@ -137,14 +146,10 @@ def _landed_with_problems(report: RunReport) -> None:
         parts.append(f"{sum(n for _, n, _ in more):,} in {len(more):,} more files")
     if parts:
         parts[0] = parts[0].replace(" in ", " quarantined in ", 1)
-    out.print(
+    return (
         f"{report.flow} {report.source} landed with problems: {', '.join(parts)}; "
-        f"see twinhub quarantine list --source {report.source}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f"see twinhub quarantine list --source {report.source}"
     )
-    raise typer.Exit(EXIT_PROBLEMS)
 
 
 @contextlib.contextmanager

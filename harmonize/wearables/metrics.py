@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import PROBLEM_SCHEMA, SAMPLE_SCHEMA
-from connectors.kinds import SOURCE_NAME
+from connectors.kinds import PATIENT_ID
 from harmonize.records import key_reference
 
 METRICS_FILE = Path(__file__).with_name("wearable_metrics.toml")
@@ -36,9 +36,7 @@ WHERE = "harmonize/wearables/wearable_metrics.toml"
 """Where a user finds the metrics and unit spellings, for the reasons of samples refused."""
 RANGES_FILE = Path(__file__).with_name("wearable_ranges.toml")
 RANGES_WHERE = "harmonize/wearables/wearable_ranges.toml"
-FHIR_ID = rf"^({SOURCE_NAME.pattern}/)?[A-Za-z0-9\-\.]{{1,64}}$"
-"""A FHIR id (R4 datatypes), or the key `<source>/<id>` of another source's Patient: a sample's
-patient_id names the Patient of its daily FHIR."""
+FHIR_ID = f"^{PATIENT_ID.pattern}$"
 Rollup = Literal["sum", "mean", "last", "min", "max"]
 
 NORMALIZED_SCHEMA = pa.schema(
