@@ -102,12 +102,13 @@ CREATE OR REPLACE TEMP MACRO fp_boundary(x, kind, low) AS
               to_json(CASE WHEN low THEN fp_low_date(x ->> '$') ELSE fp_high_date(x ->> '$') END)
          ELSE to_json(CASE WHEN low THEN fp_low_datetime(x ->> '$') ELSE fp_high_datetime(x ->> '$') END) END;
 CREATE OR REPLACE TEMP MACRO fp_key(id, source) AS coalesce(source || '/' || id, id);
-CREATE OR REPLACE TEMP MACRO fp_ref_key_of(m, source) AS
-    CASE WHEN m.id = '' THEN NULL WHEN source IS NULL THEN m.id
-         ELSE coalesce(nullif(m.base, ''), source) || '/' || m.id END;
-CREATE OR REPLACE TEMP MACRO fp_ref_key(reference, t, source) AS fp_ref_key_of(regexp_extract(
-    reference, '^(?:https://twinhub\\.invalid/sources/([^/]+)/|.*/)?' || t || '/([^/]+)(?:/_history/[^/]+)?$',
-    ['base', 'id']), source);
+CREATE OR REPLACE TEMP MACRO fp_ref_id(reference, t) AS
+    nullif(regexp_extract(reference, '(^|/)' || t || '/([^/]+)(/_history/[^/]+)?$', 2), '');
+CREATE OR REPLACE TEMP MACRO fp_ref_key(reference, t, source) AS coalesce(
+    CASE WHEN source IS NULL THEN NULL
+         WHEN starts_with(reference, 'https://twinhub.invalid/sources/')
+              AND split_part(reference, '/', 5) <> '' AND split_part(reference, '/', 6) = t
+         THEN split_part(reference, '/', 5) ELSE source END || '/', '') || fp_ref_id(reference, t);
 """
 SOURCE = "source"
 """The column of the `resources` relation that names each resource's source (NULL where none

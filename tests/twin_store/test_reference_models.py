@@ -20,6 +20,7 @@ from connectors.fhir.ndjson import FhirNdjsonConnector, FhirNdjsonSource
 from flows.sync import land_batches
 from harmonize.models import diabetes_risk, resting_hr
 from harmonize.models.twin_model import output_id
+from harmonize.records import key_reference
 from tests.support.data import write_ndjson
 from tests.support.diabetes import Patient, population
 from twin_store import TwinStore, connect
@@ -144,7 +145,7 @@ def test_resting_hr_refreshes_a_wearable_twin_and_a_clinic_one_and_then_only_wha
         report = refresh(store, model, trigger="test")
     assert (report.scope, report.counts["ok"], report.counts["refused"]) == ("full", 2, 1)
     got = outputs(root, model.name)
-    (w1,), (c1,), (c2,) = got["w1"], got["c1"], got["c2"]
+    (w1,), (c1,), (c2,) = got["fit/w1"], got["ehr/c1"], got["ehr/c2"]
     assert {r["input_snapshot_id"] for r in (w1, c1, c2)} == {snapshot}
     assert (w1["status"], w1["version"]) == ("ok", "1.0.0")
     out = orjson.loads(w1["outputs"])
@@ -161,17 +162,20 @@ def test_resting_hr_refreshes_a_wearable_twin_and_a_clinic_one_and_then_only_wha
     )
 
     resources = model_resources(root, model.name)
-    assert set(resources) == {output_id(model.name, "w1"), output_id(model.name, "c1")}, (
+    assert set(resources) == {output_id(model.name, "fit/w1"), output_id(model.name, "ehr/c1")}, (
         "a new refusal writes nothing"
     )
     for resource in resources.values():
         Observation.model_validate_json(orjson.dumps(resource))
         assert resource["code"]["coding"][0]["code"] == "40443-4"
         assert resource["valueQuantity"]["unit"] == "/min"
-    wearable = resources[output_id(model.name, "w1")]
+    wearable = resources[output_id(model.name, "fit/w1")]
     daily_ids = {i for (i,) in connect(root).sql("SELECT observation_id FROM wearable_daily").fetchall()}
-    derived = {d["reference"].removeprefix("Observation/") for d in wearable["derivedFrom"]}
-    assert derived == {i.removeprefix("wearable_daily/") for i in w1["inputs"]} and derived <= daily_ids
+    # The daily Observations are the wearable source's: the model's FHIR names them on its base.
+    derived = {d["reference"] for d in wearable["derivedFrom"]}
+    keys = {i.removeprefix("wearable_daily/") for i in w1["inputs"]}
+    assert derived == {key_reference(k, "Observation") for k in keys}
+    assert keys <= daily_ids
     assert wearable["valueQuantity"]["value"] == round(w1["value"], 2)
 
     land_samples(root, night(9, 57))  # a tenth night, back to normal
@@ -181,8 +185,8 @@ def test_resting_hr_refreshes_a_wearable_twin_and_a_clinic_one_and_then_only_wha
     assert (again.scope, again.counts["patients"]) == ("changed", 1)
     assert unchanged.scope == "unchanged"
     got = outputs(root, model.name)
-    assert (len(got["w1"]), len(got["c1"]), len(got["c2"])) == (2, 1, 1)
-    assert orjson.loads(got["w1"][1]["outputs"])["flagged"] is False
+    assert (len(got["fit/w1"]), len(got["ehr/c1"]), len(got["ehr/c2"])) == (2, 1, 1)
+    assert orjson.loads(got["fit/w1"][1]["outputs"])["flagged"] is False
 
 
 # -- diabetes risk -----------------------------------------------------------------------------
@@ -246,7 +250,7 @@ def test_diabetes_risk_trains_versions_its_outputs_and_retrains_only_after_enoug
     assert resource["prediction"][0]["probabilityDecimal"] == round(sample["value"], 6)
     assert resource["method"]["coding"][0]["version"] == "1.0.0+t1"
     assert resource["prediction"][0]["outcome"]["text"].endswith("within 5 years")
-    assert {b["reference"] for b in resource["basis"]} >= {f"Patient/{sample['patient_id']}"}
+    assert {b["reference"] for b in resource["basis"]} >= {key_reference(sample["patient_id"])}
 
     with TwinStore(root) as store:
         assert refresh(store, model, trigger="test", retrain_after=20).scope == "unchanged"
