@@ -153,8 +153,8 @@ def test_a_sync_lands_the_report_in_the_views_and_a_rerun_adds_nothing(
     assert first == [
         ("DiagnosticReport", 1),
         ("Observation", 5),
-        ("69548-6", "NB6TK328", 5),
-        ("51969-4", "NB6TK328", True),
+        ("69548-6", "genomes/NB6TK328", 5),  # no Patient of that id elsewhere: the VCF source's own
+        ("51969-4", "genomes/NB6TK328", True),
         (5,),
     ]
     run_cli("--config", str(config), "sync", "genomes", env=api_env)

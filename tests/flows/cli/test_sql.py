@@ -124,11 +124,11 @@ def test_out_writes_the_format_its_extension_names(store: Path, tmp_path: Path) 
 def test_table_shows_forty_rows_then_counts_the_rest(store: Path) -> None:
     query = "SELECT id FROM patient ORDER BY id"
     shown = sql(store, query).stdout
-    assert shown.count("│ p") == 40
+    assert shown.count("│ src/p") == 40
     assert "10 more rows" in shown
-    assert sql(store, query, "--limit", "5").stdout.count("│ p") == 5
+    assert sql(store, query, "--limit", "5").stdout.count("│ src/p") == 5
     every = sql(store, query, "--all").stdout
-    assert every.count("│ p") == 50
+    assert every.count("│ src/p") == 50
     assert "more rows" not in every
 
 
