@@ -99,13 +99,28 @@ class FileLines:
             if not chunk:
                 break
             parts = chunk.split(b"\n")
-            for n, part in enumerate(parts):
+            # A chunk no longer than a line may be: only the line it continues (its first part)
+            # can be over, so the whole lines between its first and last part go in at once.
+            whole = parts[1:-1] if len(chunk) <= self.max_line else []
+            for n, part in enumerate(parts[:1] + parts[len(whole) + 1 :]):
+                if n == 1 and whole:
+                    # Their bytes: the chunk's, less its first and last part and the line ends.
+                    wholes_size = len(chunk) - len(parts[0]) - len(parts[-1]) - len(parts) + 1
+                    if skipped := min(len(whole), max(0, skip + 1 - (first + len(lines)))):
+                        first += skipped  # lines skipped come before any kept: `lines` is empty
+                        size -= sum(map(len, whole[:skipped]))
+                    lines += whole[skipped:]
+                    size += wholes_size
+                    start += wholes_size + len(whole)
+                    if size >= hint:
+                        yield first, lines, None
+                        first, lines, size = first + len(lines), [], 0
                 if not over and tail_size + len(part) > self.max_line:
                     over, tail = True, [_head([*tail, part])]
                 elif not over:
                     tail.append(part)
                 tail_size += len(part)
-                if n == len(parts) - 1:  # the chunk ends inside this line
+                if n == len(parts) - len(whole) - 1:  # the chunk ends inside this line
                     break
                 line_no = first + len(lines)
                 start += tail_size + 1
