@@ -40,7 +40,7 @@ from harmonize.records import usable_cores
 from harmonize.wearables.daily_fhir import DailyFhir, daily_fhir
 from harmonize.wearables.metrics import DAILY_SCHEMA
 from twin_store import runs, schema
-from twin_store.connection import CATALOG, Transaction, connect
+from twin_store.connection import CATALOG, Transaction, connect, one
 from twin_store.genomics import VariantWriter
 from twin_store.linkage import PatientKeys, PatientLinker
 from twin_store.locks import FileLock, Holder, run_lock, store_lock
@@ -132,8 +132,10 @@ class TwinStore:
                 yield
             finally:
                 self._depth = 0
+                # Still holding the lock: a snapshot this writer just made is the latest one.
                 with contextlib.suppress(duckdb.Error):
-                    self._seen = self.snapshot_id()
+                    (ours,) = one(self.con, f"FROM ducklake_last_committed_snapshot('{CATALOG}')")
+                    self._seen = max(self._seen, ours or 0)
 
     # -- runs and watermarks ------------------------------------------------------------------
 
