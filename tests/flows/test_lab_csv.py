@@ -163,11 +163,11 @@ def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tm
             ],
         )
         with TwinStore(tmp_path / "store") as st:
-            run = st.begin_run(path.name, "sync")
+            run = st.begin_run(path.stem, "sync")
             land_batches(
                 st,
                 run,
-                FhirNdjsonConnector(FhirNdjsonSource(name=path.name, kind="fhir-ndjson", path=path)).pull(
+                FhirNdjsonConnector(FhirNdjsonSource(name=path.stem, kind="fhir-ndjson", path=path)).pull(
                     None
                 ),
             )
@@ -186,28 +186,26 @@ def test_results_named_by_mrn_wait_for_their_patient_and_link_when_it_arrives(tm
     first = sync(tmp_path / "store", source)
     assert (first.counts["inserted"], first.counts["held"]) == (1, 2)
     con = connect(tmp_path / "store")
-    # Each Patient is its file's source's (`patients-pat-1.ndjson`): its key names that source.
-    assert con.sql("SELECT patient_id FROM lab_result").fetchall() == [("patients-pat-1.ndjson/pat-1",)]
+    # Each Patient is its file's source's (`patients-pat-1`): its key names that source.
+    assert con.sql("SELECT patient_id FROM lab_result").fetchall() == [("patients-pat-1/pat-1",)]
     assert con.sql("SELECT link_value, count(*) FROM held_resource GROUP BY 1").fetchall() == [("M2", 2)]
     con.close()
 
     patients(("pat-2", "M2"), ("pat-3", "M3"))  # the patient arrives: its results land with it
     con = connect(tmp_path / "store")
-    assert con.sql("SELECT released FROM ingest_run WHERE source = 'patients-pat-2.ndjson'").fetchall() == [
-        (2,)
-    ]
+    assert con.sql("SELECT released FROM ingest_run WHERE source = 'patients-pat-2'").fetchall() == [(2,)]
     assert con.sql("SELECT patient_id, code FROM lab_result ORDER BY ALL").fetchall() == [
-        ("patients-pat-1.ndjson/pat-1", "718-7"),
-        ("patients-pat-2.ndjson/pat-2", "2345-7"),
-        ("patients-pat-2.ndjson/pat-2", "718-7"),
+        ("patients-pat-1/pat-1", "718-7"),
+        ("patients-pat-2/pat-2", "2345-7"),
+        ("patients-pat-2/pat-2", "718-7"),
     ]
     assert con.sql("SELECT count(*) FROM held_resource").fetchall() == [(0,)]
     subject = con.sql(
         "SELECT resource::JSON->'subject', source FROM fhir_resource WHERE source || '/' || id IN "
-        "(SELECT id FROM lab_result WHERE patient_id = 'patients-pat-2.ndjson/pat-2') LIMIT 1"
+        "(SELECT id FROM lab_result WHERE patient_id = 'patients-pat-2/pat-2') LIMIT 1"
     ).fetchone()
     assert subject is not None and orjson_loads(subject[0]) == {
-        "reference": f"{SOURCE_BASE}patients-pat-2.ndjson/Patient/pat-2",
+        "reference": f"{SOURCE_BASE}patients-pat-2/Patient/pat-2",
         "identifier": {"system": mrn, "value": "M2"},
     }
     assert subject[1] == "lab", "a released result keeps the source that read it"
