@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 from pathlib import Path
 
 from hl7.mllp import open_hl7_connection
 
 from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source
 from flows.sync import harmonized, land_batches
-from tests.support.cli import TWINHUB
+from tests.support.cli import start_listener
 from tests.support.hl7v2 import MESSAGE
 from twin_store import RunReport, TwinStore, connect
 
@@ -93,17 +92,9 @@ def test_an_older_preliminary_message_over_mllp_is_acked_and_leaves_the_final_re
         f'[store]\npath = "{tmp_path / "store"}"\n'
         f'[[sources]]\nname = "labs"\nkind = "hl7v2"\npath = "{tmp_path / "in"}"\nport = 0\n'
     )
-    proc = subprocess.Popen(
-        [TWINHUB, "--config", str(tmp_path / "twinhub.toml"), "listen", "labs"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, port = start_listener(tmp_path / "twinhub.toml", "labs")
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening" in line, proc.stderr.read() if proc.stderr else line
-        ack = asyncio.run(send(int(line.split("port ")[1].split(";")[0]), PRELIMINARY))
+        ack = asyncio.run(send(port, PRELIMINARY))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)

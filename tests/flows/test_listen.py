@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from hl7.mllp import open_hl7_connection
 from connectors.labs.hl7v2 import Hl7v2Connector, Hl7v2Source, split_messages
 from connectors.labs.mllp import ack
 from flows.sync import harmonized, land_batches
-from tests.support.cli import TWINHUB, run_cli
+from tests.support.cli import run_cli, start_listener
 from tests.support.data import SHARED
 from twin_store import TwinStore, connect
 
@@ -51,17 +50,8 @@ def test_messages_over_mllp_are_acked_and_land_as_the_files_do(tmp_path: Path) -
         '[store]\npath = "mllp-store"\n'
         f'[[sources]]\nname = "labs"\nkind = "hl7v2"\npath = "{HL7}"\nport = 0\n'
     )
-    proc = subprocess.Popen(
-        [TWINHUB, "--config", str(tmp_path / "twinhub.toml"), "listen", "labs"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, port = start_listener(tmp_path / "twinhub.toml", "labs")
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening" in line, proc.stderr.read() if proc.stderr else line
-        port = int(line.split("port ")[1].split(";")[0])
         source = Hl7v2Source(name="labs", kind="hl7v2", path=HL7)
         messages = [m for f in Hl7v2Connector(source).files() for m in split_messages(f)]
         acks = asyncio.run(send_all(port, [*messages, "hello, not HL7"]))

@@ -42,3 +42,19 @@ def wait_for_landed_lines(
             pass  # the store is not created yet
         time.sleep(0.05)
     raise AssertionError(f"sync ended or stalled before landing {minimum} lines: {proc.poll()}")
+
+
+def start_listener(config: Path, source: str) -> tuple[subprocess.Popen[str], int]:
+    """`twinhub listen SOURCE` in a process of its own, and the port it says it listens on."""
+    proc = subprocess.Popen(
+        [TWINHUB, "--config", str(config), "listen", source],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening" not in line:
+        proc.kill()
+        raise AssertionError(proc.stderr.read() if proc.stderr else line)
+    return proc, int(line.split("port ")[1].split(";")[0])
